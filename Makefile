@@ -1,0 +1,49 @@
+# asymlora: the two commands are `make demo` and `make test`; both set up .venv first.
+#
+# TORCH=cpu (default) installs the CPU build torch==2.13.0 before anything else, so that no
+# multi-GB CUDA build is pulled in. TORCH=own skips that: install your own (CUDA) torch into
+# .venv first (`python -m venv .venv && .venv/bin/pip install torch`), then run make.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= cpu
+TORCH_CPU_SPEC ?= torch==2.13.0
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.asymlora-installed
+
+.PHONY: setup demo test bench lint format clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs only when pyproject.toml changes (idempotent and fast otherwise).
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	@if [ "$(TORCH)" = "cpu" ]; then \
+	  $(PY) -c "import torch" 2>/dev/null \
+	    && echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')" \
+	    || $(PIP) install "$(TORCH_CPU_SPEC)"; \
+	fi
+	$(PIP) install -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) -m asymlora.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/layer_speed.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

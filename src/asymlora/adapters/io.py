@@ -1,0 +1,110 @@
+"""Adapters on disk: our own folder (``adapter_config.json`` + ``adapter_model.safetensors``) and
+export of a plain-LoRA view as a standard PEFT LoRA folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .model import AsymLoraModel, _model_type
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder and rename, so a crash leaves the old file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_folder(folder: str | Path, config: dict, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def save_adapter(model: AsymLoraModel, folder: str | Path) -> Path:
+    """Save the adapters (not the base model) to ``folder``."""
+    return _write_folder(
+        folder, model.adapter_config.to_dict(), model.adapter_state_dict(), {"format": "pt", "producer": "asymlora"}
+    )
+
+
+def read_tensors(path: str | Path) -> dict[str, Tensor]:
+    """Read a safetensors file, turning a missing, truncated or corrupted file into one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
+    """Add the adapters saved in ``folder`` to a freshly loaded base ``model``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such adapter folder")
+    config = AdapterConfig.load(folder / CONFIG_FILE)
+    found = _model_type(model)
+    if config.model_type and found and config.model_type != found:
+        raise ValueError(
+            f"{folder}: this adapter was made for a {config.model_type!r} model, but the model given is "
+            f"{found!r}; load it onto the base model it was trained on ({config.base_model_name_or_path})"
+        )
+    tensors = read_tensors(folder / WEIGHTS_FILE)
+    wrapped = AsymLoraModel(model, config)
+    try:
+        wrapped.load_adapter_state_dict(tensors)
+    except ValueError as err:
+        wrapped.unload()
+        raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
+    return wrapped
+
+
+def export_peft(model: AsymLoraModel, folder: str | Path, task: int | None = None) -> Path:
+    """Write task ``task``'s adapter (B_t A_t) as a PEFT LoRA folder that
+    ``peft.PeftModel.from_pretrained(base, folder)`` loads. Raises ValueError where a learned router
+    makes the update token-dependent."""
+    cfg = model.adapter_config
+    tensors: dict[str, Tensor] = {}
+    for name, layer in model.adapted.items():
+        a, b = layer.lora_pair(task)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in model.adapted.values())
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(model.adapted),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    return _write_folder(folder, peft_config, tensors, {"format": "pt"})

@@ -1,0 +1,157 @@
+"""One module for every multi-LoRA shape: a frozen linear layer plus K_a down-projections A,
+K_b up-projections B and an optional router g.
+
+    lora       K_a = K_b = 1      dW x = s B A x
+    alora      K_a = K,  K_b = 1  dW x = s B sum_i g_i(x) A_i x
+    hydralora  K_a = 1,  K_b = K  dW x = s sum_j g_j(x) B_j A x
+    mola       K_a = K_b = K      dW x = s sum_i g_i(x) B_i A_i x
+
+All A's are stacked into one matrix ``lora_A: (K_a*r, d_in)`` and all B's into
+``lora_B: (d_out, K_b*r)``, so one matmul computes every A_i x and one matmul applies the B's;
+the router only rescales the r-blocks in between (ALoRA sums them to r before its single B).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+
+
+class RoutingState:
+    """Shared by every adapted layer of a model: the task id of each example of the current batch."""
+
+    def __init__(self) -> None:
+        self.task_ids: Tensor | None = None
+
+
+def module_generator(seed: int, module_name: str) -> torch.Generator:
+    """A generator that depends only on the seed and the module's name, so the same seed gives
+    the same initial adapter whatever else the model holds or the order modules are visited."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(module_name.encode()))
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """``nn.init.kaiming_uniform_(w, a=sqrt(5))`` (LoRA's A init) drawn from ``generator``:
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+
+class MultiLoraLinear(nn.Module):
+    """Wraps ``nn.Linear`` (weight (d_out, d_in)) or GPT-2's ``Conv1D`` (weight (d_in, d_out))."""
+
+    def __init__(
+        self, base_layer: nn.Module, config: AdapterConfig, module_name: str, routing: RoutingState
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        weight = base_layer.weight
+        d_in, d_out = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.r, self.k_a, self.k_b = config.r, config.k_a, config.k_b
+        self.num_experts = config.num_experts
+        self.router_kind = config.router if config.num_experts > 1 else None
+        self.top_k = config.top_k
+        self.scale = config.scale
+        self.routing = routing
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.disabled = False
+
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        gen = module_generator(config.seed, module_name)
+        first_a = kaiming_uniform((self.r, self.d_in), gen)
+        a_blocks = [first_a] + [
+            first_a.clone() if config.init_a == "identical" else kaiming_uniform((self.r, self.d_in), gen)
+            for _ in range(self.k_a - 1)
+        ]
+        factory = {"device": weight.device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.cat(a_blocks).to(**factory))  # (K_a*r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.d_out, self.k_b * self.r, **factory))  # (d_out, K_b*r)
+        learned = self.router_kind in ("softmax", "topk")
+        self.router = (
+            nn.Parameter(kaiming_uniform((self.num_experts, self.d_in), gen).to(**factory)) if learned else None
+        )  # (K, d_in)
+
+    # --- routing ------------------------------------------------------------------------------
+    def gates(self, x: Tensor) -> Tensor:
+        """Router weights g, shape (..., K) (per token) or (batch, 1, ..., K) (per example)."""
+        if self.router_kind == "task":
+            return self._task_gates(x)
+        logits = x @ self.router.T  # (..., K)
+        if self.router_kind == "softmax":
+            return logits.softmax(-1)
+        top, idx = logits.topk(self.top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+
+    def _task_gates(self, x: Tensor) -> Tensor:
+        ids = self.routing.task_ids
+        if ids is None:
+            raise RuntimeError(
+                "this adapter routes by task (router='task') but no task ids were given: "
+                "call model(..., task_ids=ids) or wrap the call in `with model.route(ids):`"
+            )
+        if ids.dim() == 0:
+            ids = ids.expand(x.shape[0])
+        one_hot = F.one_hot(ids.to(x.device), self.num_experts).to(x.dtype)  # (batch, K)
+        return one_hot.view(x.shape[0], *([1] * (x.dim() - 2)), self.num_experts)
+
+    def mix(self, h: Tensor, g: Tensor) -> Tensor:
+        """Weight the r-blocks of h = A x (..., K_a*r) by g and shape them for B (..., K_b*r)."""
+        r, k = self.r, self.num_experts
+        if self.k_a == k and self.k_b == 1:  # alora: sum_i g_i A_i x, then one B
+            return (g.unsqueeze(-2) @ h.unflatten(-1, (k, r))).squeeze(-2)
+        if self.k_a == k:  # mola: each pair keeps its block, weighted
+            return (h.unflatten(-1, (k, r)) * g.unsqueeze(-1)).flatten(-2)
+        return (g.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # hydralora: one A x copied to K B's
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        x = x.to(self.lora_A.dtype)
+        h = self.dropout(x) @ self.lora_A.T  # (..., K_a*r): every A_i x in one matmul
+        if self.num_experts > 1:
+            h = self.mix(h, self.gates(x))
+        return y + ((h * self.scale) @ self.lora_B.T).to(y.dtype)  # B applied once
+
+    # --- plain-LoRA views -----------------------------------------------------------------------
+    def check_plain_lora(self, task: int | None) -> int:
+        """The task whose update is a fixed B_t A_t, or a ValueError saying why there is none."""
+        if self.num_experts == 1:
+            return 0
+        if self.router_kind != "task":
+            raise ValueError(
+                f"this adapter mixes its {self.num_experts} experts with a learned {self.router_kind} router: "
+                "the update depends on each token, so it is not a fixed low-rank matrix and cannot be "
+                "merged or exported as a plain LoRA. Train with router='task' to get one LoRA per task."
+            )
+        if task is None or not 0 <= task < self.num_experts:
+            raise ValueError(f"choose the task to export or merge: task must be in 0..{self.num_experts - 1}")
+        return task
+
+    def lora_pair(self, task: int | None = None) -> tuple[Tensor, Tensor]:
+        """(A_t: (r, d_in), B_t: (d_out, r)) with dW_t = scale * B_t A_t."""
+        t = self.check_plain_lora(task)
+        a = self.lora_A[t * self.r : (t + 1) * self.r] if self.k_a > 1 else self.lora_A
+        b = self.lora_B[:, t * self.r : (t + 1) * self.r] if self.k_b > 1 else self.lora_B
+        return a, b
+
+    def delta_weight(self, task: int | None = None) -> Tensor:
+        """scale * B_t A_t in the base layer's weight layout."""
+        a, b = self.lora_pair(task)
+        delta = self.scale * (b @ a)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, K_a={self.k_a}, K_b={self.k_b}, "
+            f"router={self.router_kind}, scale={self.scale:g}"
+        )

@@ -1,0 +1,165 @@
+"""Injection: wrap the target modules of a transformers model, keep the base frozen, route by
+task, merge, unload."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .layer import MultiLoraLinear, RoutingState
+from .targets import find_target_modules
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} of {self.total:,} ({self.percent:.4f}%)"
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+class AsymLoraModel(nn.Module):
+    """A causal LM with multi-LoRA adapters. Call it like the base model; pass ``task_ids``
+    (one per example) when the router is ``task``. Unknown attributes fall through to the base
+    model (``model.config``, ``model.device``...)."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        if isinstance(model, AsymLoraModel):
+            raise ValueError("this model already has asymlora adapters; call .unload() first")
+        if config.model_type is None:
+            config.model_type = _model_type(model)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        self.base_model = model
+        self.adapter_config = config
+        self.routing = RoutingState()
+        model.requires_grad_(False)
+        self.adapted: dict[str, MultiLoraLinear] = {}
+        for name, module in find_target_modules(model, config.target_modules, config.layers).items():
+            layer = MultiLoraLinear(module, config, name, self.routing)
+            _set_submodule(model, name, layer)
+            self.adapted[name] = layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    # --- calling --------------------------------------------------------------------------------
+    @contextmanager
+    def route(self, task_ids: Tensor | int | list[int] | None) -> Iterator[None]:
+        """Within the block, task-routed layers use these task ids (one per example, or one for all)."""
+        previous = self.routing.task_ids
+        self.routing.task_ids = None if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long)
+        try:
+            yield
+        finally:
+            self.routing.task_ids = previous
+
+    def forward(self, *args, task_ids: Tensor | int | list[int] | None = None, **kwargs):
+        with self.route(task_ids if task_ids is not None else self.routing.task_ids):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, task_ids: Tensor | int | list[int] | None = None, **kwargs):
+        with self.route(task_ids if task_ids is not None else self.routing.task_ids):
+            return self.base_model.generate(*args, **kwargs)
+
+    # --- parameters -----------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Every adapter tensor by ``<module name>.<lora_A|lora_B|router>``, detached."""
+        state = {}
+        for name, layer in self.adapted.items():
+            for pname, param in layer.named_parameters(recurse=False):
+                state[f"{name}.{pname}"] = param.detach()
+        return state
+
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.adapter_state_dict().items()}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy ``state`` into the adapters; the keys and shapes must match exactly."""
+        check_adapter_state(state, self.adapter_shapes())
+        for key, value in state.items():
+            module_name, _, pname = key.rpartition(".")
+            getattr(self.adapted[module_name], pname).copy_(value)
+
+    def trainable_parameters(self) -> ParameterCount:
+        params = list(self.parameters())
+        return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+    # --- leaving --------------------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """Remove the adapters and return the base model with its original modules."""
+        for name, layer in self.adapted.items():
+            _set_submodule(self.base_model, name, layer.base_layer)
+        self.adapted = {}
+        return self.base_model
+
+    @torch.no_grad()
+    def merge_and_unload(self, task: int | None = None) -> nn.Module:
+        """Add task ``task``'s update scale * B_t A_t into each base weight and remove the adapters.
+        Only possible where that update is a fixed matrix (LoRA, or task routing)."""
+        deltas = {name: layer.delta_weight(task) for name, layer in self.adapted.items()}
+        for name, layer in self.adapted.items():
+            weight = layer.base_layer.weight
+            weight.add_(deltas[name].to(weight.dtype))
+        return self.unload()
+
+
+def check_adapter_state(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str = "adapter") -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_few(unexpected)}")
+    wrong = [
+        f"{k} has shape {tuple(state[k].shape)}, expected {expected[k]}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    if wrong:
+        problems.append("mis-shaped tensors: " + _few(wrong))
+    not_float = sorted(k for k in state if not state[k].is_floating_point())
+    if not_float:
+        problems.append(f"non-float tensors: {_few(not_float)}")
+    if problems:
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def wrap(model: nn.Module, config: AdapterConfig | None = None, **overrides) -> AsymLoraModel:
+    """Freeze ``model`` and add adapters: ``wrap(model, method="alora", num_experts=3, r=8)``."""
+    if config is None:
+        config = AdapterConfig(**overrides)
+    elif overrides:
+        config = replace(config, **overrides)
+    return AsymLoraModel(model, config)

@@ -1,0 +1,56 @@
+"""Tiny random-init transformers models of the architectures the adapters must support."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+BUILDERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_DECODER)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_DECODER)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**_DECODER)),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    ),
+}
+TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """The same weights for the same (arch, seed): a 'freshly loaded base'."""
+    torch.manual_seed(seed)
+    return BUILDERS[arch]().eval()
+
+
+def batch(n: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_adapters(model, seed: int = 5, scale: float = 0.3) -> None:
+    """Give every adapter tensor (B included, which starts at zero) a random value, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_state_dict().values():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
