@@ -20,7 +20,9 @@ def make_layer(method: str, router: str | None, top_k: int = 2, conv: bool = Fal
     base = Conv1D(D_OUT, D_IN) if conv else nn.Linear(D_IN, D_OUT)
     base = base.double()
     nn.init.normal_(base.weight)
-    cfg = AdapterConfig(method=method, r=R, alpha=7.0, dropout=0.0, num_experts=K, router=router, top_k=top_k, seed=seed)
+    cfg = AdapterConfig(
+        method=method, r=R, alpha=7.0, dropout=0.0, num_experts=K, router=router, top_k=top_k, seed=seed
+    )
     layer = MultiLoraLinear(base, cfg, "blocks.0.proj", RoutingState())
     with torch.no_grad():
         layer.lora_B.normal_()  # B starts at zero; make the update visible
@@ -34,7 +36,11 @@ def slow_gates(layer: MultiLoraLinear, x: torch.Tensor, task: int) -> list[float
     if layer.router_kind == "task":
         return [1.0 if i == task else 0.0 for i in range(K)]
     logits = [float(layer.router[i].detach() @ x) for i in range(K)]
-    keep = range(K) if layer.router_kind == "softmax" else sorted(range(K), key=lambda i: -logits[i])[: layer.top_k]
+    keep = (
+        range(K)
+        if layer.router_kind == "softmax"
+        else sorted(range(K), key=lambda i: -logits[i])[: layer.top_k]
+    )
     z = sum(math.exp(logits[i]) for i in keep)
     return [math.exp(logits[i]) / z if i in keep else 0.0 for i in range(K)]
 
@@ -62,7 +68,9 @@ def slow_forward(layer: MultiLoraLinear, x: torch.Tensor, tasks: list[int]) -> t
     return out
 
 
-SHAPES = [("lora", None)] + [(m, r) for m in ("alora", "hydralora", "mola") for r in ("softmax", "topk", "task")]
+SHAPES = [("lora", None)] + [
+    (m, r) for m in ("alora", "hydralora", "mola") for r in ("softmax", "topk", "task")
+]
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1d"])
@@ -114,7 +122,9 @@ def test_independent_and_identical_initialisation():
     cfg = AdapterConfig(method="alora", r=R, num_experts=K, init_a="identical", seed=0)
     same = _a_blocks(MultiLoraLinear(nn.Linear(D_IN, D_OUT).double(), cfg, "blocks.0.proj", RoutingState()))
     assert all(torch.equal(same[0], same[i]) for i in range(K)), "identical: every A equals the first"
-    assert not any(torch.equal(indep[i], indep[j]) for i in range(K) for j in range(i)), "independent: all differ"
+    assert not any(torch.equal(indep[i], indep[j]) for i in range(K) for j in range(i)), (
+        "independent: all differ"
+    )
     torch.testing.assert_close(indep[0], same[0].to(indep.dtype))  # the first draw is shared
     bound = 1 / math.sqrt(D_IN)  # kaiming_uniform(a=sqrt 5)
     assert indep.abs().max() <= bound and indep.abs().max() > 0.8 * bound

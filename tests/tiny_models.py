@@ -35,7 +35,12 @@ BUILDERS = {
         GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
     ),
 }
-TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+}
 
 
 def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:

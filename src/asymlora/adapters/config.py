@@ -21,19 +21,39 @@ FORMAT_VERSION = 1
 class AdapterConfig:
     """Every field has a default; ``validate()`` is called on construction and on load."""
 
-    method: str = field(default="alora", metadata={"help": "lora | alora (K A's, one B) | hydralora (one A, K B's) | mola (K pairs)"})
+    method: str = field(
+        default="alora",
+        metadata={"help": "lora | alora (K A's, one B) | hydralora (one A, K B's) | mola (K pairs)"},
+    )
     r: int = field(default=8, metadata={"help": "rank of each adapter"})
     alpha: float = field(default=16.0, metadata={"help": "scale numerator: the update is (alpha / r) B A x"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the input of the A's (training only)"})
-    num_experts: int = field(default=3, metadata={"help": "K: number of A's (alora), B's (hydralora) or pairs (mola); 1 for lora"})
-    router: str | None = field(default="softmax", metadata={"help": "softmax (dense, per token) | topk | task (hard, by task id); None for lora"})
+    num_experts: int = field(
+        default=3, metadata={"help": "K: number of A's (alora), B's (hydralora) or pairs (mola); 1 for lora"}
+    )
+    router: str | None = field(
+        default="softmax",
+        metadata={"help": "softmax (dense, per token) | topk | task (hard, by task id); None for lora"},
+    )
     top_k: int = field(default=1, metadata={"help": "experts kept per token by the topk router"})
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "o_proj"], metadata={"help": "module names (suffix match) or one regex over full names"})
-    layers: list[int] | None = field(default=None, metadata={"help": "only these transformer blocks (None: all)"})
-    init_a: str = field(default="independent", metadata={"help": "independent (one seeded draw per A) | identical (all A's equal at start)"})
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "o_proj"],
+        metadata={"help": "module names (suffix match) or one regex over full names"},
+    )
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "only these transformer blocks (None: all)"}
+    )
+    init_a: str = field(
+        default="independent",
+        metadata={"help": "independent (one seeded draw per A) | identical (all A's equal at start)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of every random draw of the adapter"})
-    base_model_name_or_path: str | None = field(default=None, metadata={"help": "recorded for reloading; not used to build"})
-    model_type: str | None = field(default=None, metadata={"help": "architecture the adapter was made for (filled in on injection)"})
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "recorded for reloading; not used to build"}
+    )
+    model_type: str | None = field(
+        default=None, metadata={"help": "architecture the adapter was made for (filled in on injection)"}
+    )
 
     def __post_init__(self) -> None:
         if self.method == "lora":
@@ -70,10 +90,14 @@ class AdapterConfig:
             raise bad("dropout", "must be in [0, 1)")
         if self.method != "lora":
             if not isinstance(self.num_experts, int) or self.num_experts < 2:
-                raise bad("num_experts", f"must be an integer >= 2 for {self.method} (use method='lora' for one)")
+                raise bad(
+                    "num_experts", f"must be an integer >= 2 for {self.method} (use method='lora' for one)"
+                )
             if self.router not in ROUTERS:
                 raise bad("router", f"must be one of {', '.join(ROUTERS)} for {self.method}")
-        if self.router == "topk" and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+        if self.router == "topk" and not (
+            isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts
+        ):
             raise bad("top_k", f"must be an integer in [1, num_experts={self.num_experts}]")
         if not (isinstance(self.target_modules, str) and self.target_modules) and not (
             isinstance(self.target_modules, list)
@@ -102,14 +126,22 @@ class AdapterConfig:
         fmt = data.pop("format", "asymlora")
         version = data.pop("format_version", FORMAT_VERSION)
         if fmt != "asymlora":
-            hint = " (this looks like a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in data else ""
+            hint = (
+                " (this looks like a PEFT adapter: load it with peft.PeftModel)"
+                if "peft_type" in data
+                else ""
+            )
             raise ValueError(f"{source}: not an asymlora adapter (format={fmt!r}){hint}")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{source}: format_version {version!r} is not supported (this asymlora reads {FORMAT_VERSION})")
+            raise ValueError(
+                f"{source}: format_version {version!r} is not supported (this asymlora reads {FORMAT_VERSION})"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            )
         try:
             return cls(**data)
         except (TypeError, ValueError) as err:
@@ -124,7 +156,9 @@ class AdapterConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no adapter config here (expected adapter_config.json)") from None
+            raise FileNotFoundError(
+                f"{path}: no adapter config here (expected adapter_config.json)"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data, source=str(path))

@@ -31,7 +31,9 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def _write_folder(folder: str | Path, config: dict, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+def _write_folder(
+    folder: str | Path, config: dict, tensors: dict[str, Tensor], metadata: dict[str, str]
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -43,7 +45,10 @@ def _write_folder(folder: str | Path, config: dict, tensors: dict[str, Tensor], 
 def save_adapter(model: AsymLoraModel, folder: str | Path) -> Path:
     """Save the adapters (not the base model) to ``folder``."""
     return _write_folder(
-        folder, model.adapter_config.to_dict(), model.adapter_state_dict(), {"format": "pt", "producer": "asymlora"}
+        folder,
+        model.adapter_config.to_dict(),
+        model.adapter_state_dict(),
+        {"format": "pt", "producer": "asymlora"},
     )
 
 
@@ -55,7 +60,9 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or corrupted?): {err}"
+        ) from None
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:

@@ -76,7 +76,9 @@ class MultiLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.d_out, self.k_b * self.r, **factory))  # (d_out, K_b*r)
         learned = self.router_kind in ("softmax", "topk")
         self.router = (
-            nn.Parameter(kaiming_uniform((self.num_experts, self.d_in), gen).to(**factory)) if learned else None
+            nn.Parameter(kaiming_uniform((self.num_experts, self.d_in), gen).to(**factory))
+            if learned
+            else None
         )  # (K, d_in)
 
     # --- routing ------------------------------------------------------------------------------

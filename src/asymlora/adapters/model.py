@@ -50,14 +50,17 @@ class AsymLoraModel(nn.Module):
         if config.model_type is None:
             config.model_type = _model_type(model)
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+            config.base_model_name_or_path = (
+                getattr(getattr(model, "config", None), "name_or_path", None) or None
+            )
         self.base_model = model
+        self.train(model.training)  # new layers follow the model's mode (no dropout in an eval model)
         self.adapter_config = config
         self.routing = RoutingState()
         model.requires_grad_(False)
         self.adapted: dict[str, MultiLoraLinear] = {}
         for name, module in find_target_modules(model, config.target_modules, config.layers).items():
-            layer = MultiLoraLinear(module, config, name, self.routing)
+            layer = MultiLoraLinear(module, config, name, self.routing).train(module.training)
             _set_submodule(model, name, layer)
             self.adapted[name] = layer
 
@@ -108,7 +111,9 @@ class AsymLoraModel(nn.Module):
 
     def trainable_parameters(self) -> ParameterCount:
         params = list(self.parameters())
-        return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+        return ParameterCount(
+            sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        )
 
     # --- leaving --------------------------------------------------------------------------------
     def unload(self) -> nn.Module:
@@ -129,7 +134,9 @@ class AsymLoraModel(nn.Module):
         return self.unload()
 
 
-def check_adapter_state(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str = "adapter") -> None:
+def check_adapter_state(
+    state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str = "adapter"
+) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
     problems = []
     missing = sorted(set(expected) - set(state))
