@@ -86,7 +86,7 @@ class MultiLoraLinear(nn.Module):
         """Router weights g, shape (..., K) (per token) or (batch, 1, ..., K) (per example)."""
         if self.router_kind == "task":
             return self._task_gates(x)
-        logits = x @ self.router.T  # (..., K)
+        logits = F.linear(x, self.router)  # (..., K)
         if self.router_kind == "softmax":
             return logits.softmax(-1)
         top, idx = logits.topk(self.top_k, dim=-1)
@@ -119,10 +119,10 @@ class MultiLoraLinear(nn.Module):
         if self.disabled:
             return y
         x = x.to(self.lora_A.dtype)
-        h = self.dropout(x) @ self.lora_A.T  # (..., K_a*r): every A_i x in one matmul
+        h = F.linear(self.dropout(x), self.lora_A)  # (..., K_a*r): every A_i x in one matmul
         if self.num_experts > 1:
             h = self.mix(h, self.gates(x))
-        return y + ((h * self.scale) @ self.lora_B.T).to(y.dtype)  # B applied once
+        return y + F.linear(h * self.scale, self.lora_B).to(y.dtype)  # B applied once
 
     # --- plain-LoRA views -----------------------------------------------------------------------
     def check_plain_lora(self, task: int | None) -> int:
