@@ -1,0 +1,339 @@
+"""Every federated method against a slow, written-out formula (explicit loops over clients).
+
+The expected values are computed here with plain loops and sums, not with the library's
+helpers, so a shared helper cannot make a method and its check wrong the same way.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asymlora.federated import METHODS, get_method
+
+MODS = {"layers.0.q_proj": (6, 5), "layers.1.v_proj": (6, 4)}  # module -> (d_in, d_out)
+N_EX = [10, 30, 60]  # example counts of three clients
+ATOL = 1e-5
+
+
+def probs(n: list[float]) -> list[float]:
+    total = sum(n)
+    return [x / total for x in n]
+
+
+def lora_states(ranks: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for r in ranks:
+        s = {}
+        for mod, (d_in, d_out) in MODS.items():
+            s[f"{mod}.lora_A"] = torch.randn(r, d_in, generator=g)
+            s[f"{mod}.lora_B"] = torch.randn(d_out, r, generator=g)
+        states.append(s)
+    return states
+
+
+def het_states(ranks: list[int], d_m: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    base = {mod: torch.randn(d_out, d_m, generator=g) for mod, (_, d_out) in MODS.items()}
+    for r in ranks:
+        s = {}
+        for mod, (d_in, d_out) in MODS.items():
+            s[f"{mod}.lora_A"] = torch.randn(r, d_in, generator=g)
+            s[f"{mod}.lora_M"] = torch.randn(d_m, r, generator=g)
+            s[f"{mod}.lora_B1"] = torch.randn(r, d_m, generator=g)
+            s[f"{mod}.lora_B2"] = torch.zeros(d_out, r)
+            s[f"{mod}.lora_B_base"] = base[mod].clone()
+        states.append(s)
+    return states
+
+
+def train(method, states, seed: int = 1):
+    """Stand-in for local training: add noise to every trainable tensor, leave the rest."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {k: v + torch.randn(v.shape, generator=g) if method.trainable(k) else v for k, v in s.items()}
+        for s in states
+    ]
+
+
+def run_round(method, states, inits, server, n_ex=N_EX, scales=None):
+    uploads = [method.upload(s) for s in states]
+    server, downloads = method.aggregate(uploads, n_ex, server, scales)
+    new = [method.apply_download(s, d, i) for s, d, i in zip(states, downloads, inits, strict=True)]
+    return uploads, server, downloads, new
+
+
+def start(method, states):
+    server, states = method.setup(states)
+    return server, states, [dict(s) for s in states]
+
+
+# --- homogeneous methods --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, sent, kept",
+    [
+        ("fedit", ["lora_A", "lora_B"], []),
+        ("fedsa", ["lora_A"], ["lora_B"]),
+        ("fedalora", ["lora_B"], ["lora_A"]),
+    ],
+)
+def test_homogeneous_averages_what_is_sent_and_keeps_the_rest(name, sent, kept):
+    method = get_method(name)
+    server, states, inits = start(method, lora_states([3, 3, 3]))
+    states = train(method, states)
+    uploads, server, downloads, new = run_round(method, states, inits, server)
+    p = probs(N_EX)
+    for mod in MODS:
+        for part in sent:
+            key = f"{mod}.{part}"
+            expected = torch.zeros_like(states[0][key])
+            for i in range(3):
+                expected += p[i] * states[i][key]
+            for i in range(3):
+                assert torch.allclose(downloads[i][key], expected, atol=ATOL)
+                assert torch.allclose(new[i][key], expected, atol=ATOL)
+        for part in kept:
+            key = f"{mod}.{part}"
+            for i in range(3):
+                assert key not in uploads[i]
+                assert torch.equal(new[i][key], states[i][key])
+
+
+def test_ffa_trains_only_b_on_a_common_a_and_is_exact():
+    method = get_method("ffa")
+    server, states, inits = start(method, lora_states([3, 3, 3]))
+    for mod in MODS:
+        assert not method.trainable(f"{mod}.lora_A") and method.trainable(f"{mod}.lora_B")
+        for i in range(3):  # setup gave every client client 0's A
+            assert torch.equal(states[i][f"{mod}.lora_A"], states[0][f"{mod}.lora_A"])
+    states = train(method, states)
+    uploads, server, downloads, new = run_round(method, states, inits, server)
+    p = probs(N_EX)
+    for mod in MODS:
+        a = states[0][f"{mod}.lora_A"]
+        exact = sum(p[i] * states[i][f"{mod}.lora_B"] @ a for i in range(3))
+        for i in range(3):
+            assert set(uploads[i]) == {f"{m}.lora_B" for m in MODS}
+            assert torch.allclose(new[i][f"{mod}.lora_B"] @ new[i][f"{mod}.lora_A"], exact, atol=ATOL)
+
+
+def test_fedalora_keeps_each_a_across_rounds():
+    method = get_method("fedalora")
+    server, states, inits = start(method, lora_states([3, 3, 3]))
+    for rnd in range(2):
+        trained = train(method, states, seed=rnd)
+        _, server, _, states = run_round(method, trained, inits, server)
+        for i in range(3):
+            for mod in MODS:
+                key = f"{mod}.lora_A"
+                assert torch.equal(states[i][key], trained[i][key])
+                assert not torch.equal(states[i][key], inits[i][key])
+    # independent inits stay different between clients
+    assert not torch.equal(states[0]["layers.0.q_proj.lora_A"], states[1]["layers.0.q_proj.lora_A"])
+
+
+def test_fedalora_reset_option_puts_every_a_back_to_one_common_init():
+    method = get_method("fedalora", reset_a_each_round=True)
+    original = lora_states([3, 3, 3])
+    server, states, inits = start(method, original)
+    for _ in range(2):
+        trained = train(method, states)
+        _, server, _, states = run_round(method, trained, inits, server)
+        for i in range(3):
+            for mod in MODS:
+                assert torch.equal(states[i][f"{mod}.lora_A"], original[0][f"{mod}.lora_A"])
+
+
+def test_weights_are_example_counts():
+    method = get_method("fedalora")
+    server, states, inits = start(method, lora_states([2, 2]))
+    states = train(method, states)
+    uploads = [method.upload(s) for s in states]
+    _, d1 = method.aggregate(uploads, [10, 30], server)
+    _, d2 = method.aggregate(uploads, [1.0, 3.0], server)
+    _, only_second = method.aggregate(uploads, [0, 7], server)
+    for key in uploads[0]:
+        assert torch.allclose(d1[0][key], 0.25 * uploads[0][key] + 0.75 * uploads[1][key], atol=ATOL)
+        assert torch.allclose(d1[0][key], d2[0][key], atol=ATOL)
+        assert torch.allclose(only_second[0][key], uploads[1][key], atol=ATOL)
+    for bad in ([1], [1, 2, 3], [0, 0], [-1, 2]):
+        with pytest.raises(ValueError):
+            method.aggregate(uploads, bad, server)
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "fedsa", "fedalora"])
+def test_homogeneous_methods_refuse_mixed_ranks(name):
+    method = get_method(name)
+    states = lora_states([3, 2])
+    uploads = [method.upload(s) for s in states]
+    with pytest.raises(ValueError, match="same rank"):
+        method.aggregate(uploads, [1, 1], {})
+
+
+# --- heterogeneous methods ------------------------------------------------------------------
+
+RANKS = [4, 2, 3]
+
+
+def test_zeropad_pads_averages_and_truncates():
+    method = get_method("zeropad")
+    server, states, inits = start(method, lora_states(RANKS))
+    for i, r in enumerate(RANKS):  # setup: everyone starts from the rank-4 client's truncation
+        assert torch.equal(states[i]["layers.0.q_proj.lora_A"], states[0]["layers.0.q_proj.lora_A"][:r])
+    states = train(method, states)
+    uploads, server, downloads, new = run_round(method, states, inits, server)
+    p = probs(N_EX)
+    for mod, (d_in, d_out) in MODS.items():
+        a_glob, b_glob = torch.zeros(4, d_in), torch.zeros(d_out, 4)
+        for i, r in enumerate(RANKS):
+            for j in range(r):  # rows/columns j >= r_i are the zero padding
+                a_glob[j] += p[i] * states[i][f"{mod}.lora_A"][j]
+                b_glob[:, j] += p[i] * states[i][f"{mod}.lora_B"][:, j]
+        for i, r in enumerate(RANKS):
+            assert downloads[i][f"{mod}.lora_A"].shape == (4, d_in)  # sent at the largest rank
+            assert torch.allclose(downloads[i][f"{mod}.lora_A"], a_glob, atol=ATOL)
+            assert torch.allclose(new[i][f"{mod}.lora_A"], a_glob[:r], atol=ATOL)
+            assert torch.allclose(new[i][f"{mod}.lora_B"], b_glob[:, :r], atol=ATOL)
+            assert new[i][f"{mod}.lora_A"].shape == (r, d_in)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_flora_merges_the_exact_weighted_sum_and_restarts(dense):
+    method = get_method("flora", dense_download=dense)
+    original = lora_states(RANKS)
+    for s in original:  # a fresh LoRA adapter has B = 0
+        s.update({k: torch.zeros_like(v) for k, v in s.items() if k.endswith("lora_B")})
+    server, states, inits = start(method, original)
+    scales = [16 / r for r in RANKS]  # s_i = alpha / r_i with alpha = 16
+    p = probs(N_EX)
+    merged = {mod: torch.zeros(d_out, d_in) for mod, (d_in, d_out) in MODS.items()}
+    for rnd in range(2):
+        trained = train(method, states, seed=rnd + 1)
+        _, server, _, states = run_round(method, trained, inits, server, scales=scales)
+        for mod in MODS:
+            for i in range(3):  # sum_i p_i s_i B_i A_i, written out
+                merged[mod] += p[i] * scales[i] * trained[i][f"{mod}.lora_B"] @ trained[i][f"{mod}.lora_A"]
+            assert torch.allclose(server[f"{mod}.base_delta"], merged[mod], atol=1e-4)
+            for i in range(3):
+                assert torch.allclose(states[i][f"{mod}.base_delta"], merged[mod], atol=1e-4)
+                assert torch.equal(states[i][f"{mod}.lora_A"], original[i][f"{mod}.lora_A"])
+                assert not states[i][f"{mod}.lora_B"].any()
+
+
+def test_flexlora_sends_the_best_rank_r_approximation():
+    method = get_method("flexlora")
+    server, states, inits = start(method, lora_states(RANKS))
+    scales = [2.0, 0.5, 1.0]
+    states = train(method, states)
+    _, server, downloads, new = run_round(method, states, inits, server, scales=scales)
+    p = probs(N_EX)
+    for mod, (d_in, d_out) in MODS.items():
+        w = torch.zeros(d_out, d_in, dtype=torch.float64)
+        for i in range(3):
+            w += p[i] * scales[i] * (states[i][f"{mod}.lora_B"] @ states[i][f"{mod}.lora_A"]).double()
+        assert torch.allclose(server[f"{mod}.delta"].double(), w, atol=1e-4)
+        u, sv, vh = torch.linalg.svd(w)
+        for i, r in enumerate(RANKS):
+            a, b = new[i][f"{mod}.lora_A"], new[i][f"{mod}.lora_B"]
+            assert a.shape == (r, d_in) and b.shape == (d_out, r)
+            product = scales[i] * b.double() @ a.double()
+            assert torch.linalg.matrix_rank(product, rtol=1e-5).item() == r  # float32 factors
+            best = u[:, :r] @ torch.diag(sv[:r]) @ vh[:r]
+            assert torch.allclose(product, best, atol=1e-4)
+            # Eckart-Young: the error is exactly the discarded singular values
+            err = torch.linalg.norm(w - product)
+            assert torch.isclose(err, torch.sqrt((sv[r:] ** 2).sum()), atol=1e-4)
+            # the singular values are split evenly between B and A
+            assert torch.allclose(b.norm(dim=0), a.norm(dim=1), atol=1e-4)
+
+
+def test_fedalora_het_accumulates_b_base_over_two_rounds():
+    method = get_method("fedalora-het")
+    server, states, inits = start(method, het_states(RANKS))
+    p = probs(N_EX)
+    expected = {mod: states[0][f"{mod}.lora_B_base"].clone() for mod in MODS}
+    for rnd in range(2):
+        trained = train(method, states, seed=rnd + 5)
+        uploads, server, downloads, states = run_round(method, trained, inits, server)
+        for mod, (_, d_out) in MODS.items():
+            for i in range(3):
+                expected[mod] += p[i] * trained[i][f"{mod}.lora_B2"] @ trained[i][f"{mod}.lora_B1"]
+            assert torch.allclose(server[f"{mod}.lora_B_base"], expected[mod], atol=ATOL)
+            for i, r in enumerate(RANKS):
+                assert set(uploads[i]) == {f"{m}.lora_{x}" for m in MODS for x in ("B1", "B2")}
+                assert set(downloads[i]) == {f"{m}.lora_B_base" for m in MODS}
+                assert torch.allclose(states[i][f"{mod}.lora_B_base"], expected[mod], atol=ATOL)
+                assert torch.equal(states[i][f"{mod}.lora_B2"], torch.zeros(d_out, r))
+                for kept in ("lora_A", "lora_M", "lora_B1"):
+                    assert torch.equal(states[i][f"{mod}.{kept}"], trained[i][f"{mod}.{kept}"])
+
+
+def het_delta(state, mod, s):
+    """dW = s (B_base + B2 B1) M A, the client's update at ``mod``."""
+    shared = state[f"{mod}.lora_B_base"] + state[f"{mod}.lora_B2"] @ state[f"{mod}.lora_B1"]
+    return s * shared @ state[f"{mod}.lora_M"] @ state[f"{mod}.lora_A"]
+
+
+def test_fedalora_het_download_preserves_a_lone_clients_function():
+    method = get_method("fedalora-het")
+    server, states, inits = start(method, het_states([4]))
+    trained = train(method, states)
+    _, server, _, after = run_round(method, trained, inits, server, n_ex=[7])
+    for mod in MODS:
+        assert torch.allclose(het_delta(after[0], mod, 2.0), het_delta(trained[0], mod, 2.0), atol=1e-4)
+
+
+def test_fedalora_het_reset_option_rebuilds_client_parts():
+    method = get_method("fedalora-het", reset_a_each_round=True)
+    server, states, inits = start(method, het_states(RANKS))
+    trained = train(method, states)
+    _, _, _, after = run_round(method, trained, inits, server)
+    for i in range(3):
+        for mod in MODS:
+            for part in ("lora_A", "lora_M", "lora_B1"):
+                assert torch.equal(after[i][f"{mod}.{part}"], inits[i][f"{mod}.{part}"])
+
+
+# --- every method in the registry -----------------------------------------------------------
+
+
+def registry_states(method):
+    ranks = RANKS if method.heterogeneous else [3, 3, 3]
+    return het_states(ranks) if method.name == "fedalora-het" else lora_states(ranks)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_nothing_local_is_ever_uploaded(name):
+    method = get_method(name)
+    assert method.name == name
+    assert not method.local & method.uploads
+    server, states, inits = start(method, registry_states(method))
+    for rnd in range(2):
+        states = train(method, states, seed=rnd)
+        uploads, server, downloads, states = run_round(method, states, inits, server)
+        for up in uploads:
+            assert up, "a method must upload something"
+            for key in up:
+                part = key.rsplit(".", 1)[1]
+                assert part not in method.local, f"{name} uploaded local tensor {key}"
+                assert part in method.uploads
+        assert len(downloads) == len(uploads)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_upload_shapes_follow_the_declared_state_shapes(name):
+    method = get_method(name)
+    states = registry_states(method)
+    for s, r in zip(states, RANKS if method.heterogeneous else [3, 3, 3], strict=True):
+        for mod, (d_in, d_out) in MODS.items():
+            for part, shape in method.state_shapes(d_in, d_out, r, 3).items():
+                assert tuple(s[f"{mod}.{part}"].shape) == shape
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown federated method"):
+        get_method("fedprox")
