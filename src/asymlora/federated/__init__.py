@@ -8,6 +8,7 @@ method is one file defining a :class:`FederatedMethod` subclass plus one line he
 from __future__ import annotations
 
 from .base import AverageUploads, FederatedMethod
+from .comm import comm_table, count, format_table
 from .common import Tensors
 from .fedalora import FedALoRA
 from .fedalora_het import FedALoRAHet
@@ -50,5 +51,8 @@ __all__ = [
     "FlexLoRA",
     "Tensors",
     "ZeroPad",
+    "comm_table",
+    "count",
+    "format_table",
     "get_method",
 ]
