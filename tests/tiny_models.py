@@ -14,7 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-VOCAB = 96
+VOCAB = 128  # the tiny tokenizer's characters fit
 _DECODER = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -59,3 +59,16 @@ def randomize_adapters(model, seed: int = 5, scale: float = 0.3) -> None:
     with torch.no_grad():
         for p in model.adapter_state_dict().values():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer over printable ASCII (ids 32..126), built offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {chr(i): i for i in range(32, 127)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -1,0 +1,111 @@
+"""From (prompt, target, task) examples to padded batches, and which examples each step sees.
+
+The examples of step s are a pure function of (seed, s): a resumed run and every DDP rank draw
+exactly the batches an uninterrupted single-process run would."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100  # label of tokens that carry no loss (the prompt, the padding)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    target: str
+    task_id: int = 0
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    task_id: int
+
+
+def encode(tokenizer, example: Example, max_length: int) -> Encoded:
+    """Prompt tokens (no loss) + target tokens + EOS (loss). A too-long prompt loses its start;
+    the target is kept whole where it fits."""
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        target = target + [tokenizer.eos_token_id]
+    target = target[:max_length]
+    prompt = prompt[max(0, len(prompt) + len(target) - max_length) :]
+    return Encoded(prompt + target, [IGNORE] * len(prompt) + target, example.task_id)
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item."""
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    task_ids = torch.tensor([e.task_id for e in items], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
+
+
+def task_probabilities(sizes: Sequence[int], temperature: float = 1.0) -> list[float]:
+    """Mixing weights: proportional to task size at temperature 1, uniform as it grows
+    (p_t ~ n_t^(1/T))."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    weights = [n ** (1.0 / temperature) for n in sizes]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class TaskMixer:
+    """Which (task, example) pairs each global batch holds. Tasks are drawn per example from
+    ``probs`` by a generator seeded with (seed, step); within a task the examples come in a seeded
+    order, epoch after epoch. The state is the count drawn per task: save it with a checkpoint."""
+
+    def __init__(self, sizes: Sequence[int], probs: Sequence[float], seed: int) -> None:
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"every task needs at least one training example, got sizes {list(sizes)}")
+        self.sizes, self.probs, self.seed = list(sizes), list(probs), seed
+        self.counts = [0] * len(sizes)
+        self._orders: dict[tuple[int, int], list[int]] = {}
+
+    def _order(self, task: int, epoch: int) -> list[int]:
+        key = (task, epoch)
+        if key not in self._orders:
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, task, epoch))
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != task}  # keep one epoch per task
+            self._orders[key] = torch.randperm(self.sizes[task], generator=gen).tolist()
+        return self._orders[key]
+
+    def batch(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+        gen = torch.Generator().manual_seed(hash_seed(self.seed, -1, step))
+        probs = torch.tensor(self.probs, dtype=torch.float64)
+        picks = []
+        for task in torch.multinomial(probs, batch_size, replacement=True, generator=gen).tolist():
+            epoch, position = divmod(self.counts[task], self.sizes[task])
+            picks.append((task, self._order(task, epoch)[position]))
+            self.counts[task] += 1
+        return picks
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (stable across runs and processes)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part + 7) % (1 << 63)
+    return value
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This rank's share of a global batch (contiguous, equal sizes)."""
+    if len(items) % world_size:
+        raise ValueError(f"batch size {len(items)} is not divisible by the {world_size} processes")
+    per = len(items) // world_size
+    return items[rank * per : (rank + 1) * per]

@@ -1,0 +1,81 @@
+"""Training checkpoints that survive a kill at any moment and resume bit for bit.
+
+A checkpoint is a folder: the adapter (a loadable adapter folder), the optimizer's tensors in
+safetensors, and the scalars in JSON. It is written beside the old one and
+swapped in by renames, so the last good checkpoint is always readable. No pickle anywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapters.io import CONFIG_FILE, WEIGHTS_FILE, read_tensors, save_adapter
+from ..adapters.model import AsymLoraModel
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Split an optimizer state into named tensors and JSON-able parameter groups."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = tensor.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(
+    folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> Path:
+    """Write ``folder`` atomically: into ``folder.tmp``, then swap by renames."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp)
+    opt_tensors, groups = optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups}, indent=2))
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The last complete checkpoint: ``folder``, or ``folder.old`` if a kill hit between the renames."""
+    for candidate in (Path(folder), Path(folder).with_name(Path(folder).name + ".old")):
+        if all((candidate / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE)):
+            return candidate
+    return None
+
+
+def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore adapter and optimizer from ``folder``; return the saved scalar state."""
+    model.load_adapter_state_dict(read_tensors(folder / WEIGHTS_FILE))
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / STATE_FILE}: not valid JSON ({err})") from None
+    tensors = read_tensors(folder / OPTIMIZER_FILE)
+    restore_optimizer(optimizer, tensors, state.pop("param_groups"))
+    return state

@@ -1,0 +1,250 @@
+"""The training loop: mixed-task batches, gradient accumulation, checkpoints, exact resume, and
+data-parallel processes under ``torchrun`` (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..adapters.model import AsymLoraModel
+from .batches import (
+    IGNORE,
+    Encoded,
+    Example,
+    TaskMixer,
+    collate,
+    encode,
+    hash_seed,
+    shard,
+    task_probabilities,
+)
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step, over all processes"})
+    grad_accum: int = field(
+        default=1, metadata={"help": "micro-batches per step (divides the per-process batch)"}
+    )
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = field(
+        default="linear", metadata={"help": "constant | linear | cosine decay after warm-up"}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
+    max_length: int = field(
+        default=256, metadata={"help": "tokens per example (prompt is cut from the left)"}
+    )
+    mixing_temperature: float = field(
+        default=1.0, metadata={"help": "task sampling p ~ n^(1/T): 1 proportional, large -> uniform"}
+    )
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    log_every: int = 1
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPUs that have it) | fp32 | bf16"}
+    )
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        for key in ("warmup_steps", "save_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr} must be > 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.mixing_temperature <= 0:
+            raise ValueError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
+
+
+@dataclass(frozen=True)
+class Process:
+    """Where this process stands in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process() -> Process:
+    """Join the torchrun process group if launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Process()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Process(dist.get_rank(), dist.get_world_size())
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    wants_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=wants_bf16)
+
+
+def token_loss_sum(model: AsymLoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens of ``batch``."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
+    ).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+def all_sum(value: torch.Tensor, proc: Process) -> torch.Tensor:
+    if proc.world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def train(
+    model: AsymLoraModel,
+    tokenizer,
+    examples: Sequence[Sequence[Example]],
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train ``model``'s adapters on the tasks' examples (one list per task id) for ``cfg.steps``.
+
+    Writes ``metrics.jsonl`` and ``checkpoint/`` under ``run_dir``. With ``resume`` it continues
+    from the checkpoint there and ends with the weights an uninterrupted run would have."""
+    proc = init_process()
+    run_dir = Path(run_dir)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    encoded = [[encode(tokenizer, ex, cfg.max_length) for ex in task] for task in examples]
+    probs = task_probabilities([len(t) for t in encoded], cfg.mixing_temperature)
+    mixer = TaskMixer([len(t) for t in encoded], probs, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    local_batch = len(shard(list(range(cfg.batch_size)), proc.rank, proc.world_size))
+    if local_batch % cfg.grad_accum:
+        raise ValueError(
+            f"the per-process batch {local_batch} is not divisible by train.grad_accum={cfg.grad_accum}"
+        )
+
+    start = 0
+    checkpoint = find_checkpoint(run_dir / "checkpoint") if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        start, mixer.counts = state["step"], state["mixer_counts"]
+    elif resume and proc.main:
+        print(f"no checkpoint in {run_dir}: starting from step 0")
+    metrics_path = run_dir / "metrics.jsonl"
+    if proc.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
+    last = {}
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        torch.manual_seed(hash_seed(cfg.seed, proc.rank, step))  # dropout: a function of (seed, rank, step)
+        picks = shard(mixer.batch(step, cfg.batch_size), proc.rank, proc.world_size)
+        items = [encoded[task][index] for task, index in picks]
+        loss, n_tokens = _accumulate(model, items, cfg, proc, pad_id, device)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += n_tokens
+        done = step + 1
+        last = {
+            "step": done,
+            "loss": loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
+        }
+        if proc.main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                save_checkpoint(
+                    run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
+                )
+        if on_step is not None:
+            on_step(done, last)
+    bar.close()
+    if proc.world_size > 1:
+        dist.barrier()
+    model.eval()
+    return last
+
+
+def _accumulate(
+    model, items: list[Encoded], cfg: TrainConfig, proc: Process, pad_id: int, device
+) -> tuple[float, int]:
+    """Forward and backward over the micro-batches; the gradient is that of the mean token loss over
+    the whole global batch, whatever the split into processes and micro-batches."""
+    per = len(items) // cfg.grad_accum
+    chunks = [collate(items[i * per : (i + 1) * per], pad_id) for i in range(cfg.grad_accum)]
+    local_tokens = sum(int((c["labels"][:, 1:] != IGNORE).sum()) for c in chunks)
+    total_tokens = int(all_sum(torch.tensor(float(local_tokens)), proc).item())
+    loss_sum = 0.0
+    for chunk in chunks:
+        chunk = {k: v.to(device) for k, v in chunk.items()}
+        with autocast_for(cfg, device):
+            loss = token_loss_sum(model, chunk)
+        (loss / max(total_tokens, 1)).backward()
+        loss_sum += float(loss.detach())
+    if proc.world_size > 1:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is not None:
+                all_sum(p.grad, proc)
+    return float(all_sum(torch.tensor(loss_sum), proc)) / max(total_tokens, 1), total_tokens
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
