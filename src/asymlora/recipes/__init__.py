@@ -1,0 +1,1 @@
+"""End-to-end programs the CLI calls; each reads top to bottom."""

@@ -1,0 +1,170 @@
+"""Compare methods under one budget: every (method, seed) cell is a multitask run in its own
+folder (finished cells are skipped on a re-run), then one table, one JSON and one bar chart.
+
+    OUT/<method>/seed-<s>/        a full multitask run folder per cell
+    OUT/single-task/<task>/seed-<s>/   single-task LoRA baselines (with --single-task-baseline)
+    OUT/results.json, OUT/results.md, OUT/results.png
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..adapters import METHODS
+from ..config import ConfigError
+from .multitask import MultitaskConfig, run, select_tasks
+
+
+def cell_config(
+    base: MultitaskConfig, method: str, seed: int, out: Path, tasks: list[str] | None = None
+) -> MultitaskConfig:
+    """The base config with this method, this seed (adapter init, batch order) and its own folder."""
+    adapter = replace(base.adapter, method=method, seed=seed, model_type=None, base_model_name_or_path=None)
+    if method == "lora":
+        adapter = replace(adapter, num_experts=1, router=None)
+    elif adapter.router is None:
+        adapter = replace(adapter, router="softmax", num_experts=max(base.adapter.num_experts, 2))
+    data = base.data if tasks is None else replace(base.data, suite=None, tasks=tasks)
+    return replace(
+        base, adapter=adapter, data=data, train=replace(base.train, seed=seed), output_dir=str(out)
+    )
+
+
+def run_cell(cfg: MultitaskConfig, log=print) -> dict[str, Any]:
+    done = Path(cfg.output_dir) / "results.json"
+    if done.exists():
+        log(f"skip (finished): {cfg.output_dir}")
+    else:
+        log(f"=== {cfg.output_dir}")
+        run(cfg, resume=True, log=log)
+    return json.loads(done.read_text())
+
+
+def compare(
+    base: MultitaskConfig,
+    methods: list[str],
+    seeds: list[int],
+    out: str | Path,
+    single_task_baseline: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    out = Path(out)
+    task_names = [t.name for t in select_tasks(base.data)]
+    cells = {
+        m: [run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log) for s in seeds] for m in methods
+    }
+    references = None
+    if single_task_baseline:
+        references = {
+            name: statistics.fmean(
+                _scores(
+                    run_cell(
+                        cell_config(base, "lora", s, out / "single-task" / name / f"seed-{s}", [name]), log
+                    )
+                )[name]
+                for s in seeds
+            )
+            for name in task_names
+        }
+    summary = summarize_cells(cells, task_names, references)
+    summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(summary) + "\n")
+    plot(summary, out / "results.png")
+    log(to_markdown(summary))
+    log(f"table: {out / 'results.md'}\nplot:  {out / 'results.png'}\njson:  {out / 'results.json'}")
+    return summary
+
+
+def _scores(result: dict[str, Any]) -> dict[str, float]:
+    return {t["task"]: t["score"] for t in result["tasks"]}
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize_cells(
+    cells: dict[str, list[dict]], tasks: list[str], references: dict[str, float] | None
+) -> dict[str, Any]:
+    """Per method: each task's mean and sd over seeds; the per-seed average, worst task, std across
+    tasks and delta-m, each as mean and sd over seeds."""
+    methods = {}
+    for method, results in cells.items():
+        per_seed = [r["summary"] for r in results]
+        scores = [_scores(r) for r in results]
+        entry = {
+            "trainable_parameters": results[0].get("trainable_parameters"),
+            "tasks": {t: _mean_sd([s[t] for s in scores]) for t in tasks},
+            "average": _mean_sd([p["average"] for p in per_seed]),
+            "worst": _mean_sd([p["worst"] for p in per_seed]),
+            "std_across_tasks": _mean_sd([p["std"] for p in per_seed]),
+        }
+        if references:
+            entry["delta_m"] = _mean_sd(
+                [
+                    100 * statistics.fmean((s[t] - references[t]) / references[t] for t in tasks)
+                    for s in scores
+                ]
+            )
+        methods[method] = entry
+    return {"tasks": tasks, "methods": methods, "single_task_reference": references}
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    tasks, methods = summary["tasks"], summary["methods"]
+    has_dm = summary.get("single_task_reference") is not None
+    head = ["method", "params", *tasks, "average", "worst", "std"] + (["delta-m %"] if has_dm else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        cells = [name, f"{m['trainable_parameters']:,}" if m["trainable_parameters"] else "-"]
+        cells += [_pm(m["tasks"][t]) for t in tasks]
+        cells += [_pm(m["average"]), _pm(m["worst"]), _pm(m["std_across_tasks"])]
+        if has_dm:
+            cells.append(_pm(m["delta_m"], signed=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = summary.get("seeds")
+    lines.append("")
+    lines.append(
+        f"Scores in %, mean ± sd over seeds {seeds}. Trainable parameters are not matched across methods "
+        "(the params column gives each method's count at the same rank)."
+    )
+    return "\n".join(lines)
+
+
+def _pm(v: dict[str, float], signed: bool = False) -> str:
+    return f"{v['mean']:+.1f} ± {v['sd']:.1f}" if signed else f"{v['mean']:.1f} ± {v['sd']:.1f}"
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: one group per task (and the average), one bar per method, sd as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*summary["tasks"], "average"]
+    methods = summary["methods"]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
+    for i, (name, m) in enumerate(methods.items()):
+        stats = [m["tasks"][t] for t in summary["tasks"]] + [m["average"]]
+        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [s["mean"] for s in stats], width, yerr=[s["sd"] for s in stats], capsize=3, label=name)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    ax.set_ylabel("score (%)")
+    ax.set_title(f"{summary.get('model', '')}: per-task score, mean ± sd over seeds {summary.get('seeds')}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,193 @@
+"""Multi-task fine-tuning, top to bottom: one adapter (LoRA, ALoRA, HydraLoRA or MoLA) trained on
+several tasks at once, evaluated on each task's test split, saved, exported per task.
+
+Everything lands in one run folder::
+
+    config.yaml          the resolved configuration (re-run with --config RUN/config.yaml)
+    adapter_init/        the adapter before training (for `asymlora analyze change`)
+    metrics.jsonl        loss, learning rate, throughput per step
+    checkpoint/          the latest checkpoint (--resume continues from it)
+    adapter/             the trained adapter (asymlora format)
+    peft/<task>/         each task's adapter as a PEFT LoRA folder, where routing allows
+    results.json         per-task scores, average, worst task, std (results.md: the same as a table)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
+from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
+from ..data.registry import get_suite, get_task
+from ..data.task import Task, continuation
+from ..eval.runner import evaluate_tasks
+from ..models import load_model
+from ..train import Example, TrainConfig, train
+
+
+@dataclass
+class DataConfig:
+    suite: str | None = field(
+        default="commonsense", metadata={"help": "a named suite (asymlora tasks lists them)"}
+    )
+    tasks: list[str] | None = field(default=None, metadata={"help": "task names instead of a suite"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
+    max_train_per_task: int | None = field(
+        default=None, metadata={"help": "cap on training examples per task"}
+    )
+
+    def __post_init__(self) -> None:
+        if (self.suite is None) == (self.tasks is None):
+            raise ConfigError("data: give exactly one of data.suite or data.tasks")
+        if self.max_train_per_task is not None and self.max_train_per_task < 1:
+            raise ConfigError(f"data.max_train_per_task={self.max_train_per_task} must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    limit: int | None = field(default=200, metadata={"help": "test examples per task (None: all)"})
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit={self.limit} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class MultitaskConfig:
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "smollm2-135m, tiny-llama, a folder or a hub id"}
+    )
+    output_dir: str = "runs/multitask"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.adapter.model_type is not None:
+            raise ConfigError("adapter.model_type is filled in from the model; leave it out")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> MultitaskConfig:
+    """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides."""
+    data = merge(base or {}, read_file(path) if path else {})
+    return from_dict(MultitaskConfig, apply_overrides(data, overrides or []))
+
+
+def save_config(cfg: MultitaskConfig, path: Path) -> None:
+    data = to_dict(cfg)
+    data["adapter"] = {
+        k: v for k, v in data["adapter"].items() if k not in ("model_type", "base_model_name_or_path")
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def select_tasks(data: DataConfig) -> list[Task]:
+    return get_suite(data.suite) if data.suite is not None else [get_task(name) for name in data.tasks]
+
+
+def training_examples(tasks: list[Task], data: DataConfig) -> list[list[Example]]:
+    """One list per task: the task's train split as (prompt, continuation, task id)."""
+    per_task = []
+    for task_id, task in enumerate(tasks):
+        split = task.splits(data.split_seed)["train"]
+        if data.max_train_per_task is not None:
+            split = split.select(range(min(data.max_train_per_task, len(split))))
+        per_task.append([Example(task.prompt(ex), continuation(task.target(ex)), task_id) for ex in split])
+    return per_task
+
+
+def check_routing(cfg: MultitaskConfig, n_tasks: int) -> None:
+    a = cfg.adapter
+    if a.router == "task" and a.num_experts != n_tasks:
+        raise ConfigError(
+            f"adapter.router='task' needs one expert per task: adapter.num_experts={a.num_experts} "
+            f"but there are {n_tasks} tasks"
+        )
+
+
+def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    tasks = select_tasks(cfg.data)
+    check_routing(cfg, len(tasks))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    log(f"run folder: {out}")
+    log(f"tasks: {', '.join(t.name for t in tasks)}")
+
+    examples = training_examples(tasks, cfg.data)
+    base, tokenizer = load_model(cfg.model)
+    model = wrap(base, cfg.adapter)
+    log(f"{cfg.adapter.method} on {len(model.adapted)} modules; {model.trainable_parameters()}")
+    if not (out / "adapter_init").exists():
+        save_adapter(model, out / "adapter_init")
+
+    train(model, tokenizer, examples, cfg.train, out, resume=resume)
+    save_adapter(model, out / "adapter")
+    exported = export_per_task(model, tasks, out / "peft", log)
+
+    report = evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        task_ids={t.name: i for i, t in enumerate(tasks)},
+        limit=cfg.eval.limit,
+        seed=cfg.data.split_seed,
+        batch_size=cfg.eval.batch_size,
+        max_length=cfg.train.max_length,
+    )
+    report.info.update(
+        method=cfg.adapter.method,
+        model=cfg.model,
+        seed=cfg.adapter.seed,
+        trainable_parameters=model.trainable_parameters().trainable,
+        peft_exports=exported,
+    )
+    report.save(out / "results.json")
+    (out / "results.md").write_text(report.to_markdown() + "\n")
+    log(report.to_markdown())
+    log(f"results: {out / 'results.json'}")
+    return report.to_dict(predictions=False)
+
+
+def export_per_task(model, tasks: list[Task], folder: Path, log=print) -> list[str]:
+    """Each task's LoRA as a PEFT folder, where the routing makes it a plain LoRA."""
+    cfg = model.adapter_config
+    if cfg.method == "lora":
+        export_peft(model, folder / "all-tasks")
+        return ["all-tasks"]
+    if cfg.router != "task":
+        log(f"no PEFT export: the {cfg.router} router mixes experts per token (not a plain LoRA)")
+        return []
+    for task_id, task in enumerate(tasks):
+        export_peft(model, folder / task.name, task=task_id)
+    return [t.name for t in tasks]
+
+
+def load_run(run_dir: str | Path):
+    """The trained model of a run folder (base + adapter), its tokenizer, config and task names."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: not a run folder (no config.yaml); pass the folder `asymlora train` wrote"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    base, tokenizer = load_model(cfg.model)
+    model = load_adapter(base, run_dir / "adapter").eval()
+    results = run_dir / "results.json"
+    names = (
+        [t["task"] for t in json.loads(results.read_text())["tasks"]]
+        if results.exists()
+        else [t.name for t in select_tasks(cfg.data)]
+    )
+    return model, tokenizer, cfg, names
