@@ -1,0 +1,168 @@
+"""The ``asymlora`` command: a thin shell over the library.
+
+Each subcommand is two small functions: ``add_<name>(subparsers)`` declares its flags and
+``run_<name>(args)`` does the work; ``COMMANDS`` lists them, so a new subcommand is one more pair
+and one more line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from asymlora.data.bigbench import BigBenchUnavailableError
+from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
+from asymlora.data.task import DataFormatError, Task, UnknownTaskError
+from asymlora.eval.report import TaskResult
+from asymlora.models import ModelNotAvailableError
+
+
+class UsageError(Exception):
+    """A user mistake on the command line; printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# asymlora tasks
+
+
+def add_tasks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tasks", help="list the task suites with their example counts")
+    p.add_argument("--suite", choices=list(SUITES), help="only this suite")
+    p.add_argument("--seed", type=int, default=0, help="split seed (the counts do not depend on it)")
+    p.add_argument("--offline", action="store_true", help="do not download missing data; mark it instead")
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    suites = [args.suite] if args.suite else list(SUITES)
+    for suite in suites:
+        tasks = get_suite(suite)
+        print(f"{suite} ({len(tasks)} tasks)")
+        print(f"  {'task':44} {'kind':16} {'train':>6} {'test':>6}  source")
+        for task in tasks:
+            print("  " + _task_line(task, seed=args.seed, offline=args.offline))
+        print()
+    return 0
+
+
+def _task_line(task: Task, *, seed: int, offline: bool) -> str:
+    head = f"{task.name:44} {task.kind:16}"
+    if offline and not is_downloaded(task):
+        return f"{head} {'-':>6} {'-':>6}  {task.source} (not downloaded)"
+    try:
+        splits = task.splits(seed)
+    except (BigBenchUnavailableError, ImportError) as err:
+        return f"{head} {'-':>6} {'-':>6}  unavailable: {err}"
+    return f"{head} {len(splits['train']):6d} {len(splits['test']):6d}  {task.source}"
+
+
+# ---------------------------------------------------------------------------------------------
+# asymlora eval
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a suite or on tasks; prints a table, writes JSON")
+    p.add_argument("--model", required=True, help="smollm2-135m, tiny-llama, tiny-gpt2, a folder or a hub id")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--suite", choices=list(SUITES), help="a named suite")
+    what.add_argument("--task", action="append", help="a task name or a .json/.jsonl file (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many test examples per task")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024, help="prompt tokens kept (from the right)")
+    p.add_argument(
+        "--references", type=Path, help="JSON {task: score} or an earlier results.json, for delta-m"
+    )
+    p.add_argument("--out", type=Path, help="output folder (default runs/eval/<model>-<suite>)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from asymlora.eval.runner import evaluate_tasks
+    from asymlora.models import load_model
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    tasks = get_suite(args.suite) if args.suite else [get_task(t) for t in args.task]
+    references = read_references(args.references) if args.references else None
+    for task in tasks:  # fetch / validate every task's data before loading the model
+        task.examples()
+    model, tokenizer = load_model(args.model)
+
+    def progress(result: TaskResult) -> None:
+        print(f"  {result.task}: {result.metric} {result.score:.2f} (n={result.n})", file=sys.stderr)
+
+    report = evaluate_tasks(
+        model, tokenizer, tasks, references=references, progress=progress, limit=args.limit,
+        seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+    )  # fmt: skip
+    report.info = {"model": args.model, "suite": args.suite, "tasks_requested": args.task,
+                   "limit": args.limit, "seed": args.seed}  # fmt: skip
+    out = args.out or Path("runs") / "eval" / _slug(f"{args.model}-{args.suite or '+'.join(args.task)}")
+    report.save(out / "results.json")
+    (out / "results.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
+    print(report.to_markdown())
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+def read_references(path: Path) -> dict[str, float]:
+    """``{task: score}``, or the per-task scores of an earlier ``results.json``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read references {path}: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+        return {t["task"]: float(t["score"]) for t in data["tasks"]}
+    if isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
+        return {k: float(v) for k, v in data.items()}
+    raise UsageError(f"{path}: expected {{task: score}} or a results.json written by asymlora eval")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")[:100]
+
+
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS: dict[
+    str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]
+] = {
+    "tasks": (add_tasks, run_tasks),
+    "eval": (add_eval, run_eval),
+}
+
+# Errors a user can cause and fix: shown as one line, without a traceback.
+USER_ERRORS = (
+    UsageError,
+    UnknownTaskError,
+    DataFormatError,
+    ModelNotAvailableError,
+    BigBenchUnavailableError,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asymlora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except USER_ERRORS as err:
+        print(f"asymlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # an optional package a task needs; the message says how to install it
+        print(f"asymlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""BIG-bench task JSON, taken from the ``bigbench==1.0.0`` source distribution on PyPI.
+
+The package cannot be installed (its metadata declares a direct-URL dependency, which pip refuses),
+but its sdist holds every JSON task. We let pip download and unpack it into a private temporary
+folder (pip stops with an error after unpacking; that is expected), copy the ``task.json`` files we
+use into the cache, and delete the rest. A local copy can be used instead: set
+``ASYMLORA_BIGBENCH_SOURCE`` to the ``bigbench-1.0.0.tar.gz`` file or to an unpacked source tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from asymlora.data.task import DataFormatError, Kind, PromptTemplate, mc_record, target_record
+
+BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
+SOURCE_ENV = "ASYMLORA_BIGBENCH_SOURCE"
+TASKS_PATH = "bigbench/benchmark_tasks"
+
+
+class BigBenchUnavailableError(RuntimeError):
+    """The BIG-bench task files could not be obtained; the message says how to get them."""
+
+
+def bigbench_root(cache: Path) -> Path:
+    return cache / "bigbench" / "1.0.0"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def ensure_bigbench(paths: Iterable[str], cache: Path, *, log: Callable[[str], None] = _stderr) -> Path:
+    """Make sure ``<root>/<path>/task.json`` exists for every task path (``social_iqa``,
+    ``arithmetic/2_digit_addition``); fetch the missing ones in one go. Returns the root."""
+    root = bigbench_root(cache)
+    missing = sorted({p for p in paths if not (root / p / "task.json").is_file()})
+    if missing:
+        source = os.environ.get(SOURCE_ENV)
+        if source:
+            extract_tasks(Path(source), missing, root)
+        else:
+            log(
+                f"fetching {len(missing)} BIG-bench task file(s) from the {BIGBENCH_REQUIREMENT} sdist "
+                "(one-time download of ~360 MB)..."
+            )
+            download_tasks(missing, root)
+    return root
+
+
+def download_tasks(paths: Sequence[str], root: Path) -> None:
+    """``pip download`` the sdist into a temporary folder and copy ``paths`` out of it."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bigbench-", dir=root.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean",
+               BIGBENCH_REQUIREMENT, "-d", str(Path(tmp) / "dl")]  # fmt: skip
+        env = {**os.environ, "TMPDIR": tmp, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        sources = list(Path(tmp).glob("dl/bigbench-*.tar.gz")) + list(Path(tmp).glob(f"pip-*/*/{TASKS_PATH}"))
+        if not sources:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise BigBenchUnavailableError(
+                f"could not download {BIGBENCH_REQUIREMENT} with pip ({tail[0]}); download the sdist "
+                f"yourself and set {SOURCE_ENV}=/path/to/bigbench-1.0.0.tar.gz"
+            )
+        extract_tasks(sources[0], paths, root)
+
+
+def extract_tasks(source: Path, paths: Sequence[str], root: Path) -> None:
+    """Copy ``<path>/task.json`` for each path from an sdist ``.tar.gz`` or an unpacked tree."""
+    wanted = {f"{p}/task.json": p for p in paths}
+    found: dict[str, bytes] = {}
+    if source.is_dir():
+        tasks_dir = source if source.name == "benchmark_tasks" else _find_tasks_dir(source)
+        for member, path in wanted.items():
+            if (tasks_dir / member).is_file():
+                found[path] = (tasks_dir / member).read_bytes()
+    elif tarfile.is_tarfile(source):
+        with tarfile.open(source) as tar:
+            for info in tar:
+                _, sep, member = info.name.partition(f"{TASKS_PATH}/")
+                if sep and member in wanted and info.isfile():
+                    found[wanted[member]] = tar.extractfile(info).read()
+    else:
+        raise BigBenchUnavailableError(f"{source} is neither a folder nor a .tar.gz BIG-bench sdist")
+    absent = [p for p in paths if p not in found]
+    if absent:
+        raise BigBenchUnavailableError(f"{source} has no task.json for: {', '.join(absent)}")
+    for path, data in found.items():
+        _write_atomic(root / path / "task.json", data)
+
+
+def _find_tasks_dir(tree: Path) -> Path:
+    for candidate in (tree / TASKS_PATH, *tree.glob(f"*/{TASKS_PATH}")):
+        if candidate.is_dir():
+            return candidate
+    raise BigBenchUnavailableError(f"no {TASKS_PATH} folder under {tree}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading task.json
+
+
+def read_task_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
+        raise DataFormatError(f"{path}: not a BIG-bench JSON task (no 'examples' list)")
+    return data
+
+
+def template_from_task(data: dict[str, Any], *, list_choices: bool | None = None) -> PromptTemplate:
+    """BIG-bench's own formatting fields, with its defaults where a task leaves them out."""
+    return PromptTemplate(
+        prefix=data.get("task_prefix", ""),
+        input_prefix=data.get("example_input_prefix", "\nQ: "),
+        output_prefix=data.get("example_output_prefix", "\nA: "),
+        choice_prefix=data.get("choice_prefix", "\n  choice: "),
+        list_choices=data.get("append_choices_to_input", True) if list_choices is None else list_choices,
+    )
+
+
+def records_from_task(data: dict[str, Any], kind: Kind, *, where: str) -> list[dict[str, Any]]:
+    """Canonical records with ``input`` rendered by the task's own template (subtasks of one task
+    can differ in their instructions): ``target_scores`` (argmax is the answer) for multiple choice,
+    ``target`` (a string or a list of references) for numeric and text tasks."""
+    template = template_from_task(data, list_choices=None if kind == "multiple_choice" else False)
+    records = []
+    for i, ex in enumerate(data["examples"]):
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str):
+            raise DataFormatError(f"{where}: example {i} has no 'input' string")
+        if kind == "multiple_choice":
+            scores = ex.get("target_scores")
+            if not isinstance(scores, dict) or len(scores) < 2:
+                raise DataFormatError(f"{where}: example {i} has no 'target_scores' with 2 or more choices")
+            choices = [c.strip() for c in scores]
+            values = list(scores.values())
+            best = max(range(len(values)), key=values.__getitem__)
+            records.append(mc_record(template.render(ex["input"].strip(), choices), choices, best))
+        else:
+            target = ex.get("target")
+            if not target:
+                raise DataFormatError(f"{where}: example {i} has no 'target'")
+            targets = [target] if isinstance(target, str) else list(target)
+            records.append(target_record(template.render(ex["input"].strip()), [t.strip() for t in targets]))
+    return records

@@ -1,0 +1,189 @@
+"""The named tasks and suites. Loading is lazy: nothing is read or fetched until a task's examples
+are asked for.
+
+Suites:
+- ``commonsense``: 8 multiple-choice BIG-bench tasks (the paper's commonsense suite is 8 tasks too).
+- ``math``: BIG-bench elementary_math_qa (multiple choice) and arithmetic (numeric), and
+  reasoning-gym's GSM8K-style gsm_symbolic (numeric).
+- ``nlp-multitask``: 8 natural-instructions tasks, one per instruction category (answer generation,
+  question generation, classification, ...), scored with ROUGE-L, like the paper's FLAN suite.
+- ``fed-nlp``: 8 natural-instructions tasks from 8 different source datasets, one per client, in the
+  spirit of the FedDPA split (which is built from FLAN and is not available offline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from asymlora.data.bigbench import bigbench_root, ensure_bigbench, read_task_json, records_from_task
+from asymlora.data.formats import file_task
+from asymlora.data.task import VERBATIM_TEMPLATE, Kind, PromptTemplate, Task, UnknownTaskError, target_record
+from asymlora.models import cache_dir
+
+GSM_SIZE = 1000
+GSM_DATA_SEED = 0  # which problems are generated; the train/test split has its own seed
+
+
+def _bigbench_loader(paths: Sequence[str], kind: Kind) -> Callable[[], list[dict[str, Any]]]:
+    def load() -> list[dict[str, Any]]:
+        root = ensure_bigbench(ALL_BIGBENCH_PATHS, cache_dir())
+        records = []
+        for path in paths:
+            data = read_task_json(root / path / "task.json")
+            records += records_from_task(data, kind, where=f"BIG-bench {path}")
+        return records
+
+    return load
+
+
+def _bigbench(name: str, kind: Kind, paths: Sequence[str] | None = None, **options: Any) -> Task:
+    paths = tuple(paths or [name])
+    _BIGBENCH_PATHS.extend(paths)
+    _BIGBENCH_OF[name] = paths
+    source = "BIG-bench " + ", ".join(paths)
+    return Task(name, kind, _bigbench_loader(paths, kind), VERBATIM_TEMPLATE, source, **options)
+
+
+def _load_gsm_symbolic() -> list[dict[str, Any]]:
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise ImportError("the gsm_symbolic task needs reasoning-gym: pip install reasoning-gym") from None
+    data = reasoning_gym.create_dataset("gsm_symbolic", size=GSM_SIZE, seed=GSM_DATA_SEED)
+    return [target_record(item["question"], str(item["answer"])) for item in data]
+
+
+_BIGBENCH_PATHS: list[str] = []
+_BIGBENCH_OF: dict[str, tuple[str, ...]] = {}  # task name -> its BIG-bench task paths
+
+_NI = "natural_instructions/"
+_NLP_MULTITASK = {  # instruction category -> natural-instructions subtask
+    "answer_generation": "subtask024_cosmosqa_answer_generation",
+    "question_generation": "subtask040_qasc_question_generation",
+    "classification": "subtask046_miscellaenous_question_typing",
+    "incorrect_answer_generation": "subtask055_multirc_write_incorrect_answer",
+    "text_modification": "subtask034_winogrande_question_modification_object",
+    "verification": "subtask018_mctaco_temporal_reasoning_presence",
+    "span_answer": "subtask028_drop_answer_generation",
+    "reasoning_answer": "subtask061_ropes_answer_generation",
+}
+_FED_NLP = [  # one source dataset per client
+    "subtask002_quoref_answer_generation",
+    "subtask010_mctaco_answer_generation_event_ordering",
+    "subtask023_cosmosqa_question_generation",
+    "subtask027_drop_answer_type_generation",
+    "subtask033_winogrande_answer_generation",
+    "subtask041_qasc_answer_generation",
+    "subtask051_multirc_correct_answer_single_sentence",
+    "subtask060_ropes_question_generation",
+]
+
+
+def _ni_name(subtask: str) -> str:
+    return "ni_" + subtask.split("_", 1)[1]
+
+
+def _ni(subtask: str) -> Task:
+    return _bigbench(_ni_name(subtask), "text", [_NI + subtask], max_new_tokens=48, max_test=500)
+
+
+def _build_tasks() -> dict[str, Task]:
+    tasks = [
+        _bigbench("social_iqa", "multiple_choice"),
+        _bigbench("strategyqa", "multiple_choice"),
+        _bigbench("winowhy", "multiple_choice"),
+        _bigbench(
+            "goal_step_wikihow",
+            "multiple_choice",
+            ["goal_step_wikihow/goal_inference", "goal_step_wikihow/step_inference"],
+        ),
+        _bigbench("timedial", "multiple_choice"),
+        _bigbench(
+            "logical_deduction",
+            "multiple_choice",
+            [f"logical_deduction/{n}_objects" for n in ("three", "five", "seven")],
+        ),
+        _bigbench("date_understanding", "multiple_choice"),
+        _bigbench("physical_intuition", "multiple_choice"),
+        _bigbench("elementary_math_qa", "multiple_choice", ["elementary_math_qa/question_only"]),
+        _bigbench(
+            "arithmetic",
+            "numeric",
+            [
+                f"arithmetic/{op}"
+                for op in (
+                    "3_digit_addition",
+                    "3_digit_subtraction",
+                    "2_digit_multiplication",
+                    "2_digit_division",
+                )
+            ],  # fmt: skip
+            max_new_tokens=8,
+        ),
+        Task(
+            "gsm_symbolic",
+            "numeric",
+            _load_gsm_symbolic,
+            PromptTemplate(input_prefix="Question: ", output_prefix="\nAnswer: Let's think step by step."),
+            f"reasoning-gym gsm_symbolic ({GSM_SIZE} problems, seed {GSM_DATA_SEED})",
+            max_new_tokens=160,
+            stop=("\n\n", "Question:"),
+            answer_position="last",
+        ),
+        *(_ni(sub) for sub in [*_NLP_MULTITASK.values(), *_FED_NLP]),
+    ]
+    return {task.name: task for task in tasks}
+
+
+TASKS: dict[str, Task] = _build_tasks()
+ALL_BIGBENCH_PATHS: tuple[str, ...] = tuple(dict.fromkeys(_BIGBENCH_PATHS))
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "commonsense": (
+        "social_iqa",
+        "strategyqa",
+        "winowhy",
+        "goal_step_wikihow",
+        "timedial",
+        "logical_deduction",
+        "date_understanding",
+        "physical_intuition",
+    ),
+    "math": ("elementary_math_qa", "arithmetic", "gsm_symbolic"),
+    "nlp-multitask": tuple(_ni_name(s) for s in _NLP_MULTITASK.values()),
+    "fed-nlp": tuple(_ni_name(s) for s in _FED_NLP),
+}
+
+
+def list_tasks() -> list[str]:
+    return sorted(TASKS)
+
+
+def list_suites() -> list[str]:
+    return list(SUITES)
+
+
+def get_task(name: str) -> Task:
+    """A registered task, or a local ``.json`` / ``.jsonl`` file given by its path."""
+    if name in TASKS:
+        return TASKS[name]
+    if name.endswith((".json", ".jsonl")) and Path(name).is_file():
+        return file_task(name)
+    raise UnknownTaskError(
+        f"unknown task {name!r}; available tasks: {', '.join(list_tasks())} "
+        "(or give the path of a .json / .jsonl file)"
+    )
+
+
+def is_downloaded(task: Task) -> bool:
+    """Whether a task's data is on this machine already (only BIG-bench tasks are downloaded)."""
+    root = bigbench_root(cache_dir())
+    return all((root / p / "task.json").is_file() for p in _BIGBENCH_OF.get(task.name, ()))
+
+
+def get_suite(name: str) -> list[Task]:
+    if name not in SUITES:
+        raise UnknownTaskError(f"unknown suite {name!r}; available suites: {', '.join(list_suites())}")
+    return [TASKS[t] for t in SUITES[name]]

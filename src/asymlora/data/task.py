@@ -1,0 +1,159 @@
+"""A task: named examples of one kind, a prompt template, and deterministic train / test splits.
+
+Every source is converted to the same four columns (``RECORD_FEATURES``):
+
+- ``input``: the example's question or text, without the task-level instruction;
+- ``choices``: the candidate answers (multiple choice only, else empty);
+- ``answer``: the index of the correct choice (multiple choice only, else -1);
+- ``targets``: the reference answers as text (for multiple choice: the correct choice).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Sequence as SequenceFeature
+
+Kind = Literal["multiple_choice", "numeric", "text"]
+KINDS: tuple[Kind, ...] = ("multiple_choice", "numeric", "text")
+
+RECORD_FEATURES = Features(
+    {
+        "input": Value("string"),
+        "choices": SequenceFeature(Value("string")),
+        "answer": Value("int64"),
+        "targets": SequenceFeature(Value("string")),
+    }
+)
+
+
+class DataFormatError(ValueError):
+    """Input data that does not have the expected shape; the message names the file and line."""
+
+
+class UnknownTaskError(KeyError):
+    """A task or suite name that is not registered; the message lists the available ones."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+def mc_record(input: str, choices: Sequence[str], answer: int) -> dict[str, Any]:
+    """A multiple-choice record; ``answer`` indexes ``choices``."""
+    choices = [str(c) for c in choices]
+    return {"input": input, "choices": choices, "answer": int(answer), "targets": [choices[answer]]}
+
+
+def target_record(input: str, targets: str | Sequence[str]) -> dict[str, Any]:
+    """A numeric or text record with one or more reference answers."""
+    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    return {"input": input, "choices": [], "answer": -1, "targets": targets}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How an example becomes the model's input: ``prefix + input_prefix + input [+ choices] +
+    output_prefix``. The answer is appended as ``" " + answer`` (trailing spaces of the prompt are
+    dropped, so that BPE tokenizers see the usual `` word`` tokens). BIG-bench's defaults."""
+
+    prefix: str = ""
+    input_prefix: str = "Q: "
+    output_prefix: str = "\nA:"
+    choice_prefix: str = "\n  choice: "
+    list_choices: bool = False
+
+    def render(self, input: str, choices: Sequence[str] = ()) -> str:
+        text = self.prefix + self.input_prefix + input
+        if self.list_choices:
+            text += "".join(self.choice_prefix + c for c in choices)
+        return (text + self.output_prefix).strip(" ").lstrip("\n")
+
+
+VERBATIM_TEMPLATE = PromptTemplate(input_prefix="", output_prefix="")
+"""For sources whose ``input`` is already the full prompt (rendered per subtask, or written by a user)."""
+
+
+def continuation(answer: str) -> str:
+    """The text the model should produce after a rendered prompt."""
+    return " " + answer.strip()
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task. ``load`` returns canonical records (see ``mc_record``, ``target_record``)."""
+
+    name: str
+    kind: Kind
+    load: Callable[[], list[dict[str, Any]]] = field(repr=False, compare=False)
+    template: PromptTemplate = PromptTemplate()
+    source: str = ""
+    test_fraction: float = 0.2
+    max_test: int = 1000
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ("\n",)
+    answer_position: Literal["first", "last"] = "first"  # numeric: which number in the output counts
+
+    def examples(self) -> Dataset:
+        """All examples, deduplicated by input and choices (so that no prompt is in both splits).
+        Loaded once per Task object."""
+        return self._examples
+
+    @functools.cached_property
+    def _examples(self) -> Dataset:
+        return build_dataset(self.load(), kind=self.kind, where=self.name)
+
+    def splits(self, seed: int = 0) -> DatasetDict:
+        """Deterministic, disjoint ``train`` / ``test`` splits; the test split is shuffled, so its
+        first n examples are a random sample."""
+        return split_dataset(
+            self.examples(), seed=seed, test_fraction=self.test_fraction, max_test=self.max_test
+        )
+
+    def prompt(self, example: Mapping[str, Any]) -> str:
+        return self.template.render(example["input"], example["choices"])
+
+    def target(self, example: Mapping[str, Any]) -> str:
+        """The training target: the correct choice or the first reference answer."""
+        return example["targets"][0]
+
+
+def build_dataset(records: Sequence[Mapping[str, Any]], *, kind: Kind, where: str) -> Dataset:
+    """Validate canonical records and drop duplicates (same input and choices; first one kept)."""
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    rows: list[Mapping[str, Any]] = []
+    for i, record in enumerate(records):
+        check_record(record, kind=kind, where=f"{where}: example {i}")
+        key = (record["input"], tuple(record["choices"]))
+        if key not in seen:
+            seen.add(key)
+            rows.append(record)
+    if not rows:
+        raise DataFormatError(f"{where}: no examples")
+    return Dataset.from_list([dict(r) for r in rows], features=RECORD_FEATURES)
+
+
+def check_record(record: Mapping[str, Any], *, kind: Kind, where: str) -> None:
+    if not isinstance(record.get("input"), str) or not record["input"].strip():
+        raise DataFormatError(f"{where}: empty or missing input")
+    if kind == "multiple_choice":
+        n = len(record["choices"])
+        if n < 2 or not 0 <= record["answer"] < n:
+            raise DataFormatError(f"{where}: needs at least 2 choices and an answer index in [0, {n})")
+    elif not record["targets"]:
+        raise DataFormatError(f"{where}: needs at least one target answer")
+
+
+def split_dataset(
+    data: Dataset, *, seed: int, test_fraction: float = 0.2, max_test: int = 1000
+) -> DatasetDict:
+    """Shuffle with ``seed`` and cut: ``min(max_test, round(test_fraction * n))`` test examples
+    (at least one), the rest train."""
+    n = len(data)
+    if n < 2:
+        raise DataFormatError(f"cannot split {n} example(s) into train and test; need at least 2")
+    n_test = min(max_test, max(1, round(test_fraction * n)), n - 1)
+    return data.train_test_split(test_size=n_test, shuffle=True, seed=seed)

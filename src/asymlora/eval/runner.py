@@ -1,0 +1,157 @@
+"""Evaluate a model on tasks: the task's kind picks the scoring (choices by log-likelihood, numbers
+by greedy generation and exact match, text by greedy generation and ROUGE)."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from asymlora.data.task import Task, continuation
+from asymlora.eval.metrics import accuracy, extract_number, mc_picks, numbers_equal, rouge
+from asymlora.eval.report import Report, TaskResult
+from asymlora.eval.scoring import ForwardKwargs, continuation_logprobs, greedy_generate
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` (dropout off, in adapters too) and no autograd inside; the previous
+    train/eval mode is restored on exit, so a training loop can evaluate mid-run."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def task_ids_kwargs(task_id: int) -> ForwardKwargs:
+    """``forward_kwargs`` that pass ``task_ids`` (one id per example) to an adapter wrapper."""
+
+    def kwargs(batch_size: int) -> dict[str, Any]:
+        return {"task_ids": torch.full((batch_size,), task_id, dtype=torch.long)}
+
+    return kwargs
+
+
+def test_examples(task: Task, *, split: str = "test", seed: int = 0, limit: int | None = None) -> Dataset:
+    """The first ``limit`` examples of a task's (shuffled) split."""
+    data = task.splits(seed)[split]
+    return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+
+def evaluate_task(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: Dataset | None = None,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    task_id: int | None = None,
+    forward_kwargs: ForwardKwargs | None = None,
+) -> TaskResult:
+    """Score ``model`` on ``examples`` (default: the task's test split for ``seed``, first ``limit``).
+
+    ``task_id`` passes ``task_ids`` to the forward (adapters routed by task); ``forward_kwargs`` is
+    the general hook (batch size -> extra keyword arguments) and wins when both are given."""
+    if examples is None:
+        examples = test_examples(task, seed=seed, limit=limit)
+    if forward_kwargs is None and task_id is not None:
+        forward_kwargs = task_ids_kwargs(task_id)
+    options = {"batch_size": batch_size, "max_length": max_length, "forward_kwargs": forward_kwargs}
+    scorer = {"multiple_choice": _score_choices, "numeric": _score_numeric, "text": _score_text}[task.kind]
+    with eval_mode(model):
+        return scorer(model, tokenizer, task, examples, options)
+
+
+def _score_choices(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
+) -> TaskResult:
+    prompts, conts, owners = [], [], []
+    for i, ex in enumerate(examples):
+        prompt = task.prompt(ex)
+        for choice in ex["choices"]:
+            prompts.append(prompt)
+            conts.append(continuation(choice))
+            owners.append(i)
+    flat = continuation_logprobs(model, tokenizer, prompts, conts, **options)
+    logprobs: list[list[float]] = [[] for _ in examples]
+    lengths: list[list[int]] = [[] for _ in examples]
+    for owner, cont, lp in zip(owners, conts, flat, strict=True):
+        logprobs[owner].append(lp)
+        lengths[owner].append(len(cont.encode("utf-8")))
+    raw, norm = mc_picks(logprobs, lengths)
+    answers = examples["answer"]
+    metrics = {"acc": 100 * accuracy(raw, answers), "acc_norm": 100 * accuracy(norm, answers)}
+    predictions = [
+        {"pick": r, "pick_norm": p, "answer": a} for r, p, a in zip(raw, norm, answers, strict=True)
+    ]
+    return TaskResult(task.name, task.kind, "acc", metrics["acc"], len(examples), metrics, predictions)
+
+
+def _generate(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
+) -> list[str]:
+    prompts = [task.prompt(ex) for ex in examples]
+    return greedy_generate(
+        model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, stop=task.stop, **options
+    )
+
+
+def _score_numeric(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
+) -> TaskResult:
+    outputs = _generate(model, tokenizer, task, examples, options)
+    predictions = []
+    for out, targets in zip(outputs, examples["targets"], strict=True):
+        number = extract_number(out, task.answer_position)
+        correct = any(numbers_equal(number, t) for t in targets)
+        predictions.append({"output": out, "extracted": number, "targets": targets, "correct": correct})
+    score = 100 * statistics.fmean(p["correct"] for p in predictions)
+    return TaskResult(
+        task.name, task.kind, "exact_match", score, len(examples), {"exact_match": score}, predictions
+    )
+
+
+def _score_text(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
+) -> TaskResult:
+    outputs = _generate(model, tokenizer, task, examples, options)
+    scores = [rouge(out, targets) for out, targets in zip(outputs, examples["targets"], strict=True)]
+    metrics = {k: statistics.fmean(s[k] for s in scores) for k in ("rouge1", "rougeL")}
+    predictions = [
+        {"output": o, "targets": t, **s} for o, t, s in zip(outputs, examples["targets"], scores, strict=True)
+    ]
+    return TaskResult(task.name, task.kind, "rougeL", metrics["rougeL"], len(examples), metrics, predictions)
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    *,
+    task_ids: Mapping[str, int] | None = None,
+    references: Mapping[str, float] | None = None,
+    progress: Callable[[TaskResult], None] | None = None,
+    **options: Any,
+) -> Report:
+    """Evaluate every task (``options`` go to ``evaluate_task``); ``task_ids`` maps a task name to
+    the adapter id routed to it; ``references`` enable delta-m."""
+    results = []
+    for task in tasks:
+        task_id = task_ids.get(task.name) if task_ids else None
+        result = evaluate_task(model, tokenizer, task, task_id=task_id, **options)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return Report(results, dict(references) if references else None)

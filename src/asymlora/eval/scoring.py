@@ -1,0 +1,188 @@
+"""The two ways evaluation calls a model: log-likelihood of a continuation, and greedy generation.
+
+``model`` is any causal LM module whose forward takes ``input_ids`` and ``attention_mask`` (plus
+whatever ``forward_kwargs(batch_size)`` returns, e.g. ``task_ids`` for an adapter wrapper) and returns
+an object with ``.logits`` of shape (batch, seq, vocab). Callers put the model in eval mode and turn
+off autograd (see ``asymlora.eval.runner.eval_mode``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+ForwardKwargs = Callable[[int], dict[str, Any]]
+"""Extra keyword arguments for ``model(...)`` given the batch size (e.g. per-example task ids)."""
+
+
+def _no_kwargs(batch_size: int) -> dict[str, Any]:
+    return {}
+
+
+def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), size):
+        yield list(order[start : start + size])
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad if pad is not None else 0
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name``: named explicitly, or passed on through
+    ``**kwargs`` to a wrapped ``base_model`` that names it (an adapter wrapper around a transformers
+    model)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if name in params:
+        return True
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    inner = getattr(model, "base_model", None)
+    return passes_on and isinstance(inner, nn.Module) and inner is not model and _accepts(inner, name)
+
+
+def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, attention_mask, position_ids)``, each (batch, longest); positions count real
+    tokens only, so padding changes nothing for models with absolute position embeddings."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device), _positions(mask).to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def continuation_logprobs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    forward_kwargs: ForwardKwargs | None = None,
+) -> list[float]:
+    """``log p(continuation | prompt)`` summed over the continuation's tokens, for each pair.
+
+    Prompt and continuation are tokenized apart and joined, so every continuation is scored on the
+    same prompt tokens; prompts longer than ``max_length`` lose tokens from the left. Pairs run
+    longest first, left-padded, so all continuations end at the last position and models that take
+    ``logits_to_keep`` (transformers) compute vocabulary logits only for the positions scored."""
+    forward_kwargs = forward_kwargs or _no_kwargs
+    pairs = []
+    for prompt, cont in zip(prompts, continuations, strict=True):
+        ctx = tokenizer(prompt)["input_ids"]
+        tail = tokenizer(cont, add_special_tokens=False)["input_ids"][: max_length - 1]
+        pairs.append(((ctx + tail)[-max_length:], len(tail)))
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
+    results = [0.0] * len(pairs)
+    device = next(model.parameters()).device
+    trim = _accepts(model, "logits_to_keep")
+    for batch in _batches(order, batch_size):
+        ids, mask, positions = _left_pad([pairs[i][0] for i in batch], _pad_id(tokenizer), device)
+        keep = max(pairs[i][1] for i in batch) + 1
+        extra = {"logits_to_keep": keep} if trim else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra,
+                       **forward_kwargs(len(batch))).logits[:, -keep:]  # fmt: skip
+        for row, i in enumerate(batch):
+            seq, n = pairs[i]
+            # logits at position t predict token t + 1: the last n + 1 positions but one
+            step_logits = logits[row, keep - n - 1 : keep - 1].float().log_softmax(-1)
+            target = torch.tensor(seq[len(seq) - n :], device=step_logits.device)
+            results[i] = step_logits.gather(-1, target[:, None]).sum().item()
+    return results
+
+
+def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` without leading whitespace, cut before the first stop string; and whether one was
+    found. Leading whitespace is skipped first, so a model that starts with a newline is not cut off."""
+    text = text.lstrip()
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def greedy_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = ("\n",),
+    batch_size: int = 8,
+    max_length: int = 1024,
+    forward_kwargs: ForwardKwargs | None = None,
+) -> list[str]:
+    """Greedy continuations, cut at the first stop string or the eos token.
+
+    Batches are left-padded with explicit position ids. The key/value cache is used when the model
+    returns one (``past_key_values``); otherwise each step re-runs the whole sequence."""
+    forward_kwargs = forward_kwargs or _no_kwargs
+    encoded = [tokenizer(p)["input_ids"][-(max_length - max_new_tokens) :] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs = [""] * len(prompts)
+    for batch in _batches(order, batch_size):
+        texts = _generate_batch(
+            model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stop, forward_kwargs
+        )
+        for i, text in zip(batch, texts, strict=True):
+            outputs[i] = text
+    return outputs
+
+
+def _returned_cache(out: Any) -> tuple[str, Any] | None:
+    """The key/value cache a forward returned, under its name (``cache`` in transformers >= 5.x,
+    ``past_key_values`` before), or ``None``."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return name, value
+    return None
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    seqs: list[list[int]],
+    max_new_tokens: int,
+    stop: Sequence[str],
+    forward_kwargs: ForwardKwargs,
+) -> list[str]:
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    ids, mask, _ = _left_pad(seqs, pad, device)
+    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    new = torch.empty((len(seqs), 0), dtype=torch.long, device=device)
+    done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+    eos = tokenizer.eos_token_id
+    cache, step_ids = None, ids
+    for _ in range(max_new_tokens):
+        positions = _positions(mask)[:, -step_ids.shape[1] :]
+        extra = {cache[0]: cache[1], "use_cache": True} if cache is not None else {}
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **extra, **trim,
+                    **forward_kwargs(len(seqs)))  # fmt: skip
+        token = out.logits[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        new = torch.cat([new, token[:, None]], dim=1)
+        if eos is not None:
+            done |= token == eos
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        done |= torch.tensor([_cut(t, stop)[1] for t in texts], device=device)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        cache = _returned_cache(out)
+        step_ids = token[:, None] if cache is not None else torch.cat([ids, new], dim=1)
+    return [_cut(t, stop)[0] for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

