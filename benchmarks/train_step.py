@@ -1,0 +1,103 @@
+"""Whole-model training step time on a real model: our ALoRA (K=3) and our LoRA against PEFT's
+LoRA at the same rank. One optimizer step = forward + backward + AdamW on a batch of random tokens.
+The variants share one base model (adapters are swapped in and out) and are interleaved round by
+round; each reports its median.
+
+    python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--tokens 128] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from asymlora import wrap
+from asymlora.models import load_model
+
+TARGETS = ["q_proj", "o_proj"]  # the paper's commonsense targets
+
+
+def ours(base, method: str, r: int, k: int):
+    extra = {} if method == "lora" else {"num_experts": k, "router": "softmax"}
+    return wrap(base, method=method, r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS, **extra)
+
+
+def peft(base, r: int):
+    return get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=TARGETS))
+
+
+def unpeft(model):
+    return model.unload()
+
+
+def step_time(model, batch, steps: int) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    base, _ = load_model(args.model)
+    batch = torch.randint(
+        0, base.config.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
+    )
+    variants = {
+        "PEFT LoRA": (lambda b: peft(b, args.rank), unpeft),
+        "our LoRA": (lambda b: ours(b, "lora", args.rank, 1), lambda m: m.unload()),
+        "our ALoRA": (lambda b: ours(b, "alora", args.rank, args.experts), lambda m: m.unload()),
+    }
+    times = {name: [] for name in variants}
+    print(
+        f"{args.model}: batch {args.batch} x {args.tokens} tokens, r={args.rank}, K={args.experts}, targets {TARGETS}, {torch.get_num_threads()} threads"
+    )
+    for rnd in range(args.rounds + 1):  # round 0 is warm-up
+        for name, (attach, detach) in variants.items():
+            model = attach(base)
+            t = step_time(model, batch, args.steps)
+            base = detach(model)
+            if rnd:
+                times[name].append(t)
+        if rnd:
+            print(f"round {rnd}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in variants))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    ratios = {
+        "our ALoRA / our LoRA": med["our ALoRA"] / med["our LoRA"],
+        "our ALoRA / PEFT LoRA": med["our ALoRA"] / med["PEFT LoRA"],
+        "our LoRA / PEFT LoRA": med["our LoRA"] / med["PEFT LoRA"],
+    }
+    for n, t in med.items():
+        print(f"  {n:<10} {t:.3f} s per step (median of {args.rounds} rounds)")
+    for n, v in ratios.items():
+        print(f"  {n:<24} {v:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seconds": med, "ratios": ratios, "args": vars(args)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
