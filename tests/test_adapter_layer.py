@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from asymlora.adapters import AdapterConfig, MultiLoraLinear
+from asymlora.adapters import AdapterConfig, FactoredLoraLinear, MultiLoraLinear
 from asymlora.adapters.layer import RoutingState
 
 D_IN, D_OUT, R, K = 12, 10, 3, 3
@@ -145,3 +145,26 @@ def test_efficient_shapes_are_stacked():
     assert layer.router.shape == (K, D_IN)
     hydra = make_layer("hydralora", "task")
     assert hydra.lora_A.shape == (R, D_IN) and hydra.lora_B.shape == (D_OUT, K * R) and hydra.router is None
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1d"])
+def test_factored_layer_matches_its_formula(conv):
+    torch.manual_seed(0)
+    base = (Conv1D(D_OUT, D_IN) if conv else nn.Linear(D_IN, D_OUT)).double()
+    cfg = AdapterConfig(method="factored", r=R, d_m=5, alpha=6.0, dropout=0.0)
+    layer = FactoredLoraLinear(base, cfg, "blocks.0.proj", RoutingState())
+    x = torch.randn(2, 4, D_IN, dtype=torch.float64)
+    assert torch.equal(layer(x), base(x)), "B2 = 0 and B_base = 0: starts equal to the base"
+    with torch.no_grad():
+        layer.lora_B2.normal_()
+        layer.lora_B_base.normal_()
+    w0 = base.weight.T if conv else base.weight
+    s = 6.0 / R
+    A, M, B1, B2, Bb = layer.lora_A, layer.lora_M, layer.lora_B1, layer.lora_B2, layer.lora_B_base
+    for b in range(2):
+        for t in range(4):
+            v = x[b, t]
+            expected = w0 @ v + base.bias + s * ((Bb + B2 @ B1) @ (M @ (A @ v)))
+            torch.testing.assert_close(layer(x)[b, t], expected, rtol=1e-10, atol=1e-10)
+    assert not layer.lora_B_base.requires_grad and layer.lora_B2.requires_grad
+    assert layer.lora_A.shape == (R, D_IN) and layer.lora_M.shape == (5, R) and layer.lora_B1.shape == (R, 5)

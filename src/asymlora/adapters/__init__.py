@@ -2,7 +2,7 @@
 
 from .config import METHODS, ROUTERS, AdapterConfig
 from .io import export_peft, load_adapter, read_tensors, save_adapter
-from .layer import MultiLoraLinear
+from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear
 from .model import AsymLoraModel, ParameterCount, wrap
 from .targets import find_target_modules
 
@@ -10,6 +10,8 @@ __all__ = [
     "METHODS",
     "ROUTERS",
     "AdapterConfig",
+    "AdapterLayer",
+    "FactoredLoraLinear",
     "AsymLoraModel",
     "MultiLoraLinear",
     "ParameterCount",

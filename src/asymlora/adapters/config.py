@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("lora", "alora", "hydralora", "mola")
+METHODS = ("lora", "alora", "hydralora", "mola", "factored")
+SINGLE = ("lora", "factored")  # one adapter, no router
 ROUTERS = ("softmax", "topk", "task")
 INITS = ("independent", "identical")
 FORMAT_VERSION = 1
@@ -47,6 +48,9 @@ class AdapterConfig:
         default="independent",
         metadata={"help": "independent (one seeded draw per A) | identical (all A's equal at start)"},
     )
+    d_m: int = field(
+        default=16, metadata={"help": "factored only: width of the shared up-projection B_base (d_out, d_m)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of every random draw of the adapter"})
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "recorded for reloading; not used to build"}
@@ -56,7 +60,7 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.method == "lora":
+        if self.method in SINGLE:
             self.num_experts, self.router = 1, None
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
@@ -88,7 +92,7 @@ class AdapterConfig:
             raise bad("alpha", "must be a number > 0")
         if not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
-        if self.method != "lora":
+        if self.method not in SINGLE:
             if not isinstance(self.num_experts, int) or self.num_experts < 2:
                 raise bad(
                     "num_experts", f"must be an integer >= 2 for {self.method} (use method='lora' for one)"
@@ -109,6 +113,8 @@ class AdapterConfig:
             isinstance(self.layers, list) and all(isinstance(i, int) and i >= 0 for i in self.layers)
         ):
             raise bad("layers", "must be a list of non-negative block indices or None")
+        if not isinstance(self.d_m, int) or isinstance(self.d_m, bool) or self.d_m < 1:
+            raise bad("d_m", "must be an integer >= 1")
         if self.init_a not in INITS:
             raise bad("init_a", f"must be one of {', '.join(INITS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

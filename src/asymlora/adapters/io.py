@@ -98,12 +98,14 @@ def export_peft(model: AsymLoraModel, folder: str | Path, task: int | None = Non
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
     fan_in_fan_out = any(layer.fan_in_fan_out for layer in model.adapted.values())
+    layer = next(iter(model.adapted.values()))
+    rank = layer.lora_pair(task)[0].shape[0]  # r, or d_m for a factored adapter
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": cfg.base_model_name_or_path,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
+        "r": rank,
+        "lora_alpha": layer.scale * rank,  # PEFT's scale is lora_alpha / r
         "lora_dropout": cfg.dropout,
         "target_modules": sorted(model.adapted),
         "fan_in_fan_out": fan_in_fan_out,

@@ -43,40 +43,71 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
-class MultiLoraLinear(nn.Module):
-    """Wraps ``nn.Linear`` (weight (d_out, d_in)) or GPT-2's ``Conv1D`` (weight (d_in, d_out))."""
+class AdapterLayer(nn.Module):
+    """What every adapter layer shares: the frozen base layer (``nn.Linear``, weight (d_out, d_in),
+    or GPT-2's ``Conv1D``, weight (d_in, d_out)), dropout on the adapter input, and a forward that
+    adds ``delta(x)`` to the base output. Subclasses define ``delta`` and ``lora_pair``."""
 
-    def __init__(
-        self, base_layer: nn.Module, config: AdapterConfig, module_name: str, routing: RoutingState
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, routing: RoutingState) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         weight = base_layer.weight
         d_in, d_out = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
         self.d_in, self.d_out = int(d_in), int(d_out)
-        self.r, self.k_a, self.k_b = config.r, config.k_a, config.k_b
-        self.num_experts = config.num_experts
-        self.router_kind = config.router if config.num_experts > 1 else None
-        self.top_k = config.top_k
+        self.r = config.r
         self.scale = config.scale
         self.routing = routing
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.disabled = False
-
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.factory = {"device": weight.device, "dtype": dtype}
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        return y + self.delta(x.to(self.factory["dtype"])).to(y.dtype)
+
+    def delta(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def lora_pair(self, task: int | None = None) -> tuple[Tensor, Tensor]:
+        """(A_t: (rank, d_in), B_t: (d_out, rank)) with dW_t = scale * B_t A_t."""
+        raise NotImplementedError
+
+    def delta_weight(self, task: int | None = None) -> Tensor:
+        """scale * B_t A_t in the base layer's weight layout."""
+        a, b = self.lora_pair(task)
+        delta = self.scale * (b @ a)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class MultiLoraLinear(AdapterLayer):
+    """K_a A's, K_b B's and a router: LoRA, ALoRA, HydraLoRA, MoLA."""
+
+    def __init__(
+        self, base_layer: nn.Module, config: AdapterConfig, module_name: str, routing: RoutingState
+    ) -> None:
+        super().__init__(base_layer, config, routing)
+        self.k_a, self.k_b = config.k_a, config.k_b
+        self.num_experts = config.num_experts
+        self.router_kind = config.router if config.num_experts > 1 else None
+        self.top_k = config.top_k
+
         gen = module_generator(config.seed, module_name)
         first_a = kaiming_uniform((self.r, self.d_in), gen)
         a_blocks = [first_a] + [
             first_a.clone() if config.init_a == "identical" else kaiming_uniform((self.r, self.d_in), gen)
             for _ in range(self.k_a - 1)
         ]
-        factory = {"device": weight.device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.cat(a_blocks).to(**factory))  # (K_a*r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(self.d_out, self.k_b * self.r, **factory))  # (d_out, K_b*r)
+        self.lora_A = nn.Parameter(torch.cat(a_blocks).to(**self.factory))  # (K_a*r, d_in)
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.d_out, self.k_b * self.r, **self.factory)
+        )  # (d_out, K_b*r)
         learned = self.router_kind in ("softmax", "topk")
         self.router = (
-            nn.Parameter(kaiming_uniform((self.num_experts, self.d_in), gen).to(**factory))
+            nn.Parameter(kaiming_uniform((self.num_experts, self.d_in), gen).to(**self.factory))
             if learned
             else None
         )  # (K, d_in)
@@ -114,15 +145,11 @@ class MultiLoraLinear(nn.Module):
         return (g.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # hydralora: one A x copied to K B's
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return y
-        x = x.to(self.lora_A.dtype)
+    def delta(self, x: Tensor) -> Tensor:
         h = F.linear(self.dropout(x), self.lora_A)  # (..., K_a*r): every A_i x in one matmul
         if self.num_experts > 1:
             h = self.mix(h, self.gates(x))
-        return y + F.linear(h * self.scale, self.lora_B).to(y.dtype)  # B applied once
+        return F.linear(h * self.scale, self.lora_B)  # B applied once
 
     # --- plain-LoRA views -----------------------------------------------------------------------
     def check_plain_lora(self, task: int | None) -> int:
@@ -146,14 +173,47 @@ class MultiLoraLinear(nn.Module):
         b = self.lora_B[:, t * self.r : (t + 1) * self.r] if self.k_b > 1 else self.lora_B
         return a, b
 
-    def delta_weight(self, task: int | None = None) -> Tensor:
-        """scale * B_t A_t in the base layer's weight layout."""
-        a, b = self.lora_pair(task)
-        delta = self.scale * (b @ a)
-        return delta.T if self.fan_in_fan_out else delta
-
     def extra_repr(self) -> str:
         return (
             f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, K_a={self.k_a}, K_b={self.k_b}, "
             f"router={self.router_kind}, scale={self.scale:g}"
         )
+
+
+class FactoredLoraLinear(AdapterLayer):
+    """Fed-ALoRA-het's client adapter: a rank-r client whose up-projection is a frozen shared
+    B_base (d_out, d_m) plus its own low-rank correction B2 B1, behind a private M A:
+
+        dW x = s (B_base + B2 B1) M A x
+
+    lora_A (r, d_in), lora_M (d_m, r), lora_B1 (r, d_m): seeded kaiming-uniform; lora_B2 (d_out, r)
+    and lora_B_base (d_out, d_m): zeros, so the model starts equal to its base. B_base is not
+    trained (the server sends it)."""
+
+    def __init__(
+        self, base_layer: nn.Module, config: AdapterConfig, module_name: str, routing: RoutingState
+    ) -> None:
+        super().__init__(base_layer, config, routing)
+        self.d_m = config.d_m
+        gen = module_generator(config.seed, module_name)
+        r, d_m = self.r, self.d_m
+
+        def param(tensor: Tensor, trainable: bool = True) -> nn.Parameter:
+            return nn.Parameter(tensor.to(**self.factory), requires_grad=trainable)
+
+        self.lora_A = param(kaiming_uniform((r, self.d_in), gen))  # (r, d_in)
+        self.lora_M = param(kaiming_uniform((d_m, r), gen))  # (d_m, r)
+        self.lora_B1 = param(kaiming_uniform((r, d_m), gen))  # (r, d_m)
+        self.lora_B2 = param(torch.zeros(self.d_out, r))  # (d_out, r)
+        self.lora_B_base = param(torch.zeros(self.d_out, d_m), trainable=False)  # (d_out, d_m)
+
+    def delta(self, x: Tensor) -> Tensor:
+        u = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_M) * self.scale  # (..., d_m)
+        return F.linear(u, self.lora_B_base) + F.linear(F.linear(u, self.lora_B1), self.lora_B2)
+
+    def lora_pair(self, task: int | None = None) -> tuple[Tensor, Tensor]:
+        """As a plain LoRA of rank d_m: A' = M A (d_m, d_in), B' = B_base + B2 B1 (d_out, d_m)."""
+        return self.lora_M @ self.lora_A, self.lora_B_base + self.lora_B2 @ self.lora_B1
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, d_m={self.d_m}, scale={self.scale:g}"

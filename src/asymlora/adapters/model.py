@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .layer import MultiLoraLinear, RoutingState
+from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState
 from .targets import find_target_modules
 
 
@@ -58,9 +58,10 @@ class AsymLoraModel(nn.Module):
         self.adapter_config = config
         self.routing = RoutingState()
         model.requires_grad_(False)
-        self.adapted: dict[str, MultiLoraLinear] = {}
+        self.adapted: dict[str, AdapterLayer] = {}
         for name, module in find_target_modules(model, config.target_modules, config.layers).items():
-            layer = MultiLoraLinear(module, config, name, self.routing).train(module.training)
+            layer_class = FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
+            layer = layer_class(module, config, name, self.routing).train(module.training)
             _set_submodule(model, name, layer)
             self.adapted[name] = layer
 
