@@ -2,7 +2,7 @@
 
 from .batches import Example, TaskMixer, collate, encode, task_probabilities
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .loop import TrainConfig, train
+from .loop import TrainConfig, encode_tasks, local_train, optimizer_step, pad_id_of, train
 
 __all__ = [
     "Example",
@@ -14,5 +14,9 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "task_probabilities",
+    "encode_tasks",
+    "local_train",
+    "optimizer_step",
+    "pad_id_of",
     "train",
 ]

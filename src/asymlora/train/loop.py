@@ -135,6 +135,77 @@ def all_sum(value: torch.Tensor, proc: Process) -> torch.Tensor:
     return value
 
 
+def encode_tasks(tokenizer, examples: Sequence[Sequence[Example]], max_length: int) -> list[list[Encoded]]:
+    """Tokenize every task's examples once (one list per task id)."""
+    return [[encode(tokenizer, ex, max_length) for ex in task] for task in examples]
+
+
+def make_mixer(encoded: Sequence[Sequence[Encoded]], cfg: TrainConfig, seed: int | None = None) -> TaskMixer:
+    sizes = [len(t) for t in encoded]
+    return TaskMixer(
+        sizes, task_probabilities(sizes, cfg.mixing_temperature), cfg.seed if seed is None else seed
+    )
+
+
+def make_optimizer(
+    model: AsymLoraModel, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), params
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def optimizer_step(
+    model: AsymLoraModel,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    encoded: Sequence[Sequence[Encoded]],
+    mixer: TaskMixer,
+    cfg: TrainConfig,
+    step: int,
+    pad_id: int,
+    proc: Process = Process(),
+) -> dict:
+    """Global batch ``step``: forward, backward (accumulated, summed over processes), clip, AdamW."""
+    torch.manual_seed(hash_seed(mixer.seed, proc.rank, step))  # dropout: a function of (seed, rank, step)
+    picks = shard(mixer.batch(step, cfg.batch_size), proc.rank, proc.world_size)
+    items = [encoded[task][index] for task, index in picks]
+    loss, n_tokens = _accumulate(model, items, cfg, proc, pad_id, params[0].device)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_factor(cfg, step)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "step": step + 1,
+        "loss": loss,
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm),
+        "tokens": n_tokens,
+    }
+
+
+def local_train(
+    model: AsymLoraModel, encoded: Sequence[Sequence[Encoded]], cfg: TrainConfig, seed: int, pad_id: int
+) -> list[dict]:
+    """``cfg.steps`` steps with a fresh optimizer and no files: a federated client's local round.
+    Trains the parameters that have ``requires_grad``; the batches are a function of ``seed``."""
+    optimizer, params = make_optimizer(model, cfg)
+    mixer = make_mixer(encoded, cfg, seed)
+    model.train()
+    history = [
+        optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id)
+        for step in range(cfg.steps)
+    ]
+    model.eval()
+    return history
+
+
 def train(
     model: AsymLoraModel,
     tokenizer,
@@ -150,12 +221,9 @@ def train(
     from the checkpoint there and ends with the weights an uninterrupted run would have."""
     proc = init_process()
     run_dir = Path(run_dir)
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    encoded = [[encode(tokenizer, ex, cfg.max_length) for ex in task] for task in examples]
-    probs = task_probabilities([len(t) for t in encoded], cfg.mixing_temperature)
-    mixer = TaskMixer([len(t) for t in encoded], probs, cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    encoded = encode_tasks(tokenizer, examples, cfg.max_length)
+    mixer = make_mixer(encoded, cfg)
+    optimizer, params = make_optimizer(model, cfg)
     local_batch = len(shard(list(range(cfg.batch_size)), proc.rank, proc.world_size))
     if local_batch % cfg.grad_accum:
         raise ValueError(
@@ -173,37 +241,27 @@ def train(
     if proc.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, start)
+    writer = tensorboard_writer(run_dir) if proc.main else None
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_id_of(tokenizer)
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
     last = {}
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start, cfg.steps):
-        torch.manual_seed(hash_seed(cfg.seed, proc.rank, step))  # dropout: a function of (seed, rank, step)
-        picks = shard(mixer.batch(step, cfg.batch_size), proc.rank, proc.world_size)
-        items = [encoded[task][index] for task, index in picks]
-        loss, n_tokens = _accumulate(model, items, cfg, proc, pad_id, device)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += n_tokens
-        done = step + 1
-        last = {
-            "step": done,
-            "loss": loss,
-            "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
-        }
+        last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
+        tokens_seen += last.pop("tokens")
+        last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+        done = last["step"]
         if proc.main:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
+                if writer is not None:
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        writer.add_scalar(f"train/{key}", last[key], done)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 save_checkpoint(
                     run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
@@ -211,10 +269,21 @@ def train(
         if on_step is not None:
             on_step(done, last)
     bar.close()
+    if writer is not None:
+        writer.close()
     if proc.world_size > 1:
         dist.barrier()
     model.eval()
     return last
+
+
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into ``run_dir/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _accumulate(
