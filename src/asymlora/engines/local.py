@@ -1,0 +1,369 @@
+"""The in-process federated simulator: one base model, every client's adapter state, one client
+after another.
+
+Memory: one copy of the base model for the whole federation, plus N small adapter states (and
+each client's round-0 state, which methods that restart adapters need). A client "runs" by
+having its state copied into the one wrapped model; a client of another rank gets the base
+re-wrapped at its rank (the base modules are the same objects, only the adapter layers change).
+
+A round (see ``asymlora.federated.base``)::
+
+    participants = sample(fraction, seed, round)
+    for i in participants:                       # one after another, on the shared model
+        load state_i, train the parts method.trainable() marks, local_train(seed, round, i)
+        upload_i = method.upload(state_i)
+    server, downloads = method.aggregate(uploads, n_examples, server, alpha_i / r_i)
+    state_i = method.apply_download(state_i, download_i, init_i)
+    comm: count(upload_i) and count(download_i), exactly what the dicts hold
+
+FLoRA merges a dense update into every client's base weight each round. All participants
+receive the same update, so the simulator adds it once to the one shared base weight instead of
+keeping a dense ``base_delta`` per client (the per-client formula and this give the same model;
+a test checks it). Under partial participation a client that sat out a round then also sees that
+round's merge, as FLoRA's global model does.
+
+A checkpoint (every client's state, the server state, the merged base weights where a method
+merges, and the caller's JSON record) is a folder written beside the old one and swapped in by
+renames; restoring it and running the remaining rounds gives bit for bit the adapters of an
+uninterrupted run, because every random choice is a function of (seed, round, client).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
+from ..federated import FederatedMethod
+from ..federated.comm import round_counts
+from ..federated.common import BASE_DELTA, A, M, Tensors, module_of, part, select
+from ..federated.flexlora import DELTA
+from ..train import TrainConfig, local_train
+from ..train.batches import Encoded, hash_seed
+
+STATE_FILE = "state.json"
+SERVER_FILE = "server.safetensors"
+BASE_FILE = "base_weights.safetensors"
+CLIENTS_DIR = "clients"
+FORMAT = "asymlora-federation"
+
+
+@dataclass(frozen=True)
+class Client:
+    """A client as the engine sees it: tokenized training data and the shape of its adapter.
+
+    ``encoded`` holds one list per task the client has (``local_train``'s input); ``alpha`` /
+    ``rank`` is its LoRA scale."""
+
+    name: str
+    encoded: list[list[Encoded]]
+    rank: int
+    alpha: float
+
+    @property
+    def n_examples(self) -> int:
+        """The client's aggregation weight: its number of training examples."""
+        return sum(len(task) for task in self.encoded)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class RoundLog:
+    """What one round did: who took part, the mean local loss of each, and the exact
+    communication of each (parameters and bytes, up and down), in participant order."""
+
+    round: int
+    participants: list[int]
+    loss: list[float] = field(default_factory=list)
+    comm: list[dict[str, int]] = field(default_factory=list)
+
+
+def adapter_method(method: FederatedMethod) -> str:
+    """The adapter layer a method's clients use: the factored layer where the method has an M
+    (Fed-ALoRA-het), plain LoRA otherwise."""
+    return "factored" if M in method.trains | method.local else "lora"
+
+
+def client_seed(seed: int, client: int) -> int:
+    """The adapter-initialisation seed of a client: independent draws per client."""
+    return hash_seed(seed, client) % (1 << 31)
+
+
+def participants(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
+    """The clients of round ``rnd``: ``max(1, round(fraction * N))`` of them, drawn without
+    replacement by a generator seeded with (seed, round); sorted."""
+    k = max(1, round(fraction * num_clients))
+    if k >= num_clients:
+        return list(range(num_clients))
+    gen = torch.Generator().manual_seed(hash_seed(seed, rnd))
+    return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
+
+
+class LocalSimulator:
+    """Runs a federated method over ``clients`` in this process, on the one ``base`` model.
+
+    ``adapter`` is the template of every client's adapter (target modules, dropout, d_m, ...);
+    its method, rank, alpha and seed are set per client. ``train`` is one local round of
+    training (``train.steps`` optimizer steps, a fresh AdamW each round)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        method: FederatedMethod,
+        clients: Sequence[Client],
+        adapter: AdapterConfig,
+        train: TrainConfig,
+        *,
+        fraction: float = 1.0,
+        seed: int = 0,
+        pad_id: int = 0,
+    ) -> None:
+        if not clients:
+            raise ValueError("a federation needs at least one client")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction={fraction} must be in (0, 1]")
+        ranks = [c.rank for c in clients]
+        if not method.heterogeneous and len(set(ranks)) > 1:
+            raise ValueError(
+                f"{method.name} needs every client at the same rank, got ranks {ranks}; "
+                "use a heterogeneous method (zeropad, flora, flexlora, fedalora-het)"
+            )
+        self.base, self.method, self.clients = base, method, list(clients)
+        self.train_cfg, self.fraction, self.seed, self.pad_id = train, fraction, seed, pad_id
+        self.template = replace(adapter, method=adapter_method(method))
+        self.base_layers = find_target_modules(base, adapter.target_modules, adapter.layers)
+        self.merges_base = BASE_DELTA in method.local
+        self.model: AsymLoraModel | None = None
+        self.round = 0
+        self.server, self.states = method.setup([self._initial_state(i) for i in range(len(clients))])
+        self.inits = [{k: v.clone() for k, v in s.items()} for s in self.states]
+
+    # --- the shared model -------------------------------------------------------------------
+    def _config(self, i: int) -> AdapterConfig:
+        c = self.clients[i]
+        return replace(self.template, r=c.rank, alpha=c.alpha, seed=client_seed(self.seed, i))
+
+    def _wrap(self, config: AdapterConfig) -> AsymLoraModel:
+        """The shared base wrapped with adapters of ``config``'s shape (re-wrapped only when the
+        shape or scale differs from the current wrapping; the values are loaded afterwards)."""
+        current = self.model.adapter_config if self.model is not None else None
+        if current is None or _shape_of(current) != _shape_of(config):
+            if self.model is not None:
+                self.model.unload()
+            self.model = wrap(self.base, config)
+        return self.model
+
+    def wrap_with(self, config: AdapterConfig, state: Mapping[str, Tensor]) -> AsymLoraModel:
+        """The shared base with any adapter (``config``) holding ``state``: for views of the
+        federation other than one client, such as Fed-ALoRA's combined ALoRA adapter."""
+        model = self._wrap(config)
+        model.load_adapter_state_dict(dict(state))
+        return model
+
+    def _initial_state(self, i: int) -> Tensors:
+        if self.model is not None:
+            self.model.unload()
+        self.model = wrap(self.base, self._config(i))  # fresh draws from the client's seed
+        return {k: v.clone() for k, v in self.model.adapter_state_dict().items()}
+
+    def load_client(self, i: int) -> AsymLoraModel:
+        """The shared model holding client ``i``'s adapter, with the method's trainable parts
+        (and only those) requiring gradients."""
+        model = self._wrap(self._config(i))
+        model.load_adapter_state_dict(self.states[i])
+        for name, layer in model.adapted.items():
+            for pname, param in layer.named_parameters(recurse=False):
+                param.requires_grad_(self.method.trainable(f"{name}.{pname}"))
+        return model
+
+    # --- one round --------------------------------------------------------------------------
+    def run_round(self, on_client: Callable[[int, int, list[dict]], None] | None = None) -> RoundLog:
+        """Train the round's participants, aggregate, hand out the downloads; returns the log.
+
+        ``on_client(round, client, history)`` is called after each client's local training
+        (a hook for progress, and for tests that crash a run mid-round)."""
+        rnd = self.round + 1
+        log = RoundLog(rnd, participants(len(self.clients), self.fraction, self.seed, rnd))
+        uploads = []
+        for i in log.participants:
+            model = self.load_client(i)
+            history = local_train(
+                model, self.clients[i].encoded, self.train_cfg, hash_seed(self.seed, rnd, i), self.pad_id
+            )
+            self.states[i] = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+            uploads.append(self.method.upload(self.states[i]))
+            log.loss.append(fmean(h["loss"] for h in history))
+            if on_client is not None:
+                on_client(rnd, i, history)
+        self.server, downloads = self.method.aggregate(
+            uploads,
+            [self.clients[i].n_examples for i in log.participants],
+            self.server,
+            [self.clients[i].scale for i in log.participants],
+        )
+        log.comm = round_counts(uploads, downloads)
+        merged: Tensors = {}
+        for i, down in zip(log.participants, downloads, strict=True):
+            new = self.method.apply_download(self.states[i], down, self.inits[i])
+            merged = select(new, {BASE_DELTA})  # this round's update, the same for every client
+            self.states[i] = {k: v for k, v in new.items() if part(k) != BASE_DELTA}
+        if merged:
+            self._merge_into_base(merged)
+        self.round = rnd
+        return log
+
+    @torch.no_grad()
+    def _merge_into_base(self, deltas: Mapping[str, Tensor]) -> None:
+        """W0 += delta at every module, once, in the shared base (delta: (d_out, d_in))."""
+        for key, delta in deltas.items():
+            layer = self.base_layers[module_of(key)]
+            weight = layer.weight
+            weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight.dtype))
+
+    # --- the global model -------------------------------------------------------------------
+    def global_kind(self) -> str | None:
+        """What the method's global model is, or None where there is none:
+
+        - ``"base"`` (FLoRA): the merged shared base with the adapters off; every client's model
+          equals it right after a download (their B's restart at zero).
+        - ``"dense"`` (FlexLoRA): W0 plus the server's dense average sum_i p_i s_i B_i A_i.
+        - ``"adapter"`` (FedIT, FFA-LoRA, ZeroPad): one LoRA adapter every client would hold:
+          the server's averaged tensors, completed by the round-0 values of parts that are never
+          trained and common to all clients (FFA-LoRA's A). ZeroPad's is at the largest rank.
+        - None (FedSA-LoRA, Fed-ALoRA, Fed-ALoRA-het): a trained part stays on each client, so
+          there are only personalised models.
+        Before the first round there is no global model."""
+        if self.round == 0:
+            return None
+        if self.merges_base:
+            return "base"
+        if any(part(k) == DELTA for k in self.server):
+            return "dense"
+        private = {
+            p for p in self.method.local if p in self.method.trains or p not in self.method.shared_init
+        }
+        return "adapter" if not private else None
+
+    @contextmanager
+    def use_global(self) -> Iterator[AsymLoraModel]:
+        """The shared model set to the method's global model (see ``global_kind``) inside the
+        block; the base weights are restored exactly on exit."""
+        kind = self.global_kind()
+        if kind is None:
+            raise ValueError(f"{self.method.name} has no global model (only personalised ones)")
+        if kind == "adapter":
+            yield self._global_adapter()
+            return
+        model = self._wrap(self._config(0))
+        dense = select(self.server, {DELTA}) if kind == "dense" else {}
+        saved = {name: layer.weight.detach().clone() for name, layer in self.base_layers.items()}
+        try:
+            for layer in model.adapted.values():
+                layer.disabled = True
+            with torch.no_grad():
+                self._merge_into_base(dense)
+            yield model
+        finally:
+            for layer in model.adapted.values():
+                layer.disabled = False
+            with torch.no_grad():
+                for name, layer in self.base_layers.items():
+                    layer.weight.copy_(saved[name])
+
+    def _global_adapter(self) -> AsymLoraModel:
+        largest = max(range(len(self.clients)), key=lambda i: self.clients[i].rank)
+        state = {**self.inits[largest], **self.server}
+        rank = int(next(v for k, v in state.items() if part(k) == A).shape[0])
+        scale = self.clients[largest].scale  # keep the largest client's scale at the global rank
+        config = replace(self._config(largest), r=rank, alpha=scale * rank)
+        return self.wrap_with(config, state)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save(self, folder: str | Path, record: Mapping[str, Any] | None = None) -> Path:
+        """Write the federation's state after ``self.round`` rounds to ``folder`` atomically
+        (into ``folder.tmp``, then swapped in by renames). ``record``: any JSON the caller wants
+        back on restore (the run's per-round log)."""
+        folder = Path(folder)
+        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / CLIENTS_DIR).mkdir(parents=True)
+        for i, state in enumerate(self.states):
+            save_file(_cpu(state), str(tmp / CLIENTS_DIR / f"{i}.safetensors"))
+        save_file(_cpu(self.server), str(tmp / SERVER_FILE))
+        if self.merges_base:
+            weights = {name: layer.weight for name, layer in self.base_layers.items()}
+            save_file(_cpu(weights), str(tmp / BASE_FILE))
+        meta = {"format": FORMAT, "round": self.round, "method": self.method.name}
+        meta |= {"num_clients": len(self.clients), "record": dict(record or {})}
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def restore(self, folder: str | Path) -> dict[str, Any]:
+        """Load a checkpoint written by ``save`` (of a simulator built with the same clients,
+        method and seed); returns the caller's record. The base must be freshly loaded."""
+        folder = Path(folder)
+        state = json.loads((folder / STATE_FILE).read_text())
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{folder}: not a federation checkpoint")
+        if (state["method"], state["num_clients"]) != (self.method.name, len(self.clients)):
+            raise ValueError(
+                f"{folder}: checkpoint of {state['method']} with {state['num_clients']} clients, "
+                f"but this run is {self.method.name} with {len(self.clients)}"
+            )
+        device = next(self.base.parameters()).device
+        self.states = [
+            _to(read_tensors(folder / CLIENTS_DIR / f"{i}.safetensors"), device)
+            for i in range(len(self.clients))
+        ]
+        self.server = _to(read_tensors(folder / SERVER_FILE), device)
+        if self.merges_base:
+            with torch.no_grad():
+                for name, weight in read_tensors(folder / BASE_FILE).items():
+                    self.base_layers[name].weight.copy_(weight)
+        self.round = int(state["round"])
+        return state["record"]
+
+
+def find_checkpoint(folder: str | Path) -> Path | None:
+    """The last complete checkpoint: ``folder``, or ``folder.old`` if a kill hit between renames."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def _shape_of(config: AdapterConfig) -> tuple:
+    """The fields that decide an adapter's tensors and scale (not its initial values)."""
+    return (config.method, config.r, config.alpha, config.num_experts, config.router, config.d_m)
+
+
+def _fan_in_fan_out(layer: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)."""
+    return type(layer).__name__ == "Conv1D"
+
+
+def _cpu(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _to(tensors: Mapping[str, Tensor], device: torch.device) -> Tensors:
+    return {k: v.to(device) for k, v in tensors.items()}
