@@ -114,6 +114,13 @@ def fedalora_run(tmp_path_factory, task_files) -> Path:
 
 
 @pytest.fixture(scope="module")
+def flora_run(tmp_path_factory, task_files) -> Path:
+    out = tmp_path_factory.mktemp("flora")
+    fed.run(run_config(out, task_files, "flora", adapter={"ranks": HET_RANKS}), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
 def het_run(tmp_path_factory, task_files) -> Path:
     out = tmp_path_factory.mktemp("het")
     cfg = run_config(out, task_files, "fedalora-het", adapter={"ranks": HET_RANKS}, federation={"rounds": 1})
@@ -292,17 +299,15 @@ def clients_tasks(run: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("method", ["fedalora", "flora"])
-def test_resume_after_a_crash_mid_round_ends_bit_for_bit_equal(method, fedalora_run, task_files, tmp_path):
-    straight = fedalora_run
-    if method != "fedalora":
-        straight = tmp_path / "straight"
-        fed.run(run_config(straight, task_files, method), log=lambda _: None)
+def test_resume_after_a_crash_mid_round_ends_bit_for_bit_equal(method, request, task_files, tmp_path):
+    straight = request.getfixturevalue(f"{method}_run")
 
     def crash(rnd, client, _):
         if (rnd, client) == (2, 1):
             raise Crash
 
     cfg = run_config(tmp_path / "resumed", task_files, method)
+    cfg.adapter = fed.load_config(straight / "config.yaml").adapter
     with pytest.raises(Crash):
         fed.run(cfg, log=lambda _: None, on_client=crash)
     assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["round"] == 1
@@ -328,11 +333,21 @@ def test_combined_alora_reproduces_every_client(fedalora_run):
         assert (logits(alora, task_ids=i) - logits(own)).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("run", ["fedalora_run", "het_run"])
+def client_model(run: Path, client: str):
+    """A client's final model from the run folder: base (+ FLoRA's merged update) + adapter."""
+    base = load_model("tiny-llama")[0]
+    if fed.load_config(run / "config.yaml").federation.method == "flora":
+        with torch.no_grad():
+            for key, delta in read_tensors(run / "server.safetensors").items():
+                base.get_submodule(key.rsplit(".", 1)[0]).weight.add_(delta)
+    return load_adapter(base, run / "adapters" / client)
+
+
+@pytest.mark.parametrize("run", ["fedalora_run", "het_run", "flora_run"])
 def test_export_client_loads_in_peft(run, request, tmp_path):
     folder = request.getfixturevalue(run)
     fed.export_client(folder, 1, tmp_path / "peft")
-    own = load_adapter(load_model("tiny-llama")[0], folder / "adapters" / "task1")
+    own = client_model(folder, "task1")
     peft_model = PeftModel.from_pretrained(load_model("tiny-llama")[0], tmp_path / "peft")
     assert (logits(peft_model) - logits(own)).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="no client"):

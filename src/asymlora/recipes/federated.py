@@ -31,7 +31,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from statistics import fmean
@@ -40,8 +40,17 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import save_file
+from torch import Tensor
 
-from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter
+from ..adapters import (
+    AdapterConfig,
+    AsymLoraModel,
+    export_peft,
+    load_adapter,
+    read_tensors,
+    save_adapter,
+    wrap,
+)
 from ..adapters.io import atomic_write
 from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.partition import dirichlet_split
@@ -50,7 +59,7 @@ from ..data.task import Task, continuation
 from ..engines.local import Client, LocalSimulator, RoundLog, find_checkpoint
 from ..eval.runner import evaluate_task
 from ..federated import METHODS, get_method
-from ..federated.common import A, B
+from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model
 from ..train import Example, TrainConfig, encode_tasks, pad_id_of
 
@@ -475,15 +484,10 @@ def client_names(run_dir: Path) -> list[str]:
 
 def export_client(run_dir: str | Path, client: int | str, folder: str | Path) -> Path:
     """Write one client's final model (base + its adapter) as a PEFT LoRA folder. ``client`` is
-    its index or name. Fed-ALoRA-het clients export at rank d_m (A' = M A, B' = B_base + B2 B1).
-    FLoRA clients are refused: their model includes updates merged into the base weights."""
+    its index or name. Fed-ALoRA-het clients export at rank d_m (A' = M A, B' = B_base + B2 B1);
+    FLoRA clients with the update merged into the base folded in (see ``flora_as_lora``)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    if cfg.federation.method == "flora":
-        raise ValueError(
-            f"{run_dir}: a FLoRA client's model is the base plus the update merged into it each round "
-            "(server.safetensors), not a LoRA adapter; it cannot be exported as a PEFT LoRA folder"
-        )
     names = client_names(run_dir)
     if isinstance(client, int):
         if not 0 <= client < len(names):
@@ -492,7 +496,37 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
     if client not in names:
         raise ValueError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
     base, _ = load_model(cfg.model)
-    return export_peft(load_adapter(base, run_dir / "adapters" / client), folder)
+    model = load_adapter(base, run_dir / "adapters" / client)
+    if cfg.federation.method == "flora":
+        model = flora_as_lora(model, read_tensors(run_dir / "server.safetensors"))
+    return export_peft(model, folder)
+
+
+@torch.no_grad()
+def flora_as_lora(client: AsymLoraModel, server: Mapping[str, Tensor]) -> AsymLoraModel:
+    """A FLoRA client's model, W0 + D + s B A with D the update merged into the base
+    (``<module>.base_delta`` (d_out, d_in) in the server state), as one plain LoRA on W0 of rank
+    r' = r + max d_in and scale 1:
+
+        A' = [A; I; 0]   (r', d_in)        B' = [s B, D, 0]   (d_out, r')
+
+    so that B' A' = s B A + D; the identity block passes x through to D unchanged. Large (rank
+    about d_in), but exact and loadable by any PEFT LoRA reader. Consumes ``client``'s wrapping."""
+    width = max(layer.d_in for layer in client.adapted.values())
+    state = {}
+    for name, layer in client.adapted.items():
+        a, b = layer.lora_pair()
+        delta = server[f"{name}.{BASE_DELTA}"].to(b)
+        eye = torch.eye(layer.d_in, dtype=a.dtype, device=a.device)
+        state[f"{name}.{A}"] = torch.cat([a, eye, a.new_zeros(width - layer.d_in, layer.d_in)])
+        state[f"{name}.{B}"] = torch.cat(
+            [layer.scale * b, delta, b.new_zeros(b.shape[0], width - layer.d_in)], 1
+        )
+    config = client.adapter_config
+    rank = config.r + width
+    merged = wrap(client.unload(), replace(config, r=rank, alpha=float(rank), dropout=0.0))
+    merged.load_adapter_state_dict(state)
+    return merged
 
 
 # --- results ------------------------------------------------------------------------------------
