@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from asymlora.config import ConfigError
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
 from asymlora.data.task import DataFormatError, Task, UnknownTaskError
@@ -126,17 +127,116 @@ def _slug(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# asymlora train / compare / generate
+
+
+def _add_run_config(p: argparse.ArgumentParser) -> None:
+    """Flags shared by train and compare: a config file, overrides, and the common shortcuts."""
+    p.add_argument("--config", type=Path, help="TOML or YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
+    p.add_argument("--model", help="smollm2-135m, tiny-llama, a folder or a hub id")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--suite", choices=list(SUITES), help="train on a named suite")
+    what.add_argument("--tasks", help="comma-separated task names or .jsonl files")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--out", type=Path, help="output folder")
+
+
+def _run_config_overrides(args: argparse.Namespace) -> list[str]:
+    """The shortcut flags as ``section.key=value`` overrides (applied before --set)."""
+    out = []
+    if args.model:
+        out.append(f"model={json.dumps(args.model)}")
+    if args.suite:
+        out += [f"data.suite={json.dumps(args.suite)}", "data.tasks=[]"]
+    if args.tasks:
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        out.append(f"data.tasks={json.dumps(names)}")
+    if args.steps is not None:
+        out.append(f"train.steps={args.steps}")
+    if args.out:
+        out.append(f"output_dir={json.dumps(str(args.out))}")
+    return out
+
+
+def _load_multitask_config(args: argparse.Namespace, extra: list[str] | None = None):
+    from asymlora.recipes.multitask import load_config
+
+    return load_config(args.config, [*_run_config_overrides(args), *(extra or []), *args.overrides])
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one adapter (lora, alora, hydralora, mola) on several tasks")
+    _add_run_config(p)
+    p.add_argument("--method", choices=["lora", "alora", "hydralora", "mola"], help="adapter.method")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from asymlora.recipes.multitask import run
+
+    cfg = _load_multitask_config(args, [f"adapter.method={json.dumps(args.method)}"] if args.method else [])
+    run(cfg, resume=args.resume)
+    return 0
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train and evaluate several methods x seeds under one budget")
+    _add_run_config(p)
+    p.add_argument("--methods", default="lora,alora,hydralora,mola", help="comma-separated methods")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--single-task-baseline", action="store_true",
+                   help="also train single-task LoRA per task and report delta-m %% against it")  # fmt: skip
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from asymlora.recipes.compare import compare
+
+    cfg = _load_multitask_config(args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = args.out or Path("runs") / "compare"
+    compare(cfg, methods, seeds, out, single_task_baseline=args.single_task_baseline)
+    return 0
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer a prompt with a trained adapter")
+    p.add_argument("--adapter", required=True, type=Path, help="a run folder written by asymlora train")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--task", help="task name or index (adapters routed by task)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from asymlora.recipes.generate import generate
+
+    print(generate(args.adapter, args.prompt, task=args.task, chat=args.chat, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 COMMANDS: dict[
     str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]
 ] = {
     "tasks": (add_tasks, run_tasks),
     "eval": (add_eval, run_eval),
+    "train": (add_train, run_train),
+    "compare": (add_compare, run_compare),
+    "generate": (add_generate, run_generate),
 }
 
 # Errors a user can cause and fix: shown as one line, without a traceback.
 USER_ERRORS = (
     UsageError,
+    ConfigError,
+    FileNotFoundError,
     UnknownTaskError,
     DataFormatError,
     ModelNotAvailableError,

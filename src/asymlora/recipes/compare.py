@@ -16,6 +16,7 @@ from typing import Any
 
 from ..adapters import METHODS
 from ..config import ConfigError
+from ..eval.report import delta_m
 from .multitask import MultitaskConfig, run, select_tasks
 
 
@@ -28,7 +29,7 @@ def cell_config(
         adapter = replace(adapter, num_experts=1, router=None)
     elif adapter.router is None:
         adapter = replace(adapter, router="softmax", num_experts=max(base.adapter.num_experts, 2))
-    data = base.data if tasks is None else replace(base.data, suite=None, tasks=tasks)
+    data = base.data if tasks is None else replace(base.data, tasks=tasks)
     return replace(
         base, adapter=adapter, data=data, train=replace(base.train, seed=seed), output_dir=str(out)
     )
@@ -58,23 +59,15 @@ def compare(
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     out = Path(out)
-    task_names = [t.name for t in select_tasks(base.data)]
+    tasks = select_tasks(base.data)
+    task_names = [t.name for t in tasks]
+    specs = base.data.tasks or task_names  # how each task is named in a config (a name or a file)
     cells = {
         m: [run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log) for s in seeds] for m in methods
     }
-    references = None
-    if single_task_baseline:
-        references = {
-            name: statistics.fmean(
-                _scores(
-                    run_cell(
-                        cell_config(base, "lora", s, out / "single-task" / name / f"seed-{s}", [name]), log
-                    )
-                )[name]
-                for s in seeds
-            )
-            for name in task_names
-        }
+    references = (
+        single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
+    )
     summary = summarize_cells(cells, task_names, references)
     summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -83,6 +76,20 @@ def compare(
     log(to_markdown(summary))
     log(f"table: {out / 'results.md'}\nplot:  {out / 'results.png'}\njson:  {out / 'results.json'}")
     return summary
+
+
+def single_task_references(
+    base: MultitaskConfig, names: list[str], specs: list[str], seeds: list[int], out: Path, log=print
+) -> dict[str, float]:
+    """Each task's score under a LoRA trained on that task alone (same budget), mean over seeds."""
+    references = {}
+    for name, spec in zip(names, specs, strict=True):
+        runs = [
+            run_cell(cell_config(base, "lora", s, out / "single-task" / name / f"seed-{s}", [spec]), log)
+            for s in seeds
+        ]
+        references[name] = statistics.fmean(_scores(r)[name] for r in runs)
+    return references
 
 
 def _scores(result: dict[str, Any]) -> dict[str, float]:
@@ -110,14 +117,19 @@ def summarize_cells(
             "std_across_tasks": _mean_sd([p["std"] for p in per_seed]),
         }
         if references:
-            entry["delta_m"] = _mean_sd(
-                [
-                    100 * statistics.fmean((s[t] - references[t]) / references[t] for t in tasks)
-                    for s in scores
-                ]
-            )
+            entry["delta_m"] = _delta_m_over_seeds(scores, references)
         methods[method] = entry
     return {"tasks": tasks, "methods": methods, "single_task_reference": references}
+
+
+def _delta_m_over_seeds(
+    scores: list[dict[str, float]], references: dict[str, float]
+) -> dict[str, float] | None:
+    """delta-m % per seed (mean and sd), or None where a zero reference score leaves it undefined."""
+    try:
+        return _mean_sd([delta_m(s, references) for s in scores])
+    except ValueError:
+        return None
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -130,7 +142,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
         cells += [_pm(m["tasks"][t]) for t in tasks]
         cells += [_pm(m["average"]), _pm(m["worst"]), _pm(m["std_across_tasks"])]
         if has_dm:
-            cells.append(_pm(m["delta_m"], signed=True))
+            cells.append(_pm(m["delta_m"], signed=True) if m["delta_m"] else "undefined (a reference is 0)")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = summary.get("seeds")
     lines.append("")

@@ -32,18 +32,18 @@ from ..train import Example, TrainConfig, train
 
 @dataclass
 class DataConfig:
-    suite: str | None = field(
-        default="commonsense", metadata={"help": "a named suite (asymlora tasks lists them)"}
+    suite: str = field(default="commonsense", metadata={"help": "a named suite (asymlora tasks lists them)"})
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": "task names or files; when given, used instead of the suite"}
     )
-    tasks: list[str] | None = field(default=None, metadata={"help": "task names instead of a suite"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
     max_train_per_task: int | None = field(
         default=None, metadata={"help": "cap on training examples per task"}
     )
 
     def __post_init__(self) -> None:
-        if (self.suite is None) == (self.tasks is None):
-            raise ConfigError("data: give exactly one of data.suite or data.tasks")
+        if not self.tasks and not self.suite:
+            raise ConfigError("data: give data.suite or data.tasks")
         if self.max_train_per_task is not None and self.max_train_per_task < 1:
             raise ConfigError(f"data.max_train_per_task={self.max_train_per_task} must be >= 1")
 
@@ -93,7 +93,7 @@ def save_config(cfg: MultitaskConfig, path: Path) -> None:
 
 
 def select_tasks(data: DataConfig) -> list[Task]:
-    return get_suite(data.suite) if data.suite is not None else [get_task(name) for name in data.tasks]
+    return [get_task(name) for name in data.tasks] if data.tasks else get_suite(data.suite)
 
 
 def training_examples(tasks: list[Task], data: DataConfig) -> list[list[Example]]:

@@ -1,0 +1,100 @@
+"""The multi-task recipes end to end through the CLI, on tiny-llama and small JSONL task files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asymlora.cli import main
+from asymlora.recipes.multitask import load_config
+
+TINY = ["--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']", "--set", "eval.limit=4",
+        "--set", "train.batch_size=4", "--set", "train.max_length=48", "--set", "eval.batch_size=4"]  # fmt: skip
+
+
+@pytest.fixture
+def task_files(tmp_path: Path) -> list[str]:
+    colors = tmp_path / "colors.jsonl"
+    with colors.open("w") as f:
+        for i in range(24):
+            color = ["red", "green", "blue"][i % 3]
+            f.write(json.dumps({"prompt": f"Item {i} is {color}. Its color:", "choices": ["red", "green", "blue"], "answer": i % 3}) + "\n")
+    double = tmp_path / "double.jsonl"
+    with double.open("w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"Twice {i} is", "target": str(2 * i)}) + "\n")
+    return [str(colors), str(double)]
+
+
+def train(out: Path, tasks: list[str], *extra: str) -> int:
+    return main(["train", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--steps", "3", "--out", str(out), *TINY, *extra])
+
+
+def test_train_writes_a_complete_run_folder_and_generate_uses_it(tmp_path, task_files, capsys):
+    out = tmp_path / "run"
+    assert train(out, task_files, "--set", "adapter.router='task'", "--set", "adapter.num_experts=2") == 0
+    for path in ["config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter_init/adapter_config.json",
+                 "checkpoint/optimizer.safetensors", "peft/colors/adapter_config.json", "peft/double/adapter_config.json",
+                 "results.md"]:  # fmt: skip
+        assert (out / path).is_file(), path
+    results = json.loads((out / "results.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == ["colors", "double"]
+    assert results["tasks"][0]["metric"] == "acc" and results["tasks"][0]["n"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    saved = load_config(out / "config.yaml")
+    assert saved.adapter.router == "task" and saved.train.steps == 3 and saved.data.tasks == task_files
+
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out), "--task", "double", "--prompt", "Twice 3 is", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "--adapter", str(out), "--task", "triple", "--prompt", "x"]) == 2
+    assert "not a task of this run; choose one of colors, double" in capsys.readouterr().err
+    assert main(["generate", "--adapter", str(out), "--prompt", "x"]) == 2
+    assert "routes by task" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, task_files):
+    out = tmp_path / "run"
+    assert train(out, task_files, "--method", "lora") == 0
+    before = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert train(out, task_files, "--method", "lora", "--resume") == 0
+    after = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "adapter.rank=4"], "unknown key adapter.rank"),
+        (["--set", "train.steps='many'"], "train.steps: expected int"),
+        (["--set", "adapter.router='task'"], "adapter.router='task' needs one expert per task"),
+        (["--set", "adapter.dropout=2.0"], "dropout=2.0 must be in"),
+    ],
+)
+def test_bad_config_is_refused_at_start_naming_the_key(tmp_path, task_files, capsys, extra, message):
+    assert train(tmp_path / "run", task_files, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", "tiny-llama", "--tasks", ",".join(task_files), "--steps", "2", "--out", str(out),
+            "--methods", "lora,alora", "--seeds", "0,1", "--single-task-baseline", *TINY]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["methods"]) == {"lora", "alora"}
+    assert set(summary["methods"]["alora"]["tasks"]) == {"colors", "double"}
+    assert "delta_m" in summary["methods"]["lora"]
+    table = (out / "results.md").read_text()
+    assert "| lora |" in table and "| alora |" in table and "delta-m %" in table
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    cell = out / "alora" / "seed-1" / "results.json"
+    stamp = cell.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert cell.stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out.count("skip (finished)") == 4 + 4  # 2 methods x 2 seeds + 2 tasks x 2 seeds
