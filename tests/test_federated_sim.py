@@ -418,3 +418,11 @@ def test_participants_are_a_seeded_fraction_per_round():
     assert len({tuple(p) for p in picks}) > 1, "the draw changes from round to round"
     assert participants(10, 1.0, seed=1, rnd=1) == list(range(10))
     assert participants(10, 0.01, seed=1, rnd=1) != [], "at least one client per round"
+
+
+def test_partial_train_section_keeps_the_federated_training_defaults(task_files, tmp_path):
+    cfg = fed.load_config(
+        base={"output_dir": str(tmp_path), "clients": {"suite": None, "tasks": task_files}},
+        overrides=["train.steps=3"],
+    )
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.schedule) == (3, 5e-4, "constant")

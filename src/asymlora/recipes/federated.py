@@ -228,8 +228,12 @@ class FederatedConfig:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
 ) -> FederatedConfig:
-    """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides."""
-    data = merge(base or {}, read_file(path) if path else {})
+    """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides.
+
+    The local-training defaults (``_local_training``) are merged in first, so that a file giving
+    only ``train.steps`` keeps the federated defaults for the other training fields."""
+    data = merge({"train": to_dict(_local_training())}, base or {})
+    data = merge(data, read_file(path) if path else {})
     return from_dict(FederatedConfig, apply_overrides(data, overrides or []))
 
 
@@ -465,7 +469,9 @@ def save_adapters(sim: LocalSimulator, clients: list[ClientData], out: Path) -> 
 
 def combined_alora(sim: LocalSimulator):
     """Fed-ALoRA's federation as one ALoRA adapter: lora_A (N*r, d_in) stacks the clients' A's,
-    lora_B is the server's shared B, and task routing sends task i to client i's A."""
+    lora_B is the server's shared B, and task routing sends task i to client i's A. (With
+    fraction < 1 a client that sat out the last round still holds the previous B; the combined
+    adapter uses the newest.)"""
     n = len(sim.clients)
     config = replace(
         sim.load_client(0).adapter_config, method="alora", router="task", num_experts=n, init_a="independent"
