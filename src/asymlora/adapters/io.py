@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -29,6 +31,34 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Build the new content of ``folder`` with ``fill(tmp)`` in ``folder.tmp``, then swap it in by
+    renames. A kill at any moment leaves a complete folder at ``folder`` or ``folder.old``
+    (``complete_folder`` finds it)."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def complete_folder(folder: str | Path, required: Iterable[str]) -> Path | None:
+    """``folder`` if it holds every ``required`` file, else ``folder.old`` (left by a kill between the
+    renames of ``write_folder_atomically``) if that does, else None."""
+    folder = Path(folder)
+    required = list(required)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if all((candidate / f).is_file() for f in required):
+            return candidate
+    return None
 
 
 def _write_folder(

@@ -7,14 +7,20 @@ swapped in by renames, so the last good checkpoint is always readable. No pickle
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from ..adapters.io import CONFIG_FILE, WEIGHTS_FILE, read_tensors, save_adapter
+from ..adapters.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    complete_folder,
+    read_tensors,
+    save_adapter,
+    write_folder_atomically,
+)
 from ..adapters.model import AsymLoraModel
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -45,28 +51,20 @@ def restore_optimizer(
 def save_checkpoint(
     folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> Path:
-    """Write ``folder`` atomically: into ``folder.tmp``, then swap by renames."""
-    folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
-    opt_tensors, groups = optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups}, indent=2))
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    """Write the checkpoint folder atomically (a kill leaves the previous one readable)."""
+
+    def fill(tmp: Path) -> None:
+        save_adapter(model, tmp)
+        opt_tensors, groups = optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups}, indent=2))
+
+    return write_folder_atomically(folder, fill)
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    """The last complete checkpoint: ``folder``, or ``folder.old`` if a kill hit between the renames."""
-    for candidate in (Path(folder), Path(folder).with_name(Path(folder).name + ".old")):
-        if all((candidate / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE)):
-            return candidate
-    return None
+    """The last complete checkpoint at ``folder`` (or its ``.old`` twin), if any."""
+    return complete_folder(folder, (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE))
 
 
 def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
