@@ -624,7 +624,7 @@ def plot_run(records: list[dict], results: dict[str, Any], folder: Path) -> list
         ax.plot(names, [results["global_scores"][n] for n in names], "k_", markersize=20, label="global")
     ax.set_ylabel("score")
     ax.set_title(f"{method}: final score per client")
-    ax.tick_params(axis="x", rotation=45)
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
     ax.legend()
     paths.append(_save(fig, folder / "score_per_client.png"))
 
