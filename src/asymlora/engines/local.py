@@ -31,7 +31,6 @@ uninterrupted run, because every random choice is a function of (seed, round, cl
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -44,6 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
+from ..adapters.io import complete_folder, write_folder_atomically
 from ..federated import FederatedMethod
 from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, A, M, Tensors, module_of, part, select
@@ -296,25 +296,20 @@ class LocalSimulator:
         """Write the federation's state after ``self.round`` rounds to ``folder`` atomically
         (into ``folder.tmp``, then swapped in by renames). ``record``: any JSON the caller wants
         back on restore (the run's per-round log)."""
-        folder = Path(folder)
-        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / CLIENTS_DIR).mkdir(parents=True)
-        for i, state in enumerate(self.states):
-            save_file(_cpu(state), str(tmp / CLIENTS_DIR / f"{i}.safetensors"))
-        save_file(_cpu(self.server), str(tmp / SERVER_FILE))
-        if self.merges_base:
-            weights = {name: layer.weight for name, layer in self.base_layers.items()}
-            save_file(_cpu(weights), str(tmp / BASE_FILE))
-        meta = {"format": FORMAT, "round": self.round, "method": self.method.name}
-        meta |= {"num_clients": len(self.clients), "record": dict(record or {})}
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
+
+        def fill(tmp: Path) -> None:
+            (tmp / CLIENTS_DIR).mkdir()
+            for i, state in enumerate(self.states):
+                save_file(_cpu(state), str(tmp / CLIENTS_DIR / f"{i}.safetensors"))
+            save_file(_cpu(self.server), str(tmp / SERVER_FILE))
+            if self.merges_base:
+                weights = {name: layer.weight for name, layer in self.base_layers.items()}
+                save_file(_cpu(weights), str(tmp / BASE_FILE))
+            meta = {"format": FORMAT, "round": self.round, "method": self.method.name}
+            meta |= {"num_clients": len(self.clients), "record": dict(record or {})}
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+        return write_folder_atomically(folder, fill)
 
     def restore(self, folder: str | Path) -> dict[str, Any]:
         """Load a checkpoint written by ``save`` (of a simulator built with the same clients,
@@ -343,12 +338,8 @@ class LocalSimulator:
 
 
 def find_checkpoint(folder: str | Path) -> Path | None:
-    """The last complete checkpoint: ``folder``, or ``folder.old`` if a kill hit between renames."""
-    folder = Path(folder)
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    return None
+    """The last complete checkpoint at ``folder`` (or its ``.old`` twin), if any."""
+    return complete_folder(folder, (STATE_FILE, SERVER_FILE))
 
 
 def _shape_of(config: AdapterConfig) -> tuple:

@@ -287,9 +287,7 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _accumulate(
-    model, items: list[Encoded], cfg: TrainConfig, proc: Process, pad_id: int, device
-) -> float:
+def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pad_id: int, device) -> float:
     """Forward and backward over the micro-batches; the gradient is that of the mean token loss over
     the whole global batch, whatever the split into processes and micro-batches."""
     per = len(items) // cfg.grad_accum
