@@ -284,6 +284,8 @@ def test_cli_eval_writes_json_and_prints_a_table(tmp_path: Path, capsys) -> None
     saved = json.loads((out / "results.json").read_text())
     assert saved["model"] == "tiny-llama" and saved["limit"] == 2 and saved["tasks"][0]["n"] == 2
     assert saved["summary"]["delta_m"] is not None and (out / "results.md").is_file()
+    (line,) = (out / "tasks.jsonl").read_text().splitlines()  # one line per task, written as it finishes
+    assert json.loads(line)["task"] == "mine"
 
 
 def test_cli_unknown_task_is_one_line_with_the_choices(capsys) -> None:

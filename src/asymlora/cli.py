@@ -8,6 +8,7 @@ and one more line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -77,7 +78,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--references", type=Path, help="JSON {task: score} or an earlier results.json, for delta-m"
     )
-    p.add_argument("--out", type=Path, help="output folder (default runs/eval/<model>-<suite>)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/eval/<model>-<suite>): results.json, results.md, tasks.jsonl")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -91,9 +92,15 @@ def run_eval(args: argparse.Namespace) -> int:
     for task in tasks:  # fetch / validate every task's data before loading the model
         task.examples()
     model, tokenizer = load_model(args.model)
+    out = args.out or Path("runs") / "eval" / _slug(f"{args.model}-{args.suite or '+'.join(args.task)}")
+    out.mkdir(parents=True, exist_ok=True)
+    per_task = out / "tasks.jsonl"
+    per_task.write_text("", encoding="utf-8")
 
-    def progress(result: TaskResult) -> None:
+    def progress(result: TaskResult) -> None:  # each task is kept as soon as it is scored
         print(f"  {result.task}: {result.metric} {result.score:.2f} (n={result.n})", file=sys.stderr)
+        with per_task.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(dataclasses.asdict(result)) + "\n")
 
     report = evaluate_tasks(
         model, tokenizer, tasks, references=references, progress=progress, limit=args.limit,
@@ -101,7 +108,6 @@ def run_eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report.info = {"model": args.model, "suite": args.suite, "tasks_requested": args.task,
                    "limit": args.limit, "seed": args.seed}  # fmt: skip
-    out = args.out or Path("runs") / "eval" / _slug(f"{args.model}-{args.suite or '+'.join(args.task)}")
     report.save(out / "results.json")
     (out / "results.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     print(report.to_markdown())
