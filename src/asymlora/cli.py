@@ -78,7 +78,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--references", type=Path, help="JSON {task: score} or an earlier results.json, for delta-m"
     )
-    p.add_argument("--out", type=Path, help="output folder (default runs/eval/<model>-<suite>): results.json, results.md, tasks.jsonl")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default runs/eval/<model>-<suite>): results.json, results.md, tasks.jsonl",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -222,7 +226,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from asymlora.recipes.generate import generate
 
-    print(generate(args.adapter, args.prompt, task=args.task, chat=args.chat, max_new_tokens=args.max_new_tokens))
+    print(
+        generate(
+            args.adapter, args.prompt, task=args.task, chat=args.chat, max_new_tokens=args.max_new_tokens
+        )
+    )
     return 0
 
 
