@@ -83,7 +83,7 @@ def run_config(out: Path, tasks: list[str], method: str = "fedalora", **sections
         "seed": 3,
         "federation": {"method": method, "rounds": 2},
         "adapter": {"r": 4, "d_m": 4, "dropout": 0.1},
-        "clients": {"suite": None, "tasks": tasks},
+        "clients": {"tasks": tasks},
         "train": {"steps": 2, "batch_size": 2, "lr": 1e-2},
         "eval": {"limit": 2, "batch_size": 4},
     }
@@ -400,9 +400,7 @@ def test_dirichlet_split_is_seeded_disjoint_and_skewed_by_alpha():
 
 def test_dirichlet_clients_hold_every_training_example_once(task_files):
     clients = fed.build_clients(
-        fed.ClientsConfig(
-            suite=None, tasks=task_files, partition="dirichlet", num_clients=4, dirichlet_alpha=0.5
-        )
+        fed.ClientsConfig(tasks=task_files, partition="dirichlet", num_clients=4, dirichlet_alpha=0.5)
     )
     assert len(clients) == 4
     assert sum(len(e) for c in clients for e in c.examples) == 24
@@ -422,7 +420,7 @@ def test_participants_are_a_seeded_fraction_per_round():
 
 def test_partial_train_section_keeps_the_federated_training_defaults(task_files, tmp_path):
     cfg = fed.load_config(
-        base={"output_dir": str(tmp_path), "clients": {"suite": None, "tasks": task_files}},
+        base={"output_dir": str(tmp_path), "clients": {"tasks": task_files}},
         overrides=["train.steps=3"],
     )
     assert (cfg.train.steps, cfg.train.lr, cfg.train.schedule) == (3, 5e-4, "constant")

@@ -235,6 +235,161 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# asymlora federate / export / comm
+
+
+def add_federate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "federate", help="simulate a federation in one process (one base model, N adapter states)"
+    )
+    p.add_argument("--config", type=Path, help="TOML or YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set federation.rounds=5 (repeatable)")  # fmt: skip
+    p.add_argument("--model", help="smollm2-135m, tiny-llama, a folder or a hub id")
+    p.add_argument(
+        "--method",
+        help="federation.method: fedit, ffa, fedsa, fedalora, zeropad, flora, flexlora, fedalora-het",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--suite", choices=list(SUITES), help="one client per task of a suite")
+    what.add_argument("--tasks", help="comma-separated task names or .jsonl files (one client each)")
+    p.add_argument("--ranks", help="one rank per client, e.g. 64,64,32,32,16,16,8,8")
+    p.add_argument("--rounds", type=int, help="federation.rounds")
+    p.add_argument("--out", type=Path, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+
+
+def run_federate(args: argparse.Namespace) -> int:
+    from asymlora.recipes.federated import load_config, run
+
+    shortcuts = []
+    if args.model:
+        shortcuts.append(f"model={json.dumps(args.model)}")
+    if args.method:
+        shortcuts.append(f"federation.method={json.dumps(args.method)}")
+    if args.suite:
+        shortcuts += [f"clients.suite={json.dumps(args.suite)}", "clients.tasks=[]"]
+    if args.tasks:
+        shortcuts.append(
+            f"clients.tasks={json.dumps([t.strip() for t in args.tasks.split(',') if t.strip()])}"
+        )
+    if args.ranks:
+        shortcuts.append(f"adapter.ranks=[{_int_list(args.ranks, '--ranks')}]")
+    if args.rounds is not None:
+        shortcuts.append(f"federation.rounds={args.rounds}")
+    if args.out:
+        shortcuts.append(f"output_dir={json.dumps(str(args.out))}")
+    run(load_config(args.config, [*shortcuts, *args.overrides]), resume=args.resume)
+    return 0
+
+
+def _int_list(text: str, flag: str) -> str:
+    try:
+        return ",".join(str(int(v)) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a trained adapter as a standard PEFT LoRA folder")
+    p.add_argument("run", type=Path, help="a run folder of asymlora federate or asymlora train")
+    p.add_argument("out", type=Path, help="the PEFT folder to write")
+    p.add_argument("--client", help="federate runs: client index or name")
+    p.add_argument("--task", help="train runs routed by task: task name or index")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from asymlora.adapters import export_peft
+
+    if (args.run / "rounds.jsonl").exists() or (args.run / "clients.json").exists():
+        from asymlora.recipes.federated import export_client
+
+        if args.client is None:
+            raise UsageError("--client: a federate run holds one model per client; choose one")
+        client = int(args.client) if args.client.isdigit() else args.client
+        folder = export_client(args.run, client, args.out)
+    else:
+        from asymlora.recipes.generate import resolve_task
+        from asymlora.recipes.multitask import load_run
+
+        model, _, cfg, names = load_run(args.run)
+        task = resolve_task(args.task, names, cfg.adapter.router)
+        folder = export_peft(model, args.out, task=task)
+    print(f"wrote PEFT LoRA folder {folder}")
+    return 0
+
+
+def add_comm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "comm", help="communication per client per round of each federated method, from shapes alone"
+    )
+    p.add_argument("--model", required=True,
+                   help="llama-2-7b, llama-3-8b, qwen2-7b (bundled), a config.json, a model folder or a hub id")  # fmt: skip
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target module names")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--ranks", help="heterogeneous methods: one rank per client, e.g. 64,64,32,32,16,16,8,8")
+    p.add_argument("--dm", type=int, default=16, help="fedalora-het: d_m")
+    p.add_argument("--methods", default="all", help="comma-separated methods or all")
+    p.add_argument(
+        "--dtype", default="float32", help="bytes per parameter from this dtype (float32, bf16, ...)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_comm(args: argparse.Namespace) -> int:
+    from asymlora.federated.comm import comm_table, format_table, to_json
+
+    ranks = [int(v) for v in _int_list(args.ranks, "--ranks").split(",")] if args.ranks else None
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
+        table = comm_table(
+            args.model, targets, args.rank, ranks=ranks, d_m=args.dm, methods=args.methods, dtype=args.dtype
+        )
+    except (ValueError, KeyError) as err:
+        raise UsageError(str(err).strip("'\"")) from None
+    print(to_json(table) if args.json else format_table(table))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# asymlora analyze
+
+
+def add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="why share B: subspace similarity and change of A and B")
+    what = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    sim = what.add_parser("similarity", help="principal-angle similarity of two adapters, layer by layer")
+    sim.add_argument("run_a", type=Path)
+    sim.add_argument("run_b", type=Path)
+    sim.add_argument("--i", type=int, help="top-i singular vectors of the first (default r)")
+    sim.add_argument("--j", type=int, help="top-j singular vectors of the second (default r)")
+    sim.add_argument(
+        "--out", type=Path, help="folder for similarity.json and similarity.png (default: run_a)"
+    )
+    chg = what.add_parser("change", help="magnitude and direction change of A and B during training")
+    chg.add_argument("run", type=Path, help="a run folder with adapter_init/ and adapter/")
+    chg.add_argument("--out", type=Path, help="folder for change.json and change.png (default: the run)")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from asymlora import analysis
+
+    if args.analysis == "similarity":
+        result = analysis.similarity(args.run_a, args.run_b, i=args.i, j=args.j)
+        out, plot = args.out or args.run_a, analysis.plot_similarity
+    else:
+        if not (args.run / "adapter_init").is_dir():
+            raise UsageError(f"{args.run}: no adapter_init/ (runs of asymlora train save it at the start)")
+        result = analysis.change(args.run / "adapter_init", args.run / "adapter")
+        out, plot = args.out or args.run, analysis.plot_change
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.analysis}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / f"{args.analysis}.png")
+    print(f"wrote {out / (args.analysis + '.json')} and {out / (args.analysis + '.png')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 COMMANDS: dict[
     str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]
@@ -244,6 +399,10 @@ COMMANDS: dict[
     "train": (add_train, run_train),
     "compare": (add_compare, run_compare),
     "generate": (add_generate, run_generate),
+    "federate": (add_federate, run_federate),
+    "export": (add_export, run_export),
+    "comm": (add_comm, run_comm),
+    "analyze": (add_analyze, run_analyze),
 }
 
 # Errors a user can cause and fix: shown as one line, without a traceback.

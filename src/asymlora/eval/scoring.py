@@ -130,6 +130,10 @@ def greedy_generate(
     Batches are left-padded with explicit position ids. The key/value cache is used when the model
     returns one (``past_key_values``); otherwise each step re-runs the whole sequence."""
     forward_kwargs = forward_kwargs or _no_kwargs
+    if max_length <= max_new_tokens:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for the prompt: it must exceed max_new_tokens={max_new_tokens}"
+        )
     encoded = [tokenizer(p)["input_ids"][-(max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs = [""] * len(prompts)

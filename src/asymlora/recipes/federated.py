@@ -131,9 +131,10 @@ class ClientAdapterConfig:
 
 @dataclass
 class ClientsConfig:
-    suite: str | None = field(default="fed-nlp", metadata={"help": "a named suite: one client per task"})
-    tasks: list[str] | None = field(
-        default=None, metadata={"help": "task names or .json/.jsonl files instead of a suite"}
+    suite: str = field(default="fed-nlp", metadata={"help": "a named suite: one client per task"})
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "task names or .json/.jsonl files; when given, used instead of the suite"},
     )
     partition: str = field(
         default="task",
@@ -147,9 +148,7 @@ class ClientsConfig:
     )
 
     def __post_init__(self) -> None:
-        if (self.suite is None) == (self.tasks is None):
-            raise ConfigError("clients: give exactly one of clients.suite or clients.tasks")
-        if self.suite is not None and self.suite not in SUITES:
+        if not self.tasks and self.suite not in SUITES:
             raise ConfigError(f"clients.suite={self.suite!r} is not one of {', '.join(SUITES)}")
         if self.partition not in PARTITIONS:
             raise ConfigError(f"clients.partition={self.partition!r} must be one of {', '.join(PARTITIONS)}")
@@ -165,7 +164,7 @@ class ClientsConfig:
             raise ConfigError(f"clients.max_train_per_task={self.max_train_per_task} must be >= 1")
 
     def task_names(self) -> list[str]:
-        return list(SUITES[self.suite]) if self.suite is not None else list(self.tasks or [])
+        return list(self.tasks) if self.tasks else list(SUITES[self.suite])
 
     def count(self) -> int:
         """The number of clients, known without loading any data."""
@@ -176,6 +175,9 @@ class ClientsConfig:
 class FedEvalConfig:
     limit: int | None = field(default=50, metadata={"help": "test examples per task (None: all)"})
     batch_size: int = 16
+    max_length: int = field(
+        default=1024, metadata={"help": "context tokens at evaluation (prompt kept from the right)"}
+    )
     every: int = field(default=1, metadata={"help": "evaluate every N rounds (0: only after the last)"})
     global_model: bool = field(default=True, metadata={"help": "also evaluate the global model, if any"})
 
@@ -263,7 +265,7 @@ def task_examples(task: Task, clients: ClientsConfig) -> list[Example]:
 
 def build_clients(clients: ClientsConfig) -> list[ClientData]:
     """The federation's clients: one per task, or a Dirichlet split of the pooled tasks."""
-    tasks = get_suite(clients.suite) if clients.suite is not None else [get_task(t) for t in clients.tasks]
+    tasks = [get_task(t) for t in clients.tasks] if clients.tasks else get_suite(clients.suite)
     pools = [task_examples(task, clients) for task in tasks]
     if clients.partition == "task":
         names = unique_names([t.name for t in tasks])
@@ -297,7 +299,7 @@ def task_score(model, tokenizer, task: Task, cfg: FederatedConfig) -> float:
         limit=cfg.eval.limit,
         seed=cfg.clients.split_seed,
         batch_size=cfg.eval.batch_size,
-        max_length=cfg.train.max_length,
+        max_length=cfg.eval.max_length,
     ).score
 
 

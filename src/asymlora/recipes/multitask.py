@@ -52,6 +52,9 @@ class DataConfig:
 class EvalConfig:
     limit: int | None = field(default=200, metadata={"help": "test examples per task (None: all)"})
     batch_size: int = 16
+    max_length: int = field(
+        default=1024, metadata={"help": "context tokens at evaluation (prompt kept from the right)"}
+    )
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -144,7 +147,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
         limit=cfg.eval.limit,
         seed=cfg.data.split_seed,
         batch_size=cfg.eval.batch_size,
-        max_length=cfg.train.max_length,
+        max_length=cfg.eval.max_length,
     )
     report.info.update(
         method=cfg.adapter.method,
