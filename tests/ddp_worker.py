@@ -4,10 +4,10 @@ import os
 import sys
 
 from safetensors.torch import save_file
-from test_train import TASKS, cfg, fresh
-from tiny_models import tiny_tokenizer
 
 from asymlora.train import train
+from test_train import TASKS, cfg, fresh
+from tiny_models import tiny_tokenizer
 
 out = sys.argv[1]
 model = fresh(dropout=0.0)

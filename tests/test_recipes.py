@@ -22,7 +22,16 @@ def task_files(tmp_path: Path) -> list[str]:
     with colors.open("w") as f:
         for i in range(24):
             color = ["red", "green", "blue"][i % 3]
-            f.write(json.dumps({"prompt": f"Item {i} is {color}. Its color:", "choices": ["red", "green", "blue"], "answer": i % 3}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Item {i} is {color}. Its color:",
+                        "choices": ["red", "green", "blue"],
+                        "answer": i % 3,
+                    }
+                )
+                + "\n"
+            )
     double = tmp_path / "double.jsonl"
     with double.open("w") as f:
         for i in range(24):
@@ -31,7 +40,21 @@ def task_files(tmp_path: Path) -> list[str]:
 
 
 def train(out: Path, tasks: list[str], *extra: str) -> int:
-    return main(["train", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--steps", "3", "--out", str(out), *TINY, *extra])
+    return main(
+        [
+            "train",
+            "--model",
+            "tiny-llama",
+            "--tasks",
+            ",".join(tasks),
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            *TINY,
+            *extra,
+        ]
+    )
 
 
 def test_train_writes_a_complete_run_folder_and_generate_uses_it(tmp_path, task_files, capsys):
@@ -49,7 +72,22 @@ def test_train_writes_a_complete_run_folder_and_generate_uses_it(tmp_path, task_
     assert saved.adapter.router == "task" and saved.train.steps == 3 and saved.data.tasks == task_files
 
     capsys.readouterr()
-    assert main(["generate", "--adapter", str(out), "--task", "double", "--prompt", "Twice 3 is", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(out),
+                "--task",
+                "double",
+                "--prompt",
+                "Twice 3 is",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert main(["generate", "--adapter", str(out), "--task", "triple", "--prompt", "x"]) == 2
     assert "not a task of this run; choose one of colors, double" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(out), "--prompt", "x"]) == 2
@@ -97,4 +135,6 @@ def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files
     capsys.readouterr()
     assert main(args) == 0
     assert cell.stat().st_mtime_ns == stamp
-    assert capsys.readouterr().out.count("skip (finished)") == 4 + 4  # 2 methods x 2 seeds + 2 tasks x 2 seeds
+    assert (
+        capsys.readouterr().out.count("skip (finished)") == 4 + 4
+    )  # 2 methods x 2 seeds + 2 tasks x 2 seeds

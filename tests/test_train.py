@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
 
 from asymlora import wrap
 from asymlora.train import Example, TaskMixer, TrainConfig, encode, task_probabilities, train
 from asymlora.train.batches import IGNORE
+from tiny_models import tiny_model, tiny_tokenizer
 
 TASKS = [
     [Example(f"Q: {a}+{a}=", str(2 * a), 0) for a in range(20)],
@@ -20,7 +20,15 @@ TASKS = [
 
 
 def fresh(method="alora", router="task", dropout=0.1):
-    return wrap(tiny_model("llama"), method=method, router=router, num_experts=2, r=4, dropout=dropout, target_modules=["q_proj", "v_proj"])
+    return wrap(
+        tiny_model("llama"),
+        method=method,
+        router=router,
+        num_experts=2,
+        r=4,
+        dropout=dropout,
+        target_modules=["q_proj", "v_proj"],
+    )
 
 
 def cfg(**kw):
@@ -47,7 +55,9 @@ def test_mixer_is_a_function_of_seed_and_step_and_walks_epochs():
 
 def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
     model = fresh()
-    last = train(model, tiny_tokenizer(), TASKS, cfg(steps=30, batch_size=8, lr=3e-2, schedule="constant"), tmp_path)
+    last = train(
+        model, tiny_tokenizer(), TASKS, cfg(steps=30, batch_size=8, lr=3e-2, schedule="constant"), tmp_path
+    )
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 31))
     first, final = sum(m["loss"] for m in lines[:5]) / 5, sum(m["loss"] for m in lines[-5:]) / 5
@@ -84,11 +94,20 @@ def test_resume_after_a_crash_ends_bit_for_bit_equal(tmp_path):
     train(resumed, tiny_tokenizer(), TASKS, cfg(save_every=2), tmp_path / "resumed", resume=True)
     for key, value in reference.adapter_state_dict().items():
         assert torch.equal(resumed.adapter_state_dict()[key], value), key
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 7)), "no step is logged twice after a resume"
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [("steps", 0, "train.steps=0"), ("schedule", "step", "train.schedule='step'"), ("lr", -1.0, "train.lr=-1.0")])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("steps", 0, "train.steps=0"),
+        ("schedule", "step", "train.schedule='step'"),
+        ("lr", -1.0, "train.lr=-1.0"),
+    ],
+)
 def test_bad_train_config_names_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{key: value})

@@ -30,7 +30,10 @@ def test_two_processes_end_with_identical_adapters_equal_to_one_process(tmp_path
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run([*torchrun, str(HERE / "ddp_worker.py"), str(tmp_path / "ddp")], env)
     run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "one")], env)
-    rank0, rank1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
+    rank0, rank1 = (
+        load_file(tmp_path / "ddp" / "rank0.safetensors"),
+        load_file(tmp_path / "ddp" / "rank1.safetensors"),
+    )
     single = load_file(tmp_path / "one" / "rank0.safetensors")
     assert rank0.keys() == rank1.keys() == single.keys()
     for key in rank0:
