@@ -138,3 +138,15 @@ def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files
     assert (
         capsys.readouterr().out.count("skip (finished)") == 4 + 4
     )  # 2 methods x 2 seeds + 2 tasks x 2 seeds
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    from asymlora.config import read_file
+    from asymlora.recipes import federated
+
+    loader = federated.load_config if "federation" in read_file(path) else load_config
+    assert loader(path).output_dir.startswith("runs/")
