@@ -105,6 +105,7 @@ def test_report_table_and_json(tmp_path: Path) -> None:
     table = report.to_markdown()
     assert "| a | multiple_choice | 4 | acc | 50.00 | acc_norm 75.0 |" in table
     assert "average 35.00 | worst b 20.00 | std 15.00 | delta-m +12.50%" in table
+    assert "delta-m n/a (no reference scores given)" in Report(results).to_markdown()
     data = json.loads(report.save(tmp_path / "r" / "results.json").read_text())
     assert data["model"] == "m" and data["summary"]["worst_task"] == "b" and data["tasks"][1]["score"] == 20.0
 

@@ -85,12 +85,11 @@ class Report:
         lines += [
             "",
             f"average {_fmt(s['average'])} | worst {s['worst_task']} {_fmt(s['worst'])} | "
-            f"std {_fmt(s['std'])} | delta-m {_fmt(s['delta_m'], signed=True)}%",
+            f"std {_fmt(s['std'])} | delta-m "
+            + (f"{s['delta_m']:+.2f}%" if s["delta_m"] is not None else "n/a (no reference scores given)"),
         ]
         return "\n".join(lines)
 
 
-def _fmt(value: float | None, *, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:+.2f}" if signed else f"{value:.2f}"
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
