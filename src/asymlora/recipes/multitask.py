@@ -136,6 +136,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
         save_adapter(model, out / "adapter_init")
 
     train(model, tokenizer, examples, cfg.train, out, resume=resume)
+    log(f"evaluating on {len(tasks)} test splits (up to {cfg.eval.limit or 'all'} examples each)")
     save_adapter(model, out / "adapter")
     exported = export_per_task(model, tasks, out / "peft", log)
 
@@ -144,6 +145,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
         tokenizer,
         tasks,
         task_ids={t.name: i for i, t in enumerate(tasks)},
+        progress=lambda r: log(f"  evaluated {r.task}: {r.metric} {r.score:.2f} (n={r.n})"),
         limit=cfg.eval.limit,
         seed=cfg.data.split_seed,
         batch_size=cfg.eval.batch_size,
