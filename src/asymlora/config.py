@@ -67,7 +67,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: {value!r} is too large for a float") from None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -83,6 +86,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table/mapping, got {data!r}")
+    not_str = [k for k in data if not isinstance(k, str)]
+    if not_str:
+        raise ConfigError(f"{where}: keys must be strings, got {not_str[0]!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - known)

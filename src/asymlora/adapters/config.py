@@ -7,6 +7,7 @@ up-projections (K_b) a wrapped layer holds; everything else is shared.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ class AdapterConfig:
             and all(isinstance(t, str) and t for t in self.target_modules)
         ):
             raise bad("target_modules", "must be a non-empty list of module names or a regex string")
+        if isinstance(self.target_modules, str) and not _is_regex(self.target_modules):
+            raise bad("target_modules", "is not a valid regular expression")
         if self.layers is not None and not (
             isinstance(self.layers, list) and all(isinstance(i, int) and i >= 0 for i in self.layers)
         ):
@@ -168,3 +171,11 @@ class AdapterConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _is_regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True

@@ -104,11 +104,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
     found = _model_type(model)
     if config.model_type and found and config.model_type != found:
         raise ValueError(
-            f"{folder}: this adapter was made for a {config.model_type!r} model, but the model given is "
+            f"{folder / CONFIG_FILE}: this adapter was made for a {config.model_type!r} model, but the model given is "
             f"{found!r}; load it onto the base model it was trained on ({config.base_model_name_or_path})"
         )
     tensors = read_tensors(folder / WEIGHTS_FILE)
-    wrapped = AsymLoraModel(model, config)
+    try:
+        wrapped = AsymLoraModel(model, config)
+    except ValueError as err:  # e.g. target_modules that match nothing in this model
+        raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
     try:
         wrapped.load_adapter_state_dict(tensors)
     except ValueError as err:

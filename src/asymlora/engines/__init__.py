@@ -2,6 +2,6 @@
 every client's adapter state swapped in turn). The methods themselves live in
 ``asymlora.federated`` and know nothing of engines."""
 
-from .local import Client, LocalSimulator, RoundLog, find_checkpoint, participants
+from .local import Client, LocalSimulator, RoundError, RoundLog, find_checkpoint, participants
 
-__all__ = ["Client", "LocalSimulator", "RoundLog", "find_checkpoint", "participants"]
+__all__ = ["Client", "LocalSimulator", "RoundError", "RoundLog", "find_checkpoint", "participants"]

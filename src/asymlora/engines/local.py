@@ -11,8 +11,9 @@ A round (see ``asymlora.federated.base``)::
     participants = sample(fraction, seed, round)
     for i in participants:                       # one after another, on the shared model
         load state_i, train the parts method.trainable() marks, local_train(seed, round, i)
-        upload_i = method.upload(state_i)
-    server, downloads = method.aggregate(uploads, n_examples, server, alpha_i / r_i)
+        upload_i = method.upload(state_i)          # a client that raises is dropped
+    accepted = validate(uploads)                   # names, shapes, dtype, finite, norm bound
+    server, downloads = method.aggregate(accepted, n_examples, server, alpha_i / r_i)
     state_i = method.apply_download(state_i, download_i, init_i)
     comm: count(upload_i) and count(download_i), exactly what the dicts hold
 
@@ -31,6 +32,7 @@ uninterrupted run, because every random choice is a function of (seed, round, cl
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -48,6 +50,7 @@ from ..federated import FederatedMethod
 from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, A, M, Tensors, module_of, part, select
 from ..federated.flexlora import DELTA
+from ..federated.validate import UploadLimits, expected_upload, validate_uploads
 from ..train import TrainConfig, local_train
 from ..train.batches import Encoded, hash_seed
 
@@ -56,6 +59,8 @@ SERVER_FILE = "server.safetensors"
 BASE_FILE = "base_weights.safetensors"
 CLIENTS_DIR = "clients"
 FORMAT = "asymlora-federation"
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,28 @@ class Client:
 
 @dataclass
 class RoundLog:
-    """What one round did: who took part, the mean local loss of each, and the exact
-    communication of each (parameters and bytes, up and down), in participant order."""
+    """What one round did: whose uploads were aggregated, the mean local loss of each, and the
+    exact communication of each (parameters and bytes, up and down), in participant order; and
+    the clients left out of the aggregate: ``dropped`` (local training raised) and ``rejected``
+    (the upload failed validation), as (client, reason)."""
 
     round: int
     participants: list[int]
     loss: list[float] = field(default_factory=list)
     comm: list[dict[str, int]] = field(default_factory=list)
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+class RoundError(RuntimeError):
+    """Too few clients were left in a round after drops and rejections; ``log`` says why."""
+
+    def __init__(self, rnd: int, min_clients: int, accepted: list[str], reasons: list[str], log: RoundLog):
+        super().__init__(
+            f"round {rnd}: only {len(accepted)} valid upload(s) ({', '.join(accepted) or 'none'}), "
+            f"federation.min_clients={min_clients} needed; left out: " + "; ".join(reasons)
+        )
+        self.log = log
 
 
 def adapter_method(method: FederatedMethod) -> str:
@@ -130,11 +150,15 @@ class LocalSimulator:
         fraction: float = 1.0,
         seed: int = 0,
         pad_id: int = 0,
+        min_clients: int = 1,
+        limits: UploadLimits | None = None,
     ) -> None:
         if not clients:
             raise ValueError("a federation needs at least one client")
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction={fraction} must be in (0, 1]")
+        if min_clients < 1:
+            raise ValueError(f"min_clients={min_clients} must be >= 1")
         ranks = [c.rank for c in clients]
         if not method.heterogeneous and len(set(ranks)) > 1:
             raise ValueError(
@@ -150,6 +174,9 @@ class LocalSimulator:
         self.round = 0
         self.server, self.states = method.setup([self._initial_state(i) for i in range(len(clients))])
         self.inits = [{k: v.clone() for k, v in s.items()} for s in self.states]
+        # What each client may upload: the method's upload of its own (declared-rank) layout.
+        self.specs = {i: expected_upload(method, s) for i, s in enumerate(self.inits)}
+        self.min_clients, self.limits = min_clients, limits or UploadLimits()
 
     # --- the shared model -------------------------------------------------------------------
     def _config(self, i: int) -> AdapterConfig:
@@ -190,24 +217,68 @@ class LocalSimulator:
         return model
 
     # --- one round --------------------------------------------------------------------------
+    def train_client(self, rnd: int, i: int) -> tuple[Tensors, list[dict]]:
+        """Client ``i``'s side of round ``rnd``: local training on the shared model; returns its
+        new state and the training history (the upload is ``method.upload`` of the state)."""
+        model = self.load_client(i)
+        seed = hash_seed(self.seed, rnd, i)
+        history = local_train(model, self.clients[i].encoded, self.train_cfg, seed, self.pad_id)
+        return {k: v.clone() for k, v in model.adapter_state_dict().items()}, history
+
+    def client_upload(self, rnd: int, i: int) -> Tensors:
+        """What client ``i`` sends in round ``rnd`` (a hook: tests replace it to play a bad client)."""
+        return self.method.upload(self.states[i])
+
     def run_round(self, on_client: Callable[[int, int, list[dict]], None] | None = None) -> RoundLog:
-        """Train the round's participants, aggregate, hand out the downloads; returns the log.
+        """Train the round's participants, validate their uploads, aggregate the accepted ones and
+        hand out the downloads; returns the log.
+
+        A client whose training raises is dropped from the round; an upload that fails
+        validation (see ``asymlora.federated.validate``) is rejected. Either way the client keeps
+        its state from before the round and gets no download, as if it had sat out, and the
+        reason is logged and kept in ``RoundLog.dropped`` / ``RoundLog.rejected``. With fewer
+        than ``min_clients`` accepted uploads the round fails with ``RoundError`` and leaves the
+        federation as it was before the round.
 
         ``on_client(round, client, history)`` is called after each client's local training
-        (a hook for progress, and for tests that crash a run mid-round)."""
+        (a hook for progress, and for tests that crash a run mid-round); what it raises ends
+        the run."""
         rnd = self.round + 1
-        log = RoundLog(rnd, participants(len(self.clients), self.fraction, self.seed, rnd))
-        uploads = []
-        for i in log.participants:
-            model = self.load_client(i)
-            history = local_train(
-                model, self.clients[i].encoded, self.train_cfg, hash_seed(self.seed, rnd, i), self.pad_id
-            )
-            self.states[i] = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-            uploads.append(self.method.upload(self.states[i]))
-            log.loss.append(fmean(h["loss"] for h in history))
+        sampled = participants(len(self.clients), self.fraction, self.seed, rnd)
+        log = RoundLog(rnd, [])
+        before = list(self.states)
+        uploads, losses = [], {}
+        for i in sampled:
+            try:
+                state, history = self.train_client(rnd, i)
+            except Exception as err:  # a crashing client must not end the federation
+                log.dropped.append((i, f"local training failed: {type(err).__name__}: {err}"))
+                _logger.warning("round %d: dropped client %s: %s", rnd, self.clients[i].name, err)
+                continue
+            self.states[i] = state
+            uploads.append((i, self.client_upload(rnd, i)))
+            losses[i] = fmean(h["loss"] for h in history) if history else float("nan")
             if on_client is not None:
                 on_client(rnd, i, history)
+        accepted, log.rejected = validate_uploads(uploads, self.specs, self.limits)
+        for i, reason in log.rejected:
+            _logger.warning(
+                "round %d: rejected the upload of client %s: %s", rnd, self.clients[i].name, reason
+            )
+            self.states[i] = before[i]
+        if len(accepted) < self.min_clients:
+            self.states = before
+            names = [self.clients[i].name for i, _ in accepted]
+            why = [f"{self.clients[i].name}: {r}" for i, r in log.dropped + log.rejected]
+            raise RoundError(rnd, self.min_clients, names, why, log)
+        log.participants = [i for i, _ in accepted]
+        log.loss = [losses[i] for i in log.participants]
+        self._aggregate(log, [up for _, up in accepted])
+        self.round = rnd
+        return log
+
+    def _aggregate(self, log: RoundLog, uploads: list[Tensors]) -> None:
+        """The server's step on the accepted uploads and each participant's download."""
         self.server, downloads = self.method.aggregate(
             uploads,
             [self.clients[i].n_examples for i in log.participants],
@@ -222,8 +293,6 @@ class LocalSimulator:
             self.states[i] = {k: v for k, v in new.items() if part(k) != BASE_DELTA}
         if merged:
             self._merge_into_base(merged)
-        self.round = rnd
-        return log
 
     @torch.no_grad()
     def _merge_into_base(self, deltas: Mapping[str, Tensor]) -> None:

@@ -31,6 +31,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ from ..engines.local import Client, LocalSimulator, RoundLog, find_checkpoint
 from ..eval.runner import evaluate_task
 from ..federated import METHODS, get_method
 from ..federated.common import BASE_DELTA, A, B
+from ..federated.validate import NORMS, UploadLimits
 from ..models import load_model
 from ..train import Example, TrainConfig, encode_tasks, pad_id_of
 
@@ -81,6 +83,17 @@ class FederationConfig:
     dense_download: bool = field(
         default=False, metadata={"help": "flora: send the merged product instead of the stacks"}
     )
+    min_clients: int = field(
+        default=1,
+        metadata={"help": "fewest valid uploads a round may aggregate (after drops and rejections)"},
+    )
+    max_upload_norm: float | None = field(
+        default=None, metadata={"help": "reject an upload whose L2 norm exceeds this (None: no bound)"}
+    )
+    upload_norm: str = field(
+        default="total",
+        metadata={"help": "what max_upload_norm bounds: total (all tensors together) | tensor (each)"},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,6 +106,19 @@ class FederationConfig:
         for option in METHOD_OPTIONS:
             if getattr(self, option) and option not in accepted:
                 raise ConfigError(f"federation.{option} is not an option of {self.method}")
+        if self.min_clients < 1:
+            raise ConfigError(f"federation.min_clients={self.min_clients} must be >= 1")
+        bound = self.max_upload_norm
+        if bound is not None and not (math.isfinite(bound) and bound > 0):
+            raise ConfigError(f"federation.max_upload_norm={bound} must be a finite number > 0 (or null)")
+        if self.upload_norm not in NORMS:
+            raise ConfigError(
+                f"federation.upload_norm={self.upload_norm!r} must be one of {', '.join(NORMS)}"
+            )
+
+    def limits(self) -> UploadLimits:
+        """The upload checks' norm bound, for the engine."""
+        return UploadLimits(self.max_upload_norm, self.upload_norm)
 
     def method_options(self) -> dict[str, Any]:
         """The options the chosen method takes, for ``get_method``."""
@@ -219,6 +245,12 @@ class FederatedConfig:
                 f"adapter.ranks has {len(self.adapter.ranks)} entries but there are {n} clients; "
                 "give one rank per client"
             )
+        per_round = max(1, round(self.federation.fraction * n))
+        if self.federation.min_clients > per_round:
+            raise ConfigError(
+                f"federation.min_clients={self.federation.min_clients} exceeds the {per_round} "
+                f"client(s) taking part in a round ({n} clients, fraction {self.federation.fraction})"
+            )
         ranks = self.adapter.ranks_for(n)
         if not METHODS[self.federation.method].heterogeneous and len(set(ranks)) > 1:
             raise ConfigError(
@@ -336,8 +368,10 @@ def should_evaluate(rnd: int, cfg: FederatedConfig) -> bool:
 
 # --- the per-round record -----------------------------------------------------------------------
 def round_record(log: RoundLog, clients: list[ClientData], previous: list[dict]) -> dict[str, Any]:
-    """A round as one JSON line: who took part, loss, exact bytes per client, their means, and the
-    cumulative bytes (up + down) an average participant has sent and received so far."""
+    """A round as one JSON line: whose uploads were aggregated, loss, exact bytes per client, their
+    means, the cumulative bytes (up + down) an average participant has sent and received so far,
+    and the clients left out with the reason: ``dropped`` (training failed), ``rejected`` (the
+    upload failed validation)."""
     names = [clients[i].name for i in log.participants]
     up = fmean(c["bytes_up"] for c in log.comm)
     down = fmean(c["bytes_down"] for c in log.comm)
@@ -349,6 +383,8 @@ def round_record(log: RoundLog, clients: list[ClientData], previous: list[dict])
         "bytes_up": up,
         "bytes_down": down,
         "cumulative_bytes": (previous[-1]["cumulative_bytes"] if previous else 0.0) + up + down,
+        "dropped": {clients[i].name: why for i, why in log.dropped},
+        "rejected": {clients[i].name: why for i, why in log.rejected},
     }
 
 
@@ -394,6 +430,8 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
         fraction=cfg.federation.fraction,
         seed=cfg.seed,
         pad_id=pad_id_of(tokenizer),
+        min_clients=cfg.federation.min_clients,
+        limits=cfg.federation.limits(),
     )
 
 
@@ -428,6 +466,9 @@ def run(
 
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
         record = round_record(sim.run_round(on_client), clients, records)
+        for kind in ("dropped", "rejected"):
+            for name, why in record[kind].items():
+                log(f"round {rnd}: {kind} client {name}: {why}")
         if should_evaluate(rnd, cfg):
             record |= scores_record(
                 personalised_scores(sim, tokenizer, clients, cfg), global_scores(sim, tokenizer, clients, cfg)
