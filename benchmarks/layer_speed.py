@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 
@@ -90,9 +91,12 @@ def measure(d: int, tokens: int, rounds: int) -> dict[str, float]:
     for t in timers.values():  # warm-up
         t.timeit(2)
     times: dict[str, list[float]] = {name: [] for name in mods}
+    order = list(timers)
+    shuffler = random.Random(d)
     for _ in range(rounds):
-        for name, t in timers.items():
-            times[name].append(t.timeit(3).mean)
+        shuffler.shuffle(order)  # no variant always runs right after the same neighbour
+        for name in order:
+            times[name].append(timers[name].timeit(3).mean)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
