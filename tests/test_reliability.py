@@ -263,6 +263,24 @@ def test_federation_knobs_are_validated_naming_the_key(tmp_path, federation, key
         small_config(tmp_path, ["a.jsonl", "b.jsonl", "c.jsonl"], **federation)
 
 
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (lambda f: (f / "clients" / "1.safetensors").write_bytes(b"\x08\x00"), "1.safetensors"),
+        (lambda f: (f / "server.safetensors").write_bytes(b""), "server.safetensors"),
+        (lambda f: (f / "state.json").write_text('{"format": "asymlora-fed'), "state.json"),
+        (lambda f: (f / "state.json").write_text("[1, 2]"), "state.json"),
+    ],
+)
+def test_a_damaged_checkpoint_gives_one_clear_error(tmp_path, damage, file):
+    sim = bad_simulator()
+    sim.run_round()
+    sim.save(tmp_path / "checkpoint", {"rounds": []})
+    damage(tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match=re.escape(file)):
+        bad_simulator().restore(tmp_path / "checkpoint")
+
+
 # --- kill -9 and resume -------------------------------------------------------------------------
 def overrides(out: Path, tasks: list[str]) -> list[str]:
     return [
@@ -412,6 +430,38 @@ def test_config_parser_refuses_random_dicts_with_config_errors(data):
     try:
         from_dict(MultitaskConfig, data)
     except ValueError as err:  # ConfigError is a ValueError; anything else fails the test
+        assert str(err)
+
+
+FEDERATED = st.dictionaries(
+    st.sampled_from([f.name for f in fields(fed.FederatedConfig)]) | st.text(max_size=6),
+    JSON
+    | st.sampled_from(
+        [fed.FederationConfig, fed.ClientAdapterConfig, fed.ClientsConfig, fed.FedEvalConfig, TrainConfig]
+    ).flatmap(section),
+    max_size=5,
+)
+OVERRIDE = st.tuples(
+    st.sampled_from(["train.lr", "adapter.r", "federation.min_clients", "eval", "model", "a.b", ""]),
+    st.text(max_size=10),
+).map("=".join) | st.text(max_size=12)
+
+
+@settings(max_examples=50, deadline=None, derandomize=True)
+@given(data=FEDERATED)
+def test_federated_config_refuses_random_dicts_with_config_errors(data):
+    try:
+        from_dict(fed.FederatedConfig, data)
+    except ValueError as err:
+        assert str(err)
+
+
+@settings(max_examples=50, deadline=None, derandomize=True)
+@given(flags=st.lists(OVERRIDE, max_size=3))
+def test_random_set_flags_give_config_errors(flags):
+    try:
+        fed.load_config(None, flags)
+    except ValueError as err:
         assert str(err)
 
 

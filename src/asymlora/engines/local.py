@@ -384,7 +384,7 @@ class LocalSimulator:
         """Load a checkpoint written by ``save`` (of a simulator built with the same clients,
         method and seed); returns the caller's record. The base must be freshly loaded."""
         folder = Path(folder)
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = _read_state(folder / STATE_FILE)
         if state.get("format") != FORMAT:
             raise ValueError(f"{folder}: not a federation checkpoint")
         if (state["method"], state["num_clients"]) != (self.method.name, len(self.clients)):
@@ -409,6 +409,18 @@ class LocalSimulator:
 def find_checkpoint(folder: str | Path) -> Path | None:
     """The last complete checkpoint at ``folder`` (or its ``.old`` twin), if any."""
     return complete_folder(folder, (STATE_FILE, SERVER_FILE))
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, or one clear error naming the file."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint state ({err})") from None
+    keys = ("format", "round", "method", "num_clients", "record")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise ValueError(f"{path}: not a federation checkpoint (expected the keys {', '.join(keys)})")
+    return state
 
 
 def _shape_of(config: AdapterConfig) -> tuple:
