@@ -1,0 +1,144 @@
+"""The Flower engine against the in-process simulator: a real SuperLink and 3 SuperNodes on
+127.0.0.1 (scripts/flower_local.sh), 2 rounds on tiny-llama with tiny task files; the server's
+aggregated tensors and the bytes per round must equal the simulator's for the same config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from asymlora.adapters import read_tensors  # noqa: E402
+from asymlora.engines.flower import ROUNDS_FILE, SERVER_FILE, federated_config  # noqa: E402
+from asymlora.models import load_model  # noqa: E402
+from asymlora.recipes import federated as fed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "flower_local.sh"
+ROUNDS = 2
+LIMIT_S = 600
+
+# Each Flower message is served by a fresh ClientApp process that imports torch and transformers;
+# on this 2-core shared machine a round trip takes about a minute, so a 2-round run takes about
+# 4 minutes (over the 3 the issue asks for). It is opt-in until that is brought down.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("ASYMLORA_FLOWER_TEST") != "1",
+    reason="starts a real SuperLink + 3 SuperNodes and takes ~4 min on 2 shared cores; "
+    "set ASYMLORA_FLOWER_TEST=1 to run it",
+)
+
+
+def write_tasks(folder: Path, n: int = 3, size: int = 10) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        rows = [
+            {"prompt": f"t{k} q{j}:", "choices": ["yes", "no"], "answer": (j + k) % 2} for j in range(size)
+        ]
+        path = folder / f"task{k}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(path))
+    return paths
+
+
+def run_config(method: str, tasks: list[str], out: Path, ranks: str = "") -> dict[str, object]:
+    overrides = "adapter.r=4;adapter.d_m=4;adapter.dropout=0.1;train.steps=2;train.batch_size=2;train.lr=1e-2"
+    return {
+        "method": method,
+        "rounds": ROUNDS,
+        "model": "tiny-llama",
+        "seed": 3,
+        "tasks": ",".join(tasks),
+        "ranks": ranks,
+        "output-dir": str(out),
+        "overrides": overrides,
+        "num-threads": 1,
+        "timeout-s": 300,
+        "save-adapters": False,
+    }
+
+
+def as_flag(config: dict[str, object]) -> str:
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return str(v) if isinstance(v, int) else json.dumps(str(v))
+
+    return " ".join(f"{k}={value(v)}" for k, v in config.items())
+
+
+def rounds_done(out: Path) -> int:
+    path = out / ROUNDS_FILE
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_flower(config: dict[str, object], out: Path, logs: Path) -> None:
+    """The script in its own process group, until the server has written every round; the whole
+    group is killed afterwards, whatever happened."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env |= {"FLOWER_LOGS": str(logs), "PYTHON": sys.executable}
+    with (logs.parent / "flower.out").open("w") as sink:
+        proc = subprocess.Popen(
+            [str(SCRIPT), "3", "--run-config", as_flag(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + LIMIT_S
+            while rounds_done(out) < ROUNDS and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(1.0)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    assert rounds_done(out) == ROUNDS, (logs.parent / "flower.out").read_text()[-3000:]
+
+
+def simulate(config: dict[str, object]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    cfg = federated_config(config)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base, tokenizer = load_model(cfg.model)
+        clients = fed.build_clients(cfg.clients)
+        sim = fed.make_simulator(cfg, clients, base, tokenizer)
+        records: list[dict] = []
+        for _ in range(ROUNDS):
+            records.append(fed.round_record(sim.run_round(), clients, records))
+    finally:
+        torch.set_num_threads(before)
+    return sim.server, records
+
+
+@pytest.mark.parametrize(("method", "ranks"), [("fedalora", ""), ("fedalora-het", "4,2,2")])
+def test_flower_matches_simulator(tmp_path: Path, method: str, ranks: str) -> None:
+    tasks = write_tasks(tmp_path / "tasks")
+    out = tmp_path / "out"
+    config = run_config(method, tasks, out, ranks)
+    run_flower(config, out, tmp_path / "logs")
+
+    expected, records = simulate(config)
+    got = read_tensors(out / SERVER_FILE)
+    assert sorted(got) == sorted(expected)
+    diff = max((got[k] - expected[k].cpu()).abs().max().item() for k in expected)
+    assert diff <= 1e-6, diff
+    lines = [json.loads(line) for line in (out / ROUNDS_FILE).read_text().splitlines()]
+    for line, record in zip(lines, records, strict=True):
+        assert line["participants"] == record["participants"]
+        assert line["comm"] == record["comm"]
