@@ -37,7 +37,8 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/layer_speed.py
+	$(PY) benchmarks/layer_speed.py --json docs/bench/layer_speed.json
+	$(PY) benchmarks/train_step.py --json docs/bench/train_step.json
 
 lint: setup
 	$(VENV)/bin/ruff check .
