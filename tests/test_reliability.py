@@ -247,6 +247,19 @@ def test_rejections_are_logged_and_recorded_in_rounds_jsonl(tmp_path, monkeypatc
     assert any(line.startswith("round 1: rejected client task1: ") for line in lines)
 
 
+def test_a_round_without_enough_valid_uploads_ends_the_cli_with_one_line(tmp_path, capsys):
+    from asymlora.cli import main
+
+    tasks = write_tasks(tmp_path / "tasks", 2)
+    flags = [f"output_dir={json.dumps(str(tmp_path / 'run'))}", "federation.max_upload_norm=1e-9"]
+    flags += ['model="tiny-llama"', f"clients.tasks={json.dumps(tasks)}", "federation.rounds=1"]
+    flags += ["adapter.r=4", 'adapter.target_modules=["q_proj"]', "train.steps=1", "train.batch_size=2"]
+    assert main(["federate", *(arg for kv in flags for arg in ("--set", kv))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asymlora federate: error: round 1: only 0 valid upload(s)") and "\n" not in err
+    assert "task0: total norm" in err and "min_clients=1" in err
+
+
 @pytest.mark.parametrize(
     "federation, key",
     [

@@ -19,6 +19,7 @@ from asymlora.config import ConfigError
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
 from asymlora.data.task import DataFormatError, Task, UnknownTaskError
+from asymlora.engines.local import RoundError
 from asymlora.eval.report import TaskResult
 from asymlora.models import ModelNotAvailableError
 
@@ -414,6 +415,7 @@ USER_ERRORS = (
     DataFormatError,
     ModelNotAvailableError,
     BigBenchUnavailableError,
+    RoundError,  # too few valid client uploads in a federated round
 )
 
 
