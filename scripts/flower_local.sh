@@ -8,7 +8,8 @@
 # Node i is started with --node-config "partition-id=i" (client i: task i of `tasks`). Uses the
 # flwr of the current environment (put the venv's bin first on PATH); no runtime dependency
 # installation, no downloads. Flower's files go to a temporary FLWR_HOME, removed at the end;
-# logs go to $FLOWER_LOGS (default: that temporary folder; set it to keep them).
+# the SuperLink's and SuperNodes' logs go to $FLOWER_LOGS (set it to keep them; by default they
+# are written inside FLWR_HOME and removed with it).
 set -euo pipefail
 
 if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ || $1 -lt 1 ]]; then
@@ -30,7 +31,7 @@ cleanup() {
     local pid
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    [[ -n ${FLOWER_LOGS:-} ]] || rm -rf "$FLWR_HOME"
+    rm -rf "$FLWR_HOME"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
