@@ -12,6 +12,7 @@ import json
 import random
 import statistics
 import sys
+import time
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -83,11 +84,14 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
     module(x).sum().backward()
 
 
-def measure(d: int, tokens: int, rounds: int) -> dict[str, float]:
+def measure(d: int, tokens: int, rounds: int, clock=time.perf_counter) -> dict[str, float]:
     torch.manual_seed(0)
     mods = variants(d)
     x = torch.randn(tokens // 256, 256, d, requires_grad=True)  # activations that need gradients
-    timers = {name: Timer("step(m, x)", globals={"step": step, "m": m, "x": x}) for name, m in mods.items()}
+    timers = {
+        name: Timer("step(m, x)", globals={"step": step, "m": m, "x": x}, timer=clock)
+        for name, m in mods.items()
+    }
     for t in timers.values():  # warm-up
         t.timeit(2)
     times: dict[str, list[float]] = {name: [] for name in mods}
@@ -124,13 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one thread, timed by this process's CPU time: steadier than wall time on a busy shared machine",
+    )
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    threads, clock = (1, time.process_time) if args.cpu_time else (args.threads, time.perf_counter)
+    torch.set_num_threads(threads)
     print(
-        f"torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens, r={R}, K={K}, fp32, dropout 0"
+        f"torch {torch.__version__}, {threads} threads, {'CPU' if args.cpu_time else 'wall'} time, "
+        f"{args.tokens} tokens, r={R}, K={K}, fp32, dropout 0"
     )
-    results = [report(d, measure(d, args.tokens, args.rounds)) for d in map(int, args.dims.split(","))]
+    results = [report(d, measure(d, args.tokens, args.rounds, clock)) for d in map(int, args.dims.split(","))]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
