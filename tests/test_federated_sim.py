@@ -22,6 +22,7 @@ from asymlora.federated.common import BASE_DELTA, A, B, part, select
 from asymlora.models import load_model
 from asymlora.recipes import federated as fed
 from asymlora.train import Example, TrainConfig, encode_tasks, pad_id_of
+from tiny_models import write_choice_tasks
 
 TARGETS = {"tiny-llama": ["q_proj", "v_proj"], "tiny-gpt2": ["c_attn"]}
 HET_RANKS = [4, 2, 2]
@@ -42,17 +43,7 @@ def one_thread() -> Iterator[None]:
 
 # --- helpers ------------------------------------------------------------------------------------
 def write_tasks(folder: Path, n: int = 3, size: int = 10) -> list[str]:
-    """``n`` multiple-choice JSONL task files of ``size`` examples each (8 train, 2 test)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(n):
-        path = folder / f"task{k}.jsonl"
-        rows = [
-            {"prompt": f"t{k} q{j}:", "choices": ["yes", "no"], "answer": (j + k) % 2} for j in range(size)
-        ]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(str(path))
-    return paths
+    return write_choice_tasks(folder, n, size)
 
 
 def engine_clients(tokenizer, ranks: list[int]) -> list[Client]:

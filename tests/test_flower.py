@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import write_choice_tasks
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -34,16 +36,7 @@ LIMIT_S = 600
 
 
 def write_tasks(folder: Path, n: int = 3, size: int = 10) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(n):
-        rows = [
-            {"prompt": f"t{k} q{j}:", "choices": ["yes", "no"], "answer": (j + k) % 2} for j in range(size)
-        ]
-        path = folder / f"task{k}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(str(path))
-    return paths
+    return write_choice_tasks(folder, n, size)
 
 
 def run_config(method: str, tasks: list[str], out: Path, ranks: str = "") -> dict[str, object]:

@@ -34,7 +34,7 @@ from asymlora.models import load_model
 from asymlora.recipes import federated as fed
 from asymlora.recipes.multitask import MultitaskConfig
 from asymlora.train import Example, TrainConfig, encode_tasks, pad_id_of
-from tiny_models import tiny_model
+from tiny_models import tiny_model, write_choice_tasks
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HUGE = 1e6
@@ -207,16 +207,7 @@ def test_a_client_that_raises_is_dropped_and_the_run_goes_on():
 
 # --- the recipe: knobs, records -----------------------------------------------------------------
 def write_tasks(folder: Path, n: int, size: int = 8) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(n):
-        rows = [
-            {"prompt": f"t{k} q{j}:", "choices": ["yes", "no"], "answer": (j + k) % 2} for j in range(size)
-        ]
-        path = folder / f"task{k}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(str(path))
-    return paths
+    return write_choice_tasks(folder, n, size)
 
 
 def small_config(out: Path, tasks: list[str], **federation) -> fed.FederatedConfig:

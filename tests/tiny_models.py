@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import (
     GPT2Config,
@@ -72,3 +75,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def write_choice_tasks(folder: Path, n: int = 3, size: int = 10) -> list[str]:
+    """``n`` small yes/no multiple-choice JSONL task files (one per federated client)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        rows = [
+            {"prompt": f"t{k} q{j}:", "choices": ["yes", "no"], "answer": (j + k) % 2} for j in range(size)
+        ]
+        path = folder / f"task{k}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(path))
+    return paths
