@@ -97,7 +97,11 @@ def _scores(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def summarize_cells(
@@ -154,7 +158,9 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 
 def _pm(v: dict[str, float], signed: bool = False) -> str:
-    return f"{v['mean']:+.1f} ± {v['sd']:.1f}" if signed else f"{v['mean']:.1f} ± {v['sd']:.1f}"
+    """mean ± sd over seeds (just the mean when there is one seed: no spread was measured)."""
+    mean = f"{v['mean']:+.1f}" if signed else f"{v['mean']:.1f}"
+    return mean if v.get("n", 2) < 2 else f"{mean} ± {v['sd']:.1f}"
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
