@@ -34,7 +34,17 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .common import Tensors, broadcast, example_weights, lora_shapes, part, select, weighted_average
+from .common import (
+    Tensors,
+    broadcast,
+    client_scales,
+    example_weights,
+    lora_shapes,
+    part,
+    same_keys,
+    select,
+    weighted_average,
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,6 @@ class FederatedMethod(ABC):
         """
         return {}, broadcast(states, self.shared_init)
 
-    @abstractmethod
     def aggregate(
         self,
         uploads: Sequence[Mapping[str, Tensor]],
@@ -76,8 +85,21 @@ class FederatedMethod(ABC):
 
         ``weights``: the clients' example counts (normalised here to p_i). ``scales``: each
         client's LoRA scale s_i = alpha_i / r_i (1.0 if omitted); only methods that form the
-        products s_i B_i A_i use it.
+        products s_i B_i A_i use it. Checks the inputs once, then calls the method's ``combine``.
         """
+        p = example_weights(weights, len(uploads))
+        same_keys(uploads)
+        return self.combine(uploads, p, client_scales(scales, len(uploads)), server)
+
+    @abstractmethod
+    def combine(
+        self,
+        uploads: Sequence[Mapping[str, Tensor]],
+        p: list[float],
+        s: list[float],
+        server: Mapping[str, Tensor],
+    ) -> tuple[Tensors, list[Tensors]]:
+        """The method's server step: uploads holding the same keys, normalised weights p_i, scales s_i."""
 
     @abstractmethod
     def apply_download(
@@ -106,14 +128,14 @@ class AverageUploads(FederatedMethod):
     sends it back to every client, which overwrites its own copy (FedIT, FFA, FedSA, Fed-ALoRA:
     they differ only in which parts they train, upload and keep)."""
 
-    def aggregate(
+    def combine(
         self,
         uploads: Sequence[Mapping[str, Tensor]],
-        weights: Sequence[float],
+        p: list[float],
+        s: list[float],
         server: Mapping[str, Tensor],
-        scales: Sequence[float] | None = None,
     ) -> tuple[Tensors, list[Tensors]]:
-        avg = weighted_average(uploads, example_weights(weights, len(uploads)))
+        avg = weighted_average(uploads, p)
         return avg, [avg] * len(uploads)
 
     def apply_download(

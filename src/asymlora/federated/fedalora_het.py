@@ -39,9 +39,7 @@ from .common import (
     M,
     Tensors,
     broadcast,
-    example_weights,
     modules,
-    same_keys,
     select,
     weighted_sum,
 )
@@ -62,15 +60,13 @@ class FedALoRAHet(FederatedMethod):
         states = broadcast(states, {B_BASE})
         return {k: v.clone() for k, v in select(states[0], {B_BASE}).items()}, states
 
-    def aggregate(
+    def combine(
         self,
         uploads: Sequence[Mapping[str, Tensor]],
-        weights: Sequence[float],
+        p: list[float],
+        s: list[float],
         server: Mapping[str, Tensor],
-        scales: Sequence[float] | None = None,
     ) -> tuple[Tensors, list[Tensors]]:
-        p = example_weights(weights, len(uploads))
-        same_keys(uploads)
         new_server = dict(server)
         for mod in modules(uploads[0], B1):
             key = f"{mod}.{B_BASE}"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import FederatedMethod
-from .common import A, B, Tensors, client_scales, example_weights, modules, rank_of, same_keys, weighted_sum
+from .common import A, B, Tensors, modules, rank_of, weighted_sum
 
 DELTA = "delta"  # the server's global dense update W (d_out, d_in)
 
@@ -45,16 +45,13 @@ class FlexLoRA(FederatedMethod):
     uploads = frozenset({A, B})
     local = frozenset()
 
-    def aggregate(
+    def combine(
         self,
         uploads: Sequence[Mapping[str, Tensor]],
-        weights: Sequence[float],
+        p: list[float],
+        sc: list[float],
         server: Mapping[str, Tensor],
-        scales: Sequence[float] | None = None,
     ) -> tuple[Tensors, list[Tensors]]:
-        p = example_weights(weights, len(uploads))
-        sc = client_scales(scales, len(uploads))
-        same_keys(uploads)
         new_server: Tensors = {}
         downs: list[Tensors] = [{} for _ in uploads]
         for mod in modules(uploads[0], A):

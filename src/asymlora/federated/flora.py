@@ -33,10 +33,7 @@ from .common import (
     A,
     B,
     Tensors,
-    client_scales,
-    example_weights,
     modules,
-    same_keys,
     select,
 )
 
@@ -60,16 +57,13 @@ class FLoRA(FederatedMethod):
 
     dense_download: bool = False  # send B_stack A_stack (d_out, d_in) instead of the two stacks
 
-    def aggregate(
+    def combine(
         self,
         uploads: Sequence[Mapping[str, Tensor]],
-        weights: Sequence[float],
+        p: list[float],
+        s: list[float],
         server: Mapping[str, Tensor],
-        scales: Sequence[float] | None = None,
     ) -> tuple[Tensors, list[Tensors]]:
-        p = example_weights(weights, len(uploads))
-        s = client_scales(scales, len(uploads))
-        same_keys(uploads)
         down: Tensors = {}
         for mod in modules(uploads[0], A):
             a_stack = torch.cat([up[f"{mod}.{A}"] for up in uploads], dim=0)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import FederatedMethod
-from .common import A, B, Tensors, example_weights, modules, rank_of, same_keys, weighted_sum
+from .common import A, B, Tensors, modules, rank_of, weighted_sum
 
 
 def pad_rank(t: Tensor, which: str, r_max: int) -> Tensor:
@@ -55,15 +55,13 @@ class ZeroPad(FederatedMethod):
         glob = {k: v.clone() for k, v in self.upload(largest).items()}
         return glob, [truncate_to(s, glob) for s in states]
 
-    def aggregate(
+    def combine(
         self,
         uploads: Sequence[Mapping[str, Tensor]],
-        weights: Sequence[float],
+        p: list[float],
+        s: list[float],
         server: Mapping[str, Tensor],
-        scales: Sequence[float] | None = None,
     ) -> tuple[Tensors, list[Tensors]]:
-        p = example_weights(weights, len(uploads))
-        same_keys(uploads)
         glob: Tensors = {}
         for mod in modules(uploads[0], A):
             r_max = max(rank_of(up, mod) for up in uploads)
