@@ -133,6 +133,26 @@ def test_continuation_logprobs_match_an_unpadded_forward(which: str, request) ->
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_choices_sharing_a_prompt_score_as_if_run_alone(which: str, request) -> None:
+    """The choices of a question share one cached pass over the prompt; their scores equal those of
+    each prompt + choice run whole, with and without a cache, for any batch size."""
+    model, tok = request.getfixturevalue(which)
+    prompts, conts = [], []
+    for prompt, choices in zip(PROMPTS, [[" 4", " five", " 22 or so"], [" there"], [" yes", " no", "", " maybe"]],
+                               strict=True):  # fmt: skip
+        prompts += [prompt] * len(choices)
+        conts += choices
+    expected = [manual_logprob(model, tok, p, c) for p, c in zip(prompts, conts, strict=True)]
+    assert expected[conts.index("")] == 0.0
+    with torch.no_grad():
+        for batch_size in (1, 3, 8):
+            got = continuation_logprobs(model, tok, prompts, conts, batch_size=batch_size)
+            assert got == pytest.approx(expected, abs=1e-4)
+        uncached = continuation_logprobs(TaskIdWrapper(model), tok, prompts, conts, batch_size=4)
+    assert uncached == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
 def test_greedy_generate_matches_transformers_generate(which: str, request) -> None:
     model, tok = request.getfixturevalue(which)
     expected = []

@@ -78,32 +78,120 @@ def continuation_logprobs(
     """``log p(continuation | prompt)`` summed over the continuation's tokens, for each pair.
 
     Prompt and continuation are tokenized apart and joined, so every continuation is scored on the
-    same prompt tokens; prompts longer than ``max_length`` lose tokens from the left. Pairs run
-    longest first, left-padded, so all continuations end at the last position and models that take
-    ``logits_to_keep`` (transformers) compute vocabulary logits only for the positions scored."""
+    same prompt tokens; prompts longer than ``max_length`` lose tokens from the left. Pairs that share
+    a prompt (the choices of one question) share one pass over it: the prompt runs once with the
+    key/value cache on, and each continuation runs on a copy of that cache. Models that return no
+    cache get one left-padded pass per pair instead; both give the same numbers."""
     forward_kwargs = forward_kwargs or _no_kwargs
-    pairs = []
-    for prompt, cont in zip(prompts, continuations, strict=True):
-        ctx = tokenizer(prompt)["input_ids"]
-        tail = tokenizer(cont, add_special_tokens=False)["input_ids"][: max_length - 1]
-        pairs.append(((ctx + tail)[-max_length:], len(tail)))
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
-    results = [0.0] * len(pairs)
-    device = next(model.parameters()).device
-    trim = _accepts(model, "logits_to_keep")
-    for batch in _batches(order, batch_size):
-        ids, mask, positions = _left_pad([pairs[i][0] for i in batch], _pad_id(tokenizer), device)
-        keep = max(pairs[i][1] for i in batch) + 1
-        extra = {"logits_to_keep": keep} if trim else {}
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra,
-                       **forward_kwargs(len(batch))).logits[:, -keep:]  # fmt: skip
-        for row, i in enumerate(batch):
-            seq, n = pairs[i]
-            # logits at position t predict token t + 1: the last n + 1 positions but one
-            step_logits = logits[row, keep - n - 1 : keep - 1].float().log_softmax(-1)
-            target = torch.tensor(seq[len(seq) - n :], device=step_logits.device)
-            results[i] = step_logits.gather(-1, target[:, None]).sum().item()
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    tails = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_length - 1] for c in continuations]
+    shared = []
+    for prompt, members in groups.items():
+        room = max_length - max(len(tails[i]) for i in members)
+        shared.append((tokenizer(prompt)["input_ids"][-room:], members))
+    shared.sort(key=lambda group: -len(group[0]))
+    results = [0.0] * len(prompts)
+    for batch in _group_batches(shared, batch_size):
+        scores = _score_shared(model, tokenizer, batch, tails, forward_kwargs)
+        if scores is None:  # the model keeps no cache: score each pair on its own
+            scores = _score_joined(model, tokenizer, batch, tails, forward_kwargs)
+        results_for = [i for _, members in batch for i in members]
+        for i, score in zip(results_for, scores, strict=True):
+            results[i] = score
     return results
+
+
+Group = tuple[list[int], list[int]]
+"""(prompt token ids, indices of the pairs that share that prompt)"""
+
+
+def _group_batches(groups: Sequence[Group], size: int) -> Iterator[list[Group]]:
+    """Consecutive groups with at most ``size`` pairs in all (a larger group goes alone)."""
+    batch: list[Group] = []
+    for group in groups:
+        if batch and sum(len(m) for _, m in batch) + len(group[1]) > size:
+            yield batch
+            batch = []
+        batch.append(group)
+    if batch:
+        yield batch
+
+
+def _sum_logprobs(step_logits: torch.Tensor, targets: list[int]) -> float:
+    """Sum of log-softmax(step_logits)[t, targets[t]]; step_logits is (len(targets), vocab)."""
+    if not targets:
+        return 0.0
+    logp = step_logits.float().log_softmax(-1)
+    return logp.gather(-1, torch.tensor(targets, device=logp.device)[:, None]).sum().item()
+
+
+def _score_shared(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Group],
+    tails: list[list[int]],
+    forward_kwargs: ForwardKwargs,
+) -> list[float] | None:
+    """Scores of every pair in ``batch`` (in group order), each prompt run once; ``None`` when the
+    model returns no key/value cache."""
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    ids, mask, positions = _left_pad([ctx for ctx, _ in batch], pad, device)
+    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **trim,
+                **forward_kwargs(len(batch)))  # fmt: skip
+    cache = _returned_cache(out)
+    if cache is None or not hasattr(cache[1], "batch_select_indices"):
+        return None
+    first = out.logits[:, -1]  # (groups, vocab): predicts each continuation's first token
+    owner = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members], device=device)
+    rows = [tails[i] for _, members in batch for i in members]
+    width = max(1, max(len(t) for t in rows))
+    cont = torch.full((len(rows), width), pad, dtype=torch.long)
+    cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tail in enumerate(rows):
+        cont[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+        cont_mask[row, : len(tail)] = 1
+    cache[1].batch_select_indices(owner)  # one copy of its prompt's cache per pair
+    start = mask.sum(-1)[owner][:, None]  # real prompt tokens before each continuation
+    logits = model(
+        input_ids=cont.to(device),
+        attention_mask=torch.cat([mask[owner], cont_mask.to(device)], dim=1),
+        position_ids=start + torch.arange(width, device=device),
+        use_cache=True,
+        **{cache[0]: cache[1]},
+        **forward_kwargs(len(rows)),
+    ).logits
+    scores = []
+    for row, tail in enumerate(rows):
+        steps = torch.cat([first[owner[row]][None], logits[row, : max(len(tail) - 1, 0)]])
+        scores.append(_sum_logprobs(steps[: len(tail)], tail))
+    return scores
+
+
+def _score_joined(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Group],
+    tails: list[list[int]],
+    forward_kwargs: ForwardKwargs,
+) -> list[float]:
+    """Scores of every pair in ``batch`` (in group order), each prompt + continuation run whole,
+    left-padded so all continuations end at the last position (``logits_to_keep`` trims the rest)."""
+    device = next(model.parameters()).device
+    seqs = [(ctx + tails[i], len(tails[i])) for ctx, members in batch for i in members]
+    ids, mask, positions = _left_pad([s for s, _ in seqs], _pad_id(tokenizer), device)
+    keep = max(n for _, n in seqs) + 1
+    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra,
+                   **forward_kwargs(len(seqs))).logits[:, -keep:]  # fmt: skip
+    # logits at position t predict token t + 1: the last n + 1 positions but one
+    return [
+        _sum_logprobs(logits[row, keep - n - 1 : keep - 1], seq[len(seq) - n :])
+        for row, (seq, n) in enumerate(seqs)
+    ]
 
 
 def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
