@@ -258,9 +258,12 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, help="federation.rounds")
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    p.add_argument("--methods", help="compare: comma-separated methods, one run per method and seed (needs --out)")
+    p.add_argument("--seeds", help="compare: comma-separated seeds (default: the config's seed)")
 
 
 def run_federate(args: argparse.Namespace) -> int:
+    from asymlora.recipes.fed_compare import fed_compare
     from asymlora.recipes.federated import load_config, run
 
     shortcuts = []
@@ -280,7 +283,15 @@ def run_federate(args: argparse.Namespace) -> int:
         shortcuts.append(f"federation.rounds={args.rounds}")
     if args.out:
         shortcuts.append(f"output_dir={json.dumps(str(args.out))}")
-    run(load_config(args.config, [*shortcuts, *args.overrides]), resume=args.resume)
+    cfg = load_config(args.config, [*shortcuts, *args.overrides])
+    if args.methods is None and args.seeds is None:
+        run(cfg, resume=args.resume)
+        return 0
+    if args.out is None:
+        raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
+    methods = [m.strip() for m in (args.methods or cfg.federation.method).split(",") if m.strip()]
+    seeds = [int(s) for s in _int_list(args.seeds, "--seeds").split(",")] if args.seeds else [cfg.seed]
+    fed_compare(cfg, methods, seeds, args.out)  # finished cells are skipped, others resumed
     return 0
 
 

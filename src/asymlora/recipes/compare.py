@@ -96,7 +96,7 @@ def _scores(result: dict[str, Any]) -> dict[str, float]:
     return {t["task"]: t["score"] for t in result["tasks"]}
 
 
-def _mean_sd(values: list[float]) -> dict[str, float]:
+def mean_sd(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
         "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -115,10 +115,10 @@ def summarize_cells(
         scores = [_scores(r) for r in results]
         entry = {
             "trainable_parameters": results[0].get("trainable_parameters"),
-            "tasks": {t: _mean_sd([s[t] for s in scores]) for t in tasks},
-            "average": _mean_sd([p["average"] for p in per_seed]),
-            "worst": _mean_sd([p["worst"] for p in per_seed]),
-            "std_across_tasks": _mean_sd([p["std"] for p in per_seed]),
+            "tasks": {t: mean_sd([s[t] for s in scores]) for t in tasks},
+            "average": mean_sd([p["average"] for p in per_seed]),
+            "worst": mean_sd([p["worst"] for p in per_seed]),
+            "std_across_tasks": mean_sd([p["std"] for p in per_seed]),
         }
         if references:
             entry["delta_m"] = _delta_m_over_seeds(scores, references)
@@ -131,7 +131,7 @@ def _delta_m_over_seeds(
 ) -> dict[str, float] | None:
     """delta-m % per seed (mean and sd), or None where a zero reference score leaves it undefined."""
     try:
-        return _mean_sd([delta_m(s, references) for s in scores])
+        return mean_sd([delta_m(s, references) for s in scores])
     except ValueError:
         return None
 
@@ -143,10 +143,12 @@ def to_markdown(summary: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         cells = [name, f"{m['trainable_parameters']:,}" if m["trainable_parameters"] else "-"]
-        cells += [_pm(m["tasks"][t]) for t in tasks]
-        cells += [_pm(m["average"]), _pm(m["worst"]), _pm(m["std_across_tasks"])]
+        cells += [plus_minus(m["tasks"][t]) for t in tasks]
+        cells += [plus_minus(m["average"]), plus_minus(m["worst"]), plus_minus(m["std_across_tasks"])]
         if has_dm:
-            cells.append(_pm(m["delta_m"], signed=True) if m["delta_m"] else "undefined (a reference is 0)")
+            cells.append(
+                plus_minus(m["delta_m"], signed=True) if m["delta_m"] else "undefined (a reference is 0)"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     seeds = summary.get("seeds")
     lines.append("")
@@ -157,7 +159,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pm(v: dict[str, float], signed: bool = False) -> str:
+def plus_minus(v: dict[str, float], signed: bool = False) -> str:
     """mean ± sd over seeds (just the mean when there is one seed: no spread was measured)."""
     mean = f"{v['mean']:+.1f}" if signed else f"{v['mean']:.1f}"
     return mean if v.get("n", 2) < 2 else f"{mean} ± {v['sd']:.1f}"

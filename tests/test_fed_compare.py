@@ -1,0 +1,51 @@
+"""``asymlora federate --methods ... --seeds ...``: one run per (method, seed), the table's numbers
+equal those of the runs it summarises, and a re-run skips finished runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import fmean, stdev
+
+import pytest
+from tests.tiny_models import write_choice_tasks
+
+from asymlora.cli import main
+
+
+def federate(out: Path, tasks: list[str], *extra: str) -> int:
+    return main(["federate", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--out", str(out),
+                 "--set", "federation.rounds=1", "--set", "train.steps=1", "--set", "train.batch_size=2",
+                 "--set", "adapter.r=2", "--set", "eval.limit=2", *extra])  # fmt: skip
+
+
+def test_grid_summarises_its_runs_and_skips_finished_ones(tmp_path: Path, capsys) -> None:
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
+    out = tmp_path / "grid"
+    assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0,1") == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["methods"]) == ["fedit", "fedalora"] and summary["seeds"] == [0, 1]
+    for method in ("fedit", "fedalora"):
+        runs = [json.loads((out / method / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+        assert [r["seed"] for r in runs] == [0, 1] and all(r["method"] == method for r in runs)
+        entry = summary["methods"][method]
+        averages = [r["average"] for r in runs]
+        assert entry["average"]["mean"] == pytest.approx(fmean(averages))
+        assert entry["average"]["sd"] == pytest.approx(stdev(averages))
+        for client in summary["tasks"]:
+            assert entry["tasks"][client]["mean"] == pytest.approx(fmean(r["scores"][client] for r in runs))
+        up = fmean(r["bytes_up_per_client_round"] for r in runs) / 1e6
+        assert entry["mb_up_per_client_round"] == pytest.approx(up) and up > 0
+    # Fed-ALoRA sends B only: half of FedIT's A and B at the same rank (square q/v projections)
+    methods = summary["methods"]
+    assert methods["fedalora"]["mb_up_per_client_round"] < methods["fedit"]["mb_up_per_client_round"]
+    assert (out / "results.md").read_text().count("\n| fed") == 2 and (out / "results.png").stat().st_size > 0
+    capsys.readouterr()
+    assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0,1") == 0
+    assert capsys.readouterr().out.count("skip (finished)") == 4
+
+
+def test_grid_needs_an_output_folder_and_known_methods(tmp_path: Path) -> None:
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
+    assert main(["federate", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--methods", "fedit"]) != 0
+    assert federate(tmp_path / "g", tasks, "--methods", "fedit,nope") != 0
