@@ -368,7 +368,7 @@ def run_comm(args: argparse.Namespace) -> int:
 
 
 def add_analyze(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="why share B: subspace similarity and change of A and B")
+    p = sub.add_parser("analyze", help="why share B: subspace similarity, change and gradients of A and B")
     what = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     sim = what.add_parser("similarity", help="principal-angle similarity of two adapters, layer by layer")
     sim.add_argument("run_a", type=Path)
@@ -381,11 +381,38 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     chg = what.add_parser("change", help="magnitude and direction change of A and B during training")
     chg.add_argument("run", type=Path, help="a run folder with adapter_init/ and adapter/")
     chg.add_argument("--out", type=Path, help="folder for change.json and change.png (default: the run)")
+    grd = what.add_parser(
+        "gradients",
+        help="per-layer gradient norms of A and B and task-pair conflicts, with A shared and/or B shared",
+    )
+    grd.add_argument("--suite", choices=list(SUITES), help="the suite's tasks (all, or those in --tasks)")
+    grd.add_argument("--tasks", help="comma-separated task names (of --suite, if given) or .jsonl files")
+    grd.add_argument(
+        "--share", choices=["a", "b", "both"], default="both",
+        help="a: one shared A, one B per task (HydraLoRA-shaped); b: one A per task, shared B (ALoRA-shaped)",
+    )  # fmt: skip
+    grd.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, a folder or a hub id")
+    grd.add_argument("--steps", type=int, default=20, help="training steps before (and between) measurements")
+    grd.add_argument(
+        "--measure-every", type=int, default=0, help="also measure every N steps (0: at the end only)"
+    )
+    grd.add_argument("--examples", type=int, default=8, help="measurement examples per task")
+    grd.add_argument("--batch-size", type=int, default=8)
+    grd.add_argument("--max-length", type=int, default=128)
+    grd.add_argument("--lr", type=float, default=1e-3)
+    grd.add_argument("--r", type=int, default=8, help="adapter rank")
+    grd.add_argument("--targets", default="q_proj,o_proj", help="comma-separated target module names")
+    grd.add_argument("--seed", type=int, default=0, help="adapter initialisation and batch order")
+    grd.add_argument(
+        "--out", type=Path, help="folder for gradients.json and gradients.png (default runs/analyze/...)"
+    )
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     from asymlora import analysis
 
+    if args.analysis == "gradients":
+        return run_analyze_gradients(args)
     if args.analysis == "similarity":
         result = analysis.similarity(args.run_a, args.run_b, i=args.i, j=args.j)
         out, plot = args.out or args.run_a, analysis.plot_similarity
@@ -398,6 +425,78 @@ def run_analyze(args: argparse.Namespace) -> int:
     (out / f"{args.analysis}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / f"{args.analysis}.png")
     print(f"wrote {out / (args.analysis + '.json')} and {out / (args.analysis + '.png')}")
+    return 0
+
+
+def _gradient_tasks(args: argparse.Namespace) -> list[Task]:
+    if not args.suite and not args.tasks:
+        raise UsageError("give --suite, --tasks, or both")
+    suite = get_suite(args.suite) if args.suite else None
+    if args.tasks:
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if suite is not None:
+            known = {t.name for t in suite}
+            outside = [n for n in names if n not in known]
+            if outside:
+                raise UsageError(
+                    f"--tasks: {', '.join(outside)} not in suite {args.suite} ({', '.join(sorted(known))})"
+                )
+        tasks = [get_task(n) for n in names]
+    else:
+        tasks = suite
+    if len({t.name for t in tasks}) < 2:
+        raise UsageError(
+            f"gradient conflicts need at least 2 different tasks, got {len({t.name for t in tasks})}"
+        )
+    return tasks
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def run_analyze_gradients(args: argparse.Namespace) -> int:
+    from asymlora.analysis import plot_gradients
+    from asymlora.analysis.sharing import GradientExperiment, run_gradient_experiment
+
+    tasks = _gradient_tasks(args)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
+        exp = GradientExperiment(
+            model=args.model, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+            lr=args.lr, seed=args.seed, r=args.r, target_modules=targets, examples=args.examples,
+            measure_every=args.measure_every,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for task in tasks:  # fetch / validate every task's data before loading the model
+        task.examples()
+    shares = ["a", "b"] if args.share == "both" else [args.share]
+    out = args.out or Path("runs") / "analyze" / _slug(
+        f"gradients-{args.model}-{'+'.join(t.name for t in tasks)}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for share in shares:
+        results[share] = run_gradient_experiment(tasks, share, exp, out / f"train_{share}", log=print)
+    report = {
+        "analysis": "gradients",
+        "model": args.model,
+        "tasks": [t.name for t in tasks],
+        "settings": dataclasses.asdict(exp),
+        "results": results,
+    }
+    (out / "gradients.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_gradients(list(results.values()), out / "gradients.png")
+    print(f"gradients on {len(tasks)} tasks ({', '.join(report['tasks'])}), steps {exp.measure_steps()}:")
+    for res in results.values():
+        shared = res["shared_matrix"]
+        print(
+            f"  shared {shared} ({res['method']}): mean grad norm of the shared {shared} "
+            f"{_num(res['mean_grad_norm_shared'])} (A {_num(res['mean_grad_norm_A'])}, B {_num(res['mean_grad_norm_B'])}); "
+            f"conflicts {res['total_conflicts']}/{res['total_pairs']} task pairs x modules"
+        )
+    print(f"wrote {out / 'gradients.json'} and {out / 'gradients.png'}")
     return 0
 
 
