@@ -2,27 +2,47 @@
 # Run asymlora's Flower app on this machine: one SuperLink and N SuperNodes on 127.0.0.1 (free
 # ports), then `flwr run`, then stop everything (also on error or Ctrl-C).
 #
-#   scripts/flower_local.sh N [flwr run options...]
+#   scripts/flower_local.sh N [flwr run options...] [::: flwr run options...]...
 #   scripts/flower_local.sh 3 --run-config "method='fedalora' rounds=2 model='tiny-llama' tasks='a.jsonl,b.jsonl,c.jsonl'"
 #
-# Node i is started with --node-config "partition-id=i" (client i: task i of `tasks`). Uses the
-# flwr of the current environment (put the venv's bin first on PATH); no runtime dependency
-# installation, no downloads. Flower's files go to a temporary FLWR_HOME, removed at the end;
-# the SuperLink's and SuperNodes' logs go to $FLOWER_LOGS (set it to keep them; by default they
-# are written inside FLWR_HOME and removed with it).
+# Node i is started with --node-config "partition-id=i" (client i: task i of `tasks`). Several
+# runs, separated by `:::`, are submitted to the same SuperLink and nodes at once (`flwr run
+# --stream` each, in parallel); the script returns when all have ended, with the first non-zero
+# exit status. A run of fewer clients than nodes leaves the nodes of higher partition-id out.
+#
+# FLOWER_ISOLATION=warm (the default) starts the SuperLink and the SuperNodes with `--isolation
+# process` and one `python -m asymlora.engines.flower_exec` that launches every ServerApp and
+# ClientApp task as a fork of one process that has imported torch and transformers already
+# (docs/flower.md). FLOWER_ISOLATION=subprocess uses Flower's stock launcher (`--isolation
+# subprocess`: a fresh Python process per message; slower, no flwr internals involved).
+#
+# Uses the flwr of the current environment (put the venv's bin first on PATH, or set PYTHON);
+# no runtime dependency installation, no downloads, telemetry off. Flower's files go to a
+# temporary FLWR_HOME, removed at the end; the logs go to $FLOWER_LOGS (set it to keep them;
+# by default they are written inside FLWR_HOME and removed with it).
 set -euo pipefail
 
 if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ || $1 -lt 1 ]]; then
-    echo "usage: $0 NUM_NODES [flwr run options...]" >&2
+    echo "usage: $0 NUM_NODES [flwr run options...] [::: flwr run options...]..." >&2
     exit 2
 fi
 nodes=$1
 shift
 app_dir=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python}
+isolation=${FLOWER_ISOLATION:-warm}
+case $isolation in
+warm) mode=process ;;
+subprocess) mode=subprocess ;;
+*)
+    echo "FLOWER_ISOLATION=$isolation: expected warm or subprocess" >&2
+    exit 2
+    ;;
+esac
 
 FLWR_HOME=$(mktemp -d "${TMPDIR:-/tmp}/asymlora-flower.XXXXXX")
-export FLWR_HOME
+export FLWR_HOME FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}
 logs=${FLOWER_LOGS:-$FLWR_HOME/logs}
 mkdir -p "$logs"
 pids=()
@@ -53,23 +73,60 @@ address = "127.0.0.1:$link_port"
 insecure = true
 EOF
 
-flower-superlink --insecure --isolation subprocess --disable-runtime-dependency-installation \
+wait_for_port() {
+    local _
+    for _ in $(seq 150); do
+        if "$python" -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.5).close()" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "nothing listens on 127.0.0.1:$1 after 30 s" >&2
+    return 1
+}
+
+flower-superlink --insecure --isolation "$mode" --disable-runtime-dependency-installation \
     --host 127.0.0.1 --port "$link_port" >"$logs/superlink.log" 2>&1 &
 pids+=($!)
 
-# Wait until the SuperLink accepts connections.
-for _ in $(seq 100); do
-    if "$python" -c "import socket; socket.create_connection(('127.0.0.1', $link_port), 0.5).close()" 2>/dev/null; then
-        break
-    fi
-    sleep 0.2
-done
-
+runtimes=("127.0.0.1:$link_port")
 for ((i = 0; i < nodes; i++)); do
-    flower-supernode --insecure --superlink "127.0.0.1:$link_port" \
-        --node-config "partition-id=$i" --port "${ports[$((i + 1))]}" >"$logs/supernode-$i.log" 2>&1 &
+    flower-supernode --insecure --superlink "127.0.0.1:$link_port" --isolation "$mode" \
+        --node-config "partition-id=$i" --host 127.0.0.1 --port "${ports[$((i + 1))]}" \
+        >"$logs/supernode-$i.log" 2>&1 &
     pids+=($!)
+    runtimes+=("127.0.0.1:${ports[$((i + 1))]}")
 done
 
-echo "SuperLink on 127.0.0.1:$link_port, $nodes SuperNodes; logs in $logs" >&2
-flwr run "$app_dir" local --stream "$@"
+if [[ $isolation == warm ]]; then
+    for port in "${ports[@]}"; do wait_for_port "$port"; done
+    "$python" -m asymlora.engines.flower_exec --insecure "${runtimes[@]}" >"$logs/superexec.log" 2>&1 &
+    pids+=($!)
+fi
+wait_for_port "$link_port"
+
+# `flwr run DIR` walks every file under DIR (a .venv: tens of thousands) to build the app
+# bundle; stage what the bundle holds (pyproject.toml's fab-include) in a small folder instead.
+stage=$FLWR_HOME/app
+mkdir -p "$stage"
+cp "$app_dir/pyproject.toml" "$stage/"
+(cd "$app_dir" && find src/asymlora -name '*.py' -print0 | xargs -0 cp --parents -t "$stage")
+
+echo "SuperLink on 127.0.0.1:$link_port, $nodes SuperNodes ($isolation); logs in $logs" >&2
+runs=()
+args=()
+submit() {
+    flwr run "$stage" local --stream "${args[@]}" &
+    runs+=($!)
+    pids+=($!)
+    args=()
+}
+for arg in "$@"; do
+    if [[ $arg == ::: ]]; then submit; else args+=("$arg"); fi
+done
+submit
+status=0
+for run in "${runs[@]}"; do
+    wait "$run" || { rc=$?; [[ $status -ne 0 ]] || status=$rc; }
+done
+exit "$status"

@@ -1,6 +1,12 @@
-"""The Flower engine against the in-process simulator: a real SuperLink and 3 SuperNodes on
-127.0.0.1 (scripts/flower_local.sh), 2 rounds on tiny-llama with tiny task files; the server's
-aggregated tensors and the bytes per round must equal the simulator's for the same config."""
+"""The Flower engine against the in-process simulator, over a real SuperLink and 4 SuperNodes on
+127.0.0.1 (scripts/flower_local.sh), 2 rounds on tiny-llama with tiny task files.
+
+One federation serves three runs at once (fedalora, fedalora-het, flora). In each, clients 0-2
+are honest and client 3 is a bad node (the ``test-poison`` hook): its upload is NaN, has an
+extra tensor, a wrong shape, a huge norm or a wrong dtype, or its ClientApp raises. The server
+must leave it out of every round and aggregate exactly what the simulator aggregates for the 3
+honest clients: the same server tensors (max abs diff <= 1e-6; FLoRA, whose merged base differs
+by float rounding between the engines, <= 1e-5), the same participants, the same bytes."""
 
 from __future__ import annotations
 
@@ -25,18 +31,34 @@ except ModuleNotFoundError:  # Python 3.10
 pytest.importorskip("flwr")
 
 from asymlora.adapters import read_tensors  # noqa: E402
-from asymlora.engines.flower import ROUNDS_FILE, SERVER_FILE, federated_config  # noqa: E402
+from asymlora.engines.flower import ROUNDS_FILE, SERVER_FILE, federated_config, poison_plan  # noqa: E402
 from asymlora.models import load_model  # noqa: E402
 from asymlora.recipes import federated as fed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "flower_local.sh"
-ROUNDS = 2
-LIMIT_S = 600
+ROUNDS, NODES, HONEST = 2, 4, 3
+LIMIT_S = 420
+BAD = f"task{HONEST}"  # the name of client 3
 
-
-def write_tasks(folder: Path, n: int = 3, size: int = 10) -> list[str]:
-    return write_choice_tasks(folder, n, size)
+# method -> (ranks of the 4 clients, what client 3 does in rounds 1 and 2, extra overrides,
+#            what the server must say about it in each round)
+RUNS = {
+    "fedalora": ("", "nan,raise", "", [("rejected", "NaN"), ("dropped", "raises in round 2")]),
+    "fedalora-het": (
+        "4,2,2,2",
+        "extra-name,shape",
+        "",
+        [("rejected", "unexpected tensor"), ("rejected", "shape")],
+    ),
+    "flora": (
+        "4,2,2,2",
+        "huge,dtype",
+        "federation.max_upload_norm=1000",
+        [("rejected", "exceeds max_upload_norm"), ("rejected", "dtype torch.float64")],
+    ),
+}
+TOLERANCE = {"fedalora": 1e-6, "fedalora-het": 1e-6, "flora": 1e-5}
 
 
 def run_config(method: str, tasks: list[str], out: Path, ranks: str = "") -> dict[str, object]:
@@ -65,38 +87,33 @@ def as_flag(config: dict[str, object]) -> str:
     return " ".join(f"{k}={value(v)}" for k, v in config.items())
 
 
-def rounds_done(out: Path) -> int:
-    path = out / ROUNDS_FILE
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def run_flower(config: dict[str, object], out: Path, logs: Path) -> None:
-    """The script in its own process group, until the server has written every round; the whole
-    group is killed afterwards, whatever happened."""
+def start_flower(configs: list[dict[str, object]], logs: Path) -> subprocess.Popen:
+    """The script, in its own process group, running every config at once on NODES nodes."""
+    logs.mkdir(parents=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env |= {"FLOWER_LOGS": str(logs), "PYTHON": sys.executable}
-    with (logs.parent / "flower.out").open("w") as sink:
-        proc = subprocess.Popen(
-            [str(SCRIPT), "3", "--run-config", as_flag(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    args: list[str] = [str(SCRIPT), str(NODES)]
+    for k, config in enumerate(configs):
+        args += ([":::"] if k else []) + ["--run-config", as_flag(config)]
+    with (logs / "flower.out").open("w") as sink:
+        return subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill the script's whole process group (SuperLink, SuperNodes, SuperExec, tasks)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
-            deadline = time.monotonic() + LIMIT_S
-            while rounds_done(out) < ROUNDS and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(1.0)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-    assert rounds_done(out) == ROUNDS, (logs.parent / "flower.out").read_text()[-3000:]
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            os.killpg(proc.pid, 0)  # anything left in the group?
+            time.sleep(1.0)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
 
 
 def simulate(config: dict[str, object]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -115,14 +132,36 @@ def simulate(config: dict[str, object]) -> tuple[dict[str, torch.Tensor], list[d
     return sim.server, records
 
 
-# Each Flower message is served by a fresh ClientApp process that imports torch and transformers;
-# on this 2-core shared machine a round trip takes about a minute, so a 2-round run takes about
-# 4 minutes (over the 3 the issue asks for). It is opt-in until that is brought down.
-needs_flower_run = pytest.mark.skipif(
-    os.environ.get("ASYMLORA_FLOWER_TEST") != "1",
-    reason="starts a real SuperLink + 3 SuperNodes and takes ~4 min on 2 shared cores; "
-    "set ASYMLORA_FLOWER_TEST=1 to run it",
-)
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every run of RUNS over one real federation; meanwhile, in this process, the simulator on
+    the honest clients of each."""
+    root = tmp_path_factory.mktemp("flower")
+    tasks = write_choice_tasks(root / "tasks", NODES)
+    runs: dict[str, dict] = {}
+    for method, (ranks, poison, extra, _) in RUNS.items():
+        config = run_config(method, tasks, root / method, ranks)
+        config["overrides"] = ";".join(filter(None, [str(config["overrides"]), extra]))
+        honest = run_config(method, tasks[:HONEST], root / "sim", ",".join(ranks.split(",")[:HONEST]))
+        honest["overrides"] = config["overrides"]
+        runs[method] = {"flower": config | {"test-poison": f"{HONEST}:{poison}"}, "honest": honest}
+    started = time.monotonic()
+    proc = start_flower([r["flower"] for r in runs.values()], root / "logs")
+    try:
+        for run in runs.values():
+            run["expected"], run["records"] = simulate(run["honest"])
+        rc = proc.wait(max(1.0, LIMIT_S - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        stop(proc)
+    wall = time.monotonic() - started
+    print(f"\nFlower: {len(runs)} runs of {ROUNDS} rounds on {NODES} SuperNodes in {wall:.0f} s")
+    output = (root / "logs" / "flower.out").read_text()
+    assert rc == 0, f"flower_local.sh: {rc} after {wall:.0f} s\n{output[-4000:]}"
+    for run in runs.values():
+        run["output"] = output
+    return runs
 
 
 def test_run_config_maps_to_the_recipe_config(tmp_path: Path) -> None:
@@ -130,6 +169,8 @@ def test_run_config_maps_to_the_recipe_config(tmp_path: Path) -> None:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert declared["components"]["clientapp"] == "asymlora.engines.flower:client_app"
     assert federated_config(declared["config"]).federation.method == declared["config"]["method"]
+    assert poison_plan(declared["config"]) == {}
+    assert poison_plan({"test-poison": "3:nan,-;1:raise"}) == {3: ["nan", "-"], 1: ["raise"]}
     cfg = federated_config(run_config("fedalora-het", ["a.jsonl", "b.jsonl"], tmp_path, "4,2"))
     assert (cfg.federation.method, cfg.federation.rounds, cfg.model, cfg.seed) == (
         "fedalora-het",
@@ -145,20 +186,29 @@ def test_run_config_maps_to_the_recipe_config(tmp_path: Path) -> None:
     assert (cfg.adapter.d_m, cfg.train.steps, cfg.train.lr) == (4, 2, 1e-2)
 
 
-@needs_flower_run
-@pytest.mark.parametrize(("method", "ranks"), [("fedalora", ""), ("fedalora-het", "4,2,2")])
-def test_flower_matches_simulator(tmp_path: Path, method: str, ranks: str) -> None:
-    tasks = write_tasks(tmp_path / "tasks")
-    out = tmp_path / "out"
-    config = run_config(method, tasks, out, ranks)
-    run_flower(config, out, tmp_path / "logs")
-
-    expected, records = simulate(config)
+@pytest.mark.parametrize("method", list(RUNS))
+def test_flower_matches_simulator_on_the_honest_clients(federation: dict, method: str) -> None:
+    run = federation[method]
+    out = Path(str(run["flower"]["output-dir"]))
+    expected = run["expected"]
     got = read_tensors(out / SERVER_FILE)
     assert sorted(got) == sorted(expected)
     diff = max((got[k] - expected[k].cpu()).abs().max().item() for k in expected)
-    assert diff <= 1e-6, diff
+    assert diff <= TOLERANCE[method], diff
     lines = [json.loads(line) for line in (out / ROUNDS_FILE).read_text().splitlines()]
-    for line, record in zip(lines, records, strict=True):
-        assert line["participants"] == record["participants"]
+    assert len(lines) == ROUNDS
+    for line, record in zip(lines, run["records"], strict=True):
+        assert line["participants"] == record["participants"] == [f"task{i}" for i in range(HONEST)]
         assert line["comm"] == record["comm"]
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_flower_leaves_the_bad_client_out_with_its_reason(federation: dict, method: str) -> None:
+    out = Path(str(federation[method]["flower"]["output-dir"]))
+    lines = [json.loads(line) for line in (out / ROUNDS_FILE).read_text().splitlines()]
+    for line, (kind, reason) in zip(lines, RUNS[method][3], strict=True):
+        other = "dropped" if kind == "rejected" else "rejected"
+        assert list(line[kind]) == [BAD] and not line[other], line
+        assert reason in line[kind][BAD], line[kind]
+        said = f"round {line['round']}: {'dropped' if kind == 'dropped' else 'rejected the upload of'} client {BAD} (node "
+        assert said in federation[method]["output"]

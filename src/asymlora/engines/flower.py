@@ -10,7 +10,7 @@ ranks, tasks or suite, seed, output folder, and any ``section.key=value`` overri
 Messages, for a federation of N clients::
 
     query.init    server -> every node: build your initial adapter;
-                  node -> server: its index, examples, scale, and the parts setup needs
+                  node -> server: its index, examples, rank, scale, and the parts setup needs
     train         server -> round participants: your pending download (setup's parts in round
                   1, the last aggregate otherwise), apply it, train one local round;
                   node -> server: method.upload(state), mean loss
@@ -22,22 +22,40 @@ config. A download is applied by the client just before its next training (or at
 which is what the simulator computes too: ``apply_download`` depends only on the client's
 state, the download and its round-0 state.
 
-State: a client's adapter tensors (A, M, B1, B2, ...) and its round-0 state live in
-``context.state``, which the SuperNode keeps across Flower's short-lived ClientApp processes.
-The base model is loaded once per process (a module-level cache); under Flower's default
-subprocess isolation a process serves one message. Local training uses a fresh AdamW each
-round, as the simulator does, so no optimizer state has to persist.
+Bad clients, as in the simulator (``asymlora.federated.validate``): every upload is checked
+against the layout the client's own round-0 state fixes (names, shapes at its declared rank,
+float dtype, finite values, ``federation.max_upload_norm``). A reply that fails the checks, an
+error reply (the ClientApp raised) and no reply within ``timeout-s`` leave that client out of
+the round, logged with the reason, the node and the client, and kept in ``rounds.jsonl``
+(``rejected`` / ``dropped``). The round goes on with the rest when at least
+``federation.min_clients`` uploads are left, and fails the run otherwise. A client left out
+keeps its state from before the round (its trained state is only kept once the server sends it
+the round's download), as in the simulator.
 
-Not yet supported here: FLoRA (it merges a dense update into every client's base weights each
-round, which would have to persist beside the adapter), and upload validation on the server.
+State: a client's adapter tensors (A, M, B1, B2, ...; FLoRA's merged ``base_delta``), its
+round-0 state and its last trained state live in ``context.state``, which the SuperNode keeps
+across Flower's short-lived ClientApp processes. The base model is loaded once per process (a
+module-level cache); under Flower's stock launcher a process serves one message, under
+``asymlora.engines.flower_exec`` every task is a fork of one warm process. Local training uses
+a fresh AdamW each round, as the simulator does, so no optimizer state has to persist.
+
+FLoRA: the client keeps the running sum of the merged updates (``<module>.base_delta``, the
+method's own per-client formula) and its base weights are set to W0 + base_delta before each
+training. The simulator adds each round's update to one shared base instead; the two differ
+only by float rounding ((W0 + d1) + d2 against W0 + (d1 + d2)).
+
+``test-poison`` (run config) is a test hook only: ``"<partition-id>:<kind>,<kind>;..."`` makes
+that node corrupt its upload in rounds 1, 2, ... (kinds: ``nan``, ``inf``, ``extra-name``,
+``shape``, ``huge``, ``dtype``, ``raise``, ``-`` for an honest round). Leave it empty.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -45,6 +63,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from torch import Tensor
@@ -52,17 +71,27 @@ from torch import Tensor
 from ..adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
 from ..federated import FederatedMethod, get_method
 from ..federated.comm import round_counts
-from ..federated.common import BASE_DELTA, Tensors, part
+from ..federated.common import BASE_DELTA, Tensors, part, select
+from ..federated.validate import Spec, UploadLimits, check_upload, expected_upload, validate_uploads
 from ..models import load_model
 from ..recipes.federated import FederatedConfig, build_clients, load_config
-from ..train import encode_tasks, local_train, pad_id_of
-from ..train.batches import hash_seed
-from .local import Client, adapter_method, client_seed, participants
+from ..train import encode_tasks, pad_id_of
+from .local import (
+    Client,
+    add_to_weights,
+    client_config,
+    mean_loss,
+    participants,
+    set_trainable,
+    train_locally,
+)
 
 INIT, FINISH = f"{MessageType.QUERY}.init", f"{MessageType.QUERY}.finish"
-STATE, ROUND0 = "asymlora-state", "asymlora-init"  # keys in context.state
+STATE, ROUND0, TRAINED = "asymlora-state", "asymlora-init", "asymlora-trained"  # context.state keys
 SETUP, DOWNLOAD, UPLOAD, TENSORS = "setup", "download", "upload", "tensors"
 SERVER_FILE, ROUNDS_FILE = "server.safetensors", "rounds.jsonl"
+BASE_DELTA_FILE = "base_delta.safetensors"
+POISON_KEY = "test-poison"
 
 # run-config key -> (config field, how to write its value as an override); "" keeps the default
 RUN_CONFIG_KEYS = {
@@ -96,24 +125,61 @@ def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
 
 
 def method_of(cfg: FederatedConfig) -> FederatedMethod:
-    method = get_method(cfg.federation.method, **cfg.federation.method_options())
-    if BASE_DELTA in method.local:
-        raise ValueError(f"{method.name} merges into the base weights; not supported on Flower yet")
-    return method
+    return get_method(cfg.federation.method, **cfg.federation.method_options())
 
 
-def adapter_template(cfg: FederatedConfig, method: FederatedMethod) -> AdapterConfig:
-    """Every client's adapter before its rank, alpha and seed (as ``make_simulator`` builds it)."""
+def adapter_template(cfg: FederatedConfig) -> AdapterConfig:
+    """Every client's adapter before its method, rank, alpha and seed (as ``make_simulator``)."""
     a = cfg.adapter
-    template = AdapterConfig(
+    return AdapterConfig(
         method="lora", dropout=a.dropout, target_modules=a.target_modules, layers=a.layers, d_m=a.d_m
     )
-    return replace(template, method=adapter_method(method))
+
+
+# --- test hook: a node that corrupts its upload ----------------------------------------------------
+POISONS = ("nan", "inf", "extra-name", "shape", "huge", "dtype", "raise", "-")
+
+
+def poison_plan(run_config: Mapping[str, Any]) -> dict[int, list[str]]:
+    """``test-poison`` parsed: partition-id -> the kind of corruption per round (``-``: none)."""
+    plan: dict[int, list[str]] = {}
+    for item in str(run_config.get(POISON_KEY, "")).split(";"):
+        if not item.strip():
+            continue
+        index, _, kinds = item.partition(":")
+        plan[int(index)] = [k.strip() for k in kinds.split(",")]
+        bad = [k for k in plan[int(index)] if k not in POISONS]
+        if bad:
+            raise ValueError(f"{POISON_KEY}: unknown kind(s) {bad}; expected {', '.join(POISONS)}")
+    return plan
+
+
+def poison_of(run_config: Mapping[str, Any], index: int, rnd: int) -> str:
+    kinds = poison_plan(run_config).get(index, [])
+    return kinds[rnd - 1] if 0 < rnd <= len(kinds) and kinds[rnd - 1] != "-" else ""
+
+
+def poisoned(upload: Mapping[str, Tensor], kind: str) -> Tensors:
+    """``upload`` corrupted as ``kind`` says (test hook)."""
+    out = {k: v.clone() for k, v in upload.items()}
+    first = sorted(out)[0]
+    if kind in ("nan", "inf"):
+        out[first].view(-1)[0] = float(kind)
+    elif kind == "extra-name":
+        out[first.rpartition(".")[0] + ".lora_extra"] = torch.zeros(2, 2)
+    elif kind == "shape":
+        out[first] = torch.zeros(out[first].shape[0] + 1, *out[first].shape[1:])
+    elif kind == "huge":
+        out = {k: v * 1e6 for k, v in out.items()}
+    elif kind == "dtype":
+        out[first] = out[first].double()
+    return out
 
 
 # --- the client ---------------------------------------------------------------------------------
 _BASES: dict[str, tuple[Any, Any]] = {}  # model name -> (base, tokenizer), once per process
 _WRAPPED: dict[str, AsymLoraModel] = {}  # model name -> the base wrapped at its current shape
+_ORIGINAL: dict[str, dict[str, Tensor]] = {}  # model name -> adapted base weights before a merge
 
 
 def base_model(name: str) -> tuple[Any, Any]:
@@ -130,6 +196,20 @@ def wrapped(name: str, config: AdapterConfig) -> AsymLoraModel:
     base = current.unload() if current is not None else base_model(name)[0]
     _WRAPPED[name] = wrap(base, config)
     return _WRAPPED[name]
+
+
+@torch.no_grad()
+def set_base_delta(name: str, model: AsymLoraModel, deltas: Mapping[str, Tensor]) -> None:
+    """The adapted base weights of ``model`` set to W0 + delta (W0 kept aside the first time)."""
+    layers = {n: layer.base_layer for n, layer in model.adapted.items()}
+    original = _ORIGINAL.get(name)
+    if original is not None:
+        for n, weight in original.items():
+            layers[n].weight.copy_(weight)
+    if deltas:
+        if original is None:
+            _ORIGINAL[name] = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+        add_to_weights(layers, deltas)
 
 
 @dataclass
@@ -157,28 +237,23 @@ class Node:
         _, tokenizer = base_model(cfg.model)
         encoded = encode_tasks(tokenizer, data[index].examples, cfg.train.max_length)
         client = Client(data[index].name, encoded, rank, cfg.adapter.alpha_for(rank))
-        config = replace(
-            adapter_template(cfg, method), r=rank, alpha=client.alpha, seed=client_seed(cfg.seed, index)
-        )
+        config = client_config(adapter_template(cfg), method, client, cfg.seed, index)
         return cls(cfg, method, index, client, config)
 
     def model(self, state: Mapping[str, Tensor]) -> AsymLoraModel:
-        """The base holding ``state``, with the method's trainable parts (only) requiring grad."""
+        """The base holding ``state`` (FLoRA: W0 + its base_delta), the method's parts trainable."""
         model = wrapped(self.cfg.model, self.config)
-        model.load_adapter_state_dict(dict(state))
-        for name, layer in model.adapted.items():
-            for pname, param in layer.named_parameters(recurse=False):
-                param.requires_grad_(self.method.trainable(f"{name}.{pname}"))
-        return model
+        set_base_delta(self.cfg.model, model, select(state, {BASE_DELTA}))
+        model.load_adapter_state_dict({k: v for k, v in state.items() if part(k) != BASE_DELTA})
+        return set_trainable(model, self.method)
 
     def train(self, state: Mapping[str, Tensor], rnd: int) -> tuple[Tensors, float]:
         """One local round from ``state``, seeded as the simulator seeds client ``index``."""
-        model = self.model(state)
-        seed = hash_seed(self.cfg.seed, rnd, self.index)
         pad = pad_id_of(base_model(self.cfg.model)[1])
-        history = local_train(model, self.client.encoded, self.cfg.train, seed, pad)
-        new = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
-        return new, fmean(h["loss"] for h in history) if history else float("nan")
+        new, history = train_locally(
+            self.model(state), self.client, self.cfg.train, self.cfg.seed, rnd, self.index, pad
+        )
+        return new | select(state, {BASE_DELTA}), mean_loss(history)
 
 
 def to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
@@ -190,14 +265,21 @@ def from_record(record: ArrayRecord) -> Tensors:
 
 
 def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
-    """The client's state after applying what the message carries (setup parts or a download)."""
+    """The client's state after what the message carries: setup's parts (round 1), or the
+    download of the round it last trained in, applied to that trained state. Without a download
+    the trained state is dropped (the server left it out) and the state stays as it was."""
     state = from_record(context.state[STATE])
+    trained = from_record(context.state[TRAINED]) if TRAINED in context.state else None
+    if TRAINED in context.state:
+        del context.state[TRAINED]
     if SETUP in content:
         state |= from_record(content[SETUP])
         context.state[ROUND0] = to_record(state)
     elif DOWNLOAD in content:
+        if trained is None:
+            raise RuntimeError("a download arrived, but this node has no trained state waiting for it")
         init = from_record(context.state[ROUND0])
-        state = node.method.apply_download(state, from_record(content[DOWNLOAD]), init)
+        state = node.method.apply_download(trained, from_record(content[DOWNLOAD]), init)
     context.state[STATE] = to_record(state)
     return state
 
@@ -224,21 +306,34 @@ def client_init(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
-    """Apply the pending download, train one local round, send ``method.upload`` of the state."""
+    """Apply the pending download, train one local round, send ``method.upload`` of the state
+    (kept as the trained state until the server's download for it arrives)."""
     node = Node.from_context(context)
     rnd = int(msg.content["config"]["round"])
-    state, loss = node.train(receive(node, context, msg.content), rnd)
-    context.state[STATE] = to_record(state)
-    content = {UPLOAD: to_record(node.method.upload(state)), "metrics": MetricRecord({"loss": loss})}
+    state = receive(node, context, msg.content)
+    poison = poison_of(context.run_config, node.index, rnd)
+    if poison == "raise":
+        raise RuntimeError(f"{POISON_KEY}: client {node.index} raises in round {rnd}")
+    new, loss = node.train(state, rnd)
+    context.state[TRAINED] = to_record(new)
+    upload = node.method.upload(new)
+    if poison:
+        upload = poisoned(upload, poison)
+    content = {UPLOAD: to_record(upload), "metrics": MetricRecord({"loss": loss})}
     return Message(RecordDict(content), reply_to=msg)
 
 
 @client_app.query("finish")
 def client_finish(msg: Message, context: Context) -> Message:
-    """Apply the last download and save this client's adapter under ``output_dir/adapters``."""
+    """Apply the last download and save this client's adapter under ``output_dir/adapters``
+    (FLoRA: its merged update beside it, ``base_delta.safetensors``)."""
     node = Node.from_context(context)
     state = receive(node, context, msg.content)
-    save_adapter(node.model(state), Path(node.cfg.output_dir) / "adapters" / node.client.name)
+    folder = Path(node.cfg.output_dir) / "adapters" / node.client.name
+    save_adapter(node.model(state), folder)
+    merged = select(state, {BASE_DELTA})
+    if merged:
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(folder / BASE_DELTA_FILE))
     return Message(RecordDict({}), reply_to=msg)
 
 
@@ -254,17 +349,24 @@ class Member:
     scale: float
 
 
-def exchange(grid: Grid, messages: Sequence[Message], timeout: float) -> list[Message]:
-    """Send, wait for every reply, fail on the first error; replies in the messages' order."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+def exchange(
+    grid: Grid, messages: Mapping[int, Message], timeout: float
+) -> tuple[dict[int, Message], dict[int, str]]:
+    """Send ``messages`` (client index -> message) and wait up to ``timeout`` s: the replies
+    by client, and why each other client has none (no reply in time, or an error reply)."""
+    replies = list(grid.send_and_receive(list(messages.values()), timeout=timeout))
     by_node = {r.metadata.src_node_id: r for r in replies}
-    missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in by_node]
-    if missing:
-        raise RuntimeError(f"no reply from node(s) {missing} within {timeout} s")
-    for r in replies:
-        if r.has_error():
-            raise RuntimeError(f"node {r.metadata.src_node_id} failed: {r.error.reason}")
-    return [by_node[m.metadata.dst_node_id] for m in messages]
+    got: dict[int, Message] = {}
+    failed: dict[int, str] = {}
+    for i, m in messages.items():
+        reply = by_node.get(m.metadata.dst_node_id)
+        if reply is None:
+            failed[i] = f"no reply within {timeout:g} s"
+        elif reply.has_error():
+            failed[i] = f"the ClientApp failed: {reply.error.reason}"
+        else:
+            got[i] = reply
+    return got, failed
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -283,74 +385,148 @@ def message(node_id: int, kind: str, rnd: int, records: Mapping[str, Any]) -> Me
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
-server_app = ServerApp()
+def say(text: str) -> None:
+    """A line for the run's log: Flower's logger, which ``flwr run --stream`` shows."""
+    flwr_log(logging.WARNING, text)
 
 
-@server_app.main()
-def server_main(grid: Grid, context: Context) -> None:
-    """Setup, ``federation.rounds`` rounds of train + aggregate, then (``save-adapters``) the
-    finish; writes ``output_dir/server.safetensors`` and ``output_dir/rounds.jsonl`` after every
-    round."""
-    cfg = federated_config(context.run_config)
-    method = method_of(cfg)
-    timeout = float(context.run_config.get("timeout-s", 600))
+def join(grid: Grid, nodes: Sequence[int], cfg: FederatedConfig, timeout: float):
+    """The init exchange: every client of 0..N-1 must answer with a layout the config agrees
+    with; nodes of a higher partition-id sit this run out."""
     n = cfg.clients.count()
-    nodes = wait_for_nodes(grid, n, timeout)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    replies = exchange(grid, [message(nid, INIT, 0, {}) for nid in nodes], timeout)
+    ranks = cfg.adapter.ranks_for(n)
+    replies, failed = exchange(grid, {k: message(nid, INIT, 0, {}) for k, nid in enumerate(nodes)}, timeout)
     members: dict[int, Member] = {}
     inits: dict[int, Tensors] = {}
-    for nid, reply in zip(nodes, replies, strict=True):
+    for k, reply in replies.items():
         meta = reply.content["meta"]
         i = int(meta["index"])
         if i in members:
             raise RuntimeError(f"two SuperNodes have partition-id={i}")
         members[i] = Member(
-            nid, str(meta["name"]), int(meta["rank"]), int(meta["examples"]), float(meta["scale"])
+            nodes[k], str(meta["name"]), int(meta["rank"]), int(meta["examples"]), float(meta["scale"])
         )
         inits[i] = from_record(reply.content[TENSORS])
-    if sorted(members) != list(range(n)):
-        raise RuntimeError(f"partition-ids {sorted(members)} do not cover the {n} clients 0..{n - 1}")
-    server, setups = method.setup([inits[i] for i in range(n)])
+        if members[i].rank != ranks[i]:
+            raise RuntimeError(
+                f"node {nodes[k]} (client {i}) declares rank {members[i].rank}, the config says {ranks[i]}"
+            )
+    missing = sorted(set(range(n)) - set(members))
+    if missing:
+        why = "; ".join(f"node {nodes[k]}: {r}" for k, r in failed.items())
+        raise RuntimeError(
+            f"no SuperNode answered as client(s) {missing} of 0..{n - 1}" + (f" ({why})" if why else "")
+        )
+    for k, reason in failed.items():
+        say(f"init: node {nodes[k]} did not answer ({reason}); it is not part of this run")
+    return {i: members[i] for i in range(n)}, [inits[i] for i in range(n)]
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    """Setup, ``federation.rounds`` rounds of train + validate + aggregate, then
+    (``save-adapters``) the finish; writes ``output_dir/server.safetensors`` and
+    ``output_dir/rounds.jsonl`` after every round."""
+    cfg = federated_config(context.run_config)
+    method = method_of(cfg)
+    timeout = float(context.run_config.get("timeout-s", 600))
+    n = cfg.clients.count()
+    if not method.heterogeneous and len(set(cfg.adapter.ranks_for(n))) > 1:
+        raise ValueError(f"{method.name} needs every client at the same rank")
+    limits, least = cfg.federation.limits(), cfg.federation.min_clients
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    members, inits = join(grid, wait_for_nodes(grid, n, timeout), cfg, timeout)
+    for i, init in enumerate(inits):  # the layouts the uploads are held to come from these
+        reason = check_init(init, inits[0])
+        if reason is not None:
+            raise RuntimeError(
+                f"client {members[i].name} (node {members[i].node_id}) sent an unusable initial state: {reason}"
+            )
+    server, setups = method.setup(inits)
+    specs = {i: expected_upload(method, setups[i]) for i in range(n)}
     pending: dict[int, tuple[str, Tensors]] = {i: (SETUP, setups[i]) for i in range(n)}
 
     records: list[dict[str, Any]] = []
     for rnd in range(1, cfg.federation.rounds + 1):
         chosen = participants(n, cfg.federation.fraction, cfg.seed, rnd)
-        msgs = [
-            message(members[i].node_id, MessageType.TRAIN, rnd, _pending(pending.pop(i, None)))
+        msgs = {
+            i: message(members[i].node_id, MessageType.TRAIN, rnd, _pending(pending.pop(i, None)))
             for i in chosen
-        ]
-        replies = exchange(grid, msgs, timeout)
-        uploads = [from_record(r.content[UPLOAD]) for r in replies]
+        }
+        replies, failed = exchange(grid, msgs, timeout)
+        uploads = [(i, upload_of(replies[i])) for i in chosen if i in replies]
+        accepted, rejected = validate_uploads(uploads, specs, limits)
+        dropped = sorted(failed.items())
+        for what, items in (("dropped", dropped), ("rejected the upload of", rejected)):
+            for i, reason in items:
+                say(f"round {rnd}: {what} client {members[i].name} (node {members[i].node_id}): {reason}")
+        if len(accepted) < least:
+            raise RuntimeError(
+                f"round {rnd}: only {len(accepted)} valid upload(s), federation.min_clients={least} needed"
+            )
+        kept = [i for i, _ in accepted]
         server, downloads = method.aggregate(
-            uploads, [members[i].examples for i in chosen], server, [members[i].scale for i in chosen]
+            [u for _, u in accepted],
+            [members[i].examples for i in kept],
+            server,
+            [members[i].scale for i in kept],
         )
-        pending |= {i: (DOWNLOAD, d) for i, d in zip(chosen, downloads, strict=True)}
-        records.append(round_record(rnd, [members[i].name for i in chosen], replies, uploads, downloads))
+        pending |= {i: (DOWNLOAD, d) for i, d in zip(kept, downloads, strict=True)}
+        losses = [loss_of(replies[i]) for i in kept]
+        record = round_record(
+            rnd, [members[i].name for i in kept], losses, [u for _, u in accepted], downloads
+        )
+        record["dropped"] = {members[i].name: r for i, r in dropped}
+        record["rejected"] = {members[i].name: r for i, r in rejected}
+        records.append(record)
         save_file({k: v.contiguous() for k, v in server.items()}, str(out / SERVER_FILE))
         (out / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
-        print(
-            f"round {rnd}: {records[-1]['bytes_up']:,.0f} B up / {records[-1]['bytes_down']:,.0f} B down per client"
-        )
+        print(f"round {rnd}: {record['bytes_up']:,.0f} B up / {record['bytes_down']:,.0f} B down per client")
 
     if context.run_config.get("save-adapters", True):
         rounds = cfg.federation.rounds
-        exchange(
-            grid,
-            [message(members[i].node_id, FINISH, rounds, _pending(p)) for i, p in pending.items()],
-            timeout,
-        )
+        finish = {i: message(members[i].node_id, FINISH, rounds, _pending(p)) for i, p in pending.items()}
+        _, failed = exchange(grid, finish, timeout)
+        for i, reason in sorted(failed.items()):
+            say(f"finish: client {members[i].name} (node {members[i].node_id}) did not save: {reason}")
 
 
 def _pending(item: tuple[str, Tensors] | None) -> dict[str, ArrayRecord]:
     return {} if item is None else {item[0]: to_record(item[1])}
 
 
+def check_init(init: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> str | None:
+    """Why a client's initial tensors cannot fix its layout, or None: the same names as client
+    0's, float and finite (shapes may differ with the rank)."""
+    if set(init) != set(first):
+        return f"tensor names differ from client 0's ({len(init)} against {len(first)})"
+    return check_upload(
+        init, {k: Spec(tuple(v.shape), first[k].dtype) for k, v in init.items()}, UploadLimits()
+    )
+
+
+def upload_of(reply: Message) -> Any:
+    """The tensors a train reply carries, or what the validator will refuse (None)."""
+    try:
+        return from_record(reply.content[UPLOAD])
+    except Exception:  # noqa: BLE001 - a malformed reply is a rejected upload, not a crash
+        return None
+
+
+def loss_of(reply: Message) -> float:
+    try:
+        return float(reply.content["metrics"]["loss"])
+    except Exception:  # noqa: BLE001
+        return float("nan")
+
+
 def round_record(
-    rnd: int, names: list[str], replies: list[Message], uploads: list[Tensors], downloads: list[Tensors]
+    rnd: int, names: list[str], losses: list[float], uploads: list[Tensors], downloads: list[Tensors]
 ) -> dict[str, Any]:
     """One line of rounds.jsonl: participants, loss and the exact bytes per client (the
     simulator's accounting, ``round_counts``), and the per-client means."""
@@ -358,7 +534,7 @@ def round_record(
     return {
         "round": rnd,
         "participants": names,
-        "loss": {n: float(r.content["metrics"]["loss"]) for n, r in zip(names, replies, strict=True)},
+        "loss": dict(zip(names, losses, strict=True)),
         "comm": dict(zip(names, comm, strict=True)),
         "bytes_up": fmean(c["bytes_up"] for c in comm),
         "bytes_down": fmean(c["bytes_down"] for c in comm),

@@ -122,6 +122,49 @@ def client_seed(seed: int, client: int) -> int:
     return hash_seed(seed, client) % (1 << 31)
 
 
+def client_config(
+    template: AdapterConfig, method: FederatedMethod, client: Client, seed: int, i: int
+) -> AdapterConfig:
+    """Client ``i``'s adapter: the federation's ``template`` at the client's rank and alpha, with
+    the method's layer kind and the client's own initialisation seed."""
+    return replace(
+        template, method=adapter_method(method), r=client.rank, alpha=client.alpha, seed=client_seed(seed, i)
+    )
+
+
+def set_trainable(model: AsymLoraModel, method: FederatedMethod) -> AsymLoraModel:
+    """Let exactly the adapter tensors the method trains require gradients."""
+    for name, layer in model.adapted.items():
+        for pname, param in layer.named_parameters(recurse=False):
+            param.requires_grad_(method.trainable(f"{name}.{pname}"))
+    return model
+
+
+def train_locally(
+    model: AsymLoraModel, client: Client, train: TrainConfig, seed: int, rnd: int, i: int, pad_id: int
+) -> tuple[Tensors, list[dict]]:
+    """Client ``i``'s local round ``rnd`` on ``model`` (which holds its state, trainable parts
+    set): the new adapter state and the training history. Any engine calls this, so a client
+    trains the same way, with the same seed, wherever it runs."""
+    history = local_train(model, client.encoded, train, hash_seed(seed, rnd, i), pad_id)
+    return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}, history
+
+
+def mean_loss(history: Sequence[Mapping[str, Any]]) -> float:
+    """The mean training loss of a local round (NaN when it took no step)."""
+    return fmean(h["loss"] for h in history) if history else float("nan")
+
+
+@torch.no_grad()
+def add_to_weights(layers: Mapping[str, nn.Module], deltas: Mapping[str, Tensor]) -> None:
+    """W += delta at every module named in ``deltas`` (keys ``<module>.<part>``, delta
+    (d_out, d_in); GPT-2's ``Conv1D`` stores its weight transposed)."""
+    for key, delta in deltas.items():
+        layer = layers[module_of(key)]
+        weight = layer.weight
+        weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight.dtype))
+
+
 def participants(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
     """The clients of round ``rnd``: ``max(1, round(fraction * N))`` of them, drawn without
     replacement by a generator seeded with (seed, round); sorted."""
@@ -180,8 +223,7 @@ class LocalSimulator:
 
     # --- the shared model -------------------------------------------------------------------
     def _config(self, i: int) -> AdapterConfig:
-        c = self.clients[i]
-        return replace(self.template, r=c.rank, alpha=c.alpha, seed=client_seed(self.seed, i))
+        return client_config(self.template, self.method, self.clients[i], self.seed, i)
 
     def _wrap(self, config: AdapterConfig) -> AsymLoraModel:
         """The shared base wrapped with adapters of ``config``'s shape (re-wrapped only when the
@@ -211,19 +253,15 @@ class LocalSimulator:
         (and only those) requiring gradients."""
         model = self._wrap(self._config(i))
         model.load_adapter_state_dict(self.states[i])
-        for name, layer in model.adapted.items():
-            for pname, param in layer.named_parameters(recurse=False):
-                param.requires_grad_(self.method.trainable(f"{name}.{pname}"))
-        return model
+        return set_trainable(model, self.method)
 
     # --- one round --------------------------------------------------------------------------
     def train_client(self, rnd: int, i: int) -> tuple[Tensors, list[dict]]:
         """Client ``i``'s side of round ``rnd``: local training on the shared model; returns its
         new state and the training history (the upload is ``method.upload`` of the state)."""
-        model = self.load_client(i)
-        seed = hash_seed(self.seed, rnd, i)
-        history = local_train(model, self.clients[i].encoded, self.train_cfg, seed, self.pad_id)
-        return {k: v.clone() for k, v in model.adapter_state_dict().items()}, history
+        return train_locally(
+            self.load_client(i), self.clients[i], self.train_cfg, self.seed, rnd, i, self.pad_id
+        )
 
     def client_upload(self, rnd: int, i: int) -> Tensors:
         """What client ``i`` sends in round ``rnd`` (a hook: tests replace it to play a bad client)."""
@@ -257,7 +295,7 @@ class LocalSimulator:
                 continue
             self.states[i] = state
             uploads.append((i, self.client_upload(rnd, i)))
-            losses[i] = fmean(h["loss"] for h in history) if history else float("nan")
+            losses[i] = mean_loss(history)
             if on_client is not None:
                 on_client(rnd, i, history)
         accepted, log.rejected = validate_uploads(uploads, self.specs, self.limits)
@@ -294,13 +332,9 @@ class LocalSimulator:
         if merged:
             self._merge_into_base(merged)
 
-    @torch.no_grad()
     def _merge_into_base(self, deltas: Mapping[str, Tensor]) -> None:
         """W0 += delta at every module, once, in the shared base (delta: (d_out, d_in))."""
-        for key, delta in deltas.items():
-            layer = self.base_layers[module_of(key)]
-            weight = layer.weight
-            weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight.dtype))
+        add_to_weights(self.base_layers, deltas)
 
     # --- the global model -------------------------------------------------------------------
     def global_kind(self) -> str | None:
