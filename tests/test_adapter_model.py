@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -129,14 +130,14 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
     tensors = load_file(weights)
     gone = "model.layers.1.self_attn.v_proj.lora_B"
     del tensors[gone]
-    tensors["model.layers.0.self_attn.q_proj.lora_A"] = torch.zeros(5, 32)
+    tensors["model.layers.0.self_attn.q_proj.lora_A"] = torch.zeros(8, 33)  # d_in 33 where the layer has 32
     save_file(tensors, weights)
     base = tiny_model("llama")
     with pytest.raises(ValueError) as err:
         load_adapter(base, folder)
     message = str(err.value)
     assert f"missing tensors: {gone}" in message
-    assert "model.layers.0.self_attn.q_proj.lora_A has shape (5, 32), expected (8, 32)" in message
+    assert "model.layers.0.self_attn.q_proj.lora_A has shape (8, 33), expected (8, 32)" in message
     assert not any(isinstance(m, MultiLoraLinear) for m in base.modules()), (
         "a failed load leaves the base as it was"
     )
@@ -161,6 +162,30 @@ def test_truncated_weights_and_bad_config_give_one_clear_error(tmp_path):
         load_adapter(tiny_model("llama"), folder)
     with pytest.raises(FileNotFoundError, match="no such adapter folder"):
         load_adapter(tiny_model("llama"), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "r",
+            10**9,
+            "gives lora_A 2000000000 along axis 0, but model.layers.0.self_attn.q_proj.lora_A has shape (8, 32)",
+        ),
+        ("num_experts", 10**6, "gives lora_A 4000000 along axis 0"),
+        ("method", "hydralora", "gives lora_A 4 along axis 0"),
+    ],
+)
+def test_config_that_disagrees_with_the_weights_is_refused_before_allocating(tmp_path, key, value, message):
+    """A tampered adapter_config.json asking for a huge rank or expert count is caught by comparing it
+    with the saved tensors' shapes: nothing of that size is ever allocated (it would not fit)."""
+    folder = _saved(tmp_path)
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_adapter(base, folder)
+    assert not any(isinstance(m, MultiLoraLinear) for m in base.modules())
 
 
 # --- PEFT export and merge ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -108,6 +108,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
             f"{found!r}; load it onto the base model it was trained on ({config.base_model_name_or_path})"
         )
     tensors = read_tensors(folder / WEIGHTS_FILE)
+    check_sizes_match(config, tensors, folder)
     try:
         wrapped = AsymLoraModel(model, config)
     except ValueError as err:  # e.g. target_modules that match nothing in this model
@@ -118,6 +119,43 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
         wrapped.unload()
         raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
     return wrapped
+
+
+def saved_sizes(config: AdapterConfig) -> dict[str, tuple[int, int]]:
+    """(axis, size) that every saved tensor of each kind must have under ``config``: the sizes the
+    config sets (rank, experts, d_m), whatever the layer's d_in and d_out."""
+    if config.method == "factored":
+        return {"lora_A": (0, config.r), "lora_M": (0, config.d_m), "lora_B1": (0, config.r),
+                "lora_B2": (1, config.r), "lora_B_base": (1, config.d_m)}  # fmt: skip
+    sizes = {"lora_A": (0, config.k_a * config.r), "lora_B": (1, config.k_b * config.r)}
+    if config.router in ("softmax", "topk") and config.num_experts > 1:
+        sizes["router"] = (0, config.num_experts)
+    return sizes
+
+
+def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], folder: Path) -> None:
+    """Refuse a config whose rank, expert count or d_m disagrees with the saved tensors before any
+    adapter is built: a tampered ``adapter_config.json`` asking for a huge rank would otherwise
+    allocate it. The file's own size bounds what a consistent config can ask for."""
+    sizes = saved_sizes(config)
+    seen = set()
+    for name, tensor in tensors.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in sizes:
+            continue
+        axis, size = sizes[kind]
+        if tensor.dim() != 2 or tensor.shape[axis] != size:
+            raise ValueError(
+                f"{folder / CONFIG_FILE} does not match {folder / WEIGHTS_FILE}: the config "
+                f"(method={config.method}, r={config.r}, num_experts={config.num_experts}, d_m={config.d_m}) "
+                f"gives {kind} {size} along axis {axis}, but {name} has shape {tuple(tensor.shape)}"
+            )
+        seen.add(kind)
+    missing = sorted(set(sizes) - seen)
+    if missing:
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE}: no {', '.join(missing)} tensors: not an adapter of this config"
+        )
 
 
 def export_peft(model: AsymLoraModel, folder: str | Path, task: int | None = None) -> Path:
