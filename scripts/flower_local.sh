@@ -13,7 +13,8 @@
 # FLOWER_ISOLATION=warm (the default) starts the SuperLink and the SuperNodes with `--isolation
 # process` and one `python -m asymlora.engines.flower_exec` that launches every ServerApp and
 # ClientApp task as a fork of one process that has imported torch and transformers already
-# (docs/flower.md). FLOWER_ISOLATION=subprocess uses Flower's stock launcher (`--isolation
+# (docs/flower.md); FLOWER_PRELOAD=MODEL also loads that model in it once, for every task.
+# FLOWER_ISOLATION=subprocess uses Flower's stock launcher (`--isolation
 # subprocess`: a fresh Python process per message; slower, no flwr internals involved).
 #
 # Uses the flwr of the current environment (put the venv's bin first on PATH, or set PYTHON);
@@ -85,25 +86,9 @@ wait_for_port() {
     return 1
 }
 
-flower-superlink --insecure --isolation "$mode" --disable-runtime-dependency-installation \
-    --host 127.0.0.1 --port "$link_port" >"$logs/superlink.log" 2>&1 &
-pids+=($!)
-
+# The runtime APIs: the SuperLink's (it serves every API on one port) and one per SuperNode.
 runtimes=("127.0.0.1:$link_port")
-for ((i = 0; i < nodes; i++)); do
-    flower-supernode --insecure --superlink "127.0.0.1:$link_port" --isolation "$mode" \
-        --node-config "partition-id=$i" --host 127.0.0.1 --port "${ports[$((i + 1))]}" \
-        >"$logs/supernode-$i.log" 2>&1 &
-    pids+=($!)
-    runtimes+=("127.0.0.1:${ports[$((i + 1))]}")
-done
-
-if [[ $isolation == warm ]]; then
-    for port in "${ports[@]}"; do wait_for_port "$port"; done
-    "$python" -m asymlora.engines.flower_exec --insecure "${runtimes[@]}" >"$logs/superexec.log" 2>&1 &
-    pids+=($!)
-fi
-wait_for_port "$link_port"
+for ((i = 0; i < nodes; i++)); do runtimes+=("127.0.0.1:${ports[$((i + 1))]}"); done
 
 # `flwr run DIR` walks every file under DIR (a .venv: tens of thousands) to build the app
 # bundle; stage what the bundle holds (pyproject.toml's fab-include) in a small folder instead.
@@ -112,7 +97,38 @@ mkdir -p "$stage"
 cp "$app_dir/pyproject.toml" "$stage/"
 (cd "$app_dir" && find src/asymlora -name '*.py' -print0 | xargs -0 cp --parents -t "$stage")
 
+if [[ $isolation == warm ]]; then
+    # One warm process: the SuperExecs of the SuperLink and of every SuperNode, and the runs. It
+    # starts first (its imports take longest) and waits for the runtime APIs itself.
+    runs=("$stage" local --stream)
+    for arg in "$@"; do
+        if [[ $arg == ::: ]]; then runs+=(::: "$stage" local --stream); else runs+=("$arg"); fi
+    done
+    preload=()
+    [[ -z ${FLOWER_PRELOAD:-} ]] || preload=(--preload "$FLOWER_PRELOAD")
+    "$python" -m asymlora.engines.flower_exec --insecure "${preload[@]}" "${runtimes[@]}" -- "${runs[@]}" &
+    warm=$!
+    pids+=($warm)
+fi
+
+flower-superlink --insecure --isolation "$mode" --disable-runtime-dependency-installation \
+    --host 127.0.0.1 --port "$link_port" >"$logs/superlink.log" 2>&1 &
+pids+=($!)
+
+for ((i = 0; i < nodes; i++)); do
+    flower-supernode --insecure --superlink "127.0.0.1:$link_port" --isolation "$mode" \
+        --node-config "partition-id=$i" --host 127.0.0.1 --port "${ports[$((i + 1))]}" \
+        >"$logs/supernode-$i.log" 2>&1 &
+    pids+=($!)
+done
 echo "SuperLink on 127.0.0.1:$link_port, $nodes SuperNodes ($isolation); logs in $logs" >&2
+
+if [[ $isolation == warm ]]; then
+    wait "$warm"
+    exit $?
+fi
+
+wait_for_port "$link_port"
 runs=()
 args=()
 submit() {

@@ -91,7 +91,7 @@ def start_flower(configs: list[dict[str, object]], logs: Path) -> subprocess.Pop
     """The script, in its own process group, running every config at once on NODES nodes."""
     logs.mkdir(parents=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env |= {"FLOWER_LOGS": str(logs), "PYTHON": sys.executable}
+    env |= {"FLOWER_LOGS": str(logs), "PYTHON": sys.executable, "FLOWER_PRELOAD": "tiny-llama"}
     args: list[str] = [str(SCRIPT), str(NODES)]
     for k, config in enumerate(configs):
         args += ([":::"] if k else []) + ["--run-config", as_flag(config)]

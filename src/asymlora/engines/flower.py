@@ -385,9 +385,9 @@ def message(node_id: int, kind: str, rnd: int, records: Mapping[str, Any]) -> Me
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
-def say(text: str) -> None:
+def say(text: str, level: int = logging.WARNING) -> None:
     """A line for the run's log: Flower's logger, which ``flwr run --stream`` shows."""
-    flwr_log(logging.WARNING, text)
+    flwr_log(level, text)
 
 
 def join(grid: Grid, nodes: Sequence[int], cfg: FederatedConfig, timeout: float):
@@ -440,6 +440,7 @@ def server_main(grid: Grid, context: Context) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    started = time.monotonic()
     members, inits = join(grid, wait_for_nodes(grid, n, timeout), cfg, timeout)
     for i, init in enumerate(inits):  # the layouts the uploads are held to come from these
         reason = check_init(init, inits[0])
@@ -452,7 +453,9 @@ def server_main(grid: Grid, context: Context) -> None:
     pending: dict[int, tuple[str, Tensors]] = {i: (SETUP, setups[i]) for i in range(n)}
 
     records: list[dict[str, Any]] = []
+    say(f"init: {n} clients joined in {time.monotonic() - started:.1f} s", logging.INFO)
     for rnd in range(1, cfg.federation.rounds + 1):
+        started = time.monotonic()
         chosen = participants(n, cfg.federation.fraction, cfg.seed, rnd)
         msgs = {
             i: message(members[i].node_id, MessageType.TRAIN, rnd, _pending(pending.pop(i, None)))
@@ -483,6 +486,7 @@ def server_main(grid: Grid, context: Context) -> None:
         )
         record["dropped"] = {members[i].name: r for i, r in dropped}
         record["rejected"] = {members[i].name: r for i, r in rejected}
+        record["seconds"] = round(time.monotonic() - started, 2)
         records.append(record)
         save_file({k: v.contiguous() for k, v in server.items()}, str(out / SERVER_FILE))
         (out / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))

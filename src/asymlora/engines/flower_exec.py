@@ -17,8 +17,16 @@ Usage (one process can serve several runtime APIs: it forks one SuperExec per ad
     flower-supernode --isolation process --port P1 ...     # runtime API on 127.0.0.1:P1
     python -m asymlora.engines.flower_exec --insecure ADDR0 127.0.0.1:P1 ...
 
+With ``-- RUN [::: RUN]...`` the same process also submits ``flwr run RUN`` for each group, as
+forks (``flwr run`` imports the app's module to check it: torch and transformers again, per
+run, otherwise), waits for them, stops its SuperExecs and exits with the first failing status::
+
+    python -m asymlora.engines.flower_exec --insecure ADDR0 ... -- APP_DIR local --stream --run-config "..."
+
 ``--preload MODEL`` also loads a model into the process (a module-level cache of
-``asymlora.engines.flower``), which the forked tasks then share copy-on-write.
+``asymlora.engines.flower``), which the forked tasks then share copy-on-write. The warm process
+runs torch on one thread (OpenMP's pool does not survive a fork once used); each task gets
+torch's default thread count back (the run config's ``num-threads`` sets it per task).
 
 This reaches into two internals of flwr (checked against 1.42): the SuperExec loop looks up
 ``get_executor`` in ``flwr.supercore.superexec.run_superexec``, and exit handlers are kept in
@@ -33,7 +41,9 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
+import time
 import traceback
 from importlib.metadata import entry_points
 from typing import Any
@@ -93,11 +103,30 @@ def _forget_parent() -> None:
     exit_handler.registered_exit_handlers.clear()
 
 
+# OpenMP (torch's CPU thread pool) cannot be used in a forked child once the parent has run a
+# parallel region; the warm process therefore computes single-threaded (``--preload``) and every
+# forked task gets torch's default thread count back.
+_THREADS = {"default": 0}
+
+
+def single_threaded() -> None:
+    """Before any torch work in the warm process: remember the default, run on one thread."""
+    import torch
+
+    if not _THREADS["default"]:
+        _THREADS["default"] = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def run_forked(argv: list[str], quiet: bool) -> None:
     """The child's side of a launch: run Flower's entry point for ``argv``; never returns."""
     code = 1
     try:
         _forget_parent()
+        if _THREADS["default"]:
+            import torch
+
+            torch.set_num_threads(_THREADS["default"])
         if quiet:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
@@ -175,50 +204,98 @@ def superexec(address: str, flags: list[str]) -> None:
     flower_superexec()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[list[str]]]:
+    """The options, and the ``flwr run`` argument groups after ``--`` (separated by ``:::``)."""
+    runs: list[list[str]] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, rest = argv[:cut], argv[cut + 1 :]
+        runs = [[]]
+        for arg in rest:
+            if arg == ":::":
+                runs.append([])
+            else:
+                runs[-1].append(arg)
     parser = argparse.ArgumentParser(
         prog="python -m asymlora.engines.flower_exec",
-        description="A warm SuperExec (fork per task) for SuperLinks/SuperNodes run with --isolation process",
+        description="A warm SuperExec (fork per task) for SuperLinks/SuperNodes run with "
+        "--isolation process; with `-- RUN [::: RUN]...` it also submits those `flwr run`s "
+        "(from the same warm process) and exits when they have ended.",
     )
     parser.add_argument("addresses", nargs="+", help="runtime API addresses (host:port) to serve")
     parser.add_argument("--insecure", action="store_true", help="connect to the runtime APIs without TLS")
     parser.add_argument("--root-certificates", help="CA certificate of the runtime APIs (TLS)")
     parser.add_argument("--preload", default="", help="a model name to load before forking")
-    return parser.parse_args(argv)
+    return parser.parse_args(argv), [r for r in runs if r]
+
+
+def fork(target: Any, *args: Any) -> int:
+    """A child process running ``target(*args)`` (which should not return)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            target(*args)
+        finally:
+            os._exit(1)
+    return pid
+
+
+def wait_for(addresses: list[str], timeout: float = 120.0) -> None:
+    """Until every ``host:port`` accepts TCP connections (this process may start before them)."""
+    deadline = time.monotonic() + timeout
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        while True:
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), 1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"nothing listens on {address} after {timeout:g} s") from None
+                time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, runs = parse_args(sys.argv[1:] if argv is None else argv)
     check_flwr()
+    single_threaded()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads across forks
     if args.preload:
         _app.base_model(args.preload)
+    if runs:
+        import flwr.cli.app  # noqa: F401  (warm: `flwr run` imports it)
+    wait_for(args.addresses)
     flags = ["--insecure"] if args.insecure else []
     if args.root_certificates:
         flags += ["--root-certificates", args.root_certificates]
-    if len(args.addresses) == 1:
+    if len(args.addresses) == 1 and not runs:
         superexec(args.addresses[0], flags)
         return
     flags += ["--parent-pid", str(os.getpid())]  # each SuperExec ends when this process does
-    children = []
-    for address in args.addresses:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                superexec(address, flags)
-            finally:
-                os._exit(1)
-        children.append(pid)
+    servers = [fork(superexec, address, flags) for address in args.addresses]
+    clients = [fork(run_forked, ["flwr", "run", *run], False) for run in runs]
 
     def stop(signum: int, _frame: Any) -> None:
-        for pid in children:
+        for pid in servers + clients:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for pid in children:
-        os.waitpid(pid, 0)
+    status = 0
+    for pid in clients or servers:
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        status = status or code
+    if clients:
+        for pid in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in servers:
+            os.waitpid(pid, 0)
+    raise SystemExit(status if status >= 0 else 128 - status)
 
 
 if __name__ == "__main__":
