@@ -74,8 +74,8 @@ from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, Tensors, part, select
 from ..federated.validate import Spec, UploadLimits, check_upload, expected_upload, validate_uploads
 from ..models import load_model
-from ..recipes.federated import FederatedConfig, build_clients, load_config
-from ..train import encode_tasks, pad_id_of
+from ..train import pad_id_of
+from .federation import FederatedConfig, adapter_template, build_clients, engine_client, load_config
 from .local import (
     Client,
     add_to_weights,
@@ -126,14 +126,6 @@ def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
 
 def method_of(cfg: FederatedConfig) -> FederatedMethod:
     return get_method(cfg.federation.method, **cfg.federation.method_options())
-
-
-def adapter_template(cfg: FederatedConfig) -> AdapterConfig:
-    """Every client's adapter before its method, rank, alpha and seed (as ``make_simulator``)."""
-    a = cfg.adapter
-    return AdapterConfig(
-        method="lora", dropout=a.dropout, target_modules=a.target_modules, layers=a.layers, d_m=a.d_m
-    )
 
 
 # --- test hook: a node that corrupts its upload ----------------------------------------------------
@@ -234,9 +226,7 @@ class Node:
         if threads > 0:
             torch.set_num_threads(threads)
         rank = cfg.adapter.ranks_for(len(data))[index]
-        _, tokenizer = base_model(cfg.model)
-        encoded = encode_tasks(tokenizer, data[index].examples, cfg.train.max_length)
-        client = Client(data[index].name, encoded, rank, cfg.adapter.alpha_for(rank))
+        client = engine_client(cfg, data[index], rank, base_model(cfg.model)[1])
         config = client_config(adapter_template(cfg), method, client, cfg.seed, index)
         return cls(cfg, method, index, client, config)
 

@@ -31,20 +31,17 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..adapters import (
-    AdapterConfig,
     AsymLoraModel,
     export_peft,
     load_adapter,
@@ -53,272 +50,31 @@ from ..adapters import (
     wrap,
 )
 from ..adapters.io import atomic_write
-from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
-from ..data.partition import dirichlet_split
-from ..data.registry import SUITES, get_suite, get_task
-from ..data.task import Task, continuation
-from ..engines.local import Client, LocalSimulator, RoundLog, find_checkpoint
+from ..data.task import Task
+from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
+    DEVICES,
+    METHOD_OPTIONS,
+    PARTITIONS,
+    ClientAdapterConfig,
+    ClientData,
+    ClientsConfig,
+    FederatedConfig,
+    FederationConfig,
+    FedEvalConfig,
+    adapter_template,
+    build_clients,
+    engine_client,
+    load_config,
+    save_config,
+    task_examples,
+    unique_names,
+)
+from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
 from ..eval.runner import evaluate_task
-from ..federated import METHODS, get_method
+from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
-from ..federated.validate import NORMS, UploadLimits
 from ..models import load_model
-from ..train import Example, TrainConfig, encode_tasks, pad_id_of
-
-PARTITIONS = ("task", "dirichlet")
-METHOD_OPTIONS = ("reset_a_each_round", "dense_download")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-# --- configuration ------------------------------------------------------------------------------
-@dataclass
-class FederationConfig:
-    method: str = field(default="fedalora", metadata={"help": "one of " + ", ".join(METHODS)})
-    rounds: int = field(default=3, metadata={"help": "communication rounds"})
-    fraction: float = field(default=1.0, metadata={"help": "share of the clients taking part in a round"})
-    reset_a_each_round: bool = field(
-        default=False,
-        metadata={"help": "fedalora / fedalora-het: the reference's per-round reset of A (a defect)"},
-    )
-    dense_download: bool = field(
-        default=False, metadata={"help": "flora: send the merged product instead of the stacks"}
-    )
-    min_clients: int = field(
-        default=1,
-        metadata={"help": "fewest valid uploads a round may aggregate (after drops and rejections)"},
-    )
-    max_upload_norm: float | None = field(
-        default=None, metadata={"help": "reject an upload whose L2 norm exceeds this (None: no bound)"}
-    )
-    upload_norm: str = field(
-        default="total",
-        metadata={"help": "what max_upload_norm bounds: total (all tensors together) | tensor (each)"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"federation.method={self.method!r} is not one of {', '.join(METHODS)}")
-        if self.rounds < 1:
-            raise ConfigError(f"federation.rounds={self.rounds} must be >= 1")
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"federation.fraction={self.fraction} must be in (0, 1]")
-        accepted = {f.name for f in fields(METHODS[self.method])}
-        for option in METHOD_OPTIONS:
-            if getattr(self, option) and option not in accepted:
-                raise ConfigError(f"federation.{option} is not an option of {self.method}")
-        if self.min_clients < 1:
-            raise ConfigError(f"federation.min_clients={self.min_clients} must be >= 1")
-        bound = self.max_upload_norm
-        if bound is not None and not (math.isfinite(bound) and bound > 0):
-            raise ConfigError(f"federation.max_upload_norm={bound} must be a finite number > 0 (or null)")
-        if self.upload_norm not in NORMS:
-            raise ConfigError(
-                f"federation.upload_norm={self.upload_norm!r} must be one of {', '.join(NORMS)}"
-            )
-
-    def limits(self) -> UploadLimits:
-        """The upload checks' norm bound, for the engine."""
-        return UploadLimits(self.max_upload_norm, self.upload_norm)
-
-    def method_options(self) -> dict[str, Any]:
-        """The options the chosen method takes, for ``get_method``."""
-        accepted = {f.name for f in fields(METHODS[self.method])}
-        return {option: getattr(self, option) for option in METHOD_OPTIONS if option in accepted}
-
-
-@dataclass
-class ClientAdapterConfig:
-    r: int = field(default=8, metadata={"help": "every client's rank (when ranks is not given)"})
-    ranks: list[int] | None = field(
-        default=None, metadata={"help": "one rank per client, e.g. [64, 64, 32, 32, 16, 16, 8, 8]"}
-    )
-    alpha: float | None = field(
-        default=None, metadata={"help": "LoRA alpha of every client; None: 2 r_i (scale 2, the reference)"}
-    )
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = None
-    d_m: int = field(default=16, metadata={"help": "fedalora-het: width of the shared B_base"})
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"adapter.r={self.r} must be >= 1")
-        if self.ranks is not None and (not self.ranks or min(self.ranks) < 1):
-            raise ConfigError(f"adapter.ranks={self.ranks} must be a non-empty list of ranks >= 1")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ConfigError(f"adapter.alpha={self.alpha} must be > 0")
-
-    def ranks_for(self, num_clients: int) -> list[int]:
-        return list(self.ranks) if self.ranks is not None else [self.r] * num_clients
-
-    def alpha_for(self, rank: int) -> float:
-        return self.alpha if self.alpha is not None else 2.0 * rank
-
-
-@dataclass
-class ClientsConfig:
-    suite: str = field(default="fed-nlp", metadata={"help": "a named suite: one client per task"})
-    tasks: list[str] = field(
-        default_factory=list,
-        metadata={"help": "task names or .json/.jsonl files; when given, used instead of the suite"},
-    )
-    partition: str = field(
-        default="task",
-        metadata={"help": "task (one task per client) | dirichlet (split of the pooled tasks)"},
-    )
-    num_clients: int | None = field(default=None, metadata={"help": "dirichlet only: how many clients"})
-    dirichlet_alpha: float = field(default=0.5, metadata={"help": "dirichlet only: small = more skewed"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the train/test splits and the partition"})
-    max_train_per_task: int | None = field(
-        default=None, metadata={"help": "cap on training examples per task"}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.tasks and self.suite not in SUITES:
-            raise ConfigError(f"clients.suite={self.suite!r} is not one of {', '.join(SUITES)}")
-        if self.partition not in PARTITIONS:
-            raise ConfigError(f"clients.partition={self.partition!r} must be one of {', '.join(PARTITIONS)}")
-        if self.partition == "dirichlet" and (self.num_clients is None or self.num_clients < 1):
-            raise ConfigError("clients.num_clients must be set (>= 1) for clients.partition='dirichlet'")
-        if self.partition == "task" and self.num_clients is not None:
-            raise ConfigError(
-                "clients.num_clients is for the dirichlet partition; 'task' has one client per task"
-            )
-        if self.dirichlet_alpha <= 0:
-            raise ConfigError(f"clients.dirichlet_alpha={self.dirichlet_alpha} must be > 0")
-        if self.max_train_per_task is not None and self.max_train_per_task < 1:
-            raise ConfigError(f"clients.max_train_per_task={self.max_train_per_task} must be >= 1")
-
-    def task_names(self) -> list[str]:
-        return list(self.tasks) if self.tasks else list(SUITES[self.suite])
-
-    def count(self) -> int:
-        """The number of clients, known without loading any data."""
-        return self.num_clients if self.partition == "dirichlet" else len(self.task_names())
-
-
-@dataclass
-class FedEvalConfig:
-    limit: int | None = field(default=50, metadata={"help": "test examples per task (None: all)"})
-    batch_size: int = 16
-    max_length: int = field(
-        default=1024, metadata={"help": "context tokens at evaluation (prompt kept from the right)"}
-    )
-    every: int = field(default=1, metadata={"help": "evaluate every N rounds (0: only after the last)"})
-    global_model: bool = field(default=True, metadata={"help": "also evaluate the global model, if any"})
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"eval.limit={self.limit} must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1")
-        if self.every < 0:
-            raise ConfigError(f"eval.every={self.every} must be >= 0")
-
-
-def _local_training() -> TrainConfig:
-    return TrainConfig(steps=10, batch_size=8, lr=5e-4, schedule="constant")
-
-
-@dataclass
-class FederatedConfig:
-    model: str = field(
-        default="smollm2-135m", metadata={"help": "smollm2-135m, tiny-llama, a folder or a hub id"}
-    )
-    output_dir: str = "runs/federated"
-    seed: int = field(default=0, metadata={"help": "adapters' initial draws, participants, local batches"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available) | cpu | cuda"})
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    adapter: ClientAdapterConfig = field(default_factory=ClientAdapterConfig)
-    clients: ClientsConfig = field(default_factory=ClientsConfig)
-    train: TrainConfig = field(
-        default_factory=_local_training, metadata={"help": "one local round: train.steps steps"}
-    )
-    eval: FedEvalConfig = field(default_factory=FedEvalConfig)
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
-        n = self.clients.count()
-        if self.adapter.ranks is not None and len(self.adapter.ranks) != n:
-            raise ConfigError(
-                f"adapter.ranks has {len(self.adapter.ranks)} entries but there are {n} clients; "
-                "give one rank per client"
-            )
-        per_round = max(1, round(self.federation.fraction * n))
-        if self.federation.min_clients > per_round:
-            raise ConfigError(
-                f"federation.min_clients={self.federation.min_clients} exceeds the {per_round} "
-                f"client(s) taking part in a round ({n} clients, fraction {self.federation.fraction})"
-            )
-        ranks = self.adapter.ranks_for(n)
-        if not METHODS[self.federation.method].heterogeneous and len(set(ranks)) > 1:
-            raise ConfigError(
-                f"adapter.ranks={ranks}: federation.method={self.federation.method!r} needs every "
-                "client at the same rank; use zeropad, flora, flexlora or fedalora-het"
-            )
-
-
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
-) -> FederatedConfig:
-    """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides.
-
-    The local-training defaults (``_local_training``) are merged in first, so that a file giving
-    only ``train.steps`` keeps the federated defaults for the other training fields."""
-    data = merge({"train": to_dict(_local_training())}, base or {})
-    data = merge(data, read_file(path) if path else {})
-    return from_dict(FederatedConfig, apply_overrides(data, overrides or []))
-
-
-def save_config(cfg: FederatedConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-# --- clients' data ------------------------------------------------------------------------------
-@dataclass
-class ClientData:
-    """One client's data: the tasks it holds examples of, the share of its training examples
-    from each (the weights of its score), and the examples, one list per task."""
-
-    name: str
-    tasks: list[Task]
-    shares: list[float]
-    examples: list[list[Example]]
-
-
-def task_examples(task: Task, clients: ClientsConfig) -> list[Example]:
-    """A task's train split as (prompt, continuation) examples, capped at max_train_per_task."""
-    split = task.splits(clients.split_seed)["train"]
-    if clients.max_train_per_task is not None:
-        split = split.select(range(min(clients.max_train_per_task, len(split))))
-    return [Example(task.prompt(ex), continuation(task.target(ex)), 0) for ex in split]
-
-
-def build_clients(clients: ClientsConfig) -> list[ClientData]:
-    """The federation's clients: one per task, or a Dirichlet split of the pooled tasks."""
-    tasks = [get_task(t) for t in clients.tasks] if clients.tasks else get_suite(clients.suite)
-    pools = [task_examples(task, clients) for task in tasks]
-    if clients.partition == "task":
-        names = unique_names([t.name for t in tasks])
-        return [ClientData(n, [t], [1.0], [p]) for n, t, p in zip(names, tasks, pools, strict=True)]
-    labels = [t for t, pool in enumerate(pools) for _ in pool]
-    flat = [ex for pool in pools for ex in pool]
-    parts = dirichlet_split(labels, clients.num_clients, clients.dirichlet_alpha, clients.split_seed)
-    out = []
-    for i, indices in enumerate(parts):
-        held = sorted({labels[j] for j in indices})
-        examples = [
-            [replace(flat[j], task_id=k) for j in indices if labels[j] == t] for k, t in enumerate(held)
-        ]
-        shares = [len(e) / len(indices) for e in examples]
-        out.append(ClientData(f"client-{i}", [tasks[t] for t in held], shares, examples))
-    return out
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """Names made unique by a suffix where two clients' tasks share one (two files ``a.jsonl``)."""
-    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+from ..train import pad_id_of
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -412,14 +168,8 @@ def resolve_device(name: str) -> torch.device:
 def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokenizer) -> LocalSimulator:
     """The simulator for this config: one engine client per data client, at its rank."""
     ranks = cfg.adapter.ranks_for(len(clients))
-    engine_clients = [
-        Client(c.name, encode_tasks(tokenizer, c.examples, cfg.train.max_length), r, cfg.adapter.alpha_for(r))
-        for c, r in zip(clients, ranks, strict=True)
-    ]
-    a = cfg.adapter
-    template = AdapterConfig(
-        method="lora", dropout=a.dropout, target_modules=a.target_modules, layers=a.layers, d_m=a.d_m
-    )
+    engine_clients = [engine_client(cfg, c, r, tokenizer) for c, r in zip(clients, ranks, strict=True)]
+    template = adapter_template(cfg)
     method = get_method(cfg.federation.method, **cfg.federation.method_options())
     return LocalSimulator(
         base,
