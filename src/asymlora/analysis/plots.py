@@ -89,9 +89,19 @@ def plot_gradients(results: dict[str, Any] | Sequence[dict[str, Any]], path: str
     fig, axes = _figure(3)
     for result, style in zip(results, ("-o", "--s", ":^", "-.v"), strict=False):
         label = f"shared {result['shared_matrix']}: "
-        for ax, key in zip(axes, ("mean_grad_norm_A", "mean_grad_norm_B", "conflicts"), strict=True):
+        for ax, key in zip(axes[:2], ("mean_grad_norm_A", "mean_grad_norm_B"), strict=True):
             _lines(ax, result["modules"], lambda r, key=key: r[key], label, style)
+        if "layers" in result:  # pooled (run_gradient_experiment): all modules of a block together
+            points = sorted((x["layer"], x["conflicts"]) for x in result["layers"] if x["layer"] is not None)
+            total = sum(x["pairs"] for x in result["layers"])
+            axes[2].plot([p[0] for p in points], [p[1] for p in points], style, ms=3,
+                         label=f"{label}{result['total_conflicts']}/{total} in all")  # fmt: skip
+        else:
+            _lines(axes[2], result["modules"], lambda r: r["conflicts"], label, style)
     axes[0].set_ylabel("gradient norm of A")
     axes[1].set_ylabel("gradient norm of B")
     axes[2].set_ylabel("conflicting task pairs (shared matrix)")
+    if any("layers" in r for r in results):
+        pairs = max(x["pairs"] for r in results if "layers" in r for x in r["layers"])
+        axes[2].set_title(f"per layer, out of {pairs} (modules x task pairs x steps)", fontsize="small")
     return _finish(fig, axes, path, "per-task gradients")
