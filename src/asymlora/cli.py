@@ -258,7 +258,9 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, help="federation.rounds")
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
-    p.add_argument("--methods", help="compare: comma-separated methods, one run per method and seed (needs --out)")
+    p.add_argument(
+        "--methods", help="compare: comma-separated methods, one run per method and seed (needs --out)"
+    )
     p.add_argument("--seeds", help="compare: comma-separated seeds (default: the config's seed)")
 
 
