@@ -88,6 +88,8 @@ from .local import (
 
 INIT, FINISH = f"{MessageType.QUERY}.init", f"{MessageType.QUERY}.finish"
 STATE, ROUND0, TRAINED = "asymlora-state", "asymlora-init", "asymlora-trained"  # context.state keys
+APPLIED, ANSWERS = "asymlora-applied", "answers"  # the last download round applied; a download's round
+MERGE, MERGED = "merge", "asymlora-merged"  # FLoRA: a missed round's merge; the last one applied
 SETUP, DOWNLOAD, UPLOAD, TENSORS = "setup", "download", "upload", "tensors"
 SERVER_FILE, ROUNDS_FILE = "server.safetensors", "rounds.jsonl"
 BASE_DELTA_FILE = "base_delta.safetensors"
@@ -257,12 +259,20 @@ def from_record(record: ArrayRecord) -> Tensors:
 def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
     """The client's state after what the message carries: setup's parts (round 1), or the
     download of the round it last trained in, applied to that trained state. Without a download
-    the trained state is dropped (the server left it out) and the state stays as it was."""
+    the trained state is dropped (the server left it out) and the state stays as it was.
+
+    A download carries the round it answers (0: setup). The server sends it again when the
+    message that carried it got no reply (a timeout: the node may or may not have applied it);
+    one of a round this node has applied already is ignored."""
     state = from_record(context.state[STATE])
     trained = from_record(context.state[TRAINED]) if TRAINED in context.state else None
     if TRAINED in context.state:
         del context.state[TRAINED]
-    if SETUP in content:
+    applied = int(context.state[APPLIED]["round"]) if APPLIED in context.state else -1
+    answers = int(content["config"].get(ANSWERS, -1)) if "config" in content else -1
+    if answers <= applied:
+        pass  # nothing new: a download applied before (resent), or none at all
+    elif SETUP in content:
         state |= from_record(content[SETUP])
         context.state[ROUND0] = to_record(state)
     elif DOWNLOAD in content:
@@ -270,7 +280,25 @@ def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
             raise RuntimeError("a download arrived, but this node has no trained state waiting for it")
         init = from_record(context.state[ROUND0])
         state = node.method.apply_download(trained, from_record(content[DOWNLOAD]), init)
+    if SETUP in content or DOWNLOAD in content:
+        context.state[APPLIED] = ConfigRecord({"round": max(applied, answers)})
+    state = receive_merges(context, content, state)
     context.state[STATE] = to_record(state)
+    return state
+
+
+def receive_merges(context: Context, content: RecordDict, state: Tensors) -> Tensors:
+    """FLoRA: add the merges of rounds this client was left out of to its base_delta, each
+    round once (a merge sent again after a lost reply is skipped)."""
+    done = int(context.state[MERGED]["round"]) if MERGED in context.state else 0
+    rounds = sorted(int(k.rpartition("-")[2]) for k in content if k.startswith(f"{MERGE}-"))
+    for r in rounds:
+        if r > done:
+            for k, v in from_record(content[f"{MERGE}-{r}"]).items():
+                state[k] = state[k] + v if k in state else v
+            done = r
+    if rounds:
+        context.state[MERGED] = ConfigRecord({"round": done})
     return state
 
 
@@ -370,8 +398,27 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def message(node_id: int, kind: str, rnd: int, records: Mapping[str, Any]) -> Message:
-    content = RecordDict({"config": ConfigRecord({"round": rnd}), **records})
+Pending = tuple[str, Tensors, int]  # (SETUP or DOWNLOAD, tensors, the round it answers)
+
+
+def message(
+    node_id: int,
+    kind: str,
+    rnd: int,
+    pending: Pending | None = None,
+    merges: Mapping[int, Tensors] | None = None,
+) -> Message:
+    """A message of round ``rnd``, carrying the node's pending setup or download if any, and
+    (FLoRA) the merges of the rounds it was left out of, as ``merge-<round>``."""
+    config: dict[str, int] = {"round": rnd}
+    records: dict[str, Any] = {}
+    if pending is not None:
+        name, tensors, answers = pending
+        config[ANSWERS] = answers
+        records[name] = to_record(tensors)
+    for r, tensors in sorted((merges or {}).items()):
+        records[f"{MERGE}-{r}"] = to_record(tensors)
+    content = RecordDict({"config": ConfigRecord(config), **records})
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
@@ -385,7 +432,7 @@ def join(grid: Grid, nodes: Sequence[int], cfg: FederatedConfig, timeout: float)
     with; nodes of a higher partition-id sit this run out."""
     n = cfg.clients.count()
     ranks = cfg.adapter.ranks_for(n)
-    replies, failed = exchange(grid, {k: message(nid, INIT, 0, {}) for k, nid in enumerate(nodes)}, timeout)
+    replies, failed = exchange(grid, {k: message(nid, INIT, 0) for k, nid in enumerate(nodes)}, timeout)
     members: dict[int, Member] = {}
     inits: dict[int, Tensors] = {}
     for k, reply in replies.items():
@@ -440,18 +487,26 @@ def server_main(grid: Grid, context: Context) -> None:
             )
     server, setups = method.setup(inits)
     specs = {i: expected_upload(method, setups[i]) for i in range(n)}
-    pending: dict[int, tuple[str, Tensors]] = {i: (SETUP, setups[i]) for i in range(n)}
+    pending: dict[int, Pending] = {i: (SETUP, setups[i], 0) for i in range(n)}
+    # FLoRA: a round's merge reaches every client, also those left out of the round (as the
+    # simulator's one shared base does); kept per client and round until the client confirms.
+    merges: dict[int, dict[int, Tensors]] = {i: {} for i in range(n)}
+    merging = BASE_DELTA in method.local
 
     records: list[dict[str, Any]] = []
     say(f"init: {n} clients joined in {time.monotonic() - started:.1f} s", logging.INFO)
     for rnd in range(1, cfg.federation.rounds + 1):
         started = time.monotonic()
         chosen = participants(n, cfg.federation.fraction, cfg.seed, rnd)
-        msgs = {
-            i: message(members[i].node_id, MessageType.TRAIN, rnd, _pending(pending.pop(i, None)))
-            for i in chosen
-        }
+        sent = {i: pending.pop(i, None) for i in chosen}
+        msgs = {i: message(members[i].node_id, MessageType.TRAIN, rnd, sent[i], merges[i]) for i in chosen}
         replies, failed = exchange(grid, msgs, timeout)
+        for i in chosen:
+            if i in failed:  # the node may not have applied what it was sent: send it again
+                if sent[i] is not None and i not in pending:
+                    pending[i] = sent[i]
+            else:
+                merges[i] = {}
         uploads = [(i, upload_of(replies[i])) for i in chosen if i in replies]
         accepted, rejected = validate_uploads(uploads, specs, limits)
         dropped = sorted(failed.items())
@@ -469,7 +524,12 @@ def server_main(grid: Grid, context: Context) -> None:
             server,
             [members[i].scale for i in kept],
         )
-        pending |= {i: (DOWNLOAD, d) for i, d in zip(kept, downloads, strict=True)}
+        pending |= {i: (DOWNLOAD, d, rnd) for i, d in zip(kept, downloads, strict=True)}
+        if merging:
+            for i in set(range(n)) - set(kept):
+                merges[i][rnd] = select(
+                    method.apply_download(setups[i], downloads[0], setups[i]), {BASE_DELTA}
+                )
         losses = [loss_of(replies[i]) for i in kept]
         record = round_record(
             rnd, [members[i].name for i in kept], losses, [u for _, u in accepted], downloads
@@ -484,14 +544,11 @@ def server_main(grid: Grid, context: Context) -> None:
 
     if context.run_config.get("save-adapters", True):
         rounds = cfg.federation.rounds
-        finish = {i: message(members[i].node_id, FINISH, rounds, _pending(p)) for i, p in pending.items()}
+        due = sorted(set(pending) | {i for i in range(n) if merges[i]})
+        finish = {i: message(members[i].node_id, FINISH, rounds, pending.get(i), merges[i]) for i in due}
         _, failed = exchange(grid, finish, timeout)
         for i, reason in sorted(failed.items()):
             say(f"finish: client {members[i].name} (node {members[i].node_id}) did not save: {reason}")
-
-
-def _pending(item: tuple[str, Tensors] | None) -> dict[str, ArrayRecord]:
-    return {} if item is None else {item[0]: to_record(item[1])}
 
 
 def check_init(init: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> str | None:
