@@ -43,6 +43,9 @@ def test_grid_summarises_its_runs_and_skips_finished_ones(tmp_path: Path, capsys
     capsys.readouterr()
     assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0,1") == 0
     assert capsys.readouterr().out.count("skip (finished)") == 4
+    # the same folder with another step count: refused, not reported under the new settings
+    assert federate(out, tasks, "--methods", "fedit", "--seeds", "0", "--set", "train.steps=2") == 2
+    assert "holds a run made with another config (train.steps: 1 -> 2)" in capsys.readouterr().err
 
 
 def test_grid_needs_an_output_folder_and_known_methods(tmp_path: Path) -> None:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..adapters import METHODS
 from ..config import ConfigError
 from ..eval.report import delta_m
-from .multitask import MultitaskConfig, run, select_tasks
+from .multitask import MultitaskConfig, run, save_config, select_tasks
 
 
 def cell_config(
@@ -35,7 +39,37 @@ def cell_config(
     )
 
 
+def config_differences(have: Any, want: Any, prefix: str = "") -> list[str]:
+    """``key: saved -> new`` for every leaf where two config dicts differ."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        return [
+            line
+            for key in dict.fromkeys([*have, *want])
+            for line in config_differences(have.get(key), want.get(key), f"{prefix}{key}.")
+        ]
+    return [] if have == want else [f"{prefix.rstrip('.')}: {have!r} -> {want!r}"]
+
+
+def check_same_config(cfg: Any, save_config: Callable[[Any, Path], None]) -> None:
+    """Refuse to skip or resume a cell whose folder holds a run made with another config (say
+    another step count): its results would be reported under the new settings."""
+    folder = Path(cfg.output_dir)
+    saved = folder / "config.yaml"
+    if not saved.exists():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(cfg, Path(tmp) / "config.yaml")
+        want = yaml.safe_load((Path(tmp) / "config.yaml").read_text())
+    diffs = config_differences(yaml.safe_load(saved.read_text()), want)
+    if diffs:
+        raise ConfigError(
+            f"{folder} holds a run made with another config ({'; '.join(diffs[:6])}): "
+            "give another --out, or delete that folder to run it again"
+        )
+
+
 def run_cell(cfg: MultitaskConfig, log=print) -> dict[str, Any]:
+    check_same_config(cfg, save_config)
     done = Path(cfg.output_dir) / "results.json"
     if done.exists():
         log(f"skip (finished): {cfg.output_dir}")

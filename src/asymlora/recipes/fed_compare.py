@@ -17,8 +17,8 @@ from typing import Any
 from ..config import ConfigError
 from ..eval.report import summarize
 from ..federated import METHODS
-from .compare import plot, plus_minus, summarize_cells
-from .federated import FederatedConfig, run
+from .compare import check_same_config, plot, plus_minus, summarize_cells
+from .federated import FederatedConfig, run, save_config
 
 
 def cell_config(base: FederatedConfig, method: str, seed: int, out: Path) -> FederatedConfig:
@@ -29,6 +29,7 @@ def cell_config(base: FederatedConfig, method: str, seed: int, out: Path) -> Fed
 
 
 def run_cell(cfg: FederatedConfig, log=print) -> dict[str, Any]:
+    check_same_config(cfg, save_config)
     done = Path(cfg.output_dir) / "results.json"
     if done.exists():
         log(f"skip (finished): {cfg.output_dir}")
