@@ -30,7 +30,8 @@ the round, logged with the reason, the node and the client, and kept in ``rounds
 (``rejected`` / ``dropped``). The round goes on with the rest when at least
 ``federation.min_clients`` uploads are left, and fails the run otherwise. A client left out
 keeps its state from before the round (its trained state is only kept once the server sends it
-the round's download), as in the simulator.
+the round's download), as in the simulator. A download carries the round it answers and is sent
+again after a lost message or reply; the client applies each round's download once.
 
 State: a client's adapter tensors (A, M, B1, B2, ...; FLoRA's merged ``base_delta``), its
 round-0 state and its last trained state live in ``context.state``, which the SuperNode keeps
@@ -42,7 +43,9 @@ a fresh AdamW each round, as the simulator does, so no optimizer state has to pe
 FLoRA: the client keeps the running sum of the merged updates (``<module>.base_delta``, the
 method's own per-client formula) and its base weights are set to W0 + base_delta before each
 training. The simulator adds each round's update to one shared base instead; the two differ
-only by float rounding ((W0 + d1) + d2 against W0 + (d1 + d2)).
+only by float rounding ((W0 + d1) + d2 against W0 + (d1 + d2)). As the simulator's shared base
+does, a client left out of a round still gets that round's merge: the server sends it the merges
+of the rounds it missed (``merge-<round>``) with its next message.
 
 ``test-poison`` (run config) is a test hook only: ``"<partition-id>:<kind>,<kind>;..."`` makes
 that node corrupt its upload in rounds 1, 2, ... (kinds: ``nan``, ``inf``, ``extra-name``,
