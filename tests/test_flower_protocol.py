@@ -19,7 +19,7 @@ from tiny_models import write_choice_tasks
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from asymlora.adapters import read_tensors  # noqa: E402
@@ -62,7 +62,10 @@ class Grid:
                 continue
             msg.metadata.__dict__["_message_id"] = f"{len(self.sent):064x}"
             msg.metadata.__dict__["_src_node_id"] = 1
-            reply = app.client_app(msg, self.contexts[node])
+            try:
+                reply = app.client_app(msg, self.contexts[node])
+            except Exception as ex:  # what flwr-clientapp replies when the app raises
+                reply = Message(Error(code=0, reason=f"{type(ex)}:<'{ex}'>"), reply_to=msg)
             if lost != "reply":
                 replies.append(reply)
         return replies
@@ -161,3 +164,20 @@ def test_partial_participation_matches_the_simulator(tmp_path: Path, method: str
         state = app.from_record(grid.contexts[100 + i].state[app.STATE])
         for k, v in sim.states[i].items():
             torch.testing.assert_close(state[k], v, atol=tolerance, rtol=0)
+
+
+def test_a_node_outside_the_run_sits_it_out(tmp_path: Path) -> None:
+    """3 clients on 4 nodes: the node with partition-id 3 answers the init with an error and
+    gets no other message; the run equals the simulator's."""
+    tasks = write_choice_tasks(tmp_path / "tasks", 3, 6)
+    config = run_config("fedalora", tasks, tmp_path / "out") | {"rounds": 1, "save-adapters": False}
+    grid = Grid(config, 4, {})
+    app.server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    assert [kind for node, kind, _ in grid.sent if node == 103] == ["query.init"]
+    cfg = app.federated_config(config)
+    base, tokenizer = load_model(cfg.model)
+    sim = fed.make_simulator(cfg, fed.build_clients(cfg.clients), base, tokenizer)
+    sim.run_round()
+    got = read_tensors(tmp_path / "out" / app.SERVER_FILE)
+    for k, v in sim.server.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
