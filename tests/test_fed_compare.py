@@ -4,13 +4,17 @@ equal those of the runs it summarises, and a re-run skips finished runs."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from statistics import fmean, stdev
+from types import SimpleNamespace
 
 import pytest
 from tests.tiny_models import write_choice_tasks
 
 from asymlora.cli import main
+from asymlora.recipes.compare import cell_lock, run_cell
 
 
 def federate(out: Path, tasks: list[str], *extra: str) -> int:
@@ -52,3 +56,31 @@ def test_grid_needs_an_output_folder_and_known_methods(tmp_path: Path) -> None:
     tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
     assert main(["federate", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--methods", "fedit"]) != 0
     assert federate(tmp_path / "g", tasks, "--methods", "fedit,nope") != 0
+
+
+def test_a_cell_another_process_is_running_is_waited_for_then_read(tmp_path: Path) -> None:
+    """Two compare processes sharing an output folder: the second waits for the cell's lock, then
+    reads the finished cell instead of running it again."""
+    folder = tmp_path / "lora" / "seed-0"
+    cfg = SimpleNamespace(output_dir=str(folder))
+    runs: list[str] = []
+
+    def runner(cfg, resume, log) -> None:
+        runs.append(cfg.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text('{"score": 1}')
+
+    logs: list = []
+    with cell_lock(folder):  # this "process" holds the cell
+        waiter = threading.Thread(
+            target=lambda: logs.append(run_cell(cfg, logs.append, lambda c, p: None, runner))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not any("waiting: another process is running" in str(line) for line in logs):
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.01)
+        runner(cfg, True, None)  # ... and finishes it
+    waiter.join(30)
+    assert runs == [str(folder)], "the cell ran once"
+    assert logs[-2:] == [f"skip (finished): {folder}", {"score": 1}]

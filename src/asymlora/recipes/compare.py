@@ -11,12 +11,18 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from ..adapters import METHODS
 from ..config import ConfigError
@@ -68,15 +74,38 @@ def check_same_config(cfg: Any, save_config: Callable[[Any, Path], None]) -> Non
         )
 
 
-def run_cell(cfg: MultitaskConfig, log=print) -> dict[str, Any]:
-    check_same_config(cfg, save_config)
-    done = Path(cfg.output_dir) / "results.json"
-    if done.exists():
-        log(f"skip (finished): {cfg.output_dir}")
-    else:
-        log(f"=== {cfg.output_dir}")
-        run(cfg, resume=True, log=log)
-    return json.loads(done.read_text())
+@contextmanager
+def cell_lock(folder: Path, log=print) -> Iterator[None]:
+    """Hold an exclusive lock on a cell while it runs, so that several processes sharing an output
+    folder (say one per seed) never run the same cell at once: a second one waits, then finds it
+    finished. The lock is the operating system's (flock) and dies with its process, even on kill -9;
+    where there is no flock (Windows) cells are not locked."""
+    if fcntl is None:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting: another process is running {folder}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def run_cell(cfg: Any, log=print, save: Callable = save_config, runner: Callable = run) -> dict[str, Any]:
+    """The cell's results: read when finished, else run (resuming from its checkpoint). ``save``
+    writes the config the way the cell's recipe does; ``runner`` is that recipe's ``run``."""
+    folder = Path(cfg.output_dir)
+    with cell_lock(folder, log):
+        check_same_config(cfg, save)
+        done = folder / "results.json"
+        if done.exists():
+            log(f"skip (finished): {folder}")
+        else:
+            log(f"=== {folder}")
+            runner(cfg, resume=True, log=log)
+        return json.loads(done.read_text())
 
 
 def compare(

@@ -17,7 +17,8 @@ from typing import Any
 from ..config import ConfigError
 from ..eval.report import summarize
 from ..federated import METHODS
-from .compare import check_same_config, plot, plus_minus, summarize_cells
+from . import compare
+from .compare import plot, plus_minus, summarize_cells
 from .federated import FederatedConfig, run, save_config
 
 
@@ -29,14 +30,7 @@ def cell_config(base: FederatedConfig, method: str, seed: int, out: Path) -> Fed
 
 
 def run_cell(cfg: FederatedConfig, log=print) -> dict[str, Any]:
-    check_same_config(cfg, save_config)
-    done = Path(cfg.output_dir) / "results.json"
-    if done.exists():
-        log(f"skip (finished): {cfg.output_dir}")
-    else:
-        log(f"=== {cfg.output_dir}")
-        run(cfg, resume=True, log=log)
-    return json.loads(done.read_text())
+    return compare.run_cell(cfg, log, save=save_config, runner=run)
 
 
 def as_task_cell(result: dict[str, Any]) -> dict[str, Any]:
