@@ -16,6 +16,8 @@
 # (docs/flower.md); FLOWER_PRELOAD=MODEL also loads that model in it once, for every task.
 # FLOWER_ISOLATION=subprocess uses Flower's stock launcher (`--isolation
 # subprocess`: a fresh Python process per message; slower, no flwr internals involved).
+# FLOWER_NODE_CONFIG adds key=value items to every node's --node-config, e.g. local DP
+# (docs/flower.md): FLOWER_NODE_CONFIG="local-dp='clipping_norm=1.0,sensitivity=2.0,epsilon=0.5,delta=1e-5'".
 #
 # Uses the flwr of the current environment (put the venv's bin first on PATH, or set PYTHON);
 # no runtime dependency installation, no downloads, telemetry off. Flower's files go to a
@@ -117,7 +119,7 @@ pids+=($!)
 
 for ((i = 0; i < nodes; i++)); do
     flower-supernode --insecure --superlink "127.0.0.1:$link_port" --isolation "$mode" \
-        --node-config "partition-id=$i" --host 127.0.0.1 --port "${ports[$((i + 1))]}" \
+        --node-config "partition-id=$i${FLOWER_NODE_CONFIG:+ $FLOWER_NODE_CONFIG}" --host 127.0.0.1 --port "${ports[$((i + 1))]}" \
         >"$logs/supernode-$i.log" 2>&1 &
     pids+=($!)
 done

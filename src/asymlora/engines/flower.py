@@ -47,6 +47,13 @@ only by float rounding ((W0 + d1) + d2 against W0 + (d1 + d2)). As the simulator
 does, a client left out of a round still gets that round's merge: the server sends it the merges
 of the rounds it missed (``merge-<round>``) with its next message.
 
+Local differential privacy (docs/flower.md): a SuperNode started with ``--node-config
+"partition-id=i local-dp='clipping_norm=C,sensitivity=S,epsilon=E,delta=D'"`` sends its
+uploads through Flower's ``LocalDpMod`` (the train handler's mod ``local_dp``): the update from
+the uploaded parts before training (for the averaging methods exactly what the server sent) is
+clipped to norm C and Gaussian noise is added. Only fedit, ffa, fedsa and fedalora; a node with
+``local-dp`` refuses any other method, and bad values, with an error naming the reason.
+
 ``test-poison`` (run config) is a test hook only: ``"<partition-id>:<kind>,<kind>;..."`` makes
 that node corrupt its upload in rounds 1, 2, ... (kinds: ``nan``, ``inf``, ``extra-name``,
 ``shape``, ``huge``, ``dtype``, ``raise``, ``-`` for an honest round). Leave it empty.
@@ -56,6 +63,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,16 +71,29 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod
 from flwr.common import log as flwr_log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
 from ..federated import FederatedMethod, get_method
+from ..federated.base import AverageUploads
 from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, Tensors, part, select
 from ..federated.validate import Spec, UploadLimits, check_upload, expected_upload, validate_uploads
@@ -218,11 +239,13 @@ class Node:
     index: int
     client: Client
     config: AdapterConfig
+    local_dp: LocalDpMod | None = None
 
     @classmethod
     def from_context(cls, context: Context) -> Node:
         cfg = federated_config(context.run_config)
         method = method_of(cfg)
+        dp = check_local_dp(context, method)
         index = int(context.node_config["partition-id"])
         data = build_clients(cfg.clients)
         if not 0 <= index < len(data):
@@ -233,7 +256,7 @@ class Node:
         rank = cfg.adapter.ranks_for(len(data))[index]
         client = engine_client(cfg, data[index], rank, base_model(cfg.model)[1])
         config = client_config(adapter_template(cfg), method, client, cfg.seed, index)
-        return cls(cfg, method, index, client, config)
+        return cls(cfg, method, index, client, config, dp)
 
     def model(self, state: Mapping[str, Tensor]) -> AsymLoraModel:
         """The base holding ``state`` (FLoRA: W0 + its base_delta), the method's parts trainable."""
@@ -305,6 +328,121 @@ def receive_merges(context: Context, content: RecordDict, state: Tensors) -> Ten
     return state
 
 
+# --- local differential privacy (Flower's LocalDpMod), switched on per node -------------------------
+LOCAL_DP = "local-dp"  # the node-config key: "clipping_norm=C,sensitivity=S,epsilon=E,delta=D"
+LOCAL_DP_FIELDS = ("clipping_norm", "sensitivity", "epsilon", "delta")
+REFERENCE = "asymlora-dp-reference"  # context.state: the upload's parts before training
+
+
+def local_dp_params(node_config: Mapping[str, Any]) -> dict[str, float] | None:
+    """The node's local-DP parameters from its ``--node-config`` (``local-dp``), or None when
+    the key is absent or empty. Bad values raise ValueError naming the key."""
+    raw = node_config.get(LOCAL_DP, "")
+    if raw is None or str(raw).strip() == "":
+        return None
+    where = f"node config {LOCAL_DP}={str(raw)!r}"
+    form = ",".join(f"{k}=..." for k in LOCAL_DP_FIELDS)
+    params: dict[str, float] = {}
+    for item in str(raw).split(","):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or key not in LOCAL_DP_FIELDS or key in params:
+            raise ValueError(f"{where}: expected {form} (each once), got {item.strip()!r}")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{where}: {key}={value!r} is not a number") from None
+        if not math.isfinite(params[key]):
+            raise ValueError(f"{where}: {key} must be finite")
+    missing = [k for k in LOCAL_DP_FIELDS if k not in params]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)} (expected {form})")
+    for key in ("clipping_norm", "sensitivity", "epsilon"):
+        if params[key] <= 0:
+            raise ValueError(f"{where}: {key} must be > 0")
+    if not 0 < params["delta"] < 1:
+        raise ValueError(f"{where}: delta must be in (0, 1)")
+    return params
+
+
+def local_dp_mod(node_config: Mapping[str, Any]) -> LocalDpMod | None:
+    """Flower's ``LocalDpMod`` with the node's parameters, or None when local DP is off."""
+    params = local_dp_params(node_config)
+    return None if params is None else LocalDpMod(**params)
+
+
+def noise_std(mod: LocalDpMod) -> float:
+    """The standard deviation of the Gaussian noise ``mod`` adds to every value (its formula)."""
+    return mod.sensitivity * math.sqrt(2 * math.log(1.25 / mod.delta)) / mod.epsilon
+
+
+def local_dp_unfit(method: FederatedMethod) -> str | None:
+    """Why local DP is refused for ``method``, or None. It is supported for the methods whose
+    server averages the uploads and sends the average back (fedit, ffa, fedsa, fedalora): the
+    client's uploaded parts before training are then exactly what the server sent it, so the
+    update is clipped from a point the server knows, with the upload's names and shapes. The
+    others are refused (docs/flower.md says why, method by method)."""
+    if isinstance(method, AverageUploads):
+        return None
+    return (
+        f"local DP (local-dp in the node config) does not fit method {method.name}: it is only "
+        "supported where the server averages the uploads and sends the average back (fedit, ffa, "
+        f"fedsa, fedalora), so that the update is clipped from the server's own download; "
+        f"{method.name}'s server step is not that average"
+    )
+
+
+def check_local_dp(context: Context, method: FederatedMethod) -> LocalDpMod | None:
+    """The node's LocalDpMod (None when off); raises ValueError when its parameters are bad or
+    the run's method does not fit."""
+    mod = local_dp_mod(context.node_config)
+    reason = local_dp_unfit(method) if mod is not None else None
+    if reason is not None:
+        raise ValueError(reason)
+    return mod
+
+
+def local_dp(msg: Message, context: Context, call_next: Any) -> Message:
+    """The train handler's mod: when the node config sets ``local-dp``, the upload goes through
+    Flower's ``LocalDpMod``: the update (upload minus the upload's parts before training, which
+    the train handler keeps as the reference) is clipped to ``clipping_norm`` (L2 over every
+    tensor together) and Gaussian noise of std ``sensitivity * sqrt(2 ln(1.25 / delta)) /
+    epsilon`` is added to every value. Bad parameters or a method it does not fit give an error
+    reply naming the reason, before any training; nothing un-noised is sent."""
+    if str(context.node_config.get(LOCAL_DP, "") or "").strip() == "":
+        return call_next(msg, context)  # off: the run config is not even read here
+    try:
+        mod = check_local_dp(context, method_of(federated_config(context.run_config)))
+        assert mod is not None
+    except ValueError as err:
+        flwr_log(logging.ERROR, str(err))
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(err)), reply_to=msg)
+    try:
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        if REFERENCE not in context.state or UPLOAD not in reply.content:
+            reason = "local DP: the train reply carries no upload or no reference was kept"
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+        reference = from_record(context.state[REFERENCE])
+    finally:
+        if REFERENCE in context.state:
+            del context.state[REFERENCE]  # not kept across rounds
+    upload = from_record(reply.content[UPLOAD])
+    if set(upload) != set(reference):
+        reason = f"local DP: the upload's tensors differ from the reference's ({len(upload)} against {len(reference)})"
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+    # LocalDpMod reads the reference from the message it is given (exactly one ArrayRecord) and
+    # needs the reply's keys in the same order: both sorted here.
+    keys = sorted(upload)
+    reply.content[UPLOAD] = to_record({k: upload[k] for k in keys})
+    ref_msg = Message(RecordDict({"reference": to_record({k: reference[k] for k in keys})}), reply_to=msg)
+    # LocalDpMod draws from numpy's global generator; under the warm launcher every task is a
+    # fork of one process, so every task would start from the same generator state (the same
+    # noise for every client and round). Fresh OS entropy for each upload.
+    np.random.seed()
+    return mod(ref_msg, context, lambda _msg, _context: reply)
+
+
 client_app = ClientApp()
 
 
@@ -318,6 +456,8 @@ def client_init(msg: Message, context: Context) -> Message:
     parts = node.method.uploads | node.method.shared_init
     meta = {"index": node.index, "name": node.client.name, "rank": node.client.rank}
     meta |= {"examples": node.client.n_examples, "scale": node.client.scale}
+    if node.local_dp is not None:
+        meta |= {"dp-clip": node.local_dp.clipping_norm, "dp-std": noise_std(node.local_dp)}
     content = {
         "meta": ConfigRecord(meta),
         TENSORS: to_record({k: v for k, v in state.items() if part(k) in parts}),
@@ -325,13 +465,15 @@ def client_init(msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
-@client_app.train()
+@client_app.train(mods=[local_dp])
 def client_train(msg: Message, context: Context) -> Message:
     """Apply the pending download, train one local round, send ``method.upload`` of the state
     (kept as the trained state until the server's download for it arrives)."""
     node = Node.from_context(context)
     rnd = int(msg.content["config"]["round"])
     state = receive(node, context, msg.content)
+    if node.local_dp is not None:  # the point local DP measures the update from (see local_dp)
+        context.state[REFERENCE] = to_record(node.method.upload(state))
     poison = poison_of(context.run_config, node.index, rnd)
     if poison == "raise":
         raise RuntimeError(f"{POISON_KEY}: client {node.index} raises in round {rnd}")
@@ -447,6 +589,12 @@ def join(grid: Grid, nodes: Sequence[int], cfg: FederatedConfig, timeout: float)
             nodes[k], str(meta["name"]), int(meta["rank"]), int(meta["examples"]), float(meta["scale"])
         )
         inits[i] = from_record(reply.content[TENSORS])
+        if "dp-clip" in meta:
+            say(
+                f"init: client {members[i].name} (node {nodes[k]}) uploads under local DP: update "
+                f"clipped to {float(meta['dp-clip']):g}, noise std {float(meta['dp-std']):.4g} per value",
+                logging.INFO,
+            )
         if members[i].rank != ranks[i]:
             raise RuntimeError(
                 f"node {nodes[k]} (client {i}) declares rank {members[i].rank}, the config says {ranks[i]}"
