@@ -52,10 +52,22 @@ def test_grid_summarises_its_runs_and_skips_finished_ones(tmp_path: Path, capsys
     assert "holds a run made with another config (train.steps: 1 -> 2)" in capsys.readouterr().err
 
 
+def test_heterogeneous_grid_takes_the_ranks_for_every_method(tmp_path: Path) -> None:
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
+    out = tmp_path / "het"
+    assert federate(out, tasks, "--ranks", "4,2", "--methods", "zeropad,fedalora-het", "--seeds", "0") == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert {m: e["ranks"] for m, e in summary["methods"].items()} == {
+        "zeropad": [4, 2],
+        "fedalora-het": [4, 2],
+    }
+
+
 def test_grid_needs_an_output_folder_and_known_methods(tmp_path: Path) -> None:
     tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
     assert main(["federate", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--methods", "fedit"]) != 0
     assert federate(tmp_path / "g", tasks, "--methods", "fedit,nope") != 0
+    assert federate(tmp_path / "g", tasks, "--methods", "fedit", "--method", "ffa") == 2
 
 
 def test_a_cell_another_process_is_running_is_waited_for_then_read(tmp_path: Path) -> None:

@@ -271,8 +271,11 @@ def run_federate(args: argparse.Namespace) -> int:
     shortcuts = []
     if args.model:
         shortcuts.append(f"model={json.dumps(args.model)}")
-    if args.method:
-        shortcuts.append(f"federation.method={json.dumps(args.method)}")
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    if args.method and methods:
+        raise UsageError("give --method (one run) or --methods (one run per method), not both")
+    if args.method or methods:  # with --methods the config is checked against the first of them
+        shortcuts.append(f"federation.method={json.dumps(args.method or methods[0])}")
     if args.suite:
         shortcuts += [f"clients.suite={json.dumps(args.suite)}", "clients.tasks=[]"]
     if args.tasks:
@@ -291,7 +294,7 @@ def run_federate(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
-    methods = [m.strip() for m in (args.methods or cfg.federation.method).split(",") if m.strip()]
+    methods = methods or [cfg.federation.method]
     seeds = [int(s) for s in _int_list(args.seeds, "--seeds").split(",")] if args.seeds else [cfg.seed]
     fed_compare(cfg, methods, seeds, args.out)  # finished cells are skipped, others resumed
     return 0
