@@ -11,7 +11,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from asymlora.models import load_model
 from asymlora.recipes import federated as fed
 from asymlora.recipes.multitask import MultitaskConfig
 from asymlora.train import Example, TrainConfig, encode_tasks, pad_id_of
-from tiny_models import tiny_model, write_choice_tasks
+from tiny_models import cli_process, lines_in, tiny_model, write_choice_tasks
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HUGE = 1e6
@@ -303,23 +302,11 @@ def overrides(out: Path, tasks: list[str]) -> list[str]:
 
 
 def federate(out: Path, tasks: list[str], resume: bool = False) -> subprocess.Popen:
-    """``asymlora federate`` in its own process group, on one thread (as this process runs)."""
-    args = [sys.executable, "-m", "asymlora.cli", "federate"]
-    args += [arg for kv in overrides(out, tasks) for arg in ("--set", kv)]
-    return subprocess.Popen(
-        args + (["--resume"] if resume else []),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        start_new_session=True,
-    )
+    return cli_process("federate", overrides(out, tasks), resume)
 
 
 def rounds_done(out: Path) -> int:
-    try:
-        return len((out / "rounds.jsonl").read_text().splitlines())
-    except FileNotFoundError:
-        return 0
+    return lines_in(out / "rounds.jsonl")
 
 
 def test_kill_9_during_round_2_or_3_then_resume_gives_the_same_adapters(tmp_path):

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from asymlora.adapters import read_tensors
 from asymlora.adapters.io import WEIGHTS_FILE
 from asymlora.recipes import multitask
-from tiny_models import write_choice_tasks
+from tiny_models import cli_process, lines_in, write_choice_tasks
 
 STEPS = 16
 
@@ -39,23 +38,11 @@ def overrides(out: Path, tasks: list[str]) -> list[str]:
 
 
 def train(out: Path, tasks: list[str], resume: bool = False) -> subprocess.Popen:
-    """``asymlora train`` in its own process group, on one thread."""
-    args = [sys.executable, "-m", "asymlora.cli", "train"]
-    args += [arg for kv in overrides(out, tasks) for arg in ("--set", kv)]
-    return subprocess.Popen(
-        args + (["--resume"] if resume else []),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        start_new_session=True,
-    )
+    return cli_process("train", overrides(out, tasks), resume)
 
 
 def steps_logged(out: Path) -> int:
-    try:
-        return len((out / "metrics.jsonl").read_text().splitlines())
-    except FileNotFoundError:
-        return 0
+    return lines_in(out / "metrics.jsonl")
 
 
 def test_kill_9_during_training_then_resume_gives_the_same_adapter(tmp_path: Path) -> None:

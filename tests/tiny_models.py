@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -89,3 +92,25 @@ def write_choice_tasks(folder: Path, n: int = 3, size: int = 10) -> list[str]:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(str(path))
     return paths
+
+
+def cli_process(command: str, overrides: list[str], resume: bool = False) -> subprocess.Popen:
+    """``asymlora COMMAND --set ...`` in its own process group (so a test can kill -9 the whole
+    group), on one thread, stderr kept for the failure message."""
+    args = [sys.executable, "-m", "asymlora.cli", command]
+    args += [arg for kv in overrides for arg in ("--set", kv)]
+    return subprocess.Popen(
+        args + (["--resume"] if resume else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+
+
+def lines_in(path: Path) -> int:
+    """Number of lines in a JSONL log, 0 while it does not exist."""
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0

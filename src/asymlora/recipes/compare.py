@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -110,6 +110,15 @@ def run_cell(cfg: Any, log=print, save: Callable = save_config, runner: Callable
         return json.loads(done.read_text())
 
 
+def check_grid(methods: list[str], seeds: list[int], known: Sequence[str]) -> None:
+    """Refuse an unknown method or an empty seed list, naming the flag."""
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+
+
 def compare(
     base: MultitaskConfig,
     methods: list[str],
@@ -118,11 +127,7 @@ def compare(
     single_task_baseline: bool = False,
     log=print,
 ) -> dict[str, Any]:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if not seeds:
-        raise ConfigError("--seeds: give at least one seed")
+    check_grid(methods, seeds, METHODS)
     out = Path(out)
     tasks = select_tasks(base.data)
     task_names = [t.name for t in tasks]

@@ -14,7 +14,6 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ..config import ConfigError
 from ..eval.report import summarize
 from ..federated import METHODS
 from . import compare
@@ -46,11 +45,7 @@ def as_task_cell(result: dict[str, Any]) -> dict[str, Any]:
 def fed_compare(
     base: FederatedConfig, methods: list[str], seeds: list[int], out: str | Path, log=print
 ) -> dict[str, Any]:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if not seeds:
-        raise ConfigError("--seeds: give at least one seed")
+    compare.check_grid(methods, seeds, METHODS)
     out = Path(out)
     results = {
         m: [run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log) for s in seeds] for m in methods
