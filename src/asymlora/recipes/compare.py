@@ -140,10 +140,16 @@ def compare(
     )
     summary = summarize_cells(cells, task_names, references)
     summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
+    return write_summary(summary, out, to_markdown, log)
+
+
+def write_summary(summary: dict[str, Any], out: Path, markdown: Callable, log=print) -> dict[str, Any]:
+    """results.json, results.md (``markdown(summary)``) and results.png in ``out``; prints the table."""
+    table = markdown(summary)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(summary) + "\n")
+    (out / "results.md").write_text(table + "\n")
     plot(summary, out / "results.png")
-    log(to_markdown(summary))
+    log(table)
     log(f"table: {out / 'results.md'}\nplot:  {out / 'results.png'}\njson:  {out / 'results.json'}")
     return summary
 

@@ -8,7 +8,6 @@ bar chart of each client's personalised score, with each method's communication 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from statistics import fmean
@@ -17,7 +16,7 @@ from typing import Any
 from ..eval.report import summarize
 from ..federated import METHODS
 from . import compare
-from .compare import plot, plus_minus, summarize_cells
+from .compare import plus_minus, summarize_cells
 from .federated import FederatedConfig, run, save_config
 
 
@@ -64,12 +63,7 @@ def fed_compare(
         local_steps=base.train.steps,
         batch_size=base.train.batch_size,
     )
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(summary) + "\n")
-    plot(summary, out / "results.png")
-    log(to_markdown(summary))
-    log(f"table: {out / 'results.md'}\nplot:  {out / 'results.png'}\njson:  {out / 'results.json'}")
-    return summary
+    return compare.write_summary(summary, out, to_markdown, log)
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
