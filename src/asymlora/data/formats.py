@@ -28,6 +28,7 @@ from asymlora.data.task import (
     Kind,
     PromptTemplate,
     Task,
+    is_number,
     mc_record,
     target_record,
 )
@@ -117,14 +118,6 @@ def client_tasks(folder: str | Path) -> list[Task]:
     return [file_task(p) for p in files]
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text.replace(",", ""))
-    except ValueError:
-        return False
-    return True
-
-
 def _require(item: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
     value = item.get(key)
     if not isinstance(value, types) or (isinstance(value, (str, list)) and not value):
@@ -153,7 +146,7 @@ def parse_user(located: Sequence[tuple[str, dict]], kind: Kind | None) -> tuple[
             records.append(target_record(prompt, targets))
     if multiple_choice:
         return "multiple_choice", records
-    numeric = all(_is_number(r["targets"][0]) for r in records)
+    numeric = all(is_number(r["targets"][0]) for r in records)
     return kind or ("numeric" if numeric else "text"), records
 
 
@@ -166,7 +159,7 @@ def _instruction_text(item: dict[str, Any], where: str) -> str:
 def parse_llm_adapters(located: Sequence[tuple[str, dict]], kind: Kind | None) -> tuple[Kind, list[dict]]:
     labelled = all(_ANSWER_FORMAT.search(item.get("instruction", "")) for _, item in located)
     if kind is None:
-        numeric = all(_is_number(str(item.get("answer", ""))) for _, item in located)
+        numeric = all(is_number(str(item.get("answer", ""))) for _, item in located)
         kind = "multiple_choice" if labelled else "numeric" if numeric else "text"
     records = []
     for where, item in located:

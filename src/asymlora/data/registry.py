@@ -13,14 +13,34 @@ Suites:
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from asymlora.data.bigbench import bigbench_root, ensure_bigbench, read_task_json, records_from_task
+from asymlora.data.bigbench import (
+    bigbench_root,
+    ensure_bigbench,
+    ensure_bigbench_tree,
+    kind_of_task,
+    read_task_json,
+    records_from_task,
+)
 from asymlora.data.formats import file_task
-from asymlora.data.task import VERBATIM_TEMPLATE, Kind, PromptTemplate, Task, UnknownTaskError, target_record
+from asymlora.data.task import (
+    VERBATIM_TEMPLATE,
+    Kind,
+    PromptTemplate,
+    Task,
+    UnknownTaskError,
+    target_record,
+    unique_records,
+)
 from asymlora.models import cache_dir
+
+BIGBENCH_PREFIX = "bigbench:"
+HF_PREFIX = "hf:"
 
 GSM_SIZE = 1000
 GSM_DATA_SEED = 0  # which problems are generated; the train/test split has its own seed
@@ -28,14 +48,33 @@ GSM_DATA_SEED = 0  # which problems are generated; the train/test split has its 
 
 def _bigbench_loader(paths: Sequence[str], kind: Kind) -> Callable[[], list[dict[str, Any]]]:
     def load() -> list[dict[str, Any]]:
-        root = ensure_bigbench(ALL_BIGBENCH_PATHS, cache_dir())
-        records = []
-        for path in paths:
-            data = read_task_json(root / path / "task.json")
-            records += records_from_task(data, kind, where=f"BIG-bench {path}")
-        return records
+        return _bigbench_records(ensure_bigbench(ALL_BIGBENCH_PATHS, cache_dir()), paths, kind)
 
     return load
+
+
+def _bigbench_records(root: Path, paths: Sequence[str], kind: Kind) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        data = read_task_json(root / path / "task.json")
+        records += records_from_task(data, kind, where=f"BIG-bench {path}")
+    return records
+
+
+def bigbench_task(path: str) -> Task:
+    """Any BIG-bench JSON task by its path (``bigbench:<task>`` or ``bigbench:<task>/<subtask>``):
+    a task with subtasks pools them. The files are fetched on first use; the kind comes from them."""
+    root = bigbench_root(cache_dir())
+    paths = ensure_bigbench_tree(path, cache_dir())
+    kind = kind_of_task([read_task_json(root / p / "task.json") for p in paths])
+    return Task(
+        path.replace("/", "."),
+        kind,
+        lambda: _bigbench_records(root, paths, kind),
+        VERBATIM_TEMPLATE,
+        "BIG-bench " + ", ".join(paths),
+        max_new_tokens=48 if kind == "text" else 32,
+    )
 
 
 def _bigbench(name: str, kind: Kind, paths: Sequence[str] | None = None, **options: Any) -> Task:
@@ -166,14 +205,22 @@ def list_suites() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """A registered task, or a local ``.json`` / ``.jsonl`` file given by its path."""
+    """A registered task; any BIG-bench task as ``bigbench:<task>[/<subtask>]``; a Hugging Face
+    dataset as ``hf:<name or folder>?<column mapping>`` (see ``asymlora.data.hf``); or a local
+    ``.json`` / ``.jsonl`` file given by its path."""
     if name in TASKS:
         return TASKS[name]
+    if name.startswith(BIGBENCH_PREFIX):
+        return bigbench_task(name.removeprefix(BIGBENCH_PREFIX).strip("/"))
+    if name.startswith(HF_PREFIX):
+        from asymlora.data.hf import hf_task
+
+        return hf_task(name)
     if name.endswith((".json", ".jsonl")) and Path(name).is_file():
         return file_task(name)
     raise UnknownTaskError(
         f"unknown task {name!r}; available tasks: {', '.join(list_tasks())} "
-        "(or give the path of a .json / .jsonl file)"
+        "(or bigbench:<task>, hf:<dataset>?prompt=...&answer=..., or the path of a .json / .jsonl file)"
     )
 
 
@@ -181,6 +228,32 @@ def is_downloaded(task: Task) -> bool:
     """Whether a task's data is on this machine already (only BIG-bench tasks are downloaded)."""
     root = bigbench_root(cache_dir())
     return all((root / p / "task.json").is_file() for p in _BIGBENCH_OF.get(task.name, ()))
+
+
+def is_generated(task: Task) -> bool:
+    """Whether a registered task's data is generated on first use (reasoning-gym), not read."""
+    return task.name in TASKS and task.name not in _BIGBENCH_OF
+
+
+def example_count(task: Task, compute: bool = True) -> int | None:
+    """A task's number of unique examples, remembered in the cache folder (keyed by name and
+    source), so that listing the tasks reads no data twice; None when not remembered yet and not
+    ``compute``."""
+    path = cache_dir() / "task_sizes.json"
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        sizes = {}
+    key = f"{task.name} | {task.source}"
+    if not isinstance(sizes.get(key), int) and not compute:
+        return None
+    if not isinstance(sizes.get(key), int):
+        sizes[key] = len(unique_records(task.load(), kind=task.kind, where=task.name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return sizes[key]
 
 
 def get_suite(name: str) -> list[Task]:

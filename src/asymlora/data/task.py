@@ -1,6 +1,6 @@
 """A task: named examples of one kind, a prompt template, and deterministic train / test splits.
 
-Every source is converted to the same four columns (``RECORD_FEATURES``):
+Every source is converted to the same four columns (``record_features()``):
 
 - ``input``: the example's question or text, without the task-level instruction;
 - ``choices``: the candidate answers (multiple choice only, else empty);
@@ -13,22 +13,28 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from datasets import Dataset, DatasetDict, Features, Value
-from datasets import Sequence as SequenceFeature
+if TYPE_CHECKING:  # datasets is imported where used: listing tasks does not need it
+    from datasets import Dataset, DatasetDict, Features
 
 Kind = Literal["multiple_choice", "numeric", "text"]
 KINDS: tuple[Kind, ...] = ("multiple_choice", "numeric", "text")
 
-RECORD_FEATURES = Features(
-    {
-        "input": Value("string"),
-        "choices": SequenceFeature(Value("string")),
-        "answer": Value("int64"),
-        "targets": SequenceFeature(Value("string")),
-    }
-)
+
+def record_features() -> Features:
+    """The four columns of every task's examples, as a ``datasets.Features``."""
+    from datasets import Features, Value
+    from datasets import Sequence as SequenceFeature
+
+    return Features(
+        {
+            "input": Value("string"),
+            "choices": SequenceFeature(Value("string")),
+            "answer": Value("int64"),
+            "targets": SequenceFeature(Value("string")),
+        }
+    )
 
 
 class DataFormatError(ValueError):
@@ -40,6 +46,15 @@ class UnknownTaskError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])
+
+
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number (thousands separators allowed)."""
+    try:
+        float(text.strip().replace(",", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def mc_record(input: str, choices: Sequence[str], answer: int) -> dict[str, Any]:
@@ -121,7 +136,7 @@ class Task:
         return example["targets"][0]
 
 
-def build_dataset(records: Sequence[Mapping[str, Any]], *, kind: Kind, where: str) -> Dataset:
+def unique_records(records: Sequence[Mapping[str, Any]], *, kind: Kind, where: str) -> list[Mapping[str, Any]]:
     """Validate canonical records and drop duplicates (same input and choices; first one kept)."""
     seen: set[tuple[str, tuple[str, ...]]] = set()
     rows: list[Mapping[str, Any]] = []
@@ -133,7 +148,15 @@ def build_dataset(records: Sequence[Mapping[str, Any]], *, kind: Kind, where: st
             rows.append(record)
     if not rows:
         raise DataFormatError(f"{where}: no examples")
-    return Dataset.from_list([dict(r) for r in rows], features=RECORD_FEATURES)
+    return rows
+
+
+def build_dataset(records: Sequence[Mapping[str, Any]], *, kind: Kind, where: str) -> Dataset:
+    """The unique records (``unique_records``) as a ``datasets.Dataset``."""
+    rows = unique_records(records, kind=kind, where=where)
+    from datasets import Dataset
+
+    return Dataset.from_list([dict(r) for r in rows], features=record_features())
 
 
 def check_record(record: Mapping[str, Any], *, kind: Kind, where: str) -> None:
@@ -152,8 +175,13 @@ def split_dataset(
 ) -> DatasetDict:
     """Shuffle with ``seed`` and cut: ``min(max_test, round(test_fraction * n))`` test examples
     (at least one), the rest train."""
-    n = len(data)
+    n_test = split_sizes(len(data), test_fraction=test_fraction, max_test=max_test)["test"]
+    return data.train_test_split(test_size=n_test, shuffle=True, seed=seed)
+
+
+def split_sizes(n: int, *, test_fraction: float = 0.2, max_test: int = 1000) -> dict[str, int]:
+    """``{"train": ..., "test": ...}`` for ``n`` unique examples (the same for every seed)."""
     if n < 2:
         raise DataFormatError(f"cannot split {n} example(s) into train and test; need at least 2")
     n_test = min(max_test, max(1, round(test_fraction * n)), n - 1)
-    return data.train_test_split(test_size=n_test, shuffle=True, seed=seed)
+    return {"train": n - n_test, "test": n_test}

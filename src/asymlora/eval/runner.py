@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from asymlora.data.task import Task, continuation
@@ -41,9 +42,14 @@ def task_ids_kwargs(task_id: int) -> ForwardKwargs:
     return kwargs
 
 
+SPLITS = ("test", "train", "all")
+
+
 def test_examples(task: Task, *, split: str = "test", seed: int = 0, limit: int | None = None) -> Dataset:
-    """The first ``limit`` examples of a task's (shuffled) split."""
-    data = task.splits(seed)[split]
+    """The first ``limit`` examples of a task's (shuffled) split; ``split="all"``: of every example."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    data = task.examples() if split == "all" else task.splits(seed)[split]
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
@@ -55,22 +61,29 @@ def evaluate_task(
     *,
     limit: int | None = None,
     seed: int = 0,
+    split: str = "test",
     batch_size: int = 8,
     max_length: int = 1024,
     task_id: int | None = None,
     forward_kwargs: ForwardKwargs | None = None,
+    progress_bar: bool = True,
 ) -> TaskResult:
-    """Score ``model`` on ``examples`` (default: the task's test split for ``seed``, first ``limit``).
+    """Score ``model`` on ``examples`` (default: the task's ``split`` for ``seed``, first ``limit``).
 
     ``task_id`` passes ``task_ids`` to the forward (adapters routed by task); ``forward_kwargs`` is
-    the general hook (batch size -> extra keyword arguments) and wins when both are given."""
+    the general hook (batch size -> extra keyword arguments) and wins when both are given. A
+    progress bar (stderr) advances per batch: choices scored, or questions answered."""
     if examples is None:
-        examples = test_examples(task, seed=seed, limit=limit)
+        examples = test_examples(task, split=split, seed=seed, limit=limit)
     if forward_kwargs is None and task_id is not None:
         forward_kwargs = task_ids_kwargs(task_id)
-    options = {"batch_size": batch_size, "max_length": max_length, "forward_kwargs": forward_kwargs}
+    items = sum(len(c) for c in examples["choices"]) if task.kind == "multiple_choice" else len(examples)
+    unit = "choice" if task.kind == "multiple_choice" else "question"
     scorer = {"multiple_choice": _score_choices, "numeric": _score_numeric, "text": _score_text}[task.kind]
-    with eval_mode(model):
+    with eval_mode(model), tqdm(total=items, desc=f"eval {task.name}", unit=unit, leave=False,
+                                disable=not progress_bar, dynamic_ncols=True) as bar:  # fmt: skip
+        options = {"batch_size": batch_size, "max_length": max_length, "forward_kwargs": forward_kwargs,
+                   "on_batch": bar.update}  # fmt: skip
         return scorer(model, tokenizer, task, examples, options)
 
 

@@ -1,4 +1,5 @@
-"""The two ways evaluation calls a model: log-likelihood of a continuation, and greedy generation.
+"""The two ways evaluation calls a model: log-likelihood of a continuation, and greedy generation
+(transformers' ``generate``).
 
 ``model`` is any causal LM module whose forward takes ``input_ids`` and ``attention_mask`` (plus
 whatever ``forward_kwargs(batch_size)`` returns, e.g. ``task_ids`` for an adapter wrapper) and returns
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 ForwardKwargs = Callable[[int], dict[str, Any]]
 """Extra keyword arguments for ``model(...)`` given the batch size (e.g. per-example task ids)."""
@@ -74,6 +75,7 @@ def continuation_logprobs(
     batch_size: int = 8,
     max_length: int = 1024,
     forward_kwargs: ForwardKwargs | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[float]:
     """``log p(continuation | prompt)`` summed over the continuation's tokens, for each pair.
 
@@ -81,7 +83,8 @@ def continuation_logprobs(
     same prompt tokens; prompts longer than ``max_length`` lose tokens from the left. Pairs that share
     a prompt (the choices of one question) share one pass over it: the prompt runs once with the
     key/value cache on, and each continuation runs on a copy of that cache. Models that return no
-    cache get one left-padded pass per pair instead; both give the same numbers."""
+    cache get one left-padded pass per pair instead; both give the same numbers. ``on_batch(n)`` is
+    called after each batch of n pairs."""
     forward_kwargs = forward_kwargs or _no_kwargs
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
@@ -100,6 +103,8 @@ def continuation_logprobs(
         results_for = [i for _, members in batch for i in members]
         for i, score in zip(results_for, scores, strict=True):
             results[i] = score
+        if on_batch is not None:
+            on_batch(len(results_for))
     return results
 
 
@@ -212,11 +217,15 @@ def greedy_generate(
     batch_size: int = 8,
     max_length: int = 1024,
     forward_kwargs: ForwardKwargs | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy continuations, cut at the first stop string or the eos token.
+    """Greedy continuations, cut at the first stop string (after any leading whitespace) or the eos
+    token.
 
-    Batches are left-padded with explicit position ids. The key/value cache is used when the model
-    returns one (``past_key_values``); otherwise each step re-runs the whole sequence."""
+    Batches are left-padded. A transformers model (anything with ``generate``, adapter wrappers
+    included) runs ``model.generate``, with ``forward_kwargs`` (say ``task_ids``) passed through
+    and a stopping criterion that ends each row at its stop string. Any other module is run step
+    by step on the whole sequence. ``on_batch(n)`` is called after each batch of n prompts."""
     forward_kwargs = forward_kwargs or _no_kwargs
     if max_length <= max_new_tokens:
         raise ValueError(
@@ -224,13 +233,15 @@ def greedy_generate(
         )
     encoded = [tokenizer(p)["input_ids"][-(max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    run = _generate_batch if callable(getattr(model, "generate", None)) else _generate_by_forward
     outputs = [""] * len(prompts)
     for batch in _batches(order, batch_size):
-        texts = _generate_batch(
-            model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stop, forward_kwargs
-        )
+        new = run(model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stop, forward_kwargs)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(batch, texts, strict=True):
-            outputs[i] = text
+            outputs[i] = _cut(text, stop)[0]
+        if on_batch is not None:
+            on_batch(len(batch))
     return outputs
 
 
@@ -244,6 +255,18 @@ def _returned_cache(out: Any) -> tuple[str, Any] | None:
     return None
 
 
+class StopAtAnswerEnd(StoppingCriteria):
+    """Ends each row once its new text (leading whitespace skipped) holds a stop string: the rule
+    of ``_cut``, which a plain ``stop_strings`` would break for a model that starts with ``\n``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stop, self.start = tokenizer, stop, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([_cut(t, self.stop)[1] for t in texts], device=input_ids.device)
+
+
 def _generate_batch(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -251,30 +274,54 @@ def _generate_batch(
     max_new_tokens: int,
     stop: Sequence[str],
     forward_kwargs: ForwardKwargs,
-) -> list[str]:
+) -> torch.Tensor:
+    """The new tokens of ``model.generate`` (greedy) for one left-padded batch."""
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     ids, mask, _ = _left_pad(seqs, pad, device)
-    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        temperature=1.0,
+        top_k=50,
+        top_p=1.0,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    criteria = StoppingCriteriaList([StopAtAnswerEnd(tokenizer, stop, ids.shape[1])]) if stop else None
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                         stopping_criteria=criteria, **forward_kwargs(len(seqs)))  # fmt: skip
+    return out[:, ids.shape[1] :]
+
+
+def _generate_by_forward(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    seqs: list[list[int]],
+    max_new_tokens: int,
+    stop: Sequence[str],
+    forward_kwargs: ForwardKwargs,
+) -> torch.Tensor:
+    """Greedy new tokens for a module without ``generate``: the whole sequence runs at each step."""
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    ids, mask, _ = _left_pad(seqs, pad, device)
     new = torch.empty((len(seqs), 0), dtype=torch.long, device=device)
     done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
-    eos = tokenizer.eos_token_id
-    cache, step_ids = None, ids
     for _ in range(max_new_tokens):
-        positions = _positions(mask)[:, -step_ids.shape[1] :]
-        extra = {cache[0]: cache[1], "use_cache": True} if cache is not None else {}
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **extra, **trim,
-                    **forward_kwargs(len(seqs)))  # fmt: skip
-        token = out.logits[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad), token)
+        logits = model(input_ids=torch.cat([ids, new], dim=1), attention_mask=mask,
+                       position_ids=_positions(mask), **forward_kwargs(len(seqs))).logits  # fmt: skip
+        token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits[:, -1].argmax(-1))
         new = torch.cat([new, token[:, None]], dim=1)
-        if eos is not None:
-            done |= token == eos
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        if tokenizer.eos_token_id is not None:
+            done |= token == tokenizer.eos_token_id
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         done |= torch.tensor([_cut(t, stop)[1] for t in texts], device=device)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-        cache = _returned_cache(out)
-        step_ids = token[:, None] if cache is not None else torch.cat([ids, new], dim=1)
-    return [_cut(t, stop)[0] for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return new

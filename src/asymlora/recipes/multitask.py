@@ -6,9 +6,12 @@ Everything lands in one run folder::
     config.yaml          the resolved configuration (re-run with --config RUN/config.yaml)
     adapter_init/        the adapter before training (for `asymlora analyze change`)
     metrics.jsonl        loss, learning rate, throughput per step
+    loss.png             the training loss curve
+    tensorboard/         loss and evaluation scores for TensorBoard (with the tensorboard extra)
     checkpoint/          the latest checkpoint (--resume continues from it)
     adapter/             the trained adapter (asymlora format)
-    peft/<task>/         each task's adapter as a PEFT LoRA folder, where routing allows
+    peft/<task>/         each task's adapter as a PEFT LoRA folder with a model card (README.md),
+                         where routing allows: lora, or router=task; not the default softmax router
     results.json         per-task scores, average, worst task, std (results.md: the same as a table)
 """
 
@@ -22,12 +25,14 @@ from typing import Any
 import yaml
 
 from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
+from ..adapters.io import peft_export_problem
 from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
 from ..eval.runner import evaluate_tasks
 from ..models import load_model
 from ..train import Example, TrainConfig, train
+from ..train.loop import tensorboard_writer
 
 
 @dataclass
@@ -136,9 +141,9 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
         save_adapter(model, out / "adapter_init")
 
     train(model, tokenizer, examples, cfg.train, out, resume=resume)
+    plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.adapter.method} on {cfg.model}")
     log(f"evaluating on {len(tasks)} test splits (up to {cfg.eval.limit or 'all'} examples each)")
     save_adapter(model, out / "adapter")
-    exported = export_per_task(model, tasks, out / "peft", log)
 
     report = evaluate_tasks(
         model,
@@ -151,43 +156,95 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
         batch_size=cfg.eval.batch_size,
         max_length=cfg.eval.max_length,
     )
+    scores = [{"task": r.task, "metric": r.metric, "score": r.score, "n": r.n} for r in report.results]
+    exported = export_per_task(model, tasks, out / "peft", scores)
+    no_export = peft_export_problem(cfg.adapter)
     report.info.update(
         method=cfg.adapter.method,
         model=cfg.model,
         seed=cfg.adapter.seed,
         trainable_parameters=model.trainable_parameters().trainable,
         peft_exports=exported,
+        no_peft_export=no_export,
     )
     report.save(out / "results.json")
     (out / "results.md").write_text(report.to_markdown() + "\n")
+    log_scores(out, scores, cfg.train.steps)
     log(report.to_markdown())
     log(f"results: {out / 'results.json'}")
+    log(f"PEFT LoRA folders: {out / 'peft'} ({', '.join(exported)})" if exported else f"no PEFT export: {no_export}")
     return report.to_dict(predictions=False)
 
 
-def export_per_task(model, tasks: list[Task], folder: Path, log=print) -> list[str]:
-    """Each task's LoRA as a PEFT folder, where the routing makes it a plain LoRA."""
+def export_per_task(model, tasks: list[Task], folder: Path, scores: list[dict] | None = None) -> list[str]:
+    """Each task's LoRA as a PEFT folder with its model card, where the routing makes it a plain
+    LoRA (``peft_export_problem`` says why not otherwise)."""
     cfg = model.adapter_config
-    if cfg.method == "lora":
-        export_peft(model, folder / "all-tasks")
-        return ["all-tasks"]
-    if cfg.router != "task":
-        log(f"no PEFT export: the {cfg.router} router mixes experts per token (not a plain LoRA)")
+    if peft_export_problem(cfg):
         return []
+    if cfg.method == "lora":
+        export_peft(model, folder / "all-tasks", card={"task": "all tasks", "scores": scores or []})
+        return ["all-tasks"]
     for task_id, task in enumerate(tasks):
-        export_peft(model, folder / task.name, task=task_id)
+        own = [s for s in scores or [] if s["task"] == task.name]
+        export_peft(model, folder / task.name, task=task_id, card={"task": task.name, "scores": own})
     return [t.name for t in tasks]
 
 
-def load_run(run_dir: str | Path):
-    """The trained model of a run folder (base + adapter), its tokenizer, config and task names."""
+def log_scores(out: Path, scores: list[dict], step: int) -> None:
+    """The evaluation scores into the run's TensorBoard log (when tensorboard is installed)."""
+    writer = tensorboard_writer(out)
+    if writer is None:
+        return
+    for s in scores:
+        writer.add_scalar(f"eval/{s['task']}/{s['metric']}", s["score"], step)
+    if scores:
+        writer.add_scalar("eval/average", sum(s["score"] for s in scores) / len(scores), step)
+    writer.close()
+
+
+def plot_loss(metrics: Path, path: Path, title: str = "") -> Path | None:
+    """The training loss per optimizer step from ``metrics.jsonl``, as a PNG."""
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], "-", marker="." if len(rows) < 50 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean token loss")
+    ax.set_title(title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_scores(run_dir: str | Path) -> list[dict[str, Any]]:
+    """``[{task, metric, score, n}]`` from a finished run's results.json (empty before it exists)."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return []
+    return [{k: t[k] for k in ("task", "metric", "score", "n")} for t in json.loads(path.read_text())["tasks"]]
+
+
+def load_run(run_dir: str | Path, model: str | None = None):
+    """The trained model of a run folder (base + adapter), its tokenizer, config and task names.
+    ``model`` loads another base (say a local copy of the run's) instead of the one it names."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(
             f"{run_dir}: not a run folder (no config.yaml); pass the folder `asymlora train` wrote"
         )
     cfg = load_config(run_dir / "config.yaml")
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = load_model(model or cfg.model)
     model = load_adapter(base, run_dir / "adapter").eval()
     results = run_dir / "results.json"
     names = (

@@ -1,0 +1,121 @@
+"""What ``asymlora eval`` scores: a base model, or a base model with an adapter read from a PEFT
+LoRA folder, an asymlora adapter folder or a run folder; and, for adapters routed by task, which
+adapter task answers each evaluated task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..adapters.config import AdapterConfig
+from ..adapters.io import EXPORT_INFO_FILE, PEFT_CONFIG_FILE, folder_format, native_config_file, read_peft_lora
+from ..config import ConfigError
+from ..data.task import Task
+from .generate import resolve_task
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    base: str
+    description: str
+    router: str | None = None  # the adapter's router ("task": questions are routed by task)
+    task_names: list[str] | None = None  # the adapter's tasks, in task-id order, where known
+
+
+def adapter_kind(path: Path) -> str:
+    """``run`` (a folder of asymlora train), ``asymlora`` or ``peft``; a one-line error otherwise."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"--adapter {path}: no such folder")
+    if (path / "rounds.jsonl").exists() or (path / "clients.json").exists():
+        raise ConfigError(
+            f"--adapter {path}: a federate run holds one adapter per client; pass {path}/adapters/<client>"
+        )
+    if (path / "config.yaml").is_file() and (path / "adapter").is_dir():
+        return "run"
+    kind = folder_format(path)
+    if kind is None:
+        raise FileNotFoundError(
+            f"--adapter {path}: not an adapter folder (no asymlora_config.json or {PEFT_CONFIG_FILE}) "
+            "and not a run folder (config.yaml and adapter/)"
+        )
+    return kind
+
+
+def recorded_base(path: Path, kind: str) -> str | None:
+    """The base model an adapter folder names: the asymlora name that loads its exact weights where
+    an export recorded one, else its ``base_model_name_or_path``."""
+    if kind == "asymlora":
+        return AdapterConfig.load(native_config_file(path)).base_model_name_or_path
+    info = path / EXPORT_INFO_FILE
+    if info.is_file():
+        return json.loads(info.read_text(encoding="utf-8")).get("asymlora_base")
+    return read_peft_lora(path).base_model_name_or_path
+
+
+def _is_adapter_folder(name: str | None) -> bool:
+    return name is not None and Path(name).is_dir() and folder_format(name) is not None
+
+
+def load_for_eval(model_name: str | None, adapter: Path | None) -> LoadedModel:
+    """The model to evaluate and its tokenizer, which always comes from the base model (an adapter
+    folder holds none)."""
+    from ..adapters import load_adapter
+    from ..models import load_model
+    from .multitask import load_run
+
+    if _is_adapter_folder(model_name):
+        raise ConfigError(
+            f"--model {model_name} is an adapter folder, not a model (it has no weights of its own and no "
+            f"tokenizer): pass it as --adapter {model_name}, with --model BASE if it does not record its base"
+        )
+    if adapter is None:
+        model, tokenizer = load_model(model_name)
+        return LoadedModel(model, tokenizer, model_name, model_name)
+    kind = adapter_kind(adapter)
+    if kind == "run":
+        model, tokenizer, cfg, names = load_run(adapter, model=model_name)
+        base = model_name or cfg.model
+        return LoadedModel(model, tokenizer, base, f"{cfg.adapter.method} run {adapter} on {base}",
+                           cfg.adapter.router, names)  # fmt: skip
+    base = model_name or recorded_base(adapter, kind)
+    if not base:
+        raise ConfigError(f"--adapter {adapter} does not record its base model: give --model BASE")
+    model, tokenizer = load_model(base)
+    wrapped = load_adapter(model, adapter).eval()
+    cfg = wrapped.adapter_config
+    what = "PEFT LoRA" if kind == "peft" else f"{cfg.method} adapter"
+    return LoadedModel(wrapped, tokenizer, base, f"{what} {adapter} on {base}", cfg.router)
+
+
+def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> dict[str, int] | None:
+    """Task name -> adapter task id for a task-routed adapter (``route`` for all, else the adapter
+    task of the same name); None for any other model."""
+    if loaded.router != "task":
+        if route is not None:
+            raise ConfigError(f"--route: {loaded.description} does not route by task; leave --route out")
+        return None
+    num_experts = loaded.model.adapter_config.num_experts
+    names = loaded.task_names or [str(i) for i in range(num_experts)]
+    if route is not None:
+        task_id = resolve_task(route, names, "task")
+        return {t.name: task_id for t in tasks}
+    unknown = [t.name for t in tasks if t.name not in names]
+    if unknown:
+        known = ", ".join(loaded.task_names) if loaded.task_names else f"ids 0..{num_experts - 1}"
+        raise ConfigError(
+            f"--route: this adapter routes by task and has no task named {', '.join(unknown)} "
+            f"(its tasks: {known}); give --route NAME_OR_INDEX"
+        )
+    return {t.name: names.index(t.name) for t in tasks}
+
+
+def describe_split(split: str, seed: int, limit: int | None) -> str:
+    """One line on what is scored: which split, of which share of each task, how many at most."""
+    cap = f", at most {limit} per task" if limit else ""
+    if split == "all":
+        return f"scoring every example of each task (training examples included){cap}"
+    return f"scoring each task's test split (split seed {seed}; 20% of its examples by default){cap}"
