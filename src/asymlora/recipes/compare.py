@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 try:
     import fcntl
@@ -132,15 +133,23 @@ def compare(
     tasks = select_tasks(base.data)
     task_names = [t.name for t in tasks]
     specs = base.data.tasks or task_names  # how each task is named in a config (a name or a file)
-    cells = {
-        m: [run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log) for s in seeds] for m in methods
-    }
+    with tqdm(total=len(methods) * len(seeds), desc="compare", unit="cell", dynamic_ncols=True) as bar:
+        cells = {
+            m: [_counted(bar, run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log)) for s in seeds]
+            for m in methods
+        }
     references = (
         single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
     )
     summary = summarize_cells(cells, task_names, references)
     summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
     return write_summary(summary, out, to_markdown, log)
+
+
+def _counted(bar, result: dict[str, Any]) -> dict[str, Any]:
+    """``result``, after advancing the overall progress bar by one cell."""
+    bar.update(1)
+    return result
 
 
 def write_summary(summary: dict[str, Any], out: Path, markdown: Callable, log=print) -> dict[str, Any]:

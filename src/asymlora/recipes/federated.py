@@ -26,6 +26,7 @@ Everything lands in one run folder::
     results.json         method, scores per client, average, global scores, communication
     results.md           the same as a table
     plots/               score per client, score vs round, bytes vs score (PNG)
+    tensorboard/         loss, bytes and scores per round (with the tensorboard extra)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..adapters import (
     AsymLoraModel,
@@ -69,12 +71,13 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
     task_examples,
     unique_names,
 )
-from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
+from ..engines.local import LocalSimulator, RoundLog, find_checkpoint, participants
 from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model
 from ..train import pad_id_of
+from ..train.loop import tensorboard_writer
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -214,8 +217,12 @@ def run(
         log(f"no checkpoint in {out}: starting from round 1")
     write_rounds(out / "rounds.jsonl", records)
 
+    writer = tensorboard_writer(out)
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
-        record = round_record(sim.run_round(on_client), clients, records)
+        total = len(participants(len(clients), cfg.federation.fraction, cfg.seed, rnd))
+        with tqdm(total=total, desc=f"round {rnd}/{cfg.federation.rounds}", unit="client", leave=False,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            record = round_record(sim.run_round(_advancing(bar, clients, on_client)), clients, records)
         for kind in ("dropped", "rejected"):
             for name, why in record[kind].items():
                 log(f"round {rnd}: {kind} client {name}: {why}")
@@ -227,6 +234,10 @@ def run(
         write_rounds(out / "rounds.jsonl", records)
         sim.save(out / "checkpoint", {"rounds": records})
         log(round_line(record))
+        if writer is not None:
+            log_round(writer, record)
+    if writer is not None:
+        writer.close()
 
     save_adapters(sim, clients, out)
     results = summarize(cfg, sim, clients, records)
@@ -236,6 +247,32 @@ def run(
     plot_run(records, results, out / "plots")
     log(to_markdown(results))
     return results
+
+
+def _advancing(bar, clients: list[ClientData], on_client: Callable | None) -> Callable[[int, int, list[dict]], None]:
+    """``on_client`` that also advances the round's progress bar by one client."""
+
+    def done(rnd: int, i: int, history: list[dict]) -> None:
+        bar.set_postfix(client=clients[i].name)
+        bar.update(1)
+        if on_client is not None:
+            on_client(rnd, i, history)
+
+    return done
+
+
+def log_round(writer, record: dict[str, Any]) -> None:
+    """A round's loss, bytes and (on evaluated rounds) scores into TensorBoard, at step = round."""
+    rnd = record["round"]
+    scalars = {"loss": fmean(record["loss"].values()), "bytes_up": record["bytes_up"],
+               "bytes_down": record["bytes_down"], "cumulative_bytes": record["cumulative_bytes"]}  # fmt: skip
+    if "average" in record:
+        scalars["personalised_average"] = record["average"]
+        scalars |= {f"score/{name}": score for name, score in record["scores"].items()}
+    if record.get("global_average") is not None:
+        scalars["global_average"] = record["global_average"]
+    for key, value in scalars.items():
+        writer.add_scalar(f"federate/{key}", value, rnd)
 
 
 def round_line(record: dict[str, Any]) -> str:
@@ -425,17 +462,28 @@ def plot_run(records: list[dict], results: dict[str, Any], folder: Path) -> list
         ("round", "round", "score_vs_round.png"),
         ("cumulative_bytes", "bytes sent + received per client", "bytes_vs_score.png"),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r[x_key] for r in evaluated]
-        ax.plot(xs, [r["average"] for r in evaluated], "o-", label="personalised")
-        if any(r["global_average"] is not None for r in evaluated):
-            ax.plot(xs, [r["global_average"] for r in evaluated], "s--", label="global")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("average score")
-        ax.set_title(method)
-        ax.legend()
-        paths.append(_save(fig, folder / name))
+        paths.append(_save(score_figure(evaluated, x_key, x_label, method), folder / name))
     return paths
+
+
+def score_figure(evaluated: list[dict], x_key: str, x_label: str, title: str):
+    """Average score (personalised, and global where there is one) against ``x_key``; the round
+    axis has whole rounds only."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r[x_key] for r in evaluated]
+    ax.plot(xs, [r["average"] for r in evaluated], "o-", label="personalised")
+    if any(r["global_average"] is not None for r in evaluated):
+        ax.plot(xs, [r["global_average"] for r in evaluated], "s--", label="global")
+    if x_key == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("average score")
+    ax.set_title(title)
+    ax.legend()
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
