@@ -27,7 +27,20 @@ _LAZY = {
     "TrainConfig": "train",
 }  # the training function is asymlora.train.train (``asymlora.train`` is its subpackage)
 
-__all__ = [*sorted(_LAZY), "__version__"]
+__all__ = [
+    "AdapterConfig",
+    "AsymLoraModel",
+    "Example",
+    "FactoredLoraLinear",
+    "MultiLoraLinear",
+    "TrainConfig",
+    "__version__",
+    "export_peft",
+    "load_adapter",
+    "load_model",
+    "save_adapter",
+    "wrap",
+]
 
 if TYPE_CHECKING:
     from .adapters import (

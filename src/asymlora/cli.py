@@ -48,7 +48,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _command(sub: argparse._SubParsersAction, name: str, help: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+def _command(
+    sub: argparse._SubParsersAction, name: str, help: str, examples: Sequence[str]
+) -> argparse.ArgumentParser:
     """A subcommand whose --help ends with its examples."""
     epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
     return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
@@ -65,7 +67,9 @@ def add_tasks(sub: argparse._SubParsersAction) -> None:
     ])  # fmt: skip
     p.add_argument("--suite", choices=list(SUITES), help="only this suite")
     p.add_argument("--seed", type=int, default=0, help="split seed (the counts do not depend on it)")
-    p.add_argument("--offline", action="store_true", help="do not download or generate missing data; mark it instead")
+    p.add_argument(
+        "--offline", action="store_true", help="do not download or generate missing data; mark it instead"
+    )
 
 
 def run_tasks(args: argparse.Namespace) -> int:
@@ -171,7 +175,9 @@ def run_eval(args: argparse.Namespace) -> int:
     report.save(out / "results.json")
     (out / "results.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     print(report.to_markdown())
-    print(f"\nscored {sum(r.n for r in report.results)} questions ({args.split} split) of {len(tasks)} task(s)")
+    print(
+        f"\nscored {sum(r.n for r in report.results)} questions ({args.split} split) of {len(tasks)} task(s)"
+    )
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
 
@@ -202,10 +208,14 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML or YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
-    p.add_argument("--model", help="model (default smollm2-135m): smollm2-135m, tiny-llama, a folder or a hub id")
+    p.add_argument(
+        "--model", help="model (default smollm2-135m): smollm2-135m, tiny-llama, a folder or a hub id"
+    )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--suite", choices=list(SUITES), help="train on a named suite (default commonsense)")
-    what.add_argument("--tasks", help="comma-separated task names, bigbench:<task>, hf:<dataset>?... or .jsonl files")
+    what.add_argument(
+        "--tasks", help="comma-separated task names, bigbench:<task>, hf:<dataset>?... or .jsonl files"
+    )
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps, default 100)")
     p.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
 
@@ -314,7 +324,9 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="TOML or YAML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set federation.rounds=5 (repeatable)")  # fmt: skip
-    p.add_argument("--model", help="model (default smollm2-135m): smollm2-135m, tiny-llama, a folder or a hub id")
+    p.add_argument(
+        "--model", help="model (default smollm2-135m): smollm2-135m, tiny-llama, a folder or a hub id"
+    )
     p.add_argument(
         "--method",
         help="federation.method: fedit, ffa, fedsa, fedalora, zeropad, flora, flexlora, fedalora-het",
@@ -604,7 +616,9 @@ def add_lm_eval_task(sub: argparse._SubParsersAction) -> None:
         "lm_eval --model hf --model_args pretrained=BASE,peft=runs/my-run/peft/mine "
         "--include_path lm-tasks --tasks asymlora_mine",
     ])  # fmt: skip
-    p.add_argument("task", help="a task name, bigbench:<task>, hf:<dataset>?<columns>, or a .json/.jsonl file")
+    p.add_argument(
+        "task", help="a task name, bigbench:<task>, hf:<dataset>?<columns>, or a .json/.jsonl file"
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for <task>.yaml and <task>.jsonl")
     p.add_argument("--split", choices=["test", "all"], default="test",
                    help="the questions written: the task's test split, as asymlora eval scores it, or all")  # fmt: skip

@@ -160,7 +160,9 @@ def load_adapter(model: nn.Module, folder: str | Path, task: int | None = None) 
     if kind == "peft":
         return load_peft_lora(model, folder, task=task)
     if task is not None:
-        raise ValueError(f"{folder}: task= is for loading a PEFT LoRA into one task; this is an asymlora adapter")
+        raise ValueError(
+            f"{folder}: task= is for loading a PEFT LoRA into one task; this is an asymlora adapter"
+        )
     config_file = native_config_file(folder)
     config = AdapterConfig.load(config_file)
     found = _model_type(model)
@@ -219,9 +221,13 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
         raise ValueError(f"{config_file}: bias={config['bias']!r}; asymlora reads LoRAs without bias terms")
     r, alpha = config.get("r"), config.get("lora_alpha", 8)
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, int | float) or alpha <= 0:
-        raise ValueError(f"{config_file}: needs an integer r >= 1 and lora_alpha > 0, got r={r!r}, lora_alpha={alpha!r}")
+        raise ValueError(
+            f"{config_file}: needs an integer r >= 1 and lora_alpha > 0, got r={r!r}, lora_alpha={alpha!r}"
+        )
     if not (folder / WEIGHTS_FILE).is_file() and any(folder.glob("adapter_model.bin")):
-        raise ValueError(f"{folder}: adapter_model.bin is a pickle; save the adapter with safetensors (PEFT's default)")
+        raise ValueError(
+            f"{folder}: adapter_model.bin is a pickle; save the adapter with safetensors (PEFT's default)"
+        )
     tensors = read_tensors(folder / WEIGHTS_FILE)
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -232,7 +238,9 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
         pairs.setdefault(module, {})[kind[0]] = tensor
     incomplete = sorted(m for m, p in pairs.items() if set(p) != {"A", "B"})
     if not pairs or incomplete:
-        raise ValueError(f"{folder / WEIGHTS_FILE}: no A and B weight for {', '.join(incomplete) or 'any module'}")
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE}: no A and B weight for {', '.join(incomplete) or 'any module'}"
+        )
     for module, p in pairs.items():
         if p["A"].shape[0] != r or p["B"].shape[1] != r:
             raise ValueError(
@@ -260,7 +268,9 @@ def load_peft_lora(model: nn.Module, folder: str | Path, task: int | None = None
     lora = read_peft_lora(folder)
     if isinstance(model, AsymLoraModel):
         if task is None:
-            raise ValueError(f"{folder}: this model has adapters already; give task= to start that task from the LoRA")
+            raise ValueError(
+                f"{folder}: this model has adapters already; give task= to start that task from the LoRA"
+            )
         _set_task_pair(model, lora, task, folder)
         return model
     if task is not None:
@@ -429,7 +439,13 @@ def model_card(info: Mapping[str, Any]) -> str:
     lines = ["---", "library_name: peft"]
     if info.get("base_is_hub_id"):
         lines.append(f"base_model: {base}")
-    lines += ["tags: [asymlora, lora]", "---", "", f"# {info['method']} adapter exported as a LoRA{routed}", ""]
+    lines += [
+        "tags: [asymlora, lora]",
+        "---",
+        "",
+        f"# {info['method']} adapter exported as a LoRA{routed}",
+        "",
+    ]
     lines += [
         f"Exported by asymlora from a `{info['method']}` adapter"
         + (f" with the `{info['router']}` router" if info.get("router") else "")

@@ -38,7 +38,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise DataFormatError(f"{spec!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+        raise DataFormatError(
+            f"{spec!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
+        )
     if options.get("kind") not in (None, *KINDS):
         raise DataFormatError(f"{spec!r}: kind must be one of {', '.join(KINDS)}")
     return source, options
@@ -62,13 +64,17 @@ def hf_task(spec: str) -> Task:
 def _load(source: str, options: dict[str, str]) -> Any:
     import datasets
 
-    folder = Path(source)
+    folder = Path(source).expanduser()
+    if source.startswith(("/", ".", "~")) and not folder.exists():
+        raise DataFormatError(f"hf:{source}: no such file or folder")
     try:
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             data = datasets.load_from_disk(str(folder))
             split = options.get("split")
             return data[split] if split and isinstance(data, datasets.DatasetDict) else data
-        return datasets.load_dataset(source, options.get("config"), split=options.get("split"))
+        return datasets.load_dataset(
+            str(folder) if folder.exists() else source, options.get("config"), split=options.get("split")
+        )
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as err:
         raise DataFormatError(f"hf:{source}: cannot load this dataset ({err})") from None
 

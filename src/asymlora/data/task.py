@@ -136,7 +136,9 @@ class Task:
         return example["targets"][0]
 
 
-def unique_records(records: Sequence[Mapping[str, Any]], *, kind: Kind, where: str) -> list[Mapping[str, Any]]:
+def unique_records(
+    records: Sequence[Mapping[str, Any]], *, kind: Kind, where: str
+) -> list[Mapping[str, Any]]:
     """Validate canonical records and drop duplicates (same input and choices; first one kept)."""
     seen: set[tuple[str, tuple[str, ...]]] = set()
     rows: list[Mapping[str, Any]] = []

@@ -66,7 +66,11 @@ def lm_eval_config(task: Task, data_file: Path) -> dict:
     config |= {
         "output_type": "generate_until",
         "doc_to_target": "target",
-        "generation_kwargs": {"until": list(task.stop), "do_sample": False, "max_gen_toks": task.max_new_tokens},
+        "generation_kwargs": {
+            "until": list(task.stop),
+            "do_sample": False,
+            "max_gen_toks": task.max_new_tokens,
+        },
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
     }
     if task.kind == "numeric":

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.config import AdapterConfig
-from ..adapters.io import EXPORT_INFO_FILE, PEFT_CONFIG_FILE, folder_format, native_config_file, read_peft_lora
+from ..adapters.io import (
+    EXPORT_INFO_FILE,
+    PEFT_CONFIG_FILE,
+    folder_format,
+    native_config_file,
+    read_peft_lora,
+)
 from ..config import ConfigError
 from ..data.task import Task
 from .generate import resolve_task

@@ -249,7 +249,9 @@ def run(
     return results
 
 
-def _advancing(bar, clients: list[ClientData], on_client: Callable | None) -> Callable[[int, int, list[dict]], None]:
+def _advancing(
+    bar, clients: list[ClientData], on_client: Callable | None
+) -> Callable[[int, int, list[dict]], None]:
     """``on_client`` that also advances the round's progress bar by one client."""
 
     def done(rnd: int, i: int, history: list[dict]) -> None:

@@ -172,7 +172,11 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     log_scores(out, scores, cfg.train.steps)
     log(report.to_markdown())
     log(f"results: {out / 'results.json'}")
-    log(f"PEFT LoRA folders: {out / 'peft'} ({', '.join(exported)})" if exported else f"no PEFT export: {no_export}")
+    log(
+        f"PEFT LoRA folders: {out / 'peft'} ({', '.join(exported)})"
+        if exported
+        else f"no PEFT export: {no_export}"
+    )
     return report.to_dict(predictions=False)
 
 
@@ -232,7 +236,9 @@ def run_scores(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         return []
-    return [{k: t[k] for k in ("task", "metric", "score", "n")} for t in json.loads(path.read_text())["tasks"]]
+    return [
+        {k: t[k] for k in ("task", "metric", "score", "n")} for t in json.loads(path.read_text())["tasks"]
+    ]
 
 
 def load_run(run_dir: str | Path, model: str | None = None):

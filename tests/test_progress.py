@@ -1,0 +1,71 @@
+"""Progress where people look: bars in eval (per batch), federate rounds (per client) and compare
+(per cell); TensorBoard logs of eval scores and federated rounds; whole rounds on the round axis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asymlora.cli import main
+from asymlora.data import Task, mc_record
+from asymlora.eval import evaluate_task
+from asymlora.models import load_model
+from asymlora.recipes.federated import score_figure
+from tiny_models import write_choice_tasks
+
+TINY = ["--model", "tiny-llama", "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "train.max_length=32",
+        "--set", "eval.limit=2", "--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']"]  # fmt: skip
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_eval_shows_a_bar_that_advances_per_batch(capsys) -> None:
+    model, tok = load_model("tiny-llama")
+    task = Task(
+        "yesno", "multiple_choice", lambda: [mc_record(f"q{i}:", ["yes", "no"], i % 2) for i in range(6)]
+    )
+    evaluate_task(model, tok, task, task.examples(), batch_size=4)
+    err = capsys.readouterr().err
+    assert "eval yesno" in err and "4/12" in err and "12/12" in err  # 6 questions x 2 choices, 4 per batch
+
+
+def test_federate_shows_clients_per_round_and_logs_rounds(tmp_path, capsys) -> None:
+    files = write_choice_tasks(tmp_path / "data", n=3)
+    out = tmp_path / "fed"
+    assert main(["federate", "--method", "fedalora", "--tasks", ",".join(files), "--rounds", "2",
+                 "--out", str(out), *TINY]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "round 1/2" in err and "round 2/2" in err and "3/3" in err
+    logged = scalars(out / "tensorboard")
+    assert [step for step, _ in logged["federate/loss"]] == [1, 2]
+    assert [step for step, _ in logged["federate/personalised_average"]] == [2]  # evaluated at the end
+    final = json.loads((out / "results.json").read_text())
+    assert logged["federate/personalised_average"][0][1] == pytest.approx(final["average"])
+
+
+def test_train_logs_eval_scores_and_compare_shows_cells(tmp_path, capsys) -> None:
+    files = write_choice_tasks(tmp_path / "data", n=2)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--tasks", ",".join(files), "--methods", "lora,alora", "--seeds", "0",
+                 "--out", str(out), *TINY]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "compare:  50%" in err and "compare: 100%" in err and "2/2" in err
+    results = json.loads((out / "lora" / "seed-0" / "results.json").read_text())
+    logged = scalars(out / "lora" / "seed-0" / "tensorboard")
+    for task in results["tasks"]:
+        assert logged[f"eval/{task['task']}/acc"] == [(2, pytest.approx(task["score"]))]
+    assert "train/loss" in logged and (out / "lora" / "seed-0" / "loss.png").is_file()
+
+
+def test_the_round_axis_has_whole_rounds_only() -> None:
+    evaluated = [{"round": r, "average": 50.0 + r, "global_average": None} for r in (1, 2, 3)]
+    ax = score_figure(evaluated, "round", "round", "fedalora").axes[0]
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
