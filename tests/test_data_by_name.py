@@ -98,7 +98,7 @@ def test_class_label_names_are_the_choices(tmp_path) -> None:
         {"text": ["good", "bad", "fine", "awful"], "label": [1, 0, 1, 0]}, features=features
     )
     data.save_to_disk(str(tmp_path / "sentiment"))
-    task = get_task(f"hf:{tmp_path / 'sentiment'}?prompt=text")
+    task = get_task(f"hf:{tmp_path / 'sentiment'}?prompt=text&answer=label")
     assert task.kind == "multiple_choice"
     assert task.examples()[0]["choices"] == ["negative", "positive"] and task.examples()[1]["answer"] == 0
 

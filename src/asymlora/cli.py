@@ -25,11 +25,11 @@ from asymlora.data.registry import SUITES, example_count, get_suite, get_task, i
 from asymlora.data.task import DataFormatError, Task, UnknownTaskError, split_sizes
 from asymlora.models import ModelNotAvailableError
 
-DESCRIPTION = (
-    "Fine-tune language models with several LoRA adapters at once: ALoRA (several A matrices, one "
-    "shared B), Fed-ALoRA (federated clients share only B) and the methods they are compared with. "
-    "Run 'asymlora COMMAND --help' for a command's flags and examples."
-)
+DESCRIPTION = """\
+Fine-tune language models with several LoRA adapters at once: ALoRA (several A
+matrices, one shared B), Fed-ALoRA (federated clients share only B) and the
+methods they are compared with. Run 'asymlora COMMAND --help' for a command's
+flags and examples."""
 
 
 class UsageError(Exception):
@@ -469,7 +469,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         "asymlora analyze change runs/my-run",
         "asymlora analyze gradients --suite commonsense --tasks social_iqa,strategyqa --share both",
     ])  # fmt: skip
-    what = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    what = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS", help="one of:")
 
     def analysis(name: str, help: str, example: str) -> argparse.ArgumentParser:
         return what.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out runs/my-run\n  asymlora eval --adapter runs/my-run --suite commonsense",
     )
     parser.add_argument("--version", action="version", version=f"asymlora {version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     for add, _ in COMMANDS.values():
         add(sub)
     return parser

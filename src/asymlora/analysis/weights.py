@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..adapters.config import AdapterConfig
-from ..adapters.io import CONFIG_FILE, WEIGHTS_FILE, read_tensors
+from ..adapters.io import CONFIG_FILE, WEIGHTS_FILE, folder_format, native_config_file, read_tensors
 from ..adapters.targets import layer_index
 
 KINDS = ("A", "B")
@@ -29,7 +29,7 @@ def resolve_adapter_folder(path: str | Path) -> Path:
     """``path`` itself if it is an adapter folder, else its ``adapter/`` or ``checkpoint/``."""
     path = Path(path)
     for candidate in (path, *(path / sub for sub in SUBFOLDERS)):
-        if (candidate / CONFIG_FILE).is_file():
+        if candidate.is_dir() and folder_format(candidate) == "asymlora":
             return candidate
     raise FileNotFoundError(
         f"{path}: no adapter here: expected {CONFIG_FILE} in it or in its "
@@ -74,7 +74,7 @@ def load_weights(path: str | Path) -> AdapterWeights:
     """Read an adapter folder (or a run folder holding one); check that every module has an A and a
     B of the shapes its config implies."""
     folder = resolve_adapter_folder(path)
-    config = AdapterConfig.load(folder / CONFIG_FILE)
+    config = AdapterConfig.load(native_config_file(folder))
     tensors = read_tensors(folder / WEIGHTS_FILE)
     weights = AdapterWeights(folder, config, tensors)
     if not weights.modules:

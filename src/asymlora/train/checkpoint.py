@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters.io import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     complete_folder,
     read_tensors,
@@ -63,8 +62,10 @@ def save_checkpoint(
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    """The last complete checkpoint at ``folder`` (or its ``.old`` twin), if any."""
-    return complete_folder(folder, (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE))
+    """The last complete checkpoint at ``folder`` (or its ``.old`` twin), if any. The adapter config
+    is not required: only the weights are restored, and its file name changed (asymlora_config.json,
+    adapter_config.json before)."""
+    return complete_folder(folder, (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE))
 
 
 def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
