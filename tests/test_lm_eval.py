@@ -17,7 +17,8 @@ from asymlora import export_peft, load_adapter, wrap
 from asymlora.cli import main
 from asymlora.data import get_task
 from asymlora.data.task import continuation
-from asymlora.eval import continuation_logprobs, evaluate_task, test_examples
+from asymlora.eval import continuation_logprobs, evaluate_task
+from asymlora.eval import test_examples as split_examples
 from asymlora.models import load_model
 from tiny_models import randomize_adapters
 
@@ -43,7 +44,7 @@ def test_lm_eval_scores_an_exported_adapter_as_asymlora_does(tmp_path: Path, cap
     ours_model, ours_tok = load_model("tiny-llama")
     ours_model = load_adapter(ours_model, tmp_path / "peft")
     ours = evaluate_task(ours_model, ours_tok, task)
-    questions = test_examples(task)
+    questions = split_examples(task)
     prompts = [task.prompt(ex) for ex in questions for _ in ex["choices"]]
     conts = [continuation(c) for ex in questions for c in ex["choices"]]
     our_logprobs = continuation_logprobs(ours_model, ours_tok, prompts, conts)
@@ -65,5 +66,5 @@ def test_lm_eval_scores_an_exported_adapter_as_asymlora_does(tmp_path: Path, cap
     samples = sorted(
         (json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"]
     )
-    their_logprobs = [resp[0][0] for s in samples for resp in s["resps"]]
+    their_logprobs = [float(resp[0][0]) for s in samples for resp in s["resps"]]  # stored as text
     assert their_logprobs == pytest.approx(our_logprobs, abs=1e-4)
