@@ -8,13 +8,14 @@ off autograd (see ``asymlora.eval.runner.eval_mode``).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+
+from asymlora.models import accepts_keyword
 
 ForwardKwargs = Callable[[int], dict[str, Any]]
 """Extra keyword arguments for ``model(...)`` given the batch size (e.g. per-example task ids)."""
@@ -32,21 +33,6 @@ def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pad if pad is not None else 0
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes the keyword ``name``: named explicitly, or passed on through
-    ``**kwargs`` to a wrapped ``base_model`` that names it (an adapter wrapper around a transformers
-    model)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    if name in params:
-        return True
-    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    inner = getattr(model, "base_model", None)
-    return passes_on and isinstance(inner, nn.Module) and inner is not model and _accepts(inner, name)
 
 
 def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -139,7 +125,7 @@ def _score_shared(
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     ids, mask, positions = _left_pad([ctx for ctx, _ in batch], pad, device)
-    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **trim,
                 **forward_kwargs(len(batch)))  # fmt: skip
     cache = _returned_cache(out)
@@ -184,7 +170,7 @@ def _score_joined(
     seqs = [(ctx + tails[i], len(tails[i])) for ctx, members in batch for i in members]
     ids, mask, positions = _left_pad([s for s, _ in seqs], _pad_id(tokenizer), device)
     keep = max(n for _, n in seqs) + 1
-    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": keep} if accepts_keyword(model, "logits_to_keep") else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra,
                    **forward_kwargs(len(seqs))).logits[:, -keep:]  # fmt: skip
     # logits at position t predict token t + 1: the last n + 1 positions but one
@@ -255,7 +241,7 @@ def _generate_batch(
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     ids, mask, _ = _left_pad(seqs, pad, device)
-    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
     new = torch.empty((len(seqs), 0), dtype=torch.long, device=device)
     done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
     eos = tokenizer.eos_token_id

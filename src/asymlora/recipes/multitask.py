@@ -27,6 +27,7 @@ from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
 from ..eval.runner import evaluate_tasks
 from ..models import load_model
+from ..threads import use_threads
 from ..train import Example, TrainConfig, train
 
 
@@ -127,6 +128,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     save_config(cfg, out / "config.yaml")
     log(f"run folder: {out}")
     log(f"tasks: {', '.join(t.name for t in tasks)}")
+    use_threads(cfg.train.threads, log)
 
     examples = training_examples(tasks, cfg.data)
     base, tokenizer = load_model(cfg.model)
