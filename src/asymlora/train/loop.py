@@ -328,7 +328,9 @@ def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pa
         for p in model.parameters():
             if p.requires_grad and p.grad is not None:
                 all_sum(p.grad, proc)
-    return float(all_sum(torch.tensor(loss_sum), proc)) / max(total_tokens, 1)  # mean token loss
+    return float(all_sum(torch.tensor(loss_sum, dtype=torch.float64), proc)) / max(
+        total_tokens, 1
+    )  # mean token loss
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
