@@ -93,3 +93,23 @@ class Report:
 
 def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def question_scores(task: Mapping[str, Any]) -> list[float]:
+    """A task's per-question scores in [0, 100] from its entry in results.json (the primary
+    metric: raw-pick accuracy, numeric exact match, or ROUGE-L)."""
+    predictions, metric = task["predictions"], task["metric"]
+    if not predictions:
+        raise ValueError(f"task {task['task']!r}: results.json holds no per-question predictions")
+    if metric == "acc":
+        return [100.0 * (p["pick"] == p["answer"]) for p in predictions]
+    if metric == "exact_match":
+        return [100.0 * bool(p["correct"]) for p in predictions]
+    return [float(p[metric]) for p in predictions]
+
+
+def given_answers(task: Mapping[str, Any]) -> list[Any]:
+    """The answer the model gave to each question: the picked choice's text (its index in results
+    written before the text was kept), the extracted number, or the generated text."""
+    key = {"acc": "choice", "exact_match": "extracted"}.get(task["metric"], "output")
+    return [p.get(key, p.get("pick")) for p in task["predictions"]]

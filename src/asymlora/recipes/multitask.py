@@ -25,6 +25,7 @@ from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, w
 from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
+from ..eval.report import Report
 from ..eval.runner import evaluate_tasks
 from ..models import load_model
 from ..threads import use_threads
@@ -142,17 +143,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     save_adapter(model, out / "adapter")
     exported = export_per_task(model, tasks, out / "peft", log)
 
-    report = evaluate_tasks(
-        model,
-        tokenizer,
-        tasks,
-        task_ids={t.name: i for i, t in enumerate(tasks)},
-        progress=lambda r: log(f"  evaluated {r.task}: {r.metric} {r.score:.2f} (n={r.n})"),
-        limit=cfg.eval.limit,
-        seed=cfg.data.split_seed,
-        batch_size=cfg.eval.batch_size,
-        max_length=cfg.eval.max_length,
-    )
+    report = evaluate(model, tokenizer, tasks, cfg, {t.name: i for i, t in enumerate(tasks)}, log)
     report.info.update(
         method=cfg.adapter.method,
         model=cfg.model,
@@ -165,6 +156,22 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     log(report.to_markdown())
     log(f"results: {out / 'results.json'}")
     return report.to_dict(predictions=False)
+
+
+def evaluate(model, tokenizer, tasks: list[Task], cfg: MultitaskConfig, task_ids=None, log=print) -> Report:
+    """Score ``model`` on each task's test questions as the config says (``task_ids``: the adapter
+    routed to each task name)."""
+    return evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        task_ids=task_ids,
+        progress=lambda r: log(f"  evaluated {r.task}: {r.metric} {r.score:.2f} (n={r.n})"),
+        limit=cfg.eval.limit,
+        seed=cfg.data.split_seed,
+        batch_size=cfg.eval.batch_size,
+        max_length=cfg.eval.max_length,
+    )
 
 
 def export_per_task(model, tasks: list[Task], folder: Path, log=print) -> list[str]:
