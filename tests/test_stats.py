@@ -68,3 +68,26 @@ def test_models_scored_on_different_questions_are_refused():
 def test_top_answer_share():
     assert top_answer_share(["yes"] * 9 + ["no"]) == 90.0
     assert top_answer_share([0, 1, 2, 0]) == 50.0
+
+
+def test_an_eval_report_shows_intervals_the_majority_answer_and_the_paired_difference():
+    from asymlora.eval.report import Report, TaskResult
+
+    def result(picks: list[int]) -> TaskResult:
+        answers = [0] * 30 + [1] * 10  # the training majority, "yes", is right on 30 of 40
+        preds = [
+            {"pick": p, "pick_norm": p, "answer": a, "choice": ["yes", "no"][p]}
+            for p, a in zip(picks, answers, strict=True)
+        ]
+        score = 100 * sum(p == a for p, a in zip(picks, answers, strict=True)) / 40
+        return TaskResult("t", "multiple_choice", "acc", score, 40, {"acc": score}, preds)
+
+    model = result([0] * 30 + [1] * 10)  # right on all 40
+    report = Report([model], majority=Report([result([0] * 40)]))
+    stats = report.statistics()
+    assert stats["majority_answer"]["t"]["value"] == 75.0
+    diff = stats["difference_vs_majority"]["average"]
+    assert diff["value"] == 25.0 and diff["excludes_zero"]
+    assert stats["top_answer_share"]["t"] == 75.0
+    table = report.to_markdown()
+    assert "| t | multiple_choice | 40 | acc | 100.00 | [100.0, 100.0] | 75 | 75.00 | +25.0* [" in table

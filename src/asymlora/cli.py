@@ -88,7 +88,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from asymlora.eval.runner import evaluate_tasks
+    from asymlora.eval.runner import evaluate_tasks, majority_report
     from asymlora.models import load_model
 
     if args.limit is not None and args.limit < 1:
@@ -113,6 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, tasks, references=references, progress=progress, limit=args.limit,
         seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
     )  # fmt: skip
+    report.majority = majority_report(tasks, seed=args.seed, limit=args.limit)
     report.info = {"model": args.model, "suite": args.suite, "tasks_requested": args.task,
                    "limit": args.limit, "seed": args.seed}  # fmt: skip
     report.save(out / "results.json")

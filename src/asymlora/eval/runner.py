@@ -190,3 +190,8 @@ def evaluate_tasks(
         if progress is not None:
             progress(result)
     return Report(results, dict(references) if references else None)
+
+
+def majority_report(tasks: Sequence[Task], *, seed: int = 0, limit: int | None = None) -> Report:
+    """The majority baseline of every task, on the same test questions as ``evaluate_tasks``."""
+    return Report([majority_result(task, seed=seed, limit=limit) for task in tasks])

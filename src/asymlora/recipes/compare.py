@@ -27,8 +27,8 @@ except ImportError:  # Windows
 
 from ..adapters import METHODS
 from ..config import ConfigError, to_dict
-from ..eval.report import Report, delta_m, given_answers, question_scores
-from ..eval.runner import majority_result
+from ..eval.report import delta_m, given_answers, question_scores
+from ..eval.runner import majority_report
 from ..eval.stats import Table, top_answer_share
 from ..models import load_model
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
@@ -143,7 +143,7 @@ def compare(
     references = (
         single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
     )
-    rows = {BASE_ROW: base_model_result(base, out / "base", log), MAJORITY_ROW: majority_report(base)}
+    rows = {BASE_ROW: base_model_result(base, out / "base", log), MAJORITY_ROW: majority_answers(base)}
     summary = summarize_cells(
         cells, task_names, references, rows, reference if reference in cells else methods[0]
     )
@@ -172,13 +172,9 @@ def base_model_result(cfg: MultitaskConfig, folder: Path, log=print) -> dict[str
         return report.to_dict()
 
 
-def majority_report(cfg: MultitaskConfig) -> dict[str, Any]:
+def majority_answers(cfg: MultitaskConfig) -> dict[str, Any]:
     """Every task's most frequent training answer, scored on the same test questions."""
-    results = [
-        majority_result(task, seed=cfg.data.split_seed, limit=cfg.eval.limit)
-        for task in select_tasks(cfg.data)
-    ]
-    return Report(results).to_dict()
+    return majority_report(select_tasks(cfg.data), seed=cfg.data.split_seed, limit=cfg.eval.limit).to_dict()
 
 
 def write_summary(summary: dict[str, Any], out: Path, markdown: Callable, log=print) -> dict[str, Any]:

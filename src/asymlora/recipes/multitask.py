@@ -26,7 +26,7 @@ from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, 
 from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
 from ..eval.report import Report
-from ..eval.runner import evaluate_tasks
+from ..eval.runner import evaluate_tasks, majority_report
 from ..models import load_model
 from ..threads import use_threads
 from ..train import Example, TrainConfig, train
@@ -144,6 +144,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     exported = export_per_task(model, tasks, out / "peft", log)
 
     report = evaluate(model, tokenizer, tasks, cfg, {t.name: i for i, t in enumerate(tasks)}, log)
+    report.majority = majority_report(tasks, seed=cfg.data.split_seed, limit=cfg.eval.limit)
     report.info.update(
         method=cfg.adapter.method,
         model=cfg.model,
