@@ -51,6 +51,16 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The prompt's tokens as scoring reads them (with the tokenizer's special tokens, if any)."""
+    return tokenizer(prompt)["input_ids"]
+
+
+def continuation_tokens(tokenizer: PreTrainedTokenizerBase, continuation: str) -> list[int]:
+    """The continuation's tokens as scoring reads them: tokenized apart from the prompt."""
+    return tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
 def continuation_logprobs(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -72,11 +82,11 @@ def continuation_logprobs(
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(i)
-    tails = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_length - 1] for c in continuations]
+    tails = [continuation_tokens(tokenizer, c)[: max_length - 1] for c in continuations]
     shared = []
     for prompt, members in groups.items():
         room = max_length - max(len(tails[i]) for i in members)
-        shared.append((tokenizer(prompt)["input_ids"][-room:], members))
+        shared.append((prompt_tokens(tokenizer, prompt)[-room:], members))
     shared.sort(key=lambda group: -len(group[0]))
     results = [0.0] * len(prompts)
     for batch in _group_batches(shared, batch_size):
