@@ -130,6 +130,8 @@ def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files
     table = (out / "results.md").read_text()
     assert "| lora |" in table and "| alora |" in table and "delta-m %" in table
     assert "| *base model* |" in table and "| *majority answer* |" in table
+    assert table.startswith("In one line (average over tasks, points): lora - base model: ")
+    assert "alora - lora: " in table.splitlines()[0]
     assert "Paired difference against lora" in table and "Share of the most frequent answer" in table
     stats = summary["method_statistics"]["alora"]
     for key in ("colors", "double", "average"):

@@ -9,6 +9,7 @@ folder (finished cells are skipped on a re-run), then one table, one JSON and on
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -305,6 +306,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
     has_dm = summary.get("single_task_reference") is not None
     head = ["model", "params", *tasks, "average", "worst", "std"] + (["delta-m %"] if has_dm else [])
     lines = [
+        headline(summary),
+        "",
         f"Scores (%) with 95 % intervals (bootstrap over test questions, seeds {summary.get('seeds')} pooled):",
         "",
         "| " + " | ".join(head) + " |",
@@ -331,6 +334,28 @@ def to_markdown(summary: dict[str, Any]) -> str:
         "across methods unless a row says so.",
     ]
     return "\n".join(lines)
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """What the comparison shows, in one line: the reference method's average against the base
+    model and the majority answer, and every other method's against the reference, each with its
+    interval and whether it excludes 0."""
+    stats, reference = summary["method_statistics"], summary["reference"]
+
+    def said(diff: dict[str, Any]) -> str:
+        verdict = "measurable" if diff["excludes_zero"] else "within noise"
+        return f"{_iv(diff, signed=True)} ({verdict})"
+
+    ref = stats[reference]["differences"]
+    parts = [
+        f"{reference} - {row}: {said(ref[row]['average'])}" for row in summary["reference_rows"] if row in ref
+    ]
+    parts += [
+        f"{name} - {reference}: {said(entry['differences'][reference]['average'])}"
+        for name, entry in stats.items()
+        if name != reference
+    ]
+    return "In one line (average over tasks, points): " + "; ".join(parts) + "."
 
 
 def _iv(interval: dict[str, float], signed: bool = False, mark: bool = False) -> str:
@@ -422,8 +447,10 @@ def _bars(summary: dict[str, Any]) -> dict[str, tuple[list[float], list[list[flo
         for name, entry in {**summary["reference_rows"], **summary["method_statistics"]}.items():
             ivs = [entry["intervals"][g] for g in groups]
             heights = [iv["value"] for iv in ivs]
-            below = [iv["value"] - iv["low"] for iv in ivs]
-            bars[name] = (heights, [below, [iv["high"] - iv["value"] for iv in ivs]])
+            nothing = [iv["high"] == iv["low"] for iv in ivs]  # a constant score: no bar, not a flat one
+            below = [math.nan if n else iv["value"] - iv["low"] for iv, n in zip(ivs, nothing, strict=True)]
+            above = [math.nan if n else iv["high"] - iv["value"] for iv, n in zip(ivs, nothing, strict=True)]
+            bars[name] = (heights, [below, above])
         return bars
     for name, m in summary["methods"].items():
         stats = [m["tasks"][t] for t in summary["tasks"]] + [m["average"]]
