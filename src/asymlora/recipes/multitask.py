@@ -15,7 +15,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,10 @@ class DataConfig:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
     max_train_per_task: int | None = field(
         default=None, metadata={"help": "cap on training examples per task"}
+    )
+    group_splits: bool = field(
+        default=True,
+        metadata={"help": "keep examples of one item (winowhy: one sentence) on one side of the split"},
     )
 
     def __post_init__(self) -> None:
@@ -98,7 +102,8 @@ def save_config(cfg: MultitaskConfig, path: Path) -> None:
 
 
 def select_tasks(data: DataConfig) -> list[Task]:
-    return [get_task(name) for name in data.tasks] if data.tasks else get_suite(data.suite)
+    tasks = [get_task(name) for name in data.tasks] if data.tasks else get_suite(data.suite)
+    return tasks if data.group_splits else [replace(t, group=None) for t in tasks]
 
 
 def training_examples(tasks: list[Task], data: DataConfig) -> list[list[Example]]:
