@@ -4,6 +4,7 @@ by greedy generation and exact match, text by greedy generation and ROUGE)."""
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -152,17 +153,19 @@ def text_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult
 
 def majority_result(task: Task, *, seed: int = 0, limit: int | None = None) -> TaskResult:
     """The majority baseline: every test question gets the task's most frequent training answer.
-    Multiple choice: the choice whose text was most often the training answer (the most frequent
-    answer position breaks ties and serves questions whose choices never answered a training one)."""
+    Multiple choice: the choice whose text was most often the training answer; where several tie
+    (often: choices that never answered a training question), a seeded random one of them, so such
+    questions score chance on average. The position of a choice is not used: a model that is not
+    shown the choices cannot see it."""
     train = task.splits(seed)["train"]
     examples = test_examples(task, seed=seed, limit=limit)
     if task.kind == "multiple_choice":
         texts = Counter(choices[a] for choices, a in zip(train["choices"], train["answer"], strict=True))
-        positions = Counter(train["answer"])
-        picks = [
-            max(range(len(choices)), key=lambda i, c=choices: (texts[c[i]], positions[i], -i))
-            for choices in examples["choices"]
-        ]
+        rng = random.Random(seed)
+        picks = []
+        for choices in examples["choices"]:
+            top = max(texts[c] for c in choices)
+            picks.append(rng.choice([i for i, c in enumerate(choices) if texts[c] == top]))
         return choice_result(task, examples, picks, picks)
     most_common = Counter(targets[0] for targets in train["targets"]).most_common(1)[0][0]
     outputs = [most_common] * len(examples)
