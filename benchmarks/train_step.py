@@ -62,14 +62,12 @@ def step_time(model, batch, steps: int, clock=time.perf_counter) -> float:
 
 def full_logits_loss(model, items, pad_id):
     """The loss as it was computed before: right padding, vocabulary logits at every position."""
-    width = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), width), pad_id)
-    labels = torch.full((len(items), width), IGNORE)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, e in enumerate(items):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        mask[row, : len(e.input_ids)] = 1
+    batch = collate(items, pad_id)  # left-padded: move every row's padding to its end
+    pads = (batch["attention_mask"] == 0).sum(1)
+    ids, labels, mask = (
+        torch.stack([row.roll(-int(n)) for row, n in zip(batch[key], pads, strict=True)])
+        for key in ("input_ids", "labels", "attention_mask")
+    )
     logits = model(input_ids=ids, attention_mask=mask).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
