@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from asymlora.eval.scoring import _accepts, _batches, _cut, _left_pad, _pad_id, _positions, _returned_cache
+from asymlora.eval.scoring import _batches, _cut, _left_pad, _pad_id, _positions, _returned_cache
+from asymlora.models import accepts_keyword
 
 
 def legacy_greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
@@ -31,7 +32,7 @@ def _legacy_batch(model, tokenizer, seqs, max_new_tokens, stop, forward_kwargs) 
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     ids, mask, _ = _left_pad(seqs, pad, device)
-    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
     new = torch.empty((len(seqs), 0), dtype=torch.long, device=device)
     done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
     eos = tokenizer.eos_token_id

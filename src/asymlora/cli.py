@@ -21,9 +21,10 @@ from pathlib import Path
 
 from asymlora.config import ConfigError
 from asymlora.data.bigbench import BigBenchUnavailableError
-from asymlora.data.registry import SUITES, example_count, get_suite, get_task, is_downloaded, is_generated
-from asymlora.data.task import DataFormatError, Task, UnknownTaskError, split_sizes
+from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded, is_generated, split_counts
+from asymlora.data.task import DataFormatError, Task, UnknownTaskError
 from asymlora.models import ModelNotAvailableError
+from asymlora.threads import choose_threads, use_threads
 
 DESCRIPTION = """\
 Fine-tune language models with several LoRA adapters at once: ALoRA (several A
@@ -66,7 +67,7 @@ def add_tasks(sub: argparse._SubParsersAction) -> None:
         "asymlora tasks --suite commonsense  # one suite (downloads its BIG-bench files once)",
     ])  # fmt: skip
     p.add_argument("--suite", choices=list(SUITES), help="only this suite")
-    p.add_argument("--seed", type=int, default=0, help="split seed (the counts do not depend on it)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (grouped tasks' counts depend on it)")
     p.add_argument(
         "--offline", action="store_true", help="do not download or generate missing data; mark it instead"
     )
@@ -79,22 +80,21 @@ def run_tasks(args: argparse.Namespace) -> int:
         print(f"{suite} ({len(tasks)} tasks)")
         print(f"  {'task':44} {'kind':16} {'train':>6} {'test':>6}  source")
         for task in tasks:
-            print("  " + _task_line(task, offline=args.offline))
+            print("  " + _task_line(task, seed=args.seed, offline=args.offline))
         print()
     return 0
 
 
-def _task_line(task: Task, *, offline: bool) -> str:
+def _task_line(task: Task, *, seed: int, offline: bool) -> str:
     head = f"{task.name:44} {task.kind:16}"
     if offline and not is_downloaded(task):
         return f"{head} {'-':>6} {'-':>6}  {task.source} (not downloaded)"
     try:
-        n = example_count(task, compute=not (offline and is_generated(task)))
+        sizes = split_counts(task, seed, compute=not (offline and is_generated(task)))
     except (BigBenchUnavailableError, ImportError) as err:
         return f"{head} {'-':>6} {'-':>6}  unavailable: {err}"
-    if n is None:
+    if sizes is None:
         return f"{head} {'-':>6} {'-':>6}  {task.source} (generated on first use)"
-    sizes = split_sizes(n, test_fraction=task.test_fraction, max_test=task.max_test)
     return f"{head} {sizes['train']:6d} {sizes['test']:6d}  {task.source}"
 
 
@@ -137,7 +137,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from asymlora.eval.runner import evaluate_tasks
+    from asymlora.eval.runner import evaluate_tasks, majority_report
     from asymlora.recipes.evaluate import describe_split, load_for_eval, route_tasks
 
     if args.limit is not None and args.limit < 1:
@@ -148,6 +148,7 @@ def run_eval(args: argparse.Namespace) -> int:
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch / validate every task's data before loading the model
         task.examples()
+    use_threads(log=lambda line: print(line, file=sys.stderr))
     loaded = load_for_eval(args.model, args.adapter)
     task_ids = route_tasks(loaded, tasks, args.route)
     print(f"model: {loaded.description}", file=sys.stderr)
@@ -169,6 +170,7 @@ def run_eval(args: argparse.Namespace) -> int:
         loaded.model, loaded.tokenizer, tasks, task_ids=task_ids, references=references, progress=progress,
         limit=args.limit, seed=args.seed, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
     )  # fmt: skip
+    report.majority = majority_report(tasks, seed=args.seed, limit=args.limit, split=args.split)
     report.info = {"model": args.model, "adapter": str(args.adapter) if args.adapter else None,
                    "base_model": loaded.base, "suite": args.suite, "tasks_requested": args.task,
                    "split": args.split, "limit": args.limit, "seed": args.seed, "routes": task_ids}  # fmt: skip
@@ -699,12 +701,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     for add, _ in COMMANDS.values():
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 0:
+            raise UsageError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
+        choose_threads(args.threads)
         return COMMANDS[args.command][1](args)
     except user_errors() as err:
         print(f"asymlora {args.command}: error: {err}", file=sys.stderr)

@@ -35,7 +35,6 @@ from asymlora.data.task import (
     Task,
     UnknownTaskError,
     target_record,
-    unique_records,
 )
 from asymlora.models import cache_dir
 
@@ -75,6 +74,12 @@ def bigbench_task(path: str) -> Task:
         "BIG-bench " + ", ".join(paths),
         max_new_tokens=48 if kind == "text" else 32,
     )
+
+
+def winograd_sentence(text: str) -> str:
+    """winowhy: the Winograd sentence an example reasons about (each comes with several reasonings,
+    some right and some wrong), i.e. the input before " The '<pronoun>' refers to"."""
+    return text.split(" The '")[0]
 
 
 def _bigbench(name: str, kind: Kind, paths: Sequence[str] | None = None, **options: Any) -> Task:
@@ -132,7 +137,7 @@ def _build_tasks() -> dict[str, Task]:
     tasks = [
         _bigbench("social_iqa", "multiple_choice"),
         _bigbench("strategyqa", "multiple_choice"),
-        _bigbench("winowhy", "multiple_choice"),
+        _bigbench("winowhy", "multiple_choice", group=winograd_sentence),
         _bigbench(
             "goal_step_wikihow",
             "multiple_choice",
@@ -235,24 +240,27 @@ def is_generated(task: Task) -> bool:
     return task.name in TASKS and task.name not in _BIGBENCH_OF
 
 
-def example_count(task: Task, compute: bool = True) -> int | None:
-    """A task's number of unique examples, remembered in the cache folder (keyed by name and
-    source), so that listing the tasks reads no data twice; None when not remembered yet and not
-    ``compute``."""
+def split_counts(task: Task, seed: int = 0, compute: bool = True) -> dict[str, int] | None:
+    """``{"train": n, "test": n}`` of a task's split for ``seed``, remembered in the cache folder
+    (keyed by name, source and seed) so that listing the tasks builds no split twice; None when not
+    remembered yet and not ``compute``."""
     path = cache_dir() / "task_sizes.json"
     try:
         sizes = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         sizes = {}
-    key = f"{task.name} | {task.source}"
-    if not isinstance(sizes.get(key), int) and not compute:
+    key = f"{task.name} | {task.source} | seed {seed}"
+    known = sizes.get(key)
+    if isinstance(known, dict) and {"train", "test"} <= set(known):
+        return known
+    if not compute:
         return None
-    if not isinstance(sizes.get(key), int):
-        sizes[key] = len(unique_records(task.load(), kind=task.kind, where=task.name))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+    splits = task.splits(seed)
+    sizes[key] = {"train": len(splits["train"]), "test": len(splits["test"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return sizes[key]
 
 

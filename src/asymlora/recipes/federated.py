@@ -76,6 +76,7 @@ from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model
+from ..threads import use_threads
 from ..train import pad_id_of
 from ..train.loop import tensorboard_writer
 
@@ -203,6 +204,7 @@ def run(
     save_config(cfg, out / "config.yaml")
     log(f"run folder: {out}")
     log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
+    use_threads(cfg.train.threads, log)
 
     base, tokenizer = load_model(cfg.model)
     base.to(resolve_device(cfg.device))
