@@ -26,6 +26,12 @@ def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.fixture(autouse=True)
+def bars_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bars are drawn on terminals only; this makes them draw into the captured stderr too."""
+    monkeypatch.setenv("ASYMLORA_PROGRESS", "1")
+
+
 def test_eval_shows_a_bar_that_advances_per_batch(capsys) -> None:
     model, tok = load_model("tiny-llama")
     task = Task(

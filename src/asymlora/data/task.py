@@ -200,6 +200,7 @@ def split_dataset(
     for i, text in enumerate(data["input"]):
         members.setdefault(group(text), []).append(i)
     import numpy as np
+    from datasets import DatasetDict
 
     if len(members) < 2:
         raise DataFormatError(f"cannot split {n} examples of one item into train and test")

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from asymlora.data.task import Task, continuation
 from asymlora.eval.metrics import accuracy, extract_number, mc_picks, numbers_equal, rouge
 from asymlora.eval.report import Report, TaskResult
 from asymlora.eval.scoring import ForwardKwargs, continuation_logprobs, greedy_generate
+from asymlora.progress import progress_bar as make_bar
 
 
 @contextlib.contextmanager
@@ -74,7 +74,8 @@ def evaluate_task(
 
     ``task_id`` passes ``task_ids`` to the forward (adapters routed by task); ``forward_kwargs`` is
     the general hook (batch size -> extra keyword arguments) and wins when both are given. A
-    progress bar (stderr) advances per batch: choices scored, or questions answered."""
+    progress bar (stderr, see ``asymlora.progress``) advances per batch: choices scored, or
+    questions answered."""
     if examples is None:
         examples = test_examples(task, split=split, seed=seed, limit=limit)
     if forward_kwargs is None and task_id is not None:
@@ -82,8 +83,8 @@ def evaluate_task(
     items = sum(len(c) for c in examples["choices"]) if task.kind == "multiple_choice" else len(examples)
     unit = "choice" if task.kind == "multiple_choice" else "question"
     scorer = {"multiple_choice": _score_choices, "numeric": _score_numeric, "text": _score_text}[task.kind]
-    with eval_mode(model), tqdm(total=items, desc=f"eval {task.name}", unit=unit, leave=False,
-                                disable=not progress_bar, dynamic_ncols=True) as bar:  # fmt: skip
+    with eval_mode(model), make_bar(total=items, desc=f"eval {task.name}", unit=unit, leave=False,
+                                    enabled=progress_bar) as bar:  # fmt: skip
         options = {"batch_size": batch_size, "max_length": max_length, "forward_kwargs": forward_kwargs,
                    "on_batch": bar.update}  # fmt: skip
         return scorer(model, tokenizer, task, examples, options)

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
 try:
     import fcntl
@@ -33,6 +32,7 @@ from ..eval.report import delta_m, given_answers, question_scores
 from ..eval.runner import majority_report
 from ..eval.stats import Table, top_answer_share
 from ..models import load_model
+from ..progress import progress_bar
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 
@@ -139,7 +139,7 @@ def compare(
     tasks = select_tasks(base.data)
     task_names = [t.name for t in tasks]
     specs = base.data.tasks or task_names  # how each task is named in a config (a name or a file)
-    with tqdm(total=len(methods) * len(seeds), desc="compare", unit="cell", dynamic_ncols=True) as bar:
+    with progress_bar(total=len(methods) * len(seeds), desc="compare", unit="cell") as bar:
         cells = {
             m: [_counted(bar, run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log)) for s in seeds]
             for m in methods

@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..adapters import (
     AsymLoraModel,
@@ -76,6 +75,7 @@ from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model
+from ..progress import progress_bar
 from ..threads import use_threads
 from ..train import pad_id_of
 from ..train.loop import tensorboard_writer
@@ -222,8 +222,9 @@ def run(
     writer = tensorboard_writer(out)
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
         total = len(participants(len(clients), cfg.federation.fraction, cfg.seed, rnd))
-        with tqdm(total=total, desc=f"round {rnd}/{cfg.federation.rounds}", unit="client", leave=False,
-                  dynamic_ncols=True) as bar:  # fmt: skip
+        with progress_bar(
+            total=total, desc=f"round {rnd}/{cfg.federation.rounds}", unit="client", leave=False
+        ) as bar:
             record = round_record(sim.run_round(_advancing(bar, clients, on_client)), clients, records)
         for kind in ("dropped", "rejected"):
             for name, why in record[kind].items():
