@@ -10,23 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from asymlora.config import ConfigError
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
-from asymlora.data.task import DataFormatError, Task, UnknownTaskError
-from asymlora.engines.local import RoundError
+from asymlora.data.task import Task
+from asymlora.errors import UsageError, one_line, user_error
 from asymlora.eval.report import TaskResult
-from asymlora.models import ModelNotAvailableError
-
-
-class UsageError(Exception):
-    """A user mistake on the command line; printed as one line, exit status 2."""
-
 
 # ---------------------------------------------------------------------------------------------
 # asymlora tasks
@@ -521,36 +516,47 @@ COMMANDS: dict[
     "analyze": (add_analyze, run_analyze),
 }
 
-# Errors a user can cause and fix: shown as one line, without a traceback.
-USER_ERRORS = (
-    UsageError,
-    ConfigError,
-    FileNotFoundError,
-    UnknownTaskError,
-    DataFormatError,
-    ModelNotAvailableError,
-    BigBenchUnavailableError,
-    RoundError,  # too few valid client uploads in a federated round
-)
+DEBUG_ENV = "ASYMLORA_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asymlora", description=__doc__.splitlines()[0])
+    debug_help = f"show the traceback of an error (as {DEBUG_ENV}=1 does)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
+    for command in sub.choices.values():  # also after the command: asymlora train --debug ...
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
+def check_finite_flags(args: argparse.Namespace) -> None:
+    """Refuse inf and nan in every number flag (argparse's float() accepts them)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')}={value}: give a finite number")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. An error the user can fix (``asymlora.errors.user_error``) is printed as
+    one line, exit status 2; with --debug or ASYMLORA_DEBUG=1 it keeps its traceback, as every
+    other (unexpected) exception does."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        check_finite_flags(args)
         return COMMANDS[args.command][1](args)
-    except USER_ERRORS as err:
-        print(f"asymlora {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ImportError as err:  # an optional package a task needs; the message says how to install it
-        print(f"asymlora {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"asymlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        known = user_error(err)
+        if known is None or debug:
+            raise
+        print(f"asymlora {args.command}: error: {one_line(*known)}", file=sys.stderr)
         return 2
 
 

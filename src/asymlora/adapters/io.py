@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import InputError, MissingFileError
 from .config import AdapterConfig
 from .model import AsymLoraModel, _model_type
 
@@ -86,11 +87,11 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     """Read a safetensors file, turning a missing, truncated or corrupted file into one clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingFileError(f"{path}: file not found")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a readable safetensors file (truncated or corrupted?): {err}"
         ) from None
 
@@ -99,11 +100,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
     """Add the adapters saved in ``folder`` to a freshly loaded base ``model``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such adapter folder")
+        raise MissingFileError(f"{folder}: no such adapter folder")
     config = AdapterConfig.load(folder / CONFIG_FILE)
     found = _model_type(model)
     if config.model_type and found and config.model_type != found:
-        raise ValueError(
+        raise InputError(
             f"{folder / CONFIG_FILE}: this adapter was made for a {config.model_type!r} model, but the model given is "
             f"{found!r}; load it onto the base model it was trained on ({config.base_model_name_or_path})"
         )
@@ -112,12 +113,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
     try:
         wrapped = AsymLoraModel(model, config)
     except ValueError as err:  # e.g. target_modules that match nothing in this model
-        raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
+        raise InputError(f"{folder / CONFIG_FILE}: {err}") from None
     try:
         wrapped.load_adapter_state_dict(tensors)
     except ValueError as err:
         wrapped.unload()
-        raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
+        raise InputError(f"{folder / WEIGHTS_FILE}: {err}") from None
     return wrapped
 
 
@@ -145,7 +146,7 @@ def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], fold
             continue
         axis, size = sizes[kind]
         if tensor.dim() != 2 or tensor.shape[axis] != size:
-            raise ValueError(
+            raise InputError(
                 f"{folder / CONFIG_FILE} does not match {folder / WEIGHTS_FILE}: the config "
                 f"(method={config.method}, r={config.r}, num_experts={config.num_experts}, d_m={config.d_m}) "
                 f"gives {kind} {size} along axis {axis}, but {name} has shape {tuple(tensor.shape)}"
@@ -153,7 +154,7 @@ def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], fold
         seen.add(kind)
     missing = sorted(set(sizes) - seen)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{folder / WEIGHTS_FILE}: no {', '.join(missing)} tensors: not an adapter of this config"
         )
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .config import AdapterConfig
 
 
@@ -157,13 +158,13 @@ class MultiLoraLinear(AdapterLayer):
         if self.num_experts == 1:
             return 0
         if self.router_kind != "task":
-            raise ValueError(
+            raise InputError(
                 f"this adapter mixes its {self.num_experts} experts with a learned {self.router_kind} router: "
                 "the update depends on each token, so it is not a fixed low-rank matrix and cannot be "
                 "merged or exported as a plain LoRA. Train with router='task' to get one LoRA per task."
             )
         if task is None or not 0 <= task < self.num_experts:
-            raise ValueError(f"choose the task to export or merge: task must be in 0..{self.num_experts - 1}")
+            raise InputError(f"choose the task to export or merge: task must be in 0..{self.num_experts - 1}")
         return task
 
     def lora_pair(self, task: int | None = None) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .config import AdapterConfig
 from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState
 from .targets import find_target_modules
@@ -46,7 +47,7 @@ class AsymLoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         if isinstance(model, AsymLoraModel):
-            raise ValueError("this model already has asymlora adapters; call .unload() first")
+            raise InputError("this model already has asymlora adapters; call .unload() first")
         if config.model_type is None:
             config.model_type = _model_type(model)
         if config.base_model_name_or_path is None:
@@ -157,7 +158,7 @@ def check_adapter_state(
     if not_float:
         problems.append(f"non-float tensors: {_few(not_float)}")
     if problems:
-        raise ValueError(f"{source} does not fit this model: " + "; ".join(problems))
+        raise InputError(f"{source} does not fit this model: " + "; ".join(problems))
 
 
 def _few(items: list[str], n: int = 5) -> str:

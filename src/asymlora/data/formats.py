@@ -31,6 +31,7 @@ from asymlora.data.task import (
     mc_record,
     target_record,
 )
+from asymlora.errors import InputError
 
 ALPACA_TEMPLATE = PromptTemplate(
     prefix="Below is an instruction that describes a task. "
@@ -94,7 +95,7 @@ def file_task(path: str | Path, *, kind: Kind | None = None, name: str | None = 
     except DataFormatError as err:
         raise DataFormatError(f"{where}: {err}") from None
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise InputError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     parse = {"user": parse_user, "llm_adapters": parse_llm_adapters, "instruction": parse_instruction}[fmt]
     kind, records = parse(located, kind)
     template = VERBATIM_TEMPLATE if fmt == "user" else ALPACA_TEMPLATE

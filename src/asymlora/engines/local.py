@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
 from ..adapters.io import complete_folder, write_folder_atomically
+from ..errors import AsymloraError, InputError
 from ..federated import FederatedMethod
 from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, A, M, Tensors, module_of, part, select
@@ -100,7 +101,7 @@ class RoundLog:
     rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
-class RoundError(RuntimeError):
+class RoundError(AsymloraError, RuntimeError):
     """Too few clients were left in a round after drops and rejections; ``log`` says why."""
 
     def __init__(self, rnd: int, min_clients: int, accepted: list[str], reasons: list[str], log: RoundLog):
@@ -420,9 +421,9 @@ class LocalSimulator:
         folder = Path(folder)
         state = _read_state(folder / STATE_FILE)
         if state.get("format") != FORMAT:
-            raise ValueError(f"{folder}: not a federation checkpoint")
+            raise InputError(f"{folder}: not a federation checkpoint")
         if (state["method"], state["num_clients"]) != (self.method.name, len(self.clients)):
-            raise ValueError(
+            raise InputError(
                 f"{folder}: checkpoint of {state['method']} with {state['num_clients']} clients, "
                 f"but this run is {self.method.name} with {len(self.clients)}"
             )
@@ -450,10 +451,12 @@ def _read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable checkpoint state ({err})") from None
+        raise InputError(f"{path}: not a readable checkpoint state ({err})") from None
     keys = ("format", "round", "method", "num_clients", "record")
     if not isinstance(state, dict) or any(k not in state for k in keys):
-        raise ValueError(f"{path}: not a federation checkpoint (expected the keys {', '.join(keys)})")
+        raise InputError(f"{path}: not a federation checkpoint (expected the keys {', '.join(keys)})")
+    if isinstance(state["round"], bool) or not isinstance(state["round"], int) or state["round"] < 0:
+        raise InputError(f"{path}: round={state['round']!r} is not a round number")
     return state
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .base import FederatedMethod
 from .common import Tensors
 
@@ -48,7 +49,7 @@ def load_config(spec: str) -> Any:
     try:
         return AutoConfig.from_pretrained(spec)  # a hub id: needs the hub or a local cache
     except OSError as err:
-        raise ValueError(
+        raise InputError(
             f"cannot load a config for {spec!r}: not one of {', '.join(BUNDLED_SHAPES)}, "
             f"not a local path, and the hub did not answer ({err})"
         ) from err

@@ -70,6 +70,7 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
     unique_names,
 )
 from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
+from ..errors import InputError
 from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
@@ -290,10 +291,10 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
     names = client_names(run_dir)
     if isinstance(client, int):
         if not 0 <= client < len(names):
-            raise ValueError(f"client index {client} out of range: this run has {len(names)} clients")
+            raise InputError(f"client index {client} out of range: this run has {len(names)} clients")
         client = names[client]
     if client not in names:
-        raise ValueError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
+        raise InputError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
     base, _ = load_model(cfg.model)
     model = load_adapter(base, run_dir / "adapters" / client)
     if cfg.federation.method == "flora":

@@ -25,6 +25,7 @@ from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, w
 from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
+from ..errors import MissingFileError
 from ..eval.runner import evaluate_tasks
 from ..models import load_model
 from ..train import Example, TrainConfig, train
@@ -183,7 +184,7 @@ def load_run(run_dir: str | Path):
     """The trained model of a run folder (base + adapter), its tokenizer, config and task names."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{run_dir}: not a run folder (no config.yaml); pass the folder `asymlora train` wrote"
         )
     cfg = load_config(run_dir / "config.yaml")

@@ -22,6 +22,7 @@ from ..adapters.io import (
     write_folder_atomically,
 )
 from ..adapters.model import AsymLoraModel
+from ..errors import InputError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -73,7 +74,7 @@ def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.O
     try:
         state = json.loads((folder / STATE_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{folder / STATE_FILE}: not valid JSON ({err})") from None
+        raise InputError(f"{folder / STATE_FILE}: not valid JSON ({err})") from None
     tensors = read_tensors(folder / OPTIMIZER_FILE)
     restore_optimizer(optimizer, tensors, state.pop("param_groups"))
     return state

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.model import AsymLoraModel
+from ..errors import InputError
 from .batches import (
     IGNORE,
     Encoded,
@@ -64,18 +65,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+                raise InputError(f"train.{key}={getattr(self, key)} must be >= 1")
         for key in ("warmup_steps", "save_every"):
             if getattr(self, key) < 0:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
+                raise InputError(f"train.{key}={getattr(self, key)} must be >= 0")
         if self.lr <= 0:
-            raise ValueError(f"train.lr={self.lr} must be > 0")
+            raise InputError(f"train.lr={self.lr} must be > 0")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+            raise InputError(f"train.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+            raise InputError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.mixing_temperature <= 0:
-            raise ValueError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
+            raise InputError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise InputError("the model has no trainable parameters")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), params
 
 
@@ -227,7 +228,7 @@ def train(
     optimizer, params = make_optimizer(model, cfg)
     local_batch = len(shard(list(range(cfg.batch_size)), proc.rank, proc.world_size))
     if local_batch % cfg.grad_accum:
-        raise ValueError(
+        raise InputError(
             f"the per-process batch {local_batch} is not divisible by train.grad_accum={cfg.grad_accum}"
         )
 
