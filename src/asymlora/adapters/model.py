@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .config import AdapterConfig
-from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState
+from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState, layer_dims
 from .targets import find_target_modules
 
 
@@ -60,8 +60,10 @@ class AsymLoraModel(nn.Module):
         self.routing = RoutingState()
         model.requires_grad_(False)
         self.adapted: dict[str, AdapterLayer] = {}
-        for name, module in find_target_modules(model, config.target_modules, config.layers).items():
-            layer_class = FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
+        targets = find_target_modules(model, config.target_modules, config.layers)
+        layer_class = FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
+        check_adapter_size(model, config, targets, layer_class)
+        for name, module in targets.items():
             layer = layer_class(module, config, name, self.routing).train(module.training)
             _set_submodule(model, name, layer)
             self.adapted[name] = layer
@@ -134,6 +136,30 @@ class AsymLoraModel(nn.Module):
             weight = layer.base_layer.weight
             weight.add_(deltas[name].to(weight.dtype))
         return self.unload()
+
+
+def check_adapter_size(
+    model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], layer_class: type[AdapterLayer]
+) -> None:
+    """Refuse, before anything is allocated, an adapter with more numbers than the base model it
+    adapts (an adapter is a small addition; r = 10^8 or 10^5 experts would ask for ~100 GB)."""
+    planned = sum(layer_class.planned_parameters(config, *layer_dims(m)) for m in targets.values())
+    base = sum(p.numel() for p in model.parameters())
+    if planned > base:
+        raise InputError(
+            f"adapter config: method={config.method}, r={config.r}, num_experts={config.num_experts}"
+            + (f", d_m={config.d_m}" if config.method == "factored" else "")
+            + f" on {len(targets)} modules would hold {planned:,} parameters, more than the "
+            f"{base:,} of the base model",
+            hint="lower adapter.r or adapter.num_experts (an adapter is meant to be small)",
+        )
+
+
+def rank_limit(model: nn.Module, config: AdapterConfig) -> int:
+    """The largest rank that means anything on ``config``'s target modules: the smallest
+    min(d_in, d_out) among them (a higher rank adds no expressiveness, only memory)."""
+    targets = find_target_modules(model, config.target_modules, config.layers)
+    return min(min(layer_dims(m)) for m in targets.values())
 
 
 def check_adapter_state(
