@@ -23,15 +23,23 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename, so a crash leaves the old file."""
+    """Write through a temp file in the same folder and rename, so a crash leaves the old file.
+    The file gets the mode any new file gets (0666 less the umask), not the temp file's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -42,7 +50,11 @@ def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) ->
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException:  # a full disk, a kill by exception: leave no half-written folder.tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)

@@ -3,7 +3,7 @@ task, merge, unload."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -155,11 +155,18 @@ def check_adapter_size(
         )
 
 
-def rank_limit(model: nn.Module, config: AdapterConfig) -> int:
-    """The largest rank that means anything on ``config``'s target modules: the smallest
-    min(d_in, d_out) among them (a higher rank adds no expressiveness, only memory)."""
+def check_ranks_fit(model: nn.Module, config: AdapterConfig, ranks: Mapping[str, int]) -> None:
+    """Refuse ranks (by config key: ``{"adapter.r": 8}``) above the smaller dimension of the
+    smallest module ``config`` targets: a higher rank adds memory, not expressiveness."""
     targets = find_target_modules(model, config.target_modules, config.layers)
-    return min(min(layer_dims(m)) for m in targets.values())
+    limit = min(min(layer_dims(m)) for m in targets.values())
+    over = [f"{key}={rank}" for key, rank in ranks.items() if rank > limit]
+    if over:
+        raise InputError(
+            f"{', '.join(over)}: above {limit}, the smaller dimension of the smallest target module "
+            "(a larger rank adds memory, not expressiveness)",
+            hint=f"use a rank of at most {limit}",
+        )
 
 
 def check_adapter_state(

@@ -67,7 +67,6 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
     load_config,
     save_config,
     task_examples,
-    unique_names,
 )
 from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
 from ..errors import InputError

@@ -68,13 +68,41 @@ def find_checkpoint(folder: Path) -> Path | None:
     return complete_folder(folder, (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE))
 
 
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json, checked: ``step`` and the per-task ``mixer_counts``
+    are non-negative integers, ``param_groups`` a list."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    counts = state.get("mixer_counts") if isinstance(state, dict) else None
+    if not (
+        _count(state.get("step") if isinstance(state, dict) else None)
+        and isinstance(counts, list)
+        and all(_count(c) for c in counts)
+        and isinstance(state.get("param_groups"), list)
+    ):
+        raise InputError(f"{path}: not a trainer state (step, mixer_counts, param_groups)")
+    return state
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def saved_step(run_dir: Path) -> int:
+    """The step of the run folder's checkpoint (0 without one)."""
+    checkpoint = find_checkpoint(Path(run_dir) / "checkpoint")
+    return read_state(checkpoint)["step"] if checkpoint is not None else 0
+
+
 def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore adapter and optimizer from ``folder``; return the saved scalar state."""
-    model.load_adapter_state_dict(read_tensors(folder / WEIGHTS_FILE))
+    state = read_state(folder)
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{folder / STATE_FILE}: not valid JSON ({err})") from None
-    tensors = read_tensors(folder / OPTIMIZER_FILE)
-    restore_optimizer(optimizer, tensors, state.pop("param_groups"))
+        model.load_adapter_state_dict(read_tensors(folder / WEIGHTS_FILE))
+        restore_optimizer(optimizer, read_tensors(folder / OPTIMIZER_FILE), state.pop("param_groups"))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise InputError(f"{folder}: not a checkpoint of this run ({err})") from None
     return state

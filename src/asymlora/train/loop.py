@@ -3,7 +3,6 @@ data-parallel processes under ``torchrun`` (gloo on CPU, nccl on GPU)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,7 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.model import AsymLoraModel
-from ..errors import InputError
+from ..errors import InputError, TrainingDivergedError
+from ..runfolder import json_line, repair_jsonl
 from .batches import (
     IGNORE,
     Encoded,
@@ -69,8 +69,14 @@ class TrainConfig:
         for key in ("warmup_steps", "save_every"):
             if getattr(self, key) < 0:
                 raise InputError(f"train.{key}={getattr(self, key)} must be >= 0")
+        for key in ("lr", "weight_decay", "max_grad_norm", "mixing_temperature"):
+            if not math.isfinite(getattr(self, key)):
+                raise InputError(f"train.{key}={getattr(self, key)} must be a finite number")
         if self.lr <= 0:
             raise InputError(f"train.lr={self.lr} must be > 0")
+        for key in ("weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise InputError(f"train.{key}={getattr(self, key)} must be >= 0")
         if self.schedule not in SCHEDULES:
             raise InputError(f"train.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -181,6 +187,12 @@ def optimizer_step(
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(cfg, step)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(
+            f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {float(grad_norm):.4g} "
+            "(not finite); the step was not applied"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {
@@ -236,13 +248,13 @@ def train(
     checkpoint = find_checkpoint(run_dir / "checkpoint") if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        start, mixer.counts = state["step"], state["mixer_counts"]
+        start, mixer.counts = check_resumable(state, cfg, len(encoded), checkpoint)
     elif resume and proc.main:
         print(f"no checkpoint in {run_dir}: starting from step 0")
     metrics_path = run_dir / "metrics.jsonl"
     if proc.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start)
+        repair_jsonl(metrics_path, lambda record: isinstance(record.get("step"), int) and record["step"] <= start)
     writer = tensorboard_writer(run_dir) if proc.main else None
 
     pad_id = pad_id_of(tokenizer)
@@ -250,8 +262,13 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
     last = {}
     t0, tokens_seen = time.perf_counter(), 0
+    saved = start if checkpoint is not None else None
     for step in range(start, cfg.steps):
-        last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
+        try:
+            last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
+        except TrainingDivergedError as err:
+            kept = f"{run_dir / 'checkpoint'} keeps step {saved}" if saved else "no checkpoint was saved"
+            raise TrainingDivergedError(f"{err}; {kept}") from None
         tokens_seen += last.pop("tokens")
         last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
         done = last["step"]
@@ -260,7 +277,7 @@ def train(
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
+                    f.write(json_line(last))
                 if writer is not None:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                         writer.add_scalar(f"train/{key}", last[key], done)
@@ -268,6 +285,7 @@ def train(
                 save_checkpoint(
                     run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
                 )
+                saved = done
         if on_step is not None:
             on_step(done, last)
     bar.close()
@@ -309,11 +327,15 @@ def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pa
     return float(all_sum(torch.tensor(loss_sum), proc)) / max(total_tokens, 1)  # mean token loss
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+def check_resumable(state: dict, cfg: TrainConfig, n_tasks: int, folder: Path) -> tuple[int, list[int]]:
+    """(step, mixer counts) of a checkpoint's state, refused unless this run could have written
+    it: a step within ``cfg.steps``, one count per task, ``step * batch_size`` examples drawn."""
+    step, counts = state["step"], state["mixer_counts"]
+    if step > cfg.steps or len(counts) != n_tasks or sum(counts) != step * cfg.batch_size:
+        raise InputError(
+            f"{folder}: a checkpoint at step {step} with {len(counts)} task(s) and {sum(counts)} examples "
+            f"drawn is not one of this run (train.steps={cfg.steps}, {n_tasks} task(s), "
+            f"train.batch_size={cfg.batch_size})",
+            hint="give --overwrite to start again, or the config this run was made with",
+        )
+    return step, list(counts)
