@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from asymlora.data.bigbench import BigBenchUnavailableError
-from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
+from asymlora.data.registry import SUITES, get_suite, get_tasks, is_downloaded
 from asymlora.data.task import Task
 from asymlora.errors import UsageError, one_line, user_error
 from asymlora.eval.report import TaskResult
@@ -87,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    tasks = get_suite(args.suite) if args.suite else [get_task(t) for t in args.task]
+    tasks = get_suite(args.suite) if args.suite else get_tasks(args.task)
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch / validate every task's data before loading the model
         task.examples()
@@ -157,8 +157,7 @@ def _run_config_overrides(args: argparse.Namespace) -> list[str]:
     if args.suite:
         out += [f"data.suite={json.dumps(args.suite)}", "data.tasks=[]"]
     if args.tasks:
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        out.append(f"data.tasks={json.dumps(names)}")
+        out.append(f"data.tasks={json.dumps(_names(args.tasks, '--tasks'))}")
     if args.steps is not None:
         out.append(f"train.steps={args.steps}")
     if args.out:
@@ -177,13 +176,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _add_run_config(p)
     p.add_argument("--method", choices=["lora", "alora", "hydralora", "mola"], help="adapter.method")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run in the output folder and start again"
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
     from asymlora.recipes.multitask import run
 
     cfg = _load_multitask_config(args, [f"adapter.method={json.dumps(args.method)}"] if args.method else [])
-    run(cfg, resume=args.resume)
+    run(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -204,7 +206,7 @@ def run_compare(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _names(args.methods, "--methods")
     out = args.out or Path("runs") / "compare"
     compare(cfg, methods, seeds, out, single_task_baseline=args.single_task_baseline)
     return 0
@@ -254,6 +256,9 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     p.add_argument(
+        "--overwrite", action="store_true", help="delete the run in the output folder and start again"
+    )
+    p.add_argument(
         "--methods", help="compare: comma-separated methods, one run per method and seed (needs --out)"
     )
     p.add_argument("--seeds", help="compare: comma-separated seeds (default: the config's seed)")
@@ -266,7 +271,7 @@ def run_federate(args: argparse.Namespace) -> int:
     shortcuts = []
     if args.model:
         shortcuts.append(f"model={json.dumps(args.model)}")
-    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    methods = _names(args.methods, "--methods") if args.methods is not None else []
     if args.method and methods:
         raise UsageError("give --method (one run) or --methods (one run per method), not both")
     if args.method or methods:  # with --methods the config is checked against the first of them
@@ -274,9 +279,7 @@ def run_federate(args: argparse.Namespace) -> int:
     if args.suite:
         shortcuts += [f"clients.suite={json.dumps(args.suite)}", "clients.tasks=[]"]
     if args.tasks:
-        shortcuts.append(
-            f"clients.tasks={json.dumps([t.strip() for t in args.tasks.split(',') if t.strip()])}"
-        )
+        shortcuts.append(f"clients.tasks={json.dumps(_names(args.tasks, '--tasks'))}")
     if args.ranks:
         shortcuts.append(f"adapter.ranks=[{_int_list(args.ranks, '--ranks')}]")
     if args.rounds is not None:
@@ -285,7 +288,7 @@ def run_federate(args: argparse.Namespace) -> int:
         shortcuts.append(f"output_dir={json.dumps(str(args.out))}")
     cfg = load_config(args.config, [*shortcuts, *args.overrides])
     if args.methods is None and args.seeds is None:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
     if args.out is None:
         raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
@@ -297,9 +300,17 @@ def run_federate(args: argparse.Namespace) -> int:
 
 def _int_list(text: str, flag: str) -> str:
     try:
-        return ",".join(str(int(v)) for v in text.split(",") if v.strip())
+        return ",".join(str(int(v)) for v in _names(text, flag))
     except ValueError:
         raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str, flag: str) -> list[str]:
+    """The comma-separated items of a flag, refused when there is none (``--tasks " , "``)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"{flag}: expected comma-separated names, got {text!r}")
+    return names
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -352,7 +363,7 @@ def run_comm(args: argparse.Namespace) -> int:
     from asymlora.federated.comm import comm_table, format_table, to_json
 
     ranks = [int(v) for v in _int_list(args.ranks, "--ranks").split(",")] if args.ranks else None
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = _names(args.targets, "--targets")
     try:
         table = comm_table(
             args.model, targets, args.rank, ranks=ranks, d_m=args.dm, methods=args.methods, dtype=args.dtype
@@ -433,7 +444,7 @@ def _gradient_tasks(args: argparse.Namespace) -> list[Task]:
         raise UsageError("give --suite, --tasks, or both")
     suite = get_suite(args.suite) if args.suite else None
     if args.tasks:
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        names = _names(args.tasks, "--tasks")
         if suite is not None:
             known = {t.name for t in suite}
             outside = [n for n in names if n not in known]
@@ -441,7 +452,7 @@ def _gradient_tasks(args: argparse.Namespace) -> list[Task]:
                 raise UsageError(
                     f"--tasks: {', '.join(outside)} not in suite {args.suite} ({', '.join(sorted(known))})"
                 )
-        tasks = [get_task(n) for n in names]
+        tasks = get_tasks(names)
     else:
         tasks = suite
     if len({t.name for t in tasks}) < 2:
@@ -460,7 +471,7 @@ def run_analyze_gradients(args: argparse.Namespace) -> int:
     from asymlora.analysis.sharing import GradientExperiment, run_gradient_experiment
 
     tasks = _gradient_tasks(args)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = _names(args.targets, "--targets")
     try:
         exp = GradientExperiment(
             model=args.model, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,

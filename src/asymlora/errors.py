@@ -55,13 +55,6 @@ class TrainingDivergedError(AsymloraError, RuntimeError):
     hint = "lower train.lr (or set train.max_grad_norm), then --resume from the last good checkpoint"
 
 
-def check_finite(name: str, value: float) -> float:
-    """``value`` if it is a finite number, else an ``InputError`` naming ``name``."""
-    if not math.isfinite(value):
-        raise InputError(f"{name}={value} must be a finite number")
-    return value
-
-
 def check_at_least(name: str, value: int | float, minimum: int | float) -> int | float:
     """``value`` if it is a finite number >= ``minimum``, else an ``InputError`` naming ``name``."""
     if not (math.isfinite(value) and value >= minimum):

@@ -47,28 +47,36 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+        items = _parse_json(text, f"{path}")
         located = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     else:
-        located = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+        located = [
+            (f"{path}:{lineno}", _parse_json(line, f"{path}:{lineno}"))
+            for lineno, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     for where, item in located:
         if not isinstance(item, dict):
             raise DataFormatError(f"{where}: expected a JSON object, got {type(item).__name__}")
     if not located:
         raise DataFormatError(f"{path}: no examples")
     return located
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = f":{err.lineno}" if "\n" in text else ""
+        raise DataFormatError(f"{where}{line}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply") from None
 
 
 def detect_format(record: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ from ..adapters import (
     wrap,
 )
 from ..adapters.io import atomic_write
+from ..adapters.model import check_ranks_fit
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
     DEVICES,
@@ -74,6 +75,7 @@ from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model
+from ..runfolder import RunFolder, folder_lock, json_line
 from ..train import pad_id_of
 
 
@@ -154,7 +156,7 @@ def scores_record(personal: dict[str, float], glob: dict[str, float] | None) -> 
 
 
 def write_rounds(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = "".join(json_line(r) for r in records)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -185,35 +187,86 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
     )
 
 
+# What a --resume may change: evaluation, the device, and more rounds (no schedule depends on them).
+RESUMABLE = ("eval", "device", "federation.rounds")
+
+
 def run(
     cfg: FederatedConfig,
     resume: bool = False,
     log: Callable[[str], None] = print,
     on_client: Callable[[int, int, list[dict]], None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the federation described by ``cfg`` and write its run folder; returns results.json's
-    content. ``resume`` continues from the folder's checkpoint (the last finished round).
+    content. ``resume`` continues from the folder's checkpoint (the last finished round),
+    changing only ``RESUMABLE`` settings; ``overwrite`` starts a folder that holds a run again;
+    without either such a folder is refused. The folder is locked while the run writes it, and
+    nothing is written before the clients, the model, the ranks and the checkpoint are checked.
     ``on_client(round, client, history)`` is called after each client's local training."""
     out = Path(cfg.output_dir)
-    clients = build_clients(cfg.clients)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    log(f"run folder: {out}")
-    log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
+    with folder_lock(out, log, wait=False):
+        folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
+        clients = build_clients(cfg.clients)
+        base, tokenizer = load_model(cfg.model)
+        check_ranks(cfg, base, len(clients), log)
+        base.to(resolve_device(cfg.device))
+        sim = make_simulator(cfg, clients, base, tokenizer)
+        records = restore_rounds(sim, cfg, resume, log)
+        folder.start(sim.round, log)
+        log(f"run folder: {out}")
+        log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
+        return federate(cfg, sim, clients, tokenizer, records, log, on_client)
 
-    base, tokenizer = load_model(cfg.model)
-    base.to(resolve_device(cfg.device))
-    sim = make_simulator(cfg, clients, base, tokenizer)
 
-    records: list[dict] = []
+def check_ranks(cfg: FederatedConfig, base, n_clients: int, log: Callable[[str], None]) -> None:
+    """Every client's rank (and d_m) within the target modules' dimensions; a note where d_m
+    exceeds every rank (each client then sees at most r_i of B_base's d_m directions)."""
+    ranks = cfg.adapter.ranks_for(n_clients)
+    keys = {"adapter.r": ranks[0]} if cfg.adapter.ranks is None else {}
+    keys |= {f"adapter.ranks[{i}]": r for i, r in enumerate(cfg.adapter.ranks or [])}
+    if cfg.federation.method == "fedalora-het":
+        keys["adapter.d_m"] = cfg.adapter.d_m
+        if cfg.adapter.d_m > max(ranks):
+            log(f"note: adapter.d_m={cfg.adapter.d_m} exceeds every client's rank (largest {max(ranks)})")
+    check_ranks_fit(base, adapter_template(cfg), keys)
+
+
+def restore_rounds(sim: LocalSimulator, cfg: FederatedConfig, resume: bool, log) -> list[dict]:
+    """The per-round records of the checkpoint a resume continues from (none without one)."""
+    out = Path(cfg.output_dir)
     checkpoint = find_checkpoint(out / "checkpoint") if resume else None
-    if checkpoint is not None:
-        records = sim.restore(checkpoint)["rounds"]
-        log(f"resumed after round {sim.round}")
-    elif resume:
-        log(f"no checkpoint in {out}: starting from round 1")
-    write_rounds(out / "rounds.jsonl", records)
+    if checkpoint is None:
+        if resume:
+            log(f"no checkpoint in {out}: starting from round 1")
+        return []
+    records = sim.restore(checkpoint).get("rounds")
+    if not isinstance(records, list) or len(records) != sim.round or sim.round > cfg.federation.rounds:
+        raise InputError(
+            f"{checkpoint}: a checkpoint after round {sim.round} with {_count(records)} round records "
+            f"is not one of this run (federation.rounds={cfg.federation.rounds})",
+            hint="give --overwrite to start again, or the config this run was made with",
+        )
+    log(f"resumed after round {sim.round}")
+    return records
 
+
+def _count(records: Any) -> str:
+    return str(len(records)) if isinstance(records, list) else "no"
+
+
+def federate(
+    cfg: FederatedConfig,
+    sim: LocalSimulator,
+    clients: list[ClientData],
+    tokenizer,
+    records: list[dict],
+    log: Callable[[str], None],
+    on_client: Callable[[int, int, list[dict]], None] | None,
+) -> dict[str, Any]:
+    """The rounds after those in ``records``, then the final adapters and results."""
+    out = Path(cfg.output_dir)
+    write_rounds(out / "rounds.jsonl", records)
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
         record = round_record(sim.run_round(on_client), clients, records)
         for kind in ("dropped", "rejected"):

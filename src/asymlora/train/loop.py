@@ -254,7 +254,9 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     if proc.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        repair_jsonl(metrics_path, lambda record: isinstance(record.get("step"), int) and record["step"] <= start)
+        repair_jsonl(
+            metrics_path, lambda record: isinstance(record.get("step"), int) and record["step"] <= start
+        )
     writer = tensorboard_writer(run_dir) if proc.main else None
 
     pad_id = pad_id_of(tokenizer)
