@@ -82,11 +82,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from asymlora.eval.runner import evaluate_tasks
+    from asymlora.eval.runner import check_eval_options, evaluate_tasks
     from asymlora.models import load_model
 
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    check_eval_options(args.limit, args.batch_size, args.max_length)
     tasks = get_suite(args.suite) if args.suite else get_tasks(args.task)
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch / validate every task's data before loading the model

@@ -168,7 +168,11 @@ def _load_yaml(text: str) -> Any:
             expanded_size(node)
             return node
 
-    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (a SafeLoader)
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def expanded_size(root: Any) -> int:

@@ -66,6 +66,7 @@ def check_at_least(name: str, value: int | float, minimum: int | float) -> int |
 _FILESYSTEM_HINTS = {
     errno.ENOSPC: "free some disk space (or choose another --out), then run again with --resume",
     errno.EDQUOT: "free some disk space (or choose another --out), then run again with --resume",
+    errno.EFBIG: "a file grew past the size limit of this system (ulimit -f); raise it, then --resume",
     errno.EACCES: "choose a folder you may write to (--out), or fix its permissions",
     errno.EPERM: "choose a folder you may write to (--out), or fix its permissions",
     errno.EROFS: "the file system is read-only: choose another folder (--out)",

@@ -7,6 +7,7 @@ up-projections (K_b) a wrapped layer holds; everything else is shared.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -91,8 +92,12 @@ class AdapterConfig:
             raise bad("method", f"is not one of {', '.join(METHODS)}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise bad("r", "must be an integer >= 1")
-        if not isinstance(self.alpha, int | float) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise bad("alpha", "must be a number > 0")
+        if (
+            not isinstance(self.alpha, int | float)
+            or isinstance(self.alpha, bool)
+            or not 0 < self.alpha < math.inf
+        ):
+            raise bad("alpha", "must be a finite number > 0")
         if not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
         if self.method not in SINGLE:

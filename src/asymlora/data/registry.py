@@ -182,9 +182,13 @@ def get_task(name: str) -> Task:
 def get_tasks(names: Sequence[str]) -> list[Task]:
     """The tasks ``names`` give (see ``get_task``), each under a name of its own: two files
     ``a/t.jsonl`` and ``b/t.jsonl`` become tasks ``t-0`` and ``t-1``, since a task's name is its
-    key in results, routing and exports. An empty list is refused."""
+    key in results, routing and exports. An empty list, and a task given twice, are refused."""
     if not names:
         raise UsageError("no task given: name at least one task or .json/.jsonl file")
+    seen = [name if name in TASKS else str(Path(name).resolve()) for name in names]
+    twice = [name for name, key in zip(names, seen, strict=True) if seen.count(key) > 1]
+    if twice:
+        raise UsageError(f"task {twice[0]} is given twice; give each task once")
     tasks = [get_task(name) for name in names]
     unique = unique_names([t.name for t in tasks])
     return [t if t.name == u else replace(t, name=u) for t, u in zip(tasks, unique, strict=True)]

@@ -48,6 +48,14 @@ def test_examples(task: Task, *, split: str = "test", seed: int = 0, limit: int 
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
+def check_eval_options(limit: int | None, batch_size: int, max_length: int) -> None:
+    """Refuse a limit, batch size or context length below 1."""
+    check_at_least("batch_size", batch_size, 1)
+    check_at_least("max_length", max_length, 1)
+    if limit is not None:
+        check_at_least("limit", limit, 1)
+
+
 def evaluate_task(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -65,10 +73,7 @@ def evaluate_task(
 
     ``task_id`` passes ``task_ids`` to the forward (adapters routed by task); ``forward_kwargs`` is
     the general hook (batch size -> extra keyword arguments) and wins when both are given."""
-    check_at_least("batch_size", batch_size, 1)
-    check_at_least("max_length", max_length, 1)
-    if limit is not None:
-        check_at_least("limit", limit, 1)
+    check_eval_options(limit, batch_size, max_length)
     if examples is None:
         examples = test_examples(task, seed=seed, limit=limit)
     if forward_kwargs is None and task_id is not None:
