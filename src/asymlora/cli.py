@@ -118,13 +118,19 @@ def read_references(path: Path) -> dict[str, float]:
     """``{task: score}``, or the per-task scores of an earlier ``results.json``."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: JSON or UTF-8
         raise UsageError(f"cannot read references {path}: {err}") from None
-    if isinstance(data, dict) and isinstance(data.get("tasks"), list):
-        return {t["task"]: float(t["score"]) for t in data["tasks"]}
-    if isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
-        return {k: float(v) for k, v in data.items()}
-    raise UsageError(f"{path}: expected {{task: score}} or a results.json written by asymlora eval")
+    scores = None
+    try:
+        if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+            scores = {t["task"]: float(t["score"]) for t in data["tasks"]}
+        elif isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
+            scores = {k: float(v) for k, v in data.items()}
+    except (KeyError, TypeError, ValueError):
+        pass
+    if scores is not None and all(math.isfinite(v) for v in scores.values()):
+        return scores
+    raise UsageError(f"{path}: expected {{task: score}} (finite scores) or a results.json of asymlora eval")
 
 
 def _slug(text: str) -> str:

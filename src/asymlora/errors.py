@@ -52,7 +52,7 @@ class RunFolderError(AsymloraError, RuntimeError):
 class TrainingDivergedError(AsymloraError, RuntimeError):
     """Training produced a non-finite loss or gradient; nothing of that step was kept."""
 
-    hint = "lower train.lr (or set train.max_grad_norm), then --resume from the last good checkpoint"
+    hint = "lower train.lr or adapter.alpha, then start again with --overwrite"
 
 
 def check_at_least(name: str, value: int | float, minimum: int | float) -> int | float:

@@ -54,6 +54,7 @@ def folder_lock(folder: Path, log: Callable[[str], None] = print, wait: bool = T
     with a ``RunFolderError``. Taken again inside the block by the same thread, it is held
     already. Where there is no flock (Windows) nothing is locked."""
     path = Path(folder).resolve()
+    check_is_folder(path)
     key = (threading.get_ident(), path)
     if fcntl is None or key in _held:
         _held[key] = _held.get(key, 0) + 1
@@ -79,6 +80,13 @@ def folder_lock(folder: Path, log: Callable[[str], None] = print, wait: bool = T
             yield
         finally:
             _release(key)
+
+
+def check_is_folder(path: Path) -> None:
+    """Refuse a path that is a file or lies below one (before anything is made there)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RunFolderError(f"{existing} is a file, not a folder", hint="choose another output folder")
 
 
 def _release(key: tuple[int, Path]) -> None:
@@ -165,8 +173,7 @@ class RunFolder:
         path = Path(cfg.output_dir)
         if resume and overwrite:
             raise UsageError("give --resume (continue the run) or --overwrite (start again), not both")
-        if path.exists() and not path.is_dir():
-            raise RunFolderError(f"{path} is a file, not a folder", hint="choose another output folder")
+        check_is_folder(path)
         folder = cls(path, save_config, cfg, resume, overwrite)
         if not path.is_dir() or not any(path.iterdir()):
             return folder
@@ -194,8 +201,9 @@ class RunFolder:
 
     def start(self, at: int, log: Callable[[str], None] = print) -> None:
         """Write the folder's config (after the caller's checks): clear the folder first with
-        ``overwrite``; on a resume that changes allowed keys, record them in resumes.jsonl with
-        ``at``, the step or round the run continues from."""
+        ``overwrite``; on a resume, only where it changes allowed keys, recording them in
+        resumes.jsonl with ``at``, the step or round the run continues from (a resume without
+        changes leaves config.yaml as it was, the path it names included)."""
         if self.overwrite and self.path.is_dir():
             log(f"--overwrite: deleting the run in {self.path}")
             shutil.rmtree(self.path)
@@ -206,7 +214,8 @@ class RunFolder:
             with (self.path / RESUMES_FILE).open("a", encoding="utf-8") as f:
                 f.write(json_line(record))
             log(f"resumed with changes: {_listed(self.changes)} (recorded in {RESUMES_FILE})")
-        atomic_write(self.path / CONFIG_FILE, lambda tmp: self.save_config(self.cfg, Path(tmp)))
+        if not self.resume or self.changes or not (self.path / CONFIG_FILE).exists():
+            atomic_write(self.path / CONFIG_FILE, lambda tmp: self.save_config(self.cfg, Path(tmp)))
 
 
 def _allowed(key: str, may_change: tuple[str, ...]) -> bool:

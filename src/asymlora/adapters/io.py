@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -79,8 +80,7 @@ def _write_folder(
 ) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: write_tensors(tensors, tmp, metadata))
     atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
@@ -93,6 +93,21 @@ def save_adapter(model: AsymLoraModel, folder: str | Path) -> Path:
         model.adapter_state_dict(),
         {"format": "pt", "producer": "asymlora"},
     )
+
+
+def write_tensors(
+    tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as the ``OSError``
+    they are, naming the file, instead of a ``SafetensorError``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def read_tensors(path: str | Path) -> dict[str, Tensor]:

@@ -151,7 +151,7 @@ def check_adapter_size(
             + (f", d_m={config.d_m}" if config.method == "factored" else "")
             + f" on {len(targets)} modules would hold {planned:,} parameters, more than the "
             f"{base:,} of the base model",
-            hint="lower adapter.r or adapter.num_experts (an adapter is meant to be small)",
+            hint="lower adapter.r or adapter.num_experts: an adapter is meant to be small",
         )
 
 

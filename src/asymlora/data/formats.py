@@ -173,7 +173,7 @@ def _instruction_text(item: dict[str, Any], where: str) -> str:
 
 
 def parse_llm_adapters(located: Sequence[tuple[str, dict]], kind: Kind | None) -> tuple[Kind, list[dict]]:
-    labelled = all(_ANSWER_FORMAT.search(item.get("instruction", "")) for _, item in located)
+    labelled = all(_ANSWER_FORMAT.search(str(item.get("instruction") or "")) for _, item in located)
     if kind is None:
         numeric = all(_is_number(str(item.get("answer", ""))) for _, item in located)
         kind = "multiple_choice" if labelled else "numeric" if numeric else "text"

@@ -41,11 +41,10 @@ from statistics import fmean
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
-from ..adapters.io import complete_folder, write_folder_atomically
+from ..adapters.io import complete_folder, write_folder_atomically, write_tensors
 from ..errors import AsymloraError, InputError
 from ..federated import FederatedMethod
 from ..federated.comm import round_counts
@@ -404,11 +403,11 @@ class LocalSimulator:
         def fill(tmp: Path) -> None:
             (tmp / CLIENTS_DIR).mkdir()
             for i, state in enumerate(self.states):
-                save_file(_cpu(state), str(tmp / CLIENTS_DIR / f"{i}.safetensors"))
-            save_file(_cpu(self.server), str(tmp / SERVER_FILE))
+                write_tensors(state, tmp / CLIENTS_DIR / f"{i}.safetensors")
+            write_tensors(self.server, tmp / SERVER_FILE)
             if self.merges_base:
                 weights = {name: layer.weight for name, layer in self.base_layers.items()}
-                save_file(_cpu(weights), str(tmp / BASE_FILE))
+                write_tensors(weights, tmp / BASE_FILE)
             meta = {"format": FORMAT, "round": self.round, "method": self.method.name}
             meta |= {"num_clients": len(self.clients), "record": dict(record or {})}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -468,10 +467,6 @@ def _shape_of(config: AdapterConfig) -> tuple:
 def _fan_in_fan_out(layer: nn.Module) -> bool:
     """GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)."""
     return type(layer).__name__ == "Conv1D"
-
-
-def _cpu(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
 def _to(tensors: Mapping[str, Tensor], device: torch.device) -> Tensors:

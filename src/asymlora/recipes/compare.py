@@ -106,7 +106,7 @@ def single_task_references(
             run_cell(cell_config(base, "lora", s, out / "single-task" / name / f"seed-{s}", [spec]), log)
             for s in seeds
         ]
-        references[name] = statistics.fmean(_scores(r)[name] for r in runs)
+        references[name] = statistics.fmean(r["tasks"][0]["score"] for r in runs)  # its one task
     return references
 
 

@@ -38,7 +38,6 @@ from statistics import fmean
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..adapters import (
@@ -49,7 +48,7 @@ from ..adapters import (
     save_adapter,
     wrap,
 )
-from ..adapters.io import atomic_write
+from ..adapters.io import atomic_write, write_tensors
 from ..adapters.model import check_ranks_fit
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
@@ -306,9 +305,7 @@ def save_adapters(sim: LocalSimulator, clients: list[ClientData], out: Path) -> 
     """Each client's adapter, the server's state, and for Fed-ALoRA the combined ALoRA adapter."""
     for i, client in enumerate(clients):
         save_adapter(sim.load_client(i), out / "adapters" / client.name)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in sim.server.items()}, str(out / "server.safetensors")
-    )
+    write_tensors(sim.server, out / "server.safetensors")
     if sim.method.name == "fedalora":
         save_adapter(combined_alora(sim), out / "alora")
 

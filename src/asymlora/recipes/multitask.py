@@ -31,7 +31,7 @@ from ..eval.runner import evaluate_tasks
 from ..models import load_model
 from ..runfolder import RunFolder, folder_lock
 from ..train import Example, TrainConfig, train
-from ..train.checkpoint import saved_step
+from ..train.loop import resume_point
 
 
 @dataclass
@@ -145,7 +145,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool =
         )
         check_ranks_fit(base, cfg.adapter, ranks)
         model = wrap(base, cfg.adapter)
-        folder.start(saved_step(out) if resume else 0, log)
+        folder.start(resume_point(out, cfg.train, len(tasks)) if resume else 0, log)
         log(f"run folder: {out}")
         log(f"tasks: {', '.join(t.name for t in tasks)}")
         log(f"{cfg.adapter.method} on {len(model.adapted)} modules; {model.trainable_parameters()}")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..adapters.io import (
     CONFIG_FILE,
@@ -20,6 +19,7 @@ from ..adapters.io import (
     read_tensors,
     save_adapter,
     write_folder_atomically,
+    write_tensors,
 )
 from ..adapters.model import AsymLoraModel
 from ..errors import InputError
@@ -57,7 +57,7 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         save_adapter(model, tmp)
         opt_tensors, groups = optimizer_tensors(optimizer)
-        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        write_tensors(opt_tensors, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups}, indent=2))
 
     return write_folder_atomically(folder, fill)
@@ -89,12 +89,6 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def saved_step(run_dir: Path) -> int:
-    """The step of the run folder's checkpoint (0 without one)."""
-    checkpoint = find_checkpoint(Path(run_dir) / "checkpoint")
-    return read_state(checkpoint)["step"] if checkpoint is not None else 0
 
 
 def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

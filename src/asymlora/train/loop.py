@@ -29,7 +29,7 @@ from .batches import (
     shard,
     task_probabilities,
 )
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -72,8 +72,8 @@ class TrainConfig:
         for key in ("lr", "weight_decay", "max_grad_norm", "mixing_temperature"):
             if not math.isfinite(getattr(self, key)):
                 raise InputError(f"train.{key}={getattr(self, key)} must be a finite number")
-        if self.lr <= 0:
-            raise InputError(f"train.lr={self.lr} must be > 0")
+        if not 0 < self.lr <= 1:  # AdamW moves each weight by about lr per step
+            raise InputError(f"train.lr={self.lr} must be in (0, 1]")
         for key in ("weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise InputError(f"train.{key}={getattr(self, key)} must be >= 0")
@@ -265,34 +265,36 @@ def train(
     last = {}
     t0, tokens_seen = time.perf_counter(), 0
     saved = start if checkpoint is not None else None
-    for step in range(start, cfg.steps):
-        try:
-            last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
-        except TrainingDivergedError as err:
-            kept = f"{run_dir / 'checkpoint'} keeps step {saved}" if saved else "no checkpoint was saved"
-            raise TrainingDivergedError(f"{err}; {kept}") from None
-        tokens_seen += last.pop("tokens")
-        last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
-        done = last["step"]
-        if proc.main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                with metrics_path.open("a") as f:
-                    f.write(json_line(last))
-                if writer is not None:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        writer.add_scalar(f"train/{key}", last[key], done)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save_checkpoint(
-                    run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
-                )
-                saved = done
-        if on_step is not None:
-            on_step(done, last)
-    bar.close()
-    if writer is not None:
-        writer.close()
+    try:  # the bar and the writer are closed on an error too, before it is printed
+        for step in range(start, cfg.steps):
+            try:
+                last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
+            except TrainingDivergedError as err:
+                kept = f"{run_dir / 'checkpoint'} keeps step {saved}" if saved is not None else "no checkpoint was saved"
+                raise TrainingDivergedError(f"{err}; {kept}") from None
+            tokens_seen += last.pop("tokens")
+            last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+            done = last["step"]
+            if proc.main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    with metrics_path.open("a") as f:
+                        f.write(json_line(last))
+                    if writer is not None:
+                        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                            writer.add_scalar(f"train/{key}", last[key], done)
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                    save_checkpoint(
+                        run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
+                    )
+                    saved = done
+            if on_step is not None:
+                on_step(done, last)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
     if proc.world_size > 1:
         dist.barrier()
     model.eval()
@@ -327,6 +329,15 @@ def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pa
             if p.requires_grad and p.grad is not None:
                 all_sum(p.grad, proc)
     return float(all_sum(torch.tensor(loss_sum), proc)) / max(total_tokens, 1)  # mean token loss
+
+
+def resume_point(run_dir: str | Path, cfg: TrainConfig, n_tasks: int) -> int:
+    """The step a resume in ``run_dir`` continues from (0 without a checkpoint), its checkpoint
+    checked as ``train`` checks it, for a recipe to refuse a bad one before writing anything."""
+    checkpoint = find_checkpoint(Path(run_dir) / "checkpoint")
+    if checkpoint is None:
+        return 0
+    return check_resumable(read_state(checkpoint), cfg, n_tasks, checkpoint)[0]
 
 
 def check_resumable(state: dict, cfg: TrainConfig, n_tasks: int, folder: Path) -> tuple[int, list[int]]:
