@@ -410,8 +410,22 @@ def test_saved_files_get_the_users_umask(tmp_path, tasks):
     finally:
         os.umask(old)
     for path in ["adapter/" + WEIGHTS_FILE, "adapter_init/" + CONFIG_FILE, "config.yaml",
-                 "checkpoint/" + WEIGHTS_FILE, "checkpoint/trainer_state.json"]:  # fmt: skip
+                 "checkpoint/" + WEIGHTS_FILE, "checkpoint/optimizer.safetensors", "checkpoint/trainer_state.json",
+                 "metrics.jsonl", "results.json"]:  # fmt: skip
         assert (tmp_path / "run" / path).stat().st_mode & 0o777 == 0o640, path
+
+
+def test_federation_files_get_the_users_umask(fed_run):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [
+        fed_run / "server.safetensors",
+        *fed_run.glob("checkpoint/**/*.safetensors"),
+        *fed_run.glob("adapters/*/*"),
+    ]
+    assert len(files) > 4
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
 
 
 def test_a_refused_resume_leaves_config_yaml_as_it_was(tmp_path, capsys, fed_run, tasks):

@@ -30,17 +30,19 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _umask() -> int:
+def give_new_file_mode(path: str | Path) -> None:
+    """Set the mode any new file gets (0666 less the umask) on a file that a writer made 0600
+    (a temporary file, safetensors' writer)."""
     mask = os.umask(0o022)  # reading the umask means setting it; set it straight back
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)
 
 
 def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -98,11 +100,13 @@ def save_adapter(model: AsymLoraModel, folder: str | Path) -> Path:
 def write_tensors(
     tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as the ``OSError``
-    they are, naming the file, instead of a ``SafetensorError``."""
+    """``safetensors.torch.save_file``, with the file's mode that of any new file (not 0600) and
+    its I/O failures (a full disk) raised as the ``OSError`` they are, naming the file, instead
+    of a ``SafetensorError``."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         save_file(tensors, str(path), metadata=metadata)
+        give_new_file_mode(path)
     except SafetensorError as err:
         code = re.search(r"os error (\d+)", str(err))
         if code is None:

@@ -270,7 +270,11 @@ def train(
             try:
                 last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
             except TrainingDivergedError as err:
-                kept = f"{run_dir / 'checkpoint'} keeps step {saved}" if saved is not None else "no checkpoint was saved"
+                kept = (
+                    f"{run_dir / 'checkpoint'} keeps step {saved}"
+                    if saved is not None
+                    else "no checkpoint was saved"
+                )
                 raise TrainingDivergedError(f"{err}; {kept}") from None
             tokens_seen += last.pop("tokens")
             last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
