@@ -22,6 +22,7 @@ from asymlora.data.registry import SUITES, get_suite, get_tasks, is_downloaded
 from asymlora.data.task import Task
 from asymlora.errors import UsageError, one_line, user_error
 from asymlora.eval.report import TaskResult
+from asymlora.threads import choose_threads, use_threads
 
 # ---------------------------------------------------------------------------------------------
 # asymlora tasks
@@ -82,7 +83,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from asymlora.eval.runner import check_eval_options, evaluate_tasks
+    from asymlora.eval.runner import check_eval_options, evaluate_tasks, majority_report
     from asymlora.models import load_model
 
     check_eval_options(args.limit, args.batch_size, args.max_length)
@@ -90,6 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch / validate every task's data before loading the model
         task.examples()
+    use_threads(log=lambda line: print(line, file=sys.stderr))
     model, tokenizer = load_model(args.model)
     out = args.out or Path("runs") / "eval" / _slug(f"{args.model}-{args.suite or '+'.join(args.task)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, tasks, references=references, progress=progress, limit=args.limit,
         seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
     )  # fmt: skip
+    report.majority = majority_report(tasks, seed=args.seed, limit=args.limit)
     report.info = {"model": args.model, "suite": args.suite, "tasks_requested": args.task,
                    "limit": args.limit, "seed": args.seed}  # fmt: skip
     report.save(out / "results.json")
@@ -542,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
-    for command in sub.choices.values():  # also after the command: asymlora train --debug ...
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+        # --debug also after the command: asymlora train --debug ...
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
@@ -562,6 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         check_finite_flags(args)
+        if args.threads is not None and args.threads < 0:
+            raise UsageError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
+        choose_threads(args.threads)
         return COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
         if debug:

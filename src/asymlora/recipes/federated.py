@@ -75,6 +75,7 @@ from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model
 from ..runfolder import RunFolder, folder_lock, json_line
+from ..threads import use_threads
 from ..train import pad_id_of
 
 
@@ -187,7 +188,7 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
 
 
 # What a --resume may change: evaluation, the device, and more rounds (no schedule depends on them).
-RESUMABLE = ("eval", "device", "federation.rounds")
+RESUMABLE = ("eval", "device", "federation.rounds", "train.threads")
 
 
 def run(
@@ -206,6 +207,7 @@ def run(
     out = Path(cfg.output_dir)
     with folder_lock(out, log, wait=False):
         folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
+        use_threads(cfg.train.threads, log)
         clients = build_clients(cfg.clients)
         base, tokenizer = load_model(cfg.model)
         check_ranks(cfg, base, len(clients), log)

@@ -15,7 +15,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,11 @@ from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, 
 from ..data.registry import get_suite, get_tasks
 from ..data.task import Task, continuation
 from ..errors import MissingFileError
-from ..eval.runner import evaluate_tasks
+from ..eval.report import Report
+from ..eval.runner import evaluate_tasks, majority_report
 from ..models import load_model
 from ..runfolder import RunFolder, folder_lock
+from ..threads import use_threads
 from ..train import Example, TrainConfig, train
 from ..train.loop import resume_point
 
@@ -43,6 +45,10 @@ class DataConfig:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
     max_train_per_task: int | None = field(
         default=None, metadata={"help": "cap on training examples per task"}
+    )
+    group_splits: bool = field(
+        default=True,
+        metadata={"help": "keep examples of one item (winowhy: one sentence) on one side of the split"},
     )
 
     def __post_init__(self) -> None:
@@ -101,7 +107,8 @@ def save_config(cfg: MultitaskConfig, path: Path) -> None:
 
 def select_tasks(data: DataConfig) -> list[Task]:
     """The config's tasks, each under a name of its own (see ``get_tasks``)."""
-    return get_tasks(data.tasks) if data.tasks else get_suite(data.suite)
+    tasks = get_tasks(data.tasks) if data.tasks else get_suite(data.suite)
+    return tasks if data.group_splits else [replace(t, group=None) for t in tasks]
 
 
 def training_examples(tasks: list[Task], data: DataConfig) -> list[list[Example]]:
@@ -125,7 +132,7 @@ def check_routing(cfg: MultitaskConfig, n_tasks: int) -> None:
 
 
 # What a --resume may change: settings that do not touch the training already done.
-RESUMABLE = ("eval", "train.save_every", "train.log_every")
+RESUMABLE = ("eval", "train.save_every", "train.log_every", "train.threads")
 
 
 def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool = False) -> dict[str, Any]:
@@ -136,6 +143,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool =
     out = Path(cfg.output_dir)
     with folder_lock(out, log, wait=False):
         folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
+        use_threads(cfg.train.threads, log)
         tasks = select_tasks(cfg.data)
         check_routing(cfg, len(tasks))
         examples = training_examples(tasks, cfg.data)
@@ -161,17 +169,8 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
     save_adapter(model, out / "adapter")
     exported = export_per_task(model, tasks, out / "peft", log)
 
-    report = evaluate_tasks(
-        model,
-        tokenizer,
-        tasks,
-        task_ids={t.name: i for i, t in enumerate(tasks)},
-        progress=lambda r: log(f"  evaluated {r.task}: {r.metric} {r.score:.2f} (n={r.n})"),
-        limit=cfg.eval.limit,
-        seed=cfg.data.split_seed,
-        batch_size=cfg.eval.batch_size,
-        max_length=cfg.eval.max_length,
-    )
+    report = evaluate(model, tokenizer, tasks, cfg, {t.name: i for i, t in enumerate(tasks)}, log)
+    report.majority = majority_report(tasks, seed=cfg.data.split_seed, limit=cfg.eval.limit)
     report.info.update(
         method=cfg.adapter.method,
         model=cfg.model,
@@ -184,6 +183,22 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
     log(report.to_markdown())
     log(f"results: {out / 'results.json'}")
     return report.to_dict(predictions=False)
+
+
+def evaluate(model, tokenizer, tasks: list[Task], cfg: MultitaskConfig, task_ids=None, log=print) -> Report:
+    """Score ``model`` on each task's test questions as the config says (``task_ids``: the adapter
+    routed to each task name)."""
+    return evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        task_ids=task_ids,
+        progress=lambda r: log(f"  evaluated {r.task}: {r.metric} {r.score:.2f} (n={r.n})"),
+        limit=cfg.eval.limit,
+        seed=cfg.data.split_seed,
+        batch_size=cfg.eval.batch_size,
+        max_length=cfg.eval.max_length,
+    )
 
 
 def export_per_task(model, tasks: list[Task], folder: Path, log=print) -> list[str]:
