@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import InputError, MissingFileError
 from .config import AdapterConfig
 from .layer import MultiLoraLinear
 from .model import AsymLoraModel, _model_type
@@ -37,15 +39,25 @@ PEFT_PREFIX = "base_model.model."
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename, so a crash leaves the old file."""
+    """Write through a temp file in the same folder and rename, so a crash leaves the old file.
+    The file gets the mode any new file gets (0666 less the umask), not the temp file's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def give_new_file_mode(path: str | Path) -> None:
+    """Set the mode any new file gets (0666 less the umask) on a file that a writer made 0600
+    (a temporary file, safetensors' writer)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -56,7 +68,11 @@ def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) ->
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException:  # a full disk, a kill by exception: leave no half-written folder.tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
@@ -85,8 +101,7 @@ def _write_folder(
 ) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: write_tensors(tensors, tmp, metadata))
     _write_json(folder / config_file, config)
     return folder
 
@@ -102,15 +117,32 @@ def save_adapter(model: AsymLoraModel, folder: str | Path) -> Path:
     )
 
 
+def write_tensors(
+    tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, with the file's mode that of any new file (not 0600) and
+    its I/O failures (a full disk) raised as the ``OSError`` they are, naming the file, instead
+    of a ``SafetensorError``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+        give_new_file_mode(path)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
     """Read a safetensors file, turning a missing, truncated or corrupted file into one clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingFileError(f"{path}: file not found")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a readable safetensors file (truncated or corrupted?): {err}"
         ) from None
 
@@ -119,7 +151,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
 
 
 def folder_format(folder: str | Path) -> str | None:
@@ -151,23 +183,23 @@ def load_adapter(model: nn.Module, folder: str | Path, task: int | None = None) 
     task instead (see ``load_peft_lora``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such adapter folder")
+        raise MissingFileError(f"{folder}: no such adapter folder")
     kind = folder_format(folder)
     if kind is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder}: no adapter here: expected {CONFIG_FILE} (asymlora) or {PEFT_CONFIG_FILE} (PEFT)"
         )
     if kind == "peft":
         return load_peft_lora(model, folder, task=task)
     if task is not None:
-        raise ValueError(
+        raise InputError(
             f"{folder}: task= is for loading a PEFT LoRA into one task; this is an asymlora adapter"
         )
     config_file = native_config_file(folder)
     config = AdapterConfig.load(config_file)
     found = _model_type(model)
     if config.model_type and found and config.model_type != found:
-        raise ValueError(
+        raise InputError(
             f"{config_file}: this adapter was made for a {config.model_type!r} model, but the model given is "
             f"{found!r}; load it onto the base model it was trained on ({config.base_model_name_or_path})"
         )
@@ -176,12 +208,12 @@ def load_adapter(model: nn.Module, folder: str | Path, task: int | None = None) 
     try:
         wrapped = AsymLoraModel(model, config)
     except ValueError as err:  # e.g. target_modules that match nothing in this model
-        raise ValueError(f"{config_file}: {err}") from None
+        raise InputError(f"{config_file}: {err}") from None
     try:
         wrapped.load_adapter_state_dict(tensors)
     except ValueError as err:
         wrapped.unload()
-        raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
+        raise InputError(f"{folder / WEIGHTS_FILE}: {err}") from None
     return wrapped
 
 
@@ -207,7 +239,7 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
     config = _read_json(config_file)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{config_file}: a {kind} adapter, not a LoRA; only PEFT LoRA folders are read")
+        raise InputError(f"{config_file}: a {kind} adapter, not a LoRA; only PEFT LoRA folders are read")
     unsupported = {
         "use_dora": "DoRA",
         "rank_pattern": "per-module ranks (rank_pattern)",
@@ -216,16 +248,16 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
     }
     for key, what in unsupported.items():
         if config.get(key):
-            raise ValueError(f"{config_file}: {what} is not a plain LoRA; asymlora reads plain LoRAs only")
+            raise InputError(f"{config_file}: {what} is not a plain LoRA; asymlora reads plain LoRAs only")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{config_file}: bias={config['bias']!r}; asymlora reads LoRAs without bias terms")
+        raise InputError(f"{config_file}: bias={config['bias']!r}; asymlora reads LoRAs without bias terms")
     r, alpha = config.get("r"), config.get("lora_alpha", 8)
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, int | float) or alpha <= 0:
-        raise ValueError(
+        raise InputError(
             f"{config_file}: needs an integer r >= 1 and lora_alpha > 0, got r={r!r}, lora_alpha={alpha!r}"
         )
     if not (folder / WEIGHTS_FILE).is_file() and any(folder.glob("adapter_model.bin")):
-        raise ValueError(
+        raise InputError(
             f"{folder}: adapter_model.bin is a pickle; save the adapter with safetensors (PEFT's default)"
         )
     tensors = read_tensors(folder / WEIGHTS_FILE)
@@ -234,16 +266,16 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
         inner = key.removeprefix(PEFT_PREFIX)
         module, _, kind = inner.rpartition(".lora_")
         if not module or kind not in ("A.weight", "B.weight") or tensor.dim() != 2:
-            raise ValueError(f"{folder / WEIGHTS_FILE}: {key} is not a LoRA A or B weight")
+            raise InputError(f"{folder / WEIGHTS_FILE}: {key} is not a LoRA A or B weight")
         pairs.setdefault(module, {})[kind[0]] = tensor
     incomplete = sorted(m for m, p in pairs.items() if set(p) != {"A", "B"})
     if not pairs or incomplete:
-        raise ValueError(
+        raise InputError(
             f"{folder / WEIGHTS_FILE}: no A and B weight for {', '.join(incomplete) or 'any module'}"
         )
     for module, p in pairs.items():
         if p["A"].shape[0] != r or p["B"].shape[1] != r:
-            raise ValueError(
+            raise InputError(
                 f"{folder / WEIGHTS_FILE}: {module} has A {tuple(p['A'].shape)} and B {tuple(p['B'].shape)}, "
                 f"not rank r={r} from {config_file.name}"
             )
@@ -268,13 +300,13 @@ def load_peft_lora(model: nn.Module, folder: str | Path, task: int | None = None
     lora = read_peft_lora(folder)
     if isinstance(model, AsymLoraModel):
         if task is None:
-            raise ValueError(
+            raise InputError(
                 f"{folder}: this model has adapters already; give task= to start that task from the LoRA"
             )
         _set_task_pair(model, lora, task, folder)
         return model
     if task is not None:
-        raise ValueError(f"{folder}: task= needs a model with task-routed adapters (wrap it first)")
+        raise InputError(f"{folder}: task= needs a model with task-routed adapters (wrap it first)")
     config = AdapterConfig(
         method="lora",
         r=lora.r,
@@ -286,36 +318,36 @@ def load_peft_lora(model: nn.Module, folder: str | Path, task: int | None = None
     try:
         wrapped = AsymLoraModel(model, config)
     except ValueError as err:
-        raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
+        raise InputError(f"{folder / WEIGHTS_FILE}: {err}") from None
     missing = sorted(set(lora.pairs) - set(wrapped.adapted))
     state = {f"{m}.lora_{k}": t for m, (a, b) in lora.pairs.items() for k, t in (("A", a), ("B", b))}
     try:
         if missing:
-            raise ValueError(f"no adaptable module named {', '.join(missing[:5])} in this model")
+            raise InputError(f"no adaptable module named {', '.join(missing[:5])} in this model")
         wrapped.load_adapter_state_dict(state)
     except ValueError as err:
         wrapped.unload()
-        raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
+        raise InputError(f"{folder / WEIGHTS_FILE}: {err}") from None
     return wrapped
 
 
 @torch.no_grad()
 def _set_task_pair(model: AsymLoraModel, lora: PeftLora, task: int, folder: Path) -> None:
     if set(lora.pairs) != set(model.adapted):
-        raise ValueError(
+        raise InputError(
             f"{folder}: the LoRA adapts {len(lora.pairs)} modules and this model {len(model.adapted)}; "
             "they must be the same modules (set target_modules to match)"
         )
     for name, (a, b) in lora.pairs.items():
         layer = model.adapted[name]
         if not isinstance(layer, MultiLoraLinear):
-            raise ValueError(f"{folder}: a factored adapter has no per-task LoRA to start from")
+            raise InputError(f"{folder}: a factored adapter has no per-task LoRA to start from")
         try:
             t = layer.check_plain_lora(task)
         except ValueError as err:
-            raise ValueError(f"{folder}: cannot start task {task} from a LoRA: {err}") from None
+            raise InputError(f"{folder}: cannot start task {task} from a LoRA: {err}") from None
         if a.shape != (layer.r, layer.d_in) or b.shape != (layer.d_out, layer.r):
-            raise ValueError(
+            raise InputError(
                 f"{folder}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}; this model's task {t} "
                 f"needs A {(layer.r, layer.d_in)} and B {(layer.d_out, layer.r)}"
             )
@@ -350,7 +382,7 @@ def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], fold
             continue
         axis, size = sizes[kind]
         if tensor.dim() != 2 or tensor.shape[axis] != size:
-            raise ValueError(
+            raise InputError(
                 f"{config_file} does not match {folder / WEIGHTS_FILE}: the config "
                 f"(method={config.method}, r={config.r}, num_experts={config.num_experts}, d_m={config.d_m}) "
                 f"gives {kind} {size} along axis {axis}, but {name} has shape {tuple(tensor.shape)}"
@@ -358,7 +390,7 @@ def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], fold
         seen.add(kind)
     missing = sorted(set(sizes) - seen)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{folder / WEIGHTS_FILE}: no {', '.join(missing)} tensors: not an adapter of this config"
         )
 
@@ -389,7 +421,7 @@ def export_peft(
     cfg = model.adapter_config
     problem = peft_export_problem(cfg)
     if problem:
-        raise ValueError(problem)
+        raise InputError(problem)
     tensors: dict[str, Tensor] = {}
     for name, layer in model.adapted.items():
         a, b = layer.lora_pair(task)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.data.task import DataFormatError, Kind, PromptTemplate, is_number, mc_record, target_record
+from asymlora.errors import AsymloraError
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 SOURCE_ENV = "ASYMLORA_BIGBENCH_SOURCE"
@@ -29,7 +30,7 @@ TASKS_PATH = "bigbench/benchmark_tasks"
 TREE_MARKER = ".asymlora-complete"  # in a task's cache folder: every subtask of it is extracted
 
 
-class BigBenchUnavailableError(RuntimeError):
+class BigBenchUnavailableError(AsymloraError, RuntimeError):
     """The BIG-bench task files could not be obtained; the message says how to get them."""
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # datasets is imported where used: listing tasks does not need it
     from datasets import Dataset, DatasetDict, Features
 
+from asymlora.errors import AsymloraError, InputError
+
 Kind = Literal["multiple_choice", "numeric", "text"]
 KINDS: tuple[Kind, ...] = ("multiple_choice", "numeric", "text")
 
@@ -37,11 +39,11 @@ def record_features() -> Features:
     )
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """Input data that does not have the expected shape; the message names the file and line."""
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(AsymloraError, KeyError):
     """A task or suite name that is not registered; the message lists the available ones."""
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
