@@ -337,3 +337,56 @@ def test_upload_shapes_follow_the_declared_state_shapes(name):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown federated method"):
         get_method("fedprox")
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_clients_never_share_storage_with_the_download_or_each_other(name):
+    """The rule of base.py: a client's state after ``apply_download`` holds its own copies, so
+    an in-place change of one client (an optimiser step) cannot reach another or the server."""
+    method = get_method(name)
+    server, states, inits = start(method, registry_states(method))
+    states = train(method, states)
+    uploads, server, downloads, new = run_round(method, states, inits, server)
+    for state, down in zip(new, downloads, strict=True):
+        for key, value in down.items():
+            if key in state:
+                assert state[key].data_ptr() != value.data_ptr(), f"{name}: {key} shares the download"
+    for key in new[0]:
+        assert new[0][key].data_ptr() != new[1][key].data_ptr(), f"{name}: clients share {key}"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_method_declares_what_engines_need(name):
+    """Every registered method answers the engines' questions itself, consistently: an
+    averaging method sends back the average of its uploads, and one that is not says why."""
+    method = get_method(name)
+    assert method.adapter_kind in ("lora", "factored")
+    assert method.global_model in ("adapter", "dense", "base", None)
+    server, states, inits = start(method, registry_states(method))
+    uploads, server, downloads, _ = run_round(method, train(method, states), inits, server)
+    if method.not_an_average is None:
+        p = probs(N_EX)
+        for key in uploads[0]:
+            want = sum(w * up[key] for w, up in zip(p, uploads, strict=True))
+            for down in downloads:
+                torch.testing.assert_close(down[key], want, atol=ATOL, rtol=0)
+    else:
+        assert len(method.not_an_average) > 20
+
+
+def test_engines_and_recipes_never_name_a_method():
+    """Method knowledge lives in federated/: no method name appears as a string literal in the
+    engines or the recipes (the registry and the methods' declarations answer for them)."""
+    import ast
+    from pathlib import Path
+
+    import asymlora
+
+    root = Path(asymlora.__file__).parent
+    found = []
+    for folder in ("engines", "recipes"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in METHODS:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not found, found

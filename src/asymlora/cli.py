@@ -20,6 +20,7 @@ from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
 from asymlora.data.task import DataFormatError, Task, UnknownTaskError
 from asymlora.engines.local import RoundError
+from asymlora.federated.registry import METHODS as FEDERATED_METHODS
 from asymlora.eval.report import TaskResult
 from asymlora.models import ModelNotAvailableError
 
@@ -248,8 +249,7 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
                    help="override any config field, e.g. --set federation.rounds=5 (repeatable)")  # fmt: skip
     p.add_argument("--model", help="smollm2-135m, tiny-llama, a folder or a hub id")
     p.add_argument(
-        "--method",
-        help="federation.method: fedit, ffa, fedsa, fedalora, zeropad, flora, flexlora, fedalora-het",
+        "--method", choices=list(FEDERATED_METHODS), help="federation.method (one run)"
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--suite", choices=list(SUITES), help="one client per task of a suite")

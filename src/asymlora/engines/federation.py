@@ -7,7 +7,7 @@ are how every engine builds a client's adapter and training data from them."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, 
 from ..data.partition import dirichlet_split
 from ..data.registry import SUITES, get_suite, get_task
 from ..data.task import Task, continuation
-from ..federated import METHODS
+from ..federated.registry import DEFAULT, METHODS, known, options_of, rank_problem
 from ..federated.validate import NORMS, UploadLimits
 from ..train import Example, TrainConfig, encode_tasks
 from .local import Client
@@ -30,15 +30,24 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class FederationConfig:
-    method: str = field(default="fedalora", metadata={"help": "one of " + ", ".join(METHODS)})
+    method: str = field(default=DEFAULT, metadata={"help": "one of " + known()})
     rounds: int = field(default=3, metadata={"help": "communication rounds"})
     fraction: float = field(default=1.0, metadata={"help": "share of the clients taking part in a round"})
     reset_a_each_round: bool = field(
         default=False,
-        metadata={"help": "fedalora / fedalora-het: the reference's per-round reset of A (a defect)"},
+        metadata={
+            "help": "the reference's per-round reset of A, a defect (methods that take it: "
+            + known([m for m in METHODS if "reset_a_each_round" in options_of(m)])
+            + ")"
+        },
     )
     dense_download: bool = field(
-        default=False, metadata={"help": "flora: send the merged product instead of the stacks"}
+        default=False,
+        metadata={
+            "help": "send the merged product instead of the stacks ("
+            + known([m for m in METHODS if "dense_download" in options_of(m)])
+            + ")"
+        },
     )
     min_clients: int = field(
         default=1,
@@ -54,12 +63,12 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"federation.method={self.method!r} is not one of {', '.join(METHODS)}")
+            raise ConfigError(f"federation.method={self.method!r} is not one of {known()}")
         if self.rounds < 1:
             raise ConfigError(f"federation.rounds={self.rounds} must be >= 1")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction={self.fraction} must be in (0, 1]")
-        accepted = {f.name for f in fields(METHODS[self.method])}
+        accepted = options_of(self.method)
         for option in METHOD_OPTIONS:
             if getattr(self, option) and option not in accepted:
                 raise ConfigError(f"federation.{option} is not an option of {self.method}")
@@ -79,7 +88,7 @@ class FederationConfig:
 
     def method_options(self) -> dict[str, Any]:
         """The options the chosen method takes, for ``get_method``."""
-        accepted = {f.name for f in fields(METHODS[self.method])}
+        accepted = options_of(self.method)
         return {option: getattr(self, option) for option in METHOD_OPTIONS if option in accepted}
 
 
@@ -209,11 +218,9 @@ class FederatedConfig:
                 f"client(s) taking part in a round ({n} clients, fraction {self.federation.fraction})"
             )
         ranks = self.adapter.ranks_for(n)
-        if not METHODS[self.federation.method].heterogeneous and len(set(ranks)) > 1:
-            raise ConfigError(
-                f"adapter.ranks={ranks}: federation.method={self.federation.method!r} needs every "
-                "client at the same rank; use zeropad, flora, flexlora or fedalora-het"
-            )
+        problem = rank_problem(self.federation.method, ranks)
+        if problem is not None:
+            raise ConfigError(f"adapter.ranks={ranks} with federation.method: {problem}")
 
 
 def load_config(

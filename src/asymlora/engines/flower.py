@@ -93,9 +93,9 @@ from torch import Tensor
 
 from ..adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
 from ..federated import FederatedMethod, get_method
-from ..federated.base import AverageUploads
 from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, Tensors, part, select
+from ..federated.registry import averaging, known, rank_problem
 from ..federated.validate import Spec, UploadLimits, check_upload, expected_upload, validate_uploads
 from ..models import load_model
 from ..train import pad_id_of
@@ -377,17 +377,17 @@ def noise_std(mod: LocalDpMod) -> float:
 
 def local_dp_unfit(method: FederatedMethod) -> str | None:
     """Why local DP is refused for ``method``, or None. It is supported for the methods whose
-    server averages the uploads and sends the average back (fedit, ffa, fedsa, fedalora): the
+    server averages the uploads and sends the average back (``not_an_average`` is None): the
     client's uploaded parts before training are then exactly what the server sent it, so the
     update is clipped from a point the server knows, with the upload's names and shapes. The
-    others are refused (docs/flower.md says why, method by method)."""
-    if isinstance(method, AverageUploads):
+    others are refused with the method's own reason (docs/flower.md)."""
+    if method.not_an_average is None:
         return None
     return (
-        f"local DP (local-dp in the node config) does not fit method {method.name}: it is only "
-        "supported where the server averages the uploads and sends the average back (fedit, ffa, "
-        f"fedsa, fedalora), so that the update is clipped from the server's own download; "
-        f"{method.name}'s server step is not that average"
+        f"local DP (local-dp in the node config) does not fit method {method.name}: "
+        f"{method.not_an_average}; it is only supported where the server averages the uploads "
+        f"and sends the average back ({known(averaging())}), so that the update is clipped from "
+        "the server's own download"
     )
 
 
@@ -622,8 +622,9 @@ def server_main(grid: Grid, context: Context) -> None:
     method = method_of(cfg)
     timeout = float(context.run_config.get("timeout-s", 600))
     n = cfg.clients.count()
-    if not method.heterogeneous and len(set(cfg.adapter.ranks_for(n))) > 1:
-        raise ValueError(f"{method.name} needs every client at the same rank")
+    problem = rank_problem(method.name, cfg.adapter.ranks_for(n))
+    if problem is not None:
+        raise ValueError(problem)
     limits, least = cfg.federation.limits(), cfg.federation.min_clients
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

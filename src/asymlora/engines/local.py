@@ -48,8 +48,8 @@ from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_t
 from ..adapters.io import complete_folder, write_folder_atomically
 from ..federated import FederatedMethod
 from ..federated.comm import round_counts
-from ..federated.common import BASE_DELTA, A, M, Tensors, module_of, part, select
-from ..federated.flexlora import DELTA
+from ..federated.common import BASE_DELTA, A, Tensors, module_of, part, select
+from ..federated.registry import rank_problem
 from ..federated.validate import UploadLimits, expected_upload, validate_uploads
 from ..train import TrainConfig, local_train
 from ..train.batches import Encoded, hash_seed
@@ -111,12 +111,6 @@ class RoundError(RuntimeError):
         self.log = log
 
 
-def adapter_method(method: FederatedMethod) -> str:
-    """The adapter layer a method's clients use: the factored layer where the method has an M
-    (Fed-ALoRA-het), plain LoRA otherwise."""
-    return "factored" if M in method.trains | method.local else "lora"
-
-
 def client_seed(seed: int, client: int) -> int:
     """The adapter-initialisation seed of a client: independent draws per client."""
     return hash_seed(seed, client) % (1 << 31)
@@ -128,7 +122,7 @@ def client_config(
     """Client ``i``'s adapter: the federation's ``template`` at the client's rank and alpha, with
     the method's layer kind and the client's own initialisation seed."""
     return replace(
-        template, method=adapter_method(method), r=client.rank, alpha=client.alpha, seed=client_seed(seed, i)
+        template, method=method.adapter_kind, r=client.rank, alpha=client.alpha, seed=client_seed(seed, i)
     )
 
 
@@ -202,17 +196,13 @@ class LocalSimulator:
             raise ValueError(f"fraction={fraction} must be in (0, 1]")
         if min_clients < 1:
             raise ValueError(f"min_clients={min_clients} must be >= 1")
-        ranks = [c.rank for c in clients]
-        if not method.heterogeneous and len(set(ranks)) > 1:
-            raise ValueError(
-                f"{method.name} needs every client at the same rank, got ranks {ranks}; "
-                "use a heterogeneous method (zeropad, flora, flexlora, fedalora-het)"
-            )
+        problem = rank_problem(method.name, [c.rank for c in clients])
+        if problem is not None:
+            raise ValueError(problem)
         self.base, self.method, self.clients = base, method, list(clients)
         self.train_cfg, self.fraction, self.seed, self.pad_id = train, fraction, seed, pad_id
-        self.template = replace(adapter, method=adapter_method(method))
+        self.template = replace(adapter, method=method.adapter_kind)
         self.base_layers = find_target_modules(base, adapter.target_modules, adapter.layers)
-        self.merges_base = BASE_DELTA in method.local
         self.model: AsymLoraModel | None = None
         self.round = 0
         self.server, self.states = method.setup([self._initial_state(i) for i in range(len(clients))])
@@ -222,7 +212,8 @@ class LocalSimulator:
         self.min_clients, self.limits = min_clients, limits or UploadLimits()
 
     # --- the shared model -------------------------------------------------------------------
-    def _config(self, i: int) -> AdapterConfig:
+    def client_config(self, i: int) -> AdapterConfig:
+        """Client ``i``'s adapter configuration (its layer kind, rank, alpha and seed)."""
         return client_config(self.template, self.method, self.clients[i], self.seed, i)
 
     def _wrap(self, config: AdapterConfig) -> AsymLoraModel:
@@ -245,13 +236,13 @@ class LocalSimulator:
     def _initial_state(self, i: int) -> Tensors:
         if self.model is not None:
             self.model.unload()
-        self.model = wrap(self.base, self._config(i))  # fresh draws from the client's seed
+        self.model = wrap(self.base, self.client_config(i))  # fresh draws from the client's seed
         return {k: v.clone() for k, v in self.model.adapter_state_dict().items()}
 
     def load_client(self, i: int) -> AsymLoraModel:
         """The shared model holding client ``i``'s adapter, with the method's trainable parts
         (and only those) requiring gradients."""
-        model = self._wrap(self._config(i))
+        model = self._wrap(self.client_config(i))
         model.load_adapter_state_dict(self.states[i])
         return set_trainable(model, self.method)
 
@@ -329,36 +320,13 @@ class LocalSimulator:
             new = self.method.apply_download(self.states[i], down, self.inits[i])
             merged = select(new, {BASE_DELTA})  # this round's update, the same for every client
             self.states[i] = {k: v for k, v in new.items() if part(k) != BASE_DELTA}
-        if merged:
-            self._merge_into_base(merged)
-
-    def _merge_into_base(self, deltas: Mapping[str, Tensor]) -> None:
-        """W0 += delta at every module, once, in the shared base (delta: (d_out, d_in))."""
-        add_to_weights(self.base_layers, deltas)
+        add_to_weights(self.base_layers, merged)  # W0 += delta, once, in the shared base
 
     # --- the global model -------------------------------------------------------------------
     def global_kind(self) -> str | None:
-        """What the method's global model is, or None where there is none:
-
-        - ``"base"`` (FLoRA): the merged shared base with the adapters off; every client's model
-          equals it right after a download (their B's restart at zero).
-        - ``"dense"`` (FlexLoRA): W0 plus the server's dense average sum_i p_i s_i B_i A_i.
-        - ``"adapter"`` (FedIT, FFA-LoRA, ZeroPad): one LoRA adapter every client would hold:
-          the server's averaged tensors, completed by the round-0 values of parts that are never
-          trained and common to all clients (FFA-LoRA's A). ZeroPad's is at the largest rank.
-        - None (FedSA-LoRA, Fed-ALoRA, Fed-ALoRA-het): a trained part stays on each client, so
-          there are only personalised models.
-        Before the first round there is no global model."""
-        if self.round == 0:
-            return None
-        if self.merges_base:
-            return "base"
-        if any(part(k) == DELTA for k in self.server):
-            return "dense"
-        private = {
-            p for p in self.method.local if p in self.method.trains or p not in self.method.shared_init
-        }
-        return "adapter" if not private else None
+        """What the method's global model is (``FederatedMethod.global_model``: "adapter",
+        "dense", "base"), or None where there is none. Before the first round there is none."""
+        return None if self.round == 0 else self.method.global_model
 
     @contextmanager
     def use_global(self) -> Iterator[AsymLoraModel]:
@@ -370,14 +338,14 @@ class LocalSimulator:
         if kind == "adapter":
             yield self._global_adapter()
             return
-        model = self._wrap(self._config(0))
-        dense = select(self.server, {DELTA}) if kind == "dense" else {}
+        model = self._wrap(self.client_config(0))
+        # A method that merges into the base has merged into the shared base already.
+        dense = {} if self.method.merges_into_base else self.method.global_delta(self.server)
         saved = {name: layer.weight.detach().clone() for name, layer in self.base_layers.items()}
         try:
             for layer in model.adapted.values():
                 layer.disabled = True
-            with torch.no_grad():
-                self._merge_into_base(dense)
+            add_to_weights(self.base_layers, dense)
             yield model
         finally:
             for layer in model.adapted.values():
@@ -388,10 +356,10 @@ class LocalSimulator:
 
     def _global_adapter(self) -> AsymLoraModel:
         largest = max(range(len(self.clients)), key=lambda i: self.clients[i].rank)
-        state = {**self.inits[largest], **self.server}
+        state = self.method.global_adapter(self.server, self.inits[largest])
         rank = int(next(v for k, v in state.items() if part(k) == A).shape[0])
         scale = self.clients[largest].scale  # keep the largest client's scale at the global rank
-        config = replace(self._config(largest), r=rank, alpha=scale * rank)
+        config = replace(self.client_config(largest), r=rank, alpha=scale * rank)
         return self.wrap_with(config, state)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -405,7 +373,7 @@ class LocalSimulator:
             for i, state in enumerate(self.states):
                 save_file(_cpu(state), str(tmp / CLIENTS_DIR / f"{i}.safetensors"))
             save_file(_cpu(self.server), str(tmp / SERVER_FILE))
-            if self.merges_base:
+            if self.method.merges_into_base:
                 weights = {name: layer.weight for name, layer in self.base_layers.items()}
                 save_file(_cpu(weights), str(tmp / BASE_FILE))
             meta = {"format": FORMAT, "round": self.round, "method": self.method.name}
@@ -432,7 +400,7 @@ class LocalSimulator:
             for i in range(len(self.clients))
         ]
         self.server = _to(read_tensors(folder / SERVER_FILE), device)
-        if self.merges_base:
+        if self.method.merges_into_base:
             with torch.no_grad():
                 for name, weight in read_tensors(folder / BASE_FILE).items():
                     self.base_layers[name].weight.copy_(weight)

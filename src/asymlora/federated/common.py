@@ -122,19 +122,3 @@ def broadcast(states: Sequence[Mapping[str, Tensor]], parts: Iterable[str]) -> l
 def lora_shapes(d_in: int, d_out: int, rank: int, d_m: int) -> dict[str, tuple[int, ...]]:
     """Plain LoRA's tensors at one module (``d_m`` unused)."""
     return {A: (rank, d_in), B: (d_out, rank)}
-
-
-def random_state(
-    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensors:
-    """Random tensors of the given shapes, ``{module: {part: shape}}`` -> flat state.
-
-    For tests and shape checks only; the adapter layer owns the real initialisation.
-    """
-    return {
-        f"{mod}.{name}": torch.randn(shape, generator=generator, dtype=dtype)
-        for mod, parts in shapes.items()
-        for name, shape in parts.items()
-    }

@@ -18,8 +18,8 @@ Everything lands in one run folder::
                          client, and (on evaluated rounds) personalised and global scores
     checkpoint/          the state after the last finished round (--resume continues from it)
     adapters/<client>/   each client's final adapter (asymlora format)
-    alora/               fedalora only: the federation as one ALoRA adapter (one A per client,
-                         the shared B, task routing: task id i = client i)
+    alora/               where the method has one (Fed-ALoRA): the federation as one adapter
+                         (one A per client, the shared B, task routing: task id i = client i)
     server.safetensors   the server's final state (FLoRA: the merged update; FlexLoRA: the
                          global dense update; zeropad: the global adapter at the largest rank)
     clients.json         per client: tasks, rank, examples, final scores, bytes per round
@@ -31,23 +31,19 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
 
 from ..adapters import (
-    AsymLoraModel,
     export_peft,
     load_adapter,
     read_tensors,
     save_adapter,
-    wrap,
 )
 from ..adapters.io import atomic_write
 from ..data.task import Task
@@ -72,7 +68,6 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
 from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
 from ..eval.runner import evaluate_task
 from ..federated import get_method
-from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model
 from ..train import pad_id_of
 
@@ -250,31 +245,16 @@ def round_line(record: dict[str, Any]) -> str:
 
 # --- final adapters -----------------------------------------------------------------------------
 def save_adapters(sim: LocalSimulator, clients: list[ClientData], out: Path) -> None:
-    """Each client's adapter, the server's state, and for Fed-ALoRA the combined ALoRA adapter."""
+    """Each client's adapter, the server's state, and the federation as one adapter where the
+    method has that view (Fed-ALoRA's combined ALoRA adapter)."""
     for i, client in enumerate(clients):
         save_adapter(sim.load_client(i), out / "adapters" / client.name)
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in sim.server.items()}, str(out / "server.safetensors")
     )
-    if sim.method.name == "fedalora":
-        save_adapter(combined_alora(sim), out / "alora")
-
-
-def combined_alora(sim: LocalSimulator):
-    """Fed-ALoRA's federation as one ALoRA adapter: lora_A (N*r, d_in) stacks the clients' A's,
-    lora_B is the server's shared B, and task routing sends task i to client i's A. (With
-    fraction < 1 a client that sat out the last round still holds the previous B; the combined
-    adapter uses the newest.)"""
-    n = len(sim.clients)
-    config = replace(
-        sim.load_client(0).adapter_config, method="alora", router="task", num_experts=n, init_a="independent"
-    )
-    state = {}
-    for key, b in sim.server.items():
-        module = key.removesuffix(f".{B}")
-        state[key] = b
-        state[f"{module}.{A}"] = torch.cat([s[f"{module}.{A}"] for s in sim.states], dim=0)
-    return sim.wrap_with(config, state)
+    combined = sim.method.combined_adapter(sim.client_config(0), sim.states, sim.server)
+    if combined is not None:
+        save_adapter(sim.wrap_with(*combined), out / sim.method.combined_folder)
 
 
 def client_names(run_dir: Path) -> list[str]:
@@ -284,7 +264,8 @@ def client_names(run_dir: Path) -> list[str]:
 def export_client(run_dir: str | Path, client: int | str, folder: str | Path) -> Path:
     """Write one client's final model (base + its adapter) as a PEFT LoRA folder. ``client`` is
     its index or name. Fed-ALoRA-het clients export at rank d_m (A' = M A, B' = B_base + B2 B1);
-    FLoRA clients with the update merged into the base folded in (see ``flora_as_lora``)."""
+    a method whose clients are more than a LoRA on W0 folds the rest in (FLoRA: the update merged
+    into the base, see ``FederatedMethod.export_model``)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     names = client_names(run_dir)
@@ -296,36 +277,9 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
         raise ValueError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
     base, _ = load_model(cfg.model)
     model = load_adapter(base, run_dir / "adapters" / client)
-    if cfg.federation.method == "flora":
-        model = flora_as_lora(model, read_tensors(run_dir / "server.safetensors"))
+    method = get_method(cfg.federation.method, **cfg.federation.method_options())
+    model = method.export_model(model, lambda: read_tensors(run_dir / "server.safetensors"))
     return export_peft(model, folder)
-
-
-@torch.no_grad()
-def flora_as_lora(client: AsymLoraModel, server: Mapping[str, Tensor]) -> AsymLoraModel:
-    """A FLoRA client's model, W0 + D + s B A with D the update merged into the base
-    (``<module>.base_delta`` (d_out, d_in) in the server state), as one plain LoRA on W0 of rank
-    r' = r + max d_in and scale 1:
-
-        A' = [A; I; 0]   (r', d_in)        B' = [s B, D, 0]   (d_out, r')
-
-    so that B' A' = s B A + D; the identity block passes x through to D unchanged. Large (rank
-    about d_in), but exact and loadable by any PEFT LoRA reader. Consumes ``client``'s wrapping."""
-    width = max(layer.d_in for layer in client.adapted.values())
-    state = {}
-    for name, layer in client.adapted.items():
-        a, b = layer.lora_pair()
-        delta = server[f"{name}.{BASE_DELTA}"].to(b)
-        eye = torch.eye(layer.d_in, dtype=a.dtype, device=a.device)
-        state[f"{name}.{A}"] = torch.cat([a, eye, a.new_zeros(width - layer.d_in, layer.d_in)])
-        state[f"{name}.{B}"] = torch.cat(
-            [layer.scale * b, delta, b.new_zeros(b.shape[0], width - layer.d_in)], 1
-        )
-    config = client.adapter_config
-    rank = config.r + width
-    merged = wrap(client.unload(), replace(config, r=rank, alpha=float(rank), dropout=0.0))
-    merged.load_adapter_state_dict(state)
-    return merged
 
 
 # --- results ------------------------------------------------------------------------------------
