@@ -20,8 +20,8 @@ from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
 from asymlora.data.task import DataFormatError, Task, UnknownTaskError
 from asymlora.engines.local import RoundError
-from asymlora.federated.registry import METHODS as FEDERATED_METHODS
 from asymlora.eval.report import TaskResult
+from asymlora.federated.registry import METHODS as FEDERATED_METHODS
 from asymlora.models import ModelNotAvailableError
 
 
@@ -248,9 +248,7 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set federation.rounds=5 (repeatable)")  # fmt: skip
     p.add_argument("--model", help="smollm2-135m, tiny-llama, a folder or a hub id")
-    p.add_argument(
-        "--method", choices=list(FEDERATED_METHODS), help="federation.method (one run)"
-    )
+    p.add_argument("--method", choices=list(FEDERATED_METHODS), help="federation.method (one run)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--suite", choices=list(SUITES), help="one client per task of a suite")
     what.add_argument("--tasks", help="comma-separated task names or .jsonl files (one client each)")
