@@ -10,6 +10,7 @@ additive, so applying it twice would show), its round-2 training discarded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,9 +103,26 @@ def simulate(config: dict, drop: tuple[int, int]) -> LocalSimulator:
         return train(rnd, i)
 
     sim.train_client = train_client
+    sim.records = []
     for _ in range(ROUNDS):
-        sim.run_round()
+        sim.records.append(sim.aggregator.record(sim.run_round(), sim.records))
     return sim
+
+
+def assert_same_records(out: Path, sim: LocalSimulator) -> None:
+    """rounds.jsonl from Flower holds the simulator's records, field by field (the loss up to
+    float rounding: under FLoRA a Flower client's base is W0 + sum of merges, the simulator's a
+    running sum)."""
+    lines = [json.loads(line) for line in (out / app.ROUNDS_FILE).read_text().splitlines()]
+    assert len(lines) == len(sim.records)
+    for line, record in zip(lines, sim.records, strict=True):
+        assert line.keys() == record.keys()
+        for key in record:
+            if key == "loss":
+                assert line[key] == pytest.approx(record[key], abs=1e-5)
+            elif key != "dropped":  # the same clients, for another reason (no reply / an error)
+                assert line[key] == record[key], key
+        assert line["dropped"].keys() == record["dropped"].keys()
 
 
 @pytest.fixture(autouse=True)
@@ -137,6 +155,7 @@ def test_a_lost_message_or_reply_drops_the_client_like_the_simulator(
         torch.testing.assert_close(got[k], v, atol=1e-5 if method == "flora" else 1e-6, rtol=0)
     lines = (tmp_path / "out" / app.ROUNDS_FILE).read_text().splitlines()
     assert '"dropped": {"task1": "no reply within 5 s"}' in lines[1]
+    assert_same_records(tmp_path / "out", sim)
     # every client's final state, as saved at the finish, equals the simulator's
     for i in range(3):
         state = app.from_record(grid.contexts[100 + i].state[app.STATE])
@@ -160,6 +179,7 @@ def test_partial_participation_matches_the_simulator(tmp_path: Path, method: str
     for k, v in sim.server.items():
         torch.testing.assert_close(got[k], v, atol=tolerance, rtol=0)
     assert len([s for s in grid.sent if s[1] == "train"]) == 2 * ROUNDS  # 2 of 4 per round
+    assert_same_records(tmp_path / "out", sim)
     for i in range(4):
         state = app.from_record(grid.contexts[100 + i].state[app.STATE])
         for k, v in sim.states[i].items():

@@ -19,7 +19,7 @@ from asymlora.config import ConfigError
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
 from asymlora.data.task import DataFormatError, Task, UnknownTaskError
-from asymlora.engines.local import RoundError
+from asymlora.engines.round import RoundError
 from asymlora.eval.report import TaskResult
 from asymlora.federated.registry import METHODS as FEDERATED_METHODS
 from asymlora.models import ModelNotAvailableError

@@ -68,7 +68,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -93,22 +92,14 @@ from torch import Tensor
 
 from ..adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
 from ..federated import FederatedMethod, get_method
-from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, Tensors, part, select
 from ..federated.registry import averaging, known, rank_problem
-from ..federated.validate import Spec, UploadLimits, check_upload, expected_upload, validate_uploads
+from ..federated.validate import Spec, UploadLimits, check_upload
 from ..models import load_model
 from ..train import pad_id_of
 from .federation import FederatedConfig, adapter_template, build_clients, engine_client, load_config
-from .local import (
-    Client,
-    add_to_weights,
-    client_config,
-    mean_loss,
-    participants,
-    set_trainable,
-    train_locally,
-)
+from .local import Client, add_to_weights, client_config, mean_loss, set_trainable, train_locally
+from .round import Member, Server
 
 INIT, FINISH = f"{MessageType.QUERY}.init", f"{MessageType.QUERY}.finish"
 STATE, ROUND0, TRAINED = "asymlora-state", "asymlora-init", "asymlora-trained"  # context.state keys
@@ -501,17 +492,6 @@ def client_finish(msg: Message, context: Context) -> Message:
 
 
 # --- the server ---------------------------------------------------------------------------------
-@dataclass
-class Member:
-    """A client as the server knows it, from its init reply."""
-
-    node_id: int
-    name: str
-    rank: int
-    examples: int
-    scale: float
-
-
 def exchange(
     grid: Grid, messages: Mapping[int, Message], timeout: float
 ) -> tuple[dict[int, Message], dict[int, str]]:
@@ -567,33 +547,42 @@ def message(
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
-def say(text: str, level: int = logging.WARNING) -> None:
-    """A line for the run's log: Flower's logger, which ``flwr run --stream`` shows."""
-    flwr_log(level, text)
+def warn(text: str) -> None:
+    """A warning for the run's log: Flower's logger, which ``flwr run --stream`` shows."""
+    flwr_log(logging.WARNING, text)
 
 
-def join(grid: Grid, nodes: Sequence[int], cfg: FederatedConfig, timeout: float):
+def join(
+    grid: Grid, nodes: Sequence[int], cfg: FederatedConfig, timeout: float
+) -> tuple[list[Member], list[int], list[Tensors]]:
     """The init exchange: every client of 0..N-1 must answer with a layout the config agrees
-    with; nodes of a higher partition-id sit this run out."""
+    with; nodes of a higher partition-id sit this run out. Returns, by client index, the
+    members, their node ids and their initial tensors."""
     n = cfg.clients.count()
     ranks = cfg.adapter.ranks_for(n)
     replies, failed = exchange(grid, {k: message(nid, INIT, 0) for k, nid in enumerate(nodes)}, timeout)
     members: dict[int, Member] = {}
+    node_of: dict[int, int] = {}
     inits: dict[int, Tensors] = {}
     for k, reply in replies.items():
         meta = reply.content["meta"]
         i = int(meta["index"])
         if i in members:
             raise RuntimeError(f"two SuperNodes have partition-id={i}")
+        node_of[i] = nodes[k]
         members[i] = Member(
-            nodes[k], str(meta["name"]), int(meta["rank"]), int(meta["examples"]), float(meta["scale"])
+            str(meta["name"]),
+            int(meta["rank"]),
+            int(meta["examples"]),
+            float(meta["scale"]),
+            f" (node {nodes[k]})",
         )
         inits[i] = from_record(reply.content[TENSORS])
         if "dp-clip" in meta:
-            say(
-                f"init: client {members[i].name} (node {nodes[k]}) uploads under local DP: update "
-                f"clipped to {float(meta['dp-clip']):g}, noise std {float(meta['dp-std']):.4g} per value",
+            flwr_log(
                 logging.INFO,
+                f"init: client {members[i].label} uploads under local DP: update clipped to "
+                f"{float(meta['dp-clip']):g}, noise std {float(meta['dp-std']):.4g} per value",
             )
         if members[i].rank != ranks[i]:
             raise RuntimeError(
@@ -606,8 +595,12 @@ def join(grid: Grid, nodes: Sequence[int], cfg: FederatedConfig, timeout: float)
             f"no SuperNode answered as client(s) {missing} of 0..{n - 1}" + (f" ({why})" if why else "")
         )
     for k, reason in failed.items():
-        say(f"init: node {nodes[k]} did not answer ({reason}); it is not part of this run")
-    return {i: members[i] for i in range(n)}, [inits[i] for i in range(n)]
+        warn(f"init: node {nodes[k]} did not answer ({reason}); it is not part of this run")
+    for i in range(n):  # the layouts the uploads are held to come from these
+        reason = check_init(inits[i], inits[0])
+        if reason is not None:
+            raise RuntimeError(f"client {members[i].label} sent an unusable initial state: {reason}")
+    return [members[i] for i in range(n)], [node_of[i] for i in range(n)], [inits[i] for i in range(n)]
 
 
 server_app = ServerApp()
@@ -615,9 +608,9 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    """Setup, ``federation.rounds`` rounds of train + validate + aggregate, then
-    (``save-adapters``) the finish; writes ``output_dir/server.safetensors`` and
-    ``output_dir/rounds.jsonl`` after every round."""
+    """Setup, ``federation.rounds`` rounds of train + validate + aggregate (``round.Server``, as
+    in the simulator), then (``save-adapters``) the finish; writes
+    ``output_dir/server.safetensors`` and ``output_dir/rounds.jsonl`` after every round."""
     cfg = federated_config(context.run_config)
     method = method_of(cfg)
     timeout = float(context.run_config.get("timeout-s", 600))
@@ -625,33 +618,33 @@ def server_main(grid: Grid, context: Context) -> None:
     problem = rank_problem(method.name, cfg.adapter.ranks_for(n))
     if problem is not None:
         raise ValueError(problem)
-    limits, least = cfg.federation.limits(), cfg.federation.min_clients
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.monotonic()
-    members, inits = join(grid, wait_for_nodes(grid, n, timeout), cfg, timeout)
-    for i, init in enumerate(inits):  # the layouts the uploads are held to come from these
-        reason = check_init(init, inits[0])
-        if reason is not None:
-            raise RuntimeError(
-                f"client {members[i].name} (node {members[i].node_id}) sent an unusable initial state: {reason}"
-            )
-    server, setups = method.setup(inits)
-    specs = {i: expected_upload(method, setups[i]) for i in range(n)}
+    members, nodes, inits = join(grid, wait_for_nodes(grid, n, timeout), cfg, timeout)
+    server = Server(
+        method,
+        members,
+        fraction=cfg.federation.fraction,
+        seed=cfg.seed,
+        min_clients=cfg.federation.min_clients,
+        limits=cfg.federation.limits(),
+        warn=warn,
+    )
+    setups = server.setup(inits)
     pending: dict[int, Pending] = {i: (SETUP, setups[i], 0) for i in range(n)}
     # FLoRA: a round's merge reaches every client, also those left out of the round (as the
     # simulator's one shared base does); kept per client and round until the client confirms.
     merges: dict[int, dict[int, Tensors]] = {i: {} for i in range(n)}
-    merging = BASE_DELTA in method.local
 
     records: list[dict[str, Any]] = []
-    say(f"init: {n} clients joined in {time.monotonic() - started:.1f} s", logging.INFO)
+    flwr_log(logging.INFO, f"init: {n} clients joined in {time.monotonic() - started:.1f} s")
     for rnd in range(1, cfg.federation.rounds + 1):
         started = time.monotonic()
-        chosen = participants(n, cfg.federation.fraction, cfg.seed, rnd)
+        chosen = server.participants(rnd)
         sent = {i: pending.pop(i, None) for i in chosen}
-        msgs = {i: message(members[i].node_id, MessageType.TRAIN, rnd, sent[i], merges[i]) for i in chosen}
+        msgs = {i: message(nodes[i], MessageType.TRAIN, rnd, sent[i], merges[i]) for i in chosen}
         replies, failed = exchange(grid, msgs, timeout)
         for i in chosen:
             if i in failed:  # the node may not have applied what it was sent: send it again
@@ -660,47 +653,30 @@ def server_main(grid: Grid, context: Context) -> None:
             else:
                 merges[i] = {}
         uploads = [(i, upload_of(replies[i])) for i in chosen if i in replies]
-        accepted, rejected = validate_uploads(uploads, specs, limits)
-        dropped = sorted(failed.items())
-        for what, items in (("dropped", dropped), ("rejected the upload of", rejected)):
-            for i, reason in items:
-                say(f"round {rnd}: {what} client {members[i].name} (node {members[i].node_id}): {reason}")
-        if len(accepted) < least:
-            raise RuntimeError(
-                f"round {rnd}: only {len(accepted)} valid upload(s), federation.min_clients={least} needed"
-            )
-        kept = [i for i, _ in accepted]
-        server, downloads = method.aggregate(
-            [u for _, u in accepted],
-            [members[i].examples for i in kept],
-            server,
-            [members[i].scale for i in kept],
-        )
-        pending |= {i: (DOWNLOAD, d, rnd) for i, d in zip(kept, downloads, strict=True)}
-        if merging:
-            for i in set(range(n)) - set(kept):
+        losses = {i: loss_of(reply) for i, reply in replies.items()}
+        log = server.aggregate(rnd, uploads, losses, sorted(failed.items()))
+        downloads = dict(zip(log.participants, log.downloads, strict=True))
+        pending |= {i: (DOWNLOAD, d, rnd) for i, d in downloads.items()}
+        if method.merges_into_base:
+            for i in set(range(n)) - set(downloads):
                 merges[i][rnd] = select(
-                    method.apply_download(setups[i], downloads[0], setups[i]), {BASE_DELTA}
+                    method.apply_download(setups[i], log.downloads[0], setups[i]), {BASE_DELTA}
                 )
-        losses = [loss_of(replies[i]) for i in kept]
-        record = round_record(
-            rnd, [members[i].name for i in kept], losses, [u for _, u in accepted], downloads
-        )
-        record["dropped"] = {members[i].name: r for i, r in dropped}
-        record["rejected"] = {members[i].name: r for i, r in rejected}
-        record["seconds"] = round(time.monotonic() - started, 2)
-        records.append(record)
-        save_file({k: v.contiguous() for k, v in server.items()}, str(out / SERVER_FILE))
+        records.append(server.record(log, records))
+        save_file({k: v.contiguous() for k, v in server.state.items()}, str(out / SERVER_FILE))
         (out / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
-        print(f"round {rnd}: {record['bytes_up']:,.0f} B up / {record['bytes_down']:,.0f} B down per client")
+        print(
+            f"round {rnd}: {records[-1]['bytes_up']:,.0f} B up / {records[-1]['bytes_down']:,.0f} B down "
+            f"per client, {time.monotonic() - started:.2f} s"
+        )
 
     if context.run_config.get("save-adapters", True):
         rounds = cfg.federation.rounds
         due = sorted(set(pending) | {i for i in range(n) if merges[i]})
-        finish = {i: message(members[i].node_id, FINISH, rounds, pending.get(i), merges[i]) for i in due}
+        finish = {i: message(nodes[i], FINISH, rounds, pending.get(i), merges[i]) for i in due}
         _, failed = exchange(grid, finish, timeout)
         for i, reason in sorted(failed.items()):
-            say(f"finish: client {members[i].name} (node {members[i].node_id}) did not save: {reason}")
+            warn(f"finish: client {members[i].label} did not save: {reason}")
 
 
 def check_init(init: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> str | None:
@@ -726,19 +702,3 @@ def loss_of(reply: Message) -> float:
         return float(reply.content["metrics"]["loss"])
     except Exception:  # noqa: BLE001
         return float("nan")
-
-
-def round_record(
-    rnd: int, names: list[str], losses: list[float], uploads: list[Tensors], downloads: list[Tensors]
-) -> dict[str, Any]:
-    """One line of rounds.jsonl: participants, loss and the exact bytes per client (the
-    simulator's accounting, ``round_counts``), and the per-client means."""
-    comm = round_counts(uploads, downloads)
-    return {
-        "round": rnd,
-        "participants": names,
-        "loss": dict(zip(names, losses, strict=True)),
-        "comm": dict(zip(names, comm, strict=True)),
-        "bytes_up": fmean(c["bytes_up"] for c in comm),
-        "bytes_down": fmean(c["bytes_down"] for c in comm),
-    }

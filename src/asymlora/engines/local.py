@@ -6,16 +6,15 @@ each client's round-0 state, which methods that restart adapters need). A client
 having its state copied into the one wrapped model; a client of another rank gets the base
 re-wrapped at its rank (the base modules are the same objects, only the adapter layers change).
 
-A round (see ``asymlora.federated.base``)::
+A round: the server's side is ``round.Server`` (participants, validation, ``min_clients``,
+the method's aggregation, the record), the same as under Flower; the simulator runs the
+clients::
 
-    participants = sample(fraction, seed, round)
-    for i in participants:                       # one after another, on the shared model
+    for i in server.participants(round):         # one after another, on the shared model
         load state_i, train the parts method.trainable() marks, local_train(seed, round, i)
         upload_i = method.upload(state_i)          # a client that raises is dropped
-    accepted = validate(uploads)                   # names, shapes, dtype, finite, norm bound
-    server, downloads = method.aggregate(accepted, n_examples, server, alpha_i / r_i)
+    log = server.aggregate(round, uploads, ...)    # validate, aggregate: one download each
     state_i = method.apply_download(state_i, download_i, init_i)
-    comm: count(upload_i) and count(download_i), exactly what the dicts hold
 
 FLoRA merges a dense update into every client's base weight each round. All participants
 receive the same update, so the simulator adds it once to the one shared base weight instead of
@@ -32,10 +31,9 @@ uninterrupted run, because every random choice is a function of (seed, round, cl
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -47,20 +45,17 @@ from torch import Tensor, nn
 from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
 from ..adapters.io import complete_folder, write_folder_atomically
 from ..federated import FederatedMethod
-from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, A, Tensors, module_of, part, select
-from ..federated.registry import rank_problem
-from ..federated.validate import UploadLimits, expected_upload, validate_uploads
+from ..federated.validate import UploadLimits
 from ..train import TrainConfig, local_train
 from ..train.batches import Encoded, hash_seed
+from .round import Member, RoundError, RoundLog, Server, participants  # noqa: F401  (participants: re-exported)
 
 STATE_FILE = "state.json"
 SERVER_FILE = "server.safetensors"
 BASE_FILE = "base_weights.safetensors"
 CLIENTS_DIR = "clients"
 FORMAT = "asymlora-federation"
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,32 +78,6 @@ class Client:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-@dataclass
-class RoundLog:
-    """What one round did: whose uploads were aggregated, the mean local loss of each, and the
-    exact communication of each (parameters and bytes, up and down), in participant order; and
-    the clients left out of the aggregate: ``dropped`` (local training raised) and ``rejected``
-    (the upload failed validation), as (client, reason)."""
-
-    round: int
-    participants: list[int]
-    loss: list[float] = field(default_factory=list)
-    comm: list[dict[str, int]] = field(default_factory=list)
-    dropped: list[tuple[int, str]] = field(default_factory=list)
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-
-
-class RoundError(RuntimeError):
-    """Too few clients were left in a round after drops and rejections; ``log`` says why."""
-
-    def __init__(self, rnd: int, min_clients: int, accepted: list[str], reasons: list[str], log: RoundLog):
-        super().__init__(
-            f"round {rnd}: only {len(accepted)} valid upload(s) ({', '.join(accepted) or 'none'}), "
-            f"federation.min_clients={min_clients} needed; left out: " + "; ".join(reasons)
-        )
-        self.log = log
 
 
 def client_seed(seed: int, client: int) -> int:
@@ -159,16 +128,6 @@ def add_to_weights(layers: Mapping[str, nn.Module], deltas: Mapping[str, Tensor]
         weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight.dtype))
 
 
-def participants(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
-    """The clients of round ``rnd``: ``max(1, round(fraction * N))`` of them, drawn without
-    replacement by a generator seeded with (seed, round); sorted."""
-    k = max(1, round(fraction * num_clients))
-    if k >= num_clients:
-        return list(range(num_clients))
-    gen = torch.Generator().manual_seed(hash_seed(seed, rnd))
-    return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
-
-
 class LocalSimulator:
     """Runs a federated method over ``clients`` in this process, on the one ``base`` model.
 
@@ -190,26 +149,27 @@ class LocalSimulator:
         min_clients: int = 1,
         limits: UploadLimits | None = None,
     ) -> None:
-        if not clients:
-            raise ValueError("a federation needs at least one client")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction={fraction} must be in (0, 1]")
-        if min_clients < 1:
-            raise ValueError(f"min_clients={min_clients} must be >= 1")
-        problem = rank_problem(method.name, [c.rank for c in clients])
-        if problem is not None:
-            raise ValueError(problem)
+        members = [Member(c.name, c.rank, c.n_examples, c.scale) for c in clients]
+        self.aggregator = Server(
+            method, members, fraction=fraction, seed=seed, min_clients=min_clients, limits=limits
+        )
         self.base, self.method, self.clients = base, method, list(clients)
-        self.train_cfg, self.fraction, self.seed, self.pad_id = train, fraction, seed, pad_id
+        self.train_cfg, self.seed, self.pad_id = train, seed, pad_id
         self.template = replace(adapter, method=method.adapter_kind)
         self.base_layers = find_target_modules(base, adapter.target_modules, adapter.layers)
         self.model: AsymLoraModel | None = None
         self.round = 0
-        self.server, self.states = method.setup([self._initial_state(i) for i in range(len(clients))])
+        self.states = self.aggregator.setup([self._initial_state(i) for i in range(len(clients))])
         self.inits = [{k: v.clone() for k, v in s.items()} for s in self.states]
-        # What each client may upload: the method's upload of its own (declared-rank) layout.
-        self.specs = {i: expected_upload(method, s) for i, s in enumerate(self.inits)}
-        self.min_clients, self.limits = min_clients, limits or UploadLimits()
+
+    @property
+    def server(self) -> Tensors:
+        """The method's server state."""
+        return self.aggregator.state
+
+    @server.setter
+    def server(self, state: Tensors) -> None:
+        self.aggregator.state = state
 
     # --- the shared model -------------------------------------------------------------------
     def client_config(self, i: int) -> AdapterConfig:
@@ -273,50 +233,35 @@ class LocalSimulator:
         (a hook for progress, and for tests that crash a run mid-round); what it raises ends
         the run."""
         rnd = self.round + 1
-        sampled = participants(len(self.clients), self.fraction, self.seed, rnd)
-        log = RoundLog(rnd, [])
         before = list(self.states)
-        uploads, losses = [], {}
-        for i in sampled:
+        uploads, losses, dropped = [], {}, []
+        for i in self.aggregator.participants(rnd):
             try:
                 state, history = self.train_client(rnd, i)
             except Exception as err:  # a crashing client must not end the federation
-                log.dropped.append((i, f"local training failed: {type(err).__name__}: {err}"))
-                _logger.warning("round %d: dropped client %s: %s", rnd, self.clients[i].name, err)
+                dropped.append((i, f"local training failed: {type(err).__name__}: {err}"))
                 continue
             self.states[i] = state
             uploads.append((i, self.client_upload(rnd, i)))
             losses[i] = mean_loss(history)
             if on_client is not None:
                 on_client(rnd, i, history)
-        accepted, log.rejected = validate_uploads(uploads, self.specs, self.limits)
-        for i, reason in log.rejected:
-            _logger.warning(
-                "round %d: rejected the upload of client %s: %s", rnd, self.clients[i].name, reason
-            )
-            self.states[i] = before[i]
-        if len(accepted) < self.min_clients:
+        try:
+            log = self.aggregator.aggregate(rnd, uploads, losses, dropped)
+        except RoundError:
             self.states = before
-            names = [self.clients[i].name for i, _ in accepted]
-            why = [f"{self.clients[i].name}: {r}" for i, r in log.dropped + log.rejected]
-            raise RoundError(rnd, self.min_clients, names, why, log)
-        log.participants = [i for i, _ in accepted]
-        log.loss = [losses[i] for i in log.participants]
-        self._aggregate(log, [up for _, up in accepted])
+            raise
+        for i, _ in log.rejected:
+            self.states[i] = before[i]
+        self._apply_downloads(log)
         self.round = rnd
         return log
 
-    def _aggregate(self, log: RoundLog, uploads: list[Tensors]) -> None:
-        """The server's step on the accepted uploads and each participant's download."""
-        self.server, downloads = self.method.aggregate(
-            uploads,
-            [self.clients[i].n_examples for i in log.participants],
-            self.server,
-            [self.clients[i].scale for i in log.participants],
-        )
-        log.comm = round_counts(uploads, downloads)
+    def _apply_downloads(self, log: RoundLog) -> None:
+        """Each participant's state after its download; a dense update a method merges into
+        the base (the same for every client) is added once, to the shared base."""
         merged: Tensors = {}
-        for i, down in zip(log.participants, downloads, strict=True):
+        for i, down in zip(log.participants, log.downloads, strict=True):
             new = self.method.apply_download(self.states[i], down, self.inits[i])
             merged = select(new, {BASE_DELTA})  # this round's update, the same for every client
             self.states[i] = {k: v for k, v in new.items() if part(k) != BASE_DELTA}

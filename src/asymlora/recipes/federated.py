@@ -65,7 +65,7 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
     task_examples,
     unique_names,
 )
-from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
+from ..engines.local import LocalSimulator, find_checkpoint
 from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..models import load_model
@@ -118,27 +118,6 @@ def should_evaluate(rnd: int, cfg: FederatedConfig) -> bool:
 
 
 # --- the per-round record -----------------------------------------------------------------------
-def round_record(log: RoundLog, clients: list[ClientData], previous: list[dict]) -> dict[str, Any]:
-    """A round as one JSON line: whose uploads were aggregated, loss, exact bytes per client, their
-    means, the cumulative bytes (up + down) an average participant has sent and received so far,
-    and the clients left out with the reason: ``dropped`` (training failed), ``rejected`` (the
-    upload failed validation)."""
-    names = [clients[i].name for i in log.participants]
-    up = fmean(c["bytes_up"] for c in log.comm)
-    down = fmean(c["bytes_down"] for c in log.comm)
-    return {
-        "round": log.round,
-        "participants": names,
-        "loss": dict(zip(names, log.loss, strict=True)),
-        "comm": dict(zip(names, log.comm, strict=True)),
-        "bytes_up": up,
-        "bytes_down": down,
-        "cumulative_bytes": (previous[-1]["cumulative_bytes"] if previous else 0.0) + up + down,
-        "dropped": {clients[i].name: why for i, why in log.dropped},
-        "rejected": {clients[i].name: why for i, why in log.rejected},
-    }
-
-
 def scores_record(personal: dict[str, float], glob: dict[str, float] | None) -> dict[str, Any]:
     return {
         "scores": personal,
@@ -210,7 +189,7 @@ def run(
     write_rounds(out / "rounds.jsonl", records)
 
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
-        record = round_record(sim.run_round(on_client), clients, records)
+        record = sim.aggregator.record(sim.run_round(on_client), records)
         for kind in ("dropped", "rejected"):
             for name, why in record[kind].items():
                 log(f"round {rnd}: {kind} client {name}: {why}")
