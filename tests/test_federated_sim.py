@@ -364,6 +364,7 @@ def test_heterogeneous_run_records_each_clients_rank_and_bytes(het_run):
             "federation.reset_a_each_round",
         ),
         ({"train": {"stpes": 2}}, "train.stpes"),
+        ({"train": {"batch_size": 8, "grad_accum": 3}}, "train.grad_accum=3 must divide train.batch_size=8"),
         ({"clients": {"partition": "dirichlet"}}, "clients.num_clients"),
     ],
 )

@@ -8,6 +8,7 @@ that names the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -36,12 +37,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert only where lossless (int -> float)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
         raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
     if tp is type(None):
         if value is None:

@@ -287,12 +287,11 @@ def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
         del context.state[TRAINED]
     applied = int(context.state[APPLIED]["round"]) if APPLIED in context.state else -1
     answers = int(content["config"].get(ANSWERS, -1)) if "config" in content else -1
-    if answers <= applied:
-        pass  # nothing new: a download applied before (resent), or none at all
-    elif SETUP in content:
+    fresh = answers > applied  # not a download applied before (resent), and not none at all
+    if fresh and SETUP in content:
         state |= from_record(content[SETUP])
         context.state[ROUND0] = to_record(state)
-    elif DOWNLOAD in content:
+    elif fresh and DOWNLOAD in content:
         if trained is None:
             raise RuntimeError("a download arrived, but this node has no trained state waiting for it")
         init = from_record(context.state[ROUND0])

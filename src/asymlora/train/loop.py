@@ -39,7 +39,7 @@ class TrainConfig:
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per optimizer step, over all processes"})
     grad_accum: int = field(
-        default=1, metadata={"help": "micro-batches per step (divides the per-process batch)"}
+        default=1, metadata={"help": "micro-batches per step (divides batch_size and the per-process batch)"}
     )
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -76,6 +76,11 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.mixing_temperature <= 0:
             raise ValueError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.grad_accum={self.grad_accum} must divide train.batch_size={self.batch_size} "
+                "(each step's batch is split into that many equal micro-batches)"
+            )
 
 
 @dataclass(frozen=True)
