@@ -390,3 +390,41 @@ def test_engines_and_recipes_never_name_a_method():
                 if isinstance(node, ast.Constant) and node.value in METHODS:
                     found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
     assert not found, found
+
+
+@pytest.mark.parametrize(("aggregation", "cut"), [("median", None), ("trimmed-mean", 1)])
+def test_robust_aggregation_is_the_elementwise_median_or_trimmed_mean(aggregation, cut):
+    """Five fedalora clients, one sending huge values: the robust aggregate of every element is
+    the median (or the mean without the smallest and largest value) of the five, unweighted."""
+    from statistics import fmean, median
+
+    method = get_method("fedalora", aggregation=aggregation, trim=0.2)
+    _, states, inits = start(method, lora_states([3] * 5))
+    states = train(method, states)
+    states[4] = {k: v * 1e6 for k, v in states[4].items()}
+    uploads, server, downloads, _ = run_round(method, states, inits, {}, n_ex=[1, 2, 3, 4, 100])
+    for key, got in server.items():
+        values = [up[key].flatten().tolist() for up in uploads]
+        for j, column in enumerate(zip(*values, strict=True)):
+            ordered = sorted(column)
+            want = median(ordered) if cut is None else fmean(ordered[cut : len(ordered) - cut])
+            assert got.flatten()[j].item() == pytest.approx(want, abs=1e-5)
+        assert got.abs().max() < 1e3, "the outlier must not reach the aggregate"
+    for down in downloads:
+        assert all(torch.equal(down[k], server[k]) for k in server)
+
+
+def test_robust_aggregation_is_refused_where_the_server_does_not_average():
+    from asymlora.config import ConfigError
+    from asymlora.engines.federation import FederationConfig
+
+    with pytest.raises(
+        ConfigError, match="federation.aggregation is not an option of flora: its server stacks"
+    ):
+        FederationConfig(method="flora", aggregation="median")
+    with pytest.raises(ConfigError, match="aggregation='mode' must be one of mean, median, trimmed-mean"):
+        FederationConfig(method="fedit", aggregation="mode")
+    with pytest.raises(
+        ConfigError, match="central_dp='server' does not fit fedalora-het: its server accumulates"
+    ):
+        FederationConfig(method="fedalora-het", central_dp="server")

@@ -7,7 +7,7 @@ are how every engine builds a client's adapter and training data from them."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,21 @@ from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, 
 from ..data.partition import dirichlet_split
 from ..data.registry import SUITES, get_suite, get_task
 from ..data.task import Task, continuation
-from ..federated.registry import DEFAULT, METHODS, known, options_of, rank_problem
+from ..federated import FederatedMethod
+from ..federated.registry import DEFAULT, METHODS, averaging, get_method, known, options_of, rank_problem
 from ..federated.validate import NORMS, UploadLimits
 from ..train import Example, TrainConfig, encode_tasks
 from .local import Client
 
 PARTITIONS = ("task", "dirichlet")
-METHOD_OPTIONS = ("reset_a_each_round", "dense_download")
+METHOD_OPTIONS = ("reset_a_each_round", "dense_download", "aggregation", "trim")
 DEVICES = ("auto", "cpu", "cuda")
+CENTRAL_DP = ("off", "server", "client")
+
+
+def _taking(option: str) -> str:
+    """The methods that take ``option``, for help texts."""
+    return known([m for m in METHODS if option in options_of(m)])
 
 
 @dataclass
@@ -36,18 +43,22 @@ class FederationConfig:
     reset_a_each_round: bool = field(
         default=False,
         metadata={
-            "help": "the reference's per-round reset of A, a defect (methods that take it: "
-            + known([m for m in METHODS if "reset_a_each_round" in options_of(m)])
-            + ")"
+            "help": f"the reference's per-round reset of A, a defect ({_taking('reset_a_each_round')})"
         },
     )
     dense_download: bool = field(
         default=False,
+        metadata={"help": f"send the merged product instead of the stacks ({_taking('dense_download')})"},
+    )
+    aggregation: str = field(
+        default="mean",
         metadata={
-            "help": "send the merged product instead of the stacks ("
-            + known([m for m in METHODS if "dense_download" in options_of(m)])
-            + ")"
+            "help": "mean (weighted by examples) | median | trimmed-mean (unweighted, robust to a "
+            f"few bad uploads; {_taking('aggregation')})"
         },
+    )
+    trim: float = field(
+        default=0.1, metadata={"help": "trimmed-mean: share of the values dropped at each end"}
     )
     min_clients: int = field(
         default=1,
@@ -60,6 +71,17 @@ class FederationConfig:
         default="total",
         metadata={"help": "what max_upload_norm bounds: total (all tensors together) | tensor (each)"},
     )
+    central_dp: str = field(
+        default="off",
+        metadata={
+            "help": "Flower only: central DP with fixed clipping, the update clipped on the server "
+            "| on the client; off (docs/flower.md)"
+        },
+    )
+    dp_noise_multiplier: float = field(
+        default=1.0, metadata={"help": "central DP: noise std = multiplier * clipping norm / clients"}
+    )
+    dp_clipping_norm: float = field(default=1.0, metadata={"help": "central DP: L2 bound of each update"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,10 +90,7 @@ class FederationConfig:
             raise ConfigError(f"federation.rounds={self.rounds} must be >= 1")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction={self.fraction} must be in (0, 1]")
-        accepted = options_of(self.method)
-        for option in METHOD_OPTIONS:
-            if getattr(self, option) and option not in accepted:
-                raise ConfigError(f"federation.{option} is not an option of {self.method}")
+        self._check_method_options()
         if self.min_clients < 1:
             raise ConfigError(f"federation.min_clients={self.min_clients} must be >= 1")
         bound = self.max_upload_norm
@@ -81,6 +100,41 @@ class FederationConfig:
             raise ConfigError(
                 f"federation.upload_norm={self.upload_norm!r} must be one of {', '.join(NORMS)}"
             )
+        self._check_central_dp()
+
+    def _check_method_options(self) -> None:
+        """Options set away from their default must be the method's; the method checks values."""
+        accepted = options_of(self.method)
+        defaults = {f.name: f.default for f in fields(self)}
+        for option in METHOD_OPTIONS:
+            if getattr(self, option) != defaults[option] and option not in accepted:
+                why = METHODS[self.method].not_an_average if option in ("aggregation", "trim") else None
+                raise ConfigError(
+                    f"federation.{option} is not an option of {self.method}"
+                    + (f": {why} (it fits {known(averaging())})" if why else "")
+                )
+        try:
+            self.make_method()
+        except ValueError as err:
+            raise ConfigError(f"federation: {err}") from None
+
+    def _check_central_dp(self) -> None:
+        if self.central_dp not in CENTRAL_DP:
+            raise ConfigError(
+                f"federation.central_dp={self.central_dp!r} must be one of {', '.join(CENTRAL_DP)}"
+            )
+        if self.central_dp == "off":
+            return
+        why = METHODS[self.method].not_an_average
+        if why is not None:
+            raise ConfigError(
+                f"federation.central_dp={self.central_dp!r} does not fit {self.method}: {why}; Flower's "
+                f"DP wrappers clip and noise an average of the uploads ({known(averaging())})"
+            )
+        if not (math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0):
+            raise ConfigError(f"federation.dp_noise_multiplier={self.dp_noise_multiplier} must be >= 0")
+        if not (math.isfinite(self.dp_clipping_norm) and self.dp_clipping_norm > 0):
+            raise ConfigError(f"federation.dp_clipping_norm={self.dp_clipping_norm} must be > 0")
 
     def limits(self) -> UploadLimits:
         """The upload checks' norm bound, for the engine."""
@@ -90,6 +144,10 @@ class FederationConfig:
         """The options the chosen method takes, for ``get_method``."""
         accepted = options_of(self.method)
         return {option: getattr(self, option) for option in METHOD_OPTIONS if option in accepted}
+
+    def make_method(self) -> FederatedMethod:
+        """The chosen method with its options (checked when the config was built)."""
+        return get_method(self.method, **self.method_options())
 
 
 @dataclass

@@ -91,7 +91,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
-from ..federated import FederatedMethod, get_method
+from ..federated import FederatedMethod
 from ..federated.common import BASE_DELTA, Tensors, part, select
 from ..federated.registry import averaging, known, rank_problem
 from ..federated.validate import Spec, UploadLimits, check_upload
@@ -142,7 +142,7 @@ def federated_config(run_config: Mapping[str, Any]) -> FederatedConfig:
 
 
 def method_of(cfg: FederatedConfig) -> FederatedMethod:
-    return get_method(cfg.federation.method, **cfg.federation.method_options())
+    return cfg.federation.make_method()
 
 
 # --- test hook: a node that corrupts its upload ----------------------------------------------------

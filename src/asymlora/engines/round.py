@@ -9,7 +9,7 @@ An engine only moves tensors between the server and its clients::
     for rnd in 1..R:
         chosen = server.participants(rnd)
         # the engine runs the chosen clients (one after another in process, or over messages)
-        log = server.aggregate(rnd, uploads, losses, dropped)   # validate, min_clients, aggregate
+        log = server.aggregate(rnd, uploads, losses, dropped)   # accept (validate, min_clients), combine
         # the engine hands log.downloads[k] to client log.participants[k]
         records.append(server.record(log, records))
 
@@ -141,10 +141,21 @@ class Server:
         losses: Mapping[int, float],
         dropped: Sequence[tuple[int, str]] = (),
     ) -> RoundLog:
-        """Close round ``rnd``: validate the ``(client, upload)`` pairs, and with at least
-        ``min_clients`` accepted, aggregate them in the order given into the new ``state`` and
-        one download per accepted client. ``dropped``: clients already left out, with why.
-        Raises ``RoundError`` (the state unchanged) when too few uploads are left."""
+        """Close round ``rnd``: ``accept`` the uploads, then ``combine`` the accepted ones."""
+        log, accepted = self.accept(rnd, uploads, losses, dropped)
+        return self.combine(log, accepted)
+
+    def accept(
+        self,
+        rnd: int,
+        uploads: Sequence[tuple[int, Any]],
+        losses: Mapping[int, float],
+        dropped: Sequence[tuple[int, str]] = (),
+    ) -> tuple[RoundLog, list[Tensors]]:
+        """Validate the ``(client, upload)`` pairs of round ``rnd``; ``dropped``: clients already
+        left out, with why. Returns the round's log (participants: the accepted clients, in the
+        order given) and their uploads. Raises ``RoundError`` when fewer than ``min_clients`` are
+        accepted."""
         log = RoundLog(rnd, [], dropped=list(dropped))
         accepted, log.rejected = validate_uploads(uploads, self.specs, self.limits)
         for what, items in (("dropped", log.dropped), ("rejected the upload of", log.rejected)):
@@ -156,12 +167,16 @@ class Server:
             raise RoundError(rnd, self.min_clients, names, why, log)
         log.participants = [i for i, _ in accepted]
         log.loss = [float(losses[i]) for i in log.participants]
+        return log, [up for _, up in accepted]
+
+    def combine(self, log: RoundLog, uploads: Sequence[Mapping[str, Tensor]]) -> RoundLog:
+        """The method's aggregation of the accepted ``uploads`` (one per ``log.participants``)
+        into the new ``state`` and one download each; fills ``log.downloads`` and ``log.comm``."""
         kept = [self.members[i] for i in log.participants]
-        sent = [up for _, up in accepted]
         self.state, log.downloads = self.method.aggregate(
-            sent, [m.examples for m in kept], self.state, [m.scale for m in kept]
+            uploads, [m.examples for m in kept], self.state, [m.scale for m in kept]
         )
-        log.comm = round_counts(sent, log.downloads)
+        log.comm = round_counts(list(uploads), log.downloads)
         return log
 
     def record(self, log: RoundLog, previous: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ clients in every round).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,11 +48,14 @@ from .common import (
     Tensors,
     broadcast,
     client_scales,
+    coordinate_median,
     example_weights,
+    key_by_key,
     lora_shapes,
     part,
     same_keys,
     select,
+    trimmed_mean,
     weighted_average,
 )
 
@@ -176,13 +180,30 @@ class FederatedMethod(ABC):
         return model
 
 
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+
+
 @dataclass(frozen=True)
 class AverageUploads(FederatedMethod):
     """Methods whose server takes the weighted average sum_i p_i of each uploaded tensor and
     sends it back to every client, which overwrites its own copy (FedIT, FFA, FedSA, Fed-ALoRA:
-    they differ only in which parts they train, upload and keep)."""
+    they differ only in which parts they train, upload and keep).
+
+    ``aggregation`` makes the average robust to a few bad uploads: ``"median"`` (element-wise
+    median) or ``"trimmed-mean"`` (element-wise mean without the ``trim`` share of the smallest
+    and of the largest values, at least one each where ``trim`` > 0); both unweighted. ``"mean"``
+    (the default) is the weighted average of the paper."""
 
     not_an_average: ClassVar[str | None] = None
+
+    aggregation: str = "mean"
+    trim: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r} must be one of {', '.join(AGGREGATIONS)}")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim={self.trim} must be in [0, 0.5)")
 
     def combine(
         self,
@@ -191,8 +212,18 @@ class AverageUploads(FederatedMethod):
         s: list[float],
         server: Mapping[str, Tensor],
     ) -> tuple[Tensors, list[Tensors]]:
-        avg = weighted_average(uploads, p)
+        if self.aggregation == "mean":
+            avg = weighted_average(uploads, p)
+        else:
+            avg = key_by_key(uploads, self.robust_mean)
         return avg, [avg] * len(uploads)
+
+    def robust_mean(self, tensors: list[Tensor]) -> Tensor:
+        """The unweighted median or trimmed mean of one tensor's uploads."""
+        if self.aggregation == "median":
+            return coordinate_median(tensors)
+        cut = min(math.ceil(self.trim * len(tensors)), (len(tensors) - 1) // 2)
+        return trimmed_mean(tensors, cut)
 
     def apply_download(
         self, state: Mapping[str, Tensor], download: Mapping[str, Tensor], init: Mapping[str, Tensor]

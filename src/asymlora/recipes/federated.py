@@ -46,6 +46,7 @@ from ..adapters import (
     save_adapter,
 )
 from ..adapters.io import atomic_write
+from ..config import ConfigError
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
     DEVICES,
@@ -67,7 +68,6 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
 )
 from ..engines.local import LocalSimulator, find_checkpoint
 from ..eval.runner import evaluate_task
-from ..federated import get_method
 from ..models import load_model
 from ..train import pad_id_of
 
@@ -144,7 +144,7 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
     ranks = cfg.adapter.ranks_for(len(clients))
     engine_clients = [engine_client(cfg, c, r, tokenizer) for c, r in zip(clients, ranks, strict=True)]
     template = adapter_template(cfg)
-    method = get_method(cfg.federation.method, **cfg.federation.method_options())
+    method = cfg.federation.make_method()
     return LocalSimulator(
         base,
         method,
@@ -168,6 +168,11 @@ def run(
     """Run the federation described by ``cfg`` and write its run folder; returns results.json's
     content. ``resume`` continues from the folder's checkpoint (the last finished round).
     ``on_client(round, client, history)`` is called after each client's local training."""
+    if cfg.federation.central_dp != "off":
+        raise ConfigError(
+            f"federation.central_dp={cfg.federation.central_dp!r}: central DP is applied by Flower's "
+            "strategy wrappers, on the Flower engine (docs/flower.md); the simulator does not run it"
+        )
     out = Path(cfg.output_dir)
     clients = build_clients(cfg.clients)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +261,7 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
         raise ValueError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
     base, _ = load_model(cfg.model)
     model = load_adapter(base, run_dir / "adapters" / client)
-    method = get_method(cfg.federation.method, **cfg.federation.method_options())
+    method = cfg.federation.make_method()
     model = method.export_model(model, lambda: read_tensors(run_dir / "server.safetensors"))
     return export_peft(model, folder)
 
