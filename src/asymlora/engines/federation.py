@@ -7,6 +7,7 @@ are how every engine builds a client's adapter and training data from them."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..adapters import AdapterConfig
-from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
+from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.partition import dirichlet_split
 from ..data.registry import SUITES, get_suite, get_task
 from ..data.task import Task, continuation
@@ -282,7 +283,9 @@ class FederatedConfig:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str | Override] | None = None,
+    base: dict | None = None,
 ) -> FederatedConfig:
     """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides.
 

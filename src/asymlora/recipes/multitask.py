@@ -15,6 +15,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
-from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
+from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
 from ..eval.runner import evaluate_tasks
@@ -80,7 +81,9 @@ class MultitaskConfig:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str | Override] | None = None,
+    base: dict | None = None,
 ) -> MultitaskConfig:
     """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides."""
     data = merge(base or {}, read_file(path) if path else {})
