@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import flower_poison
 from tiny_models import write_choice_tasks
 
 pytest.importorskip("flwr")
@@ -64,7 +65,7 @@ class Grid:
             msg.metadata.__dict__["_message_id"] = f"{len(self.sent):064x}"
             msg.metadata.__dict__["_src_node_id"] = 1
             try:
-                reply = app.client_app(msg, self.contexts[node])
+                reply = flower_poison.client_app(msg, self.contexts[node])
             except Exception as ex:  # what flwr-clientapp replies when the app raises
                 reply = Message(Error(code=0, reason=f"{type(ex)}:<'{ex}'>"), reply_to=msg)
             if lost != "reply":
@@ -74,14 +75,18 @@ class Grid:
 
 def run_config(method: str, tasks: list[str], out: Path, ranks: str = "") -> dict:
     return {
-        "method": method,
-        "rounds": ROUNDS,
+        "federation.method": method,
+        "federation.rounds": ROUNDS,
         "model": "tiny-llama",
         "seed": 5,
-        "tasks": ",".join(tasks),
-        "ranks": ranks,
-        "output-dir": str(out),
-        "overrides": "adapter.r=4;adapter.dropout=0.0;train.steps=1;train.batch_size=2;train.lr=1e-2",
+        "clients.tasks": ",".join(tasks),
+        "adapter.ranks": ranks,
+        "output_dir": str(out),
+        "adapter.r": 4,
+        "adapter.dropout": 0.0,
+        "train.steps": 1,
+        "train.batch_size": 2,
+        "train.lr": 1e-2,
         "num-threads": 1,
         "timeout-s": 5,
         "save-adapters": True,
@@ -169,7 +174,7 @@ def test_partial_participation_matches_the_simulator(tmp_path: Path, method: str
     FLoRA, the merges of the rounds it missed), as the simulator's clients do."""
     tasks = write_choice_tasks(tmp_path / "tasks", 4, 6)
     config = run_config(method, tasks, tmp_path / "out", ranks)
-    config["overrides"] += ";federation.fraction=0.5"
+    config["federation.fraction"] = 0.5
     grid = Grid(config, 4, {})
     app.server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
 
@@ -190,7 +195,10 @@ def test_a_node_outside_the_run_sits_it_out(tmp_path: Path) -> None:
     """3 clients on 4 nodes: the node with partition-id 3 answers the init with an error and
     gets no other message; the run equals the simulator's."""
     tasks = write_choice_tasks(tmp_path / "tasks", 3, 6)
-    config = run_config("fedalora", tasks, tmp_path / "out") | {"rounds": 1, "save-adapters": False}
+    config = run_config("fedalora", tasks, tmp_path / "out") | {
+        "federation.rounds": 1,
+        "save-adapters": False,
+    }
     grid = Grid(config, 4, {})
     app.server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     assert [kind for node, kind, _ in grid.sent if node == 103] == ["query.init"]

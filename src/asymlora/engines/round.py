@@ -95,7 +95,8 @@ class Server:
     """The server of a federation of ``members`` (client i is ``members[i]``) running ``method``.
 
     ``state`` is the method's server state (the global adapter, FLoRA's merged update, ...);
-    ``warn`` receives one line per client left out of a round."""
+    ``warn`` receives one line per client left out of a round. Clients are weighted by their
+    examples, or all alike with ``equal_weights`` (what central DP's noise is calibrated for)."""
 
     def __init__(
         self,
@@ -107,6 +108,7 @@ class Server:
         min_clients: int = 1,
         limits: UploadLimits | None = None,
         warn: Callable[[str], None] = _logger.warning,
+        equal_weights: bool = False,
     ) -> None:
         if not members:
             raise ValueError("a federation needs at least one client")
@@ -119,7 +121,7 @@ class Server:
             raise ValueError(problem)
         self.method, self.members = method, list(members)
         self.fraction, self.seed, self.min_clients = fraction, seed, min_clients
-        self.limits, self.warn = limits or UploadLimits(), warn
+        self.limits, self.warn, self.equal_weights = limits or UploadLimits(), warn, equal_weights
         self.state: Tensors = {}
         self.specs: dict[int, dict] = {}
 
@@ -173,8 +175,9 @@ class Server:
         """The method's aggregation of the accepted ``uploads`` (one per ``log.participants``)
         into the new ``state`` and one download each; fills ``log.downloads`` and ``log.comm``."""
         kept = [self.members[i] for i in log.participants]
+        weights = [1 if self.equal_weights else m.examples for m in kept]
         self.state, log.downloads = self.method.aggregate(
-            uploads, [m.examples for m in kept], self.state, [m.scale for m in kept]
+            uploads, weights, self.state, [m.scale for m in kept]
         )
         log.comm = round_counts(list(uploads), log.downloads)
         return log
