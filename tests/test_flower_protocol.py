@@ -209,3 +209,26 @@ def test_a_node_outside_the_run_sits_it_out(tmp_path: Path) -> None:
     got = read_tensors(tmp_path / "out" / app.SERVER_FILE)
     for k, v in sim.server.items():
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "ranks", "wire"), [("fedalora", "", "bfloat16"), ("flora", "4,2,2", "float16")]
+)
+def test_a_wire_dtype_travels_over_flower_as_in_the_simulator(
+    tmp_path: Path, method: str, ranks: str, wire: str
+) -> None:
+    """Uploads and downloads in bfloat16 (which Flower's numpy arrays cannot hold: sent as raw
+    2-byte values) or float16: the same server state, records and 2-byte counts as the
+    simulator with the same wire dtype."""
+    tasks = write_choice_tasks(tmp_path / "tasks", 3, 6)
+    config = run_config(method, tasks, tmp_path / "out", ranks) | {"federation.wire_dtype": wire}
+    grid = Grid(config, 3, {})
+    app.server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    sim = simulate(config, (-1, -1))
+    got = read_tensors(tmp_path / "out" / app.SERVER_FILE)
+    for k, v in sim.server.items():
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], v, atol=1e-5 if method == "flora" else 1e-6, rtol=0)
+    assert_same_records(tmp_path / "out", sim)
+    for comm in sim.records[0]["comm"].values():
+        assert comm["bytes_up"] == 2 * comm["params_up"] and comm["bytes_down"] == 2 * comm["params_down"]

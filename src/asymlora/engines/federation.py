@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..adapters import AdapterConfig
@@ -24,6 +25,7 @@ from ..federated.registry import DEFAULT, METHODS, averaging, get_method, known,
 from ..federated.validate import NORMS, UploadLimits
 from ..train import Example, TrainConfig, encode_tasks
 from .local import Client
+from .round import WIRE_DTYPES
 
 PARTITIONS = ("task", "dirichlet")
 METHOD_OPTIONS = ("reset_a_each_round", "dense_download", "aggregation", "trim")
@@ -72,6 +74,12 @@ class FederationConfig:
         default="total",
         metadata={"help": "what max_upload_norm bounds: total (all tensors together) | tensor (each)"},
     )
+    wire_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "uploads and downloads travel as float32 | bfloat16 | float16 (aggregated in float32)"
+        },
+    )
     central_dp: str = field(
         default="off",
         metadata={
@@ -101,6 +109,10 @@ class FederationConfig:
             raise ConfigError(
                 f"federation.upload_norm={self.upload_norm!r} must be one of {', '.join(NORMS)}"
             )
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(
+                f"federation.wire_dtype={self.wire_dtype!r} must be one of {', '.join(WIRE_DTYPES)}"
+            )
         self._check_central_dp()
 
     def _check_method_options(self) -> None:
@@ -126,6 +138,11 @@ class FederationConfig:
             )
         if self.central_dp == "off":
             return
+        if self.wire_dtype != "float32":
+            raise ConfigError(
+                f"federation.central_dp={self.central_dp!r} needs federation.wire_dtype='float32': "
+                "Flower's DP wrappers compute in numpy, which has no bfloat16"
+            )
         why = METHODS[self.method].not_an_average
         if why is not None:
             raise ConfigError(
@@ -136,6 +153,10 @@ class FederationConfig:
             raise ConfigError(f"federation.dp_noise_multiplier={self.dp_noise_multiplier} must be >= 0")
         if not (math.isfinite(self.dp_clipping_norm) and self.dp_clipping_norm > 0):
             raise ConfigError(f"federation.dp_clipping_norm={self.dp_clipping_norm} must be > 0")
+
+    def wire(self) -> torch.dtype:
+        """The dtype uploads and downloads travel in."""
+        return WIRE_DTYPES[self.wire_dtype]
 
     def limits(self) -> UploadLimits:
         """The upload checks' norm bound, for the engine."""

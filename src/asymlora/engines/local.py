@@ -49,7 +49,7 @@ from ..federated.common import BASE_DELTA, A, Tensors, module_of, part, select
 from ..federated.validate import UploadLimits
 from ..train import TrainConfig, local_train
 from ..train.batches import Encoded, hash_seed
-from .round import Member, RoundError, RoundLog, Server, participants  # noqa: F401  (participants: re-exported)
+from .round import Member, RoundError, RoundLog, Server, from_wire, to_wire
 
 STATE_FILE = "state.json"
 SERVER_FILE = "server.safetensors"
@@ -148,10 +148,11 @@ class LocalSimulator:
         pad_id: int = 0,
         min_clients: int = 1,
         limits: UploadLimits | None = None,
+        wire: torch.dtype = torch.float32,
     ) -> None:
         members = [Member(c.name, c.rank, c.n_examples, c.scale) for c in clients]
         self.aggregator = Server(
-            method, members, fraction=fraction, seed=seed, min_clients=min_clients, limits=limits
+            method, members, fraction=fraction, seed=seed, min_clients=min_clients, limits=limits, wire=wire
         )
         self.base, self.method, self.clients = base, method, list(clients)
         self.train_cfg, self.seed, self.pad_id = train, seed, pad_id
@@ -215,8 +216,9 @@ class LocalSimulator:
         )
 
     def client_upload(self, rnd: int, i: int) -> Tensors:
-        """What client ``i`` sends in round ``rnd`` (a hook: tests replace it to play a bad client)."""
-        return self.method.upload(self.states[i])
+        """What client ``i`` sends in round ``rnd``, in the wire dtype (a hook: tests replace it
+        to play a bad client)."""
+        return to_wire(self.method.upload(self.states[i]), self.aggregator.wire)
 
     def run_round(self, on_client: Callable[[int, int, list[dict]], None] | None = None) -> RoundLog:
         """Train the round's participants, validate their uploads, aggregate the accepted ones and
@@ -262,7 +264,7 @@ class LocalSimulator:
         the base (the same for every client) is added once, to the shared base."""
         merged: Tensors = {}
         for i, down in zip(log.participants, log.downloads, strict=True):
-            new = self.method.apply_download(self.states[i], down, self.inits[i])
+            new = self.method.apply_download(self.states[i], from_wire(down), self.inits[i])
             merged = select(new, {BASE_DELTA})  # this round's update, the same for every client
             self.states[i] = {k: v for k, v in new.items() if part(k) != BASE_DELTA}
         add_to_weights(self.base_layers, merged)  # W0 += delta, once, in the shared base

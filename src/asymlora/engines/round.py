@@ -91,12 +91,27 @@ def participants(num_clients: int, fraction: float, seed: int, rnd: int) -> list
     return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
 
 
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> Tensors:
+    """``tensors`` as they travel: cast to the wire dtype (the same objects for float32)."""
+    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
+
+
+def from_wire(tensors: Mapping[str, Tensor]) -> Tensors:
+    """Received tensors back in float32 (or wider), the dtype clients and the server compute in."""
+    return {k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in tensors.items()}
+
+
 class Server:
     """The server of a federation of ``members`` (client i is ``members[i]``) running ``method``.
 
     ``state`` is the method's server state (the global adapter, FLoRA's merged update, ...);
     ``warn`` receives one line per client left out of a round. Clients are weighted by their
-    examples, or all alike with ``equal_weights`` (what central DP's noise is calibrated for)."""
+    examples, or all alike with ``equal_weights`` (what central DP's noise is calibrated for).
+    Uploads and downloads travel in ``wire`` (float32, bfloat16, float16): uploads are checked in
+    it and aggregated in float32, downloads are cast to it, and the round's bytes count it."""
 
     def __init__(
         self,
@@ -109,6 +124,7 @@ class Server:
         limits: UploadLimits | None = None,
         warn: Callable[[str], None] = _logger.warning,
         equal_weights: bool = False,
+        wire: torch.dtype = torch.float32,
     ) -> None:
         if not members:
             raise ValueError("a federation needs at least one client")
@@ -122,6 +138,7 @@ class Server:
         self.method, self.members = method, list(members)
         self.fraction, self.seed, self.min_clients = fraction, seed, min_clients
         self.limits, self.warn, self.equal_weights = limits or UploadLimits(), warn, equal_weights
+        self.wire = wire
         self.state: Tensors = {}
         self.specs: dict[int, dict] = {}
 
@@ -129,7 +146,7 @@ class Server:
         """Round 0: the method's common starting point for every client (its round-0 state), and
         the layout each client's uploads are held to from then on (its declared rank)."""
         self.state, setups = self.method.setup(inits)
-        self.specs = {i: expected_upload(self.method, s) for i, s in enumerate(setups)}
+        self.specs = {i: expected_upload(self.method, s, self.wire) for i, s in enumerate(setups)}
         return setups
 
     def participants(self, rnd: int) -> list[int]:
@@ -172,13 +189,14 @@ class Server:
         return log, [up for _, up in accepted]
 
     def combine(self, log: RoundLog, uploads: Sequence[Mapping[str, Tensor]]) -> RoundLog:
-        """The method's aggregation of the accepted ``uploads`` (one per ``log.participants``)
-        into the new ``state`` and one download each; fills ``log.downloads`` and ``log.comm``."""
+        """The method's aggregation of the accepted ``uploads`` (one per ``log.participants``, as
+        they travelled), in float32, into the new ``state`` and one download each, in the wire
+        dtype; fills ``log.downloads`` and ``log.comm``."""
         kept = [self.members[i] for i in log.participants]
         weights = [1 if self.equal_weights else m.examples for m in kept]
-        self.state, log.downloads = self.method.aggregate(
-            uploads, weights, self.state, [m.scale for m in kept]
-        )
+        received = [from_wire(up) for up in uploads]
+        self.state, downloads = self.method.aggregate(received, weights, self.state, [m.scale for m in kept])
+        log.downloads = [to_wire(d, self.wire) for d in downloads]
         log.comm = round_counts(list(uploads), log.downloads)
         return log
 

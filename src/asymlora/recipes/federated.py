@@ -156,6 +156,7 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
         pad_id=pad_id_of(tokenizer),
         min_clients=cfg.federation.min_clients,
         limits=cfg.federation.limits(),
+        wire=cfg.federation.wire(),
     )
 
 

@@ -36,6 +36,7 @@ from ...models import load_model
 from ...train import pad_id_of
 from ..federation import FederatedConfig, adapter_template, build_clients, engine_client
 from ..local import Client, add_to_weights, client_config, mean_loss, set_trainable, train_locally
+from ..round import from_wire, to_wire
 from .config import AppSettings, federated_config
 from .dp import REFERENCE, check_local_dp, needs_reference, noise_std, privacy
 from .protocol import (
@@ -167,7 +168,7 @@ def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
         if trained is None:
             raise RuntimeError("a download arrived, but this node has no trained state waiting for it")
         init = from_record(context.state[ROUND0])
-        state = node.method.apply_download(trained, from_record(content[DOWNLOAD]), init)
+        state = node.method.apply_download(trained, from_wire(from_record(content[DOWNLOAD])), init)
     if SETUP in content or DOWNLOAD in content:
         context.state[APPLIED] = ConfigRecord({"round": max(applied, answers)})
     state = receive_merges(context, content, state)
@@ -219,7 +220,8 @@ def client_train(msg: Message, context: Context) -> Message:
         context.state[REFERENCE] = to_record(node.method.upload(state))
     new, loss = node.train(state, rnd)
     context.state[TRAINED] = to_record(new)
-    content = {UPLOAD: to_record(node.method.upload(new)), "metrics": MetricRecord({"loss": loss})}
+    upload = to_wire(node.method.upload(new), node.cfg.federation.wire())
+    content = {UPLOAD: to_record(upload), "metrics": MetricRecord({"loss": loss})}
     return Message(RecordDict(content), reply_to=msg)
 
 

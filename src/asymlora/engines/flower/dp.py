@@ -104,6 +104,9 @@ def check_local_dp(context: Context, method: FederatedMethod) -> LocalDpMod | No
     the run's method does not fit."""
     mod = local_dp_mod(context.node_config)
     reason = local_dp_unfit(method) if mod is not None else None
+    wire = federated_config(context.run_config).federation.wire_dtype
+    if mod is not None and reason is None and wire != "float32":
+        reason = f"local DP needs federation.wire_dtype='float32' (Flower's LocalDpMod computes in numpy), not {wire!r}"
     if reason is not None:
         raise ValueError(reason)
     return mod

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from torch import Tensor
 
 from ...federated.common import Tensors
@@ -33,12 +34,33 @@ BASE_DELTA_FILE = "base_delta.safetensors"
 Pending = tuple[str, Tensors, int]  # (SETUP or DOWNLOAD, tensors, the round it answers)
 
 
+BF16_BITS = "torch.bfloat16.bits"  # an Array's stype: bfloat16 values as raw bytes (numpy has no bfloat16)
+
+
 def to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    """Tensors as an ArrayRecord: numpy arrays, except bfloat16, sent as its raw 2-byte values."""
+    return ArrayRecord(
+        {k: _array(v.detach().contiguous().cpu()) for k, v in tensors.items()}, keep_input=True
+    )
 
 
 def from_record(record: ArrayRecord) -> Tensors:
-    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+    return {k: _tensor(array) for k, array in record.items()}
+
+
+def _array(t: Tensor) -> Array:
+    if t.dtype != torch.bfloat16:
+        return Array(t)
+    return Array(
+        dtype="bfloat16", shape=tuple(t.shape), stype=BF16_BITS, data=t.view(torch.int16).numpy().tobytes()
+    )
+
+
+def _tensor(array: Array) -> Tensor:
+    if array.stype == BF16_BITS:
+        bits = torch.frombuffer(bytearray(array.data), dtype=torch.int16)
+        return bits.view(torch.bfloat16).reshape(array.shape).clone()
+    return torch.from_numpy(array.numpy()).clone()
 
 
 def message(

@@ -158,6 +158,7 @@ def server_main(grid: Grid, context: Context) -> None:
         limits=cfg.federation.limits(),
         warn=warn,
         equal_weights=cfg.federation.central_dp != "off",  # the wrappers' noise is for a plain mean
+        wire=cfg.federation.wire(),
     )
     core = FederatedStrategy(server, nodes, server.setup(inits), out, settings.timeout_s)
     flwr_log(logging.INFO, f"init: {n} clients joined in {time.monotonic() - started:.1f} s")

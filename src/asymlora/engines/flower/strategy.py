@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ...federated.common import BASE_DELTA, Tensors, select
-from ..round import RoundLog, Server
+from ..round import RoundLog, Server, from_wire, to_wire
 from .protocol import (
     DOWNLOAD,
     ROUNDS_FILE,
@@ -112,7 +112,9 @@ class FederatedStrategy(Strategy):
         }
         if self.method.merges_into_base:
             for i in set(range(len(self.nodes))) - set(log.participants):
-                merged = self.method.apply_download(self.setups[i], log.downloads[0], self.setups[i])
+                merged = self.method.apply_download(
+                    self.setups[i], from_wire(log.downloads[0]), self.setups[i]
+                )
                 self.merges[i][server_round] = select(merged, {BASE_DELTA})
         self.records.append(self.server.record(log, self.records))
         self.write()
@@ -159,9 +161,10 @@ class FederatedStrategy(Strategy):
             return
         state = from_record(arrays)
         self.server.state = state
+        download = to_wire(state, self.server.wire)
         for i, (kind, _, answers) in list(self.pending.items()):
             if kind == DOWNLOAD and answers == answered:
-                self.pending[i] = (kind, state, answers)
+                self.pending[i] = (kind, download, answers)
         self.write()
 
     def write(self) -> None:
