@@ -69,6 +69,7 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
 from ..engines.local import LocalSimulator, find_checkpoint
 from ..eval.runner import evaluate_task
 from ..models import load_model
+from ..threads import use_threads
 from ..train import pad_id_of
 
 
@@ -180,6 +181,7 @@ def run(
     save_config(cfg, out / "config.yaml")
     log(f"run folder: {out}")
     log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
+    use_threads(cfg.train.threads, log)
 
     base, tokenizer = load_model(cfg.model)
     base.to(resolve_device(cfg.device))
