@@ -3,7 +3,7 @@
 # ports), then `flwr run`, then stop everything (also on error or Ctrl-C).
 #
 #   scripts/flower_local.sh N [flwr run options...] [::: flwr run options...]...
-#   scripts/flower_local.sh 3 --run-config "method='fedalora' rounds=2 model='tiny-llama' tasks='a.jsonl,b.jsonl,c.jsonl'"
+#   scripts/flower_local.sh 3 --run-config "federation.method='fedalora' federation.rounds=2 model='tiny-llama' clients.tasks='a.jsonl,b.jsonl,c.jsonl'"
 #
 # Node i is started with --node-config "partition-id=i" (client i: task i of `tasks`). Several
 # runs, separated by `:::`, are submitted to the same SuperLink and nodes at once (`flwr run
