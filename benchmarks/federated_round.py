@@ -10,6 +10,11 @@
 
     python benchmarks/federated_round.py --config configs/fed-nlp-smollm2.yaml [--rounds 2]
         [--steps 1] [--methods fedalora,fedit,flexlora] [--json docs/bench/federated_round.json]
+        [--small-tasks]
+
+``--small-tasks`` replaces the suite's tasks by 8 short yes/no task files written to a temporary
+folder (one per client, 16 training examples each), so that a round costs seconds of CPU rather
+than the suite's loading; the model, adapters and local training are the config's.
 """
 
 from __future__ import annotations
@@ -130,6 +135,21 @@ def record_uploads(cls):
     return Recording
 
 
+def small_tasks(folder: Path, n: int = 8, size: int = 20) -> list[str]:
+    """``n`` short yes/no multiple-choice JSONL task files, one per client."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        rows = [
+            {"prompt": f"Task {k}, item {j}: is {j} even?", "choices": ["yes", "no"], "answer": j % 2}
+            for j in range(size)
+        ]
+        path = folder / f"task{k}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(path))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/fed-nlp-smollm2.yaml")
@@ -138,6 +158,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="local steps per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--small-tasks", action="store_true", help="8 short local tasks instead of the suite")
     args = parser.parse_args()
 
     import torch
@@ -146,9 +167,18 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     fed.LocalSimulator = record_uploads(fed.LocalSimulator)
-    cfg = fed.load_config(args.config, [f"train.steps={args.steps}"])
-    result = {"model": cfg.model, "steps": args.steps, "threads": args.threads, "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        overrides = [(("train", "steps"), args.steps)]
+        if args.small_tasks:
+            overrides.append((("clients", "tasks"), small_tasks(Path(tmp) / "tasks")))
+        cfg = fed.load_config(args.config, overrides)
+        result = {
+            "model": cfg.model,
+            "steps": args.steps,
+            "threads": args.threads,
+            "tasks": "8 small local tasks" if args.small_tasks else cfg.clients.suite,
+        }
+        result |= {"batch_size": cfg.train.batch_size, "methods": {}}
         for method in args.methods.split(","):
             entry = {"wire": wire_errors(cfg, method)}
             entry["overhead"] = overhead(cfg, method, args.rounds, Path(tmp) / method)
