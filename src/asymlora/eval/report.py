@@ -94,7 +94,7 @@ class Report:
         table = Table(names, models)
         out = {
             "intervals": {k: iv.as_dict() for k, iv in table.intervals()["model"].items()},
-            "top_answer_share": {e["task"]: top_answer_share(given_answers(e)) for e in entries},
+            "top_answer_share": {e["task"]: most_frequent_answer_share(e) for e in entries},
         }
         if self.majority is not None:
             out["majority_answer"] = {
@@ -185,3 +185,14 @@ def given_answers(task: Mapping[str, Any]) -> list[Any]:
     written before the text was kept), the extracted number, or the generated text."""
     key = {"acc": "choice", "exact_match": "extracted"}.get(task["metric"], "output")
     return [p.get(key, p.get("pick")) for p in task["predictions"]]
+
+
+def most_frequent_answer_share(task: Mapping[str, Any]) -> float:
+    """How much of a task one answer takes (%): the share of the most frequent answer text, or for
+    multiple choice of the most frequent picked position where that is higher (the choices of
+    social_iqa differ per question, so a model stuck on "the first listed choice" shows there).
+    100: the same answer, or the same position, for every question."""
+    share = top_answer_share(given_answers(task))
+    if task["metric"] == "acc":
+        share = max(share, top_answer_share([p["pick"] for p in task["predictions"]]))
+    return share

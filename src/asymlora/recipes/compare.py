@@ -28,9 +28,9 @@ except ImportError:  # Windows
 
 from ..adapters import METHODS
 from ..config import ConfigError, to_dict
-from ..eval.report import delta_m, given_answers, question_scores
+from ..eval.report import delta_m, most_frequent_answer_share, question_scores
 from ..eval.runner import majority_report
-from ..eval.stats import Table, top_answer_share
+from ..eval.stats import Table
 from ..models import load_model
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
@@ -256,9 +256,7 @@ def _per_question(results: list[dict], tasks: list[str]) -> dict[str, np.ndarray
 def _answer_shares(results: list[dict], tasks: list[str]) -> dict[str, float]:
     """task -> share of the most frequent answer (%), mean over seeds."""
     by_task = [{t["task"]: t for t in r["tasks"]} for r in results]
-    return {
-        name: statistics.fmean(top_answer_share(given_answers(r[name])) for r in by_task) for name in tasks
-    }
+    return {name: statistics.fmean(most_frequent_answer_share(r[name]) for r in by_task) for name in tasks}
 
 
 def intervals(cells: dict[str, list[dict]], tasks: list[str], rows: dict[str, dict], reference: str) -> dict:
@@ -397,7 +395,8 @@ def _against_rows_table(summary: dict[str, Any]) -> str:
 def _share_table(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
     lines = [
-        "Share of the most frequent answer per task (%; 100 = one answer for every question):",
+        "Share of the most frequent answer (or picked position, if higher) per task (%; 100 = one answer for "
+        "every question):",
         "",
         "| model | " + " | ".join(tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
