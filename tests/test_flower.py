@@ -246,7 +246,7 @@ def leaf_paths(cls: type, prefix: str = "") -> list[str]:
 @pytest.mark.parametrize("method", list(RUNS))
 def test_flower_matches_simulator_on_the_honest_clients(federation: dict, method: str) -> None:
     run = federation[method]
-    out = Path(str(run["flower"]["output-dir"]))
+    out = Path(str(run["flower"]["output_dir"]))
     expected = run["expected"]
     got = read_tensors(out / SERVER_FILE)
     assert sorted(got) == sorted(expected)
@@ -264,7 +264,7 @@ def test_flower_matches_simulator_on_the_honest_clients(federation: dict, method
 
 @pytest.mark.parametrize("method", list(RUNS))
 def test_flower_leaves_the_bad_client_out_with_its_reason(federation: dict, method: str) -> None:
-    out = Path(str(federation[method]["flower"]["output-dir"]))
+    out = Path(str(federation[method]["flower"]["output_dir"]))
     lines = [json.loads(line) for line in (out / ROUNDS_FILE).read_text().splitlines()]
     for line, (kind, reason) in zip(lines, RUNS[method][3], strict=True):
         other = "dropped" if kind == "rejected" else "rejected"
