@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import AsymloraError
 from ..federated import FederatedMethod
 from ..federated.comm import round_counts
 from ..federated.common import Tensors
@@ -70,7 +71,7 @@ class RoundLog:
     downloads: list[Tensors] = field(default_factory=list, repr=False)
 
 
-class RoundError(RuntimeError):
+class RoundError(AsymloraError, RuntimeError):
     """Too few clients were left in a round after drops and rejections; ``log`` says why."""
 
     def __init__(self, rnd: int, min_clients: int, accepted: list[str], reasons: list[str], log: RoundLog):

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from asymlora.errors import InputError
+
 from .stats import Table, top_answer_share
 
 
@@ -33,10 +35,10 @@ def delta_m(scores: Mapping[str, float], references: Mapping[str, float]) -> flo
     ``100 / T * sum_t (score_t - ref_t) / ref_t`` (higher-is-better metrics)."""
     missing = sorted(set(scores) - set(references))
     if missing:
-        raise ValueError(f"no reference score for: {', '.join(missing)}")
+        raise InputError(f"no reference score for: {', '.join(missing)}")
     zero = sorted(t for t in scores if references[t] == 0)
     if zero:
-        raise ValueError(f"delta-m is undefined with a zero reference score (tasks: {', '.join(zero)})")
+        raise InputError(f"delta-m is undefined with a zero reference score (tasks: {', '.join(zero)})")
     return 100 * statistics.fmean((scores[t] - references[t]) / references[t] for t in scores)
 
 
@@ -44,7 +46,7 @@ def summarize(scores: Mapping[str, float], references: Mapping[str, float] | Non
     """Average, worst task, population standard deviation across tasks, and delta-m % when
     ``references`` are given."""
     if not scores:
-        raise ValueError("no task scores to summarize")
+        raise InputError("no task scores to summarize")
     worst = min(scores, key=scores.__getitem__)
     return {
         "average": statistics.fmean(scores.values()),
