@@ -206,7 +206,7 @@ def check_ranks(cfg: FederatedConfig, base, n_clients: int, log: Callable[[str],
     ranks = cfg.adapter.ranks_for(n_clients)
     keys = {"adapter.r": ranks[0]} if cfg.adapter.ranks is None else {}
     keys |= {f"adapter.ranks[{i}]": r for i, r in enumerate(cfg.adapter.ranks or [])}
-    if cfg.federation.method == "fedalora-het":
+    if cfg.federation.make_method().adapter_kind == "factored":  # the layer with a shared B_base of width d_m
         keys["adapter.d_m"] = cfg.adapter.d_m
         if cfg.adapter.d_m > max(ranks):
             log(f"note: adapter.d_m={cfg.adapter.d_m} exceeds every client's rank (largest {max(ranks)})")
