@@ -43,6 +43,14 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
+def adapter_dtype(setting: str, base: torch.dtype) -> torch.dtype:
+    """The adapter parameters' dtype: the base's for ``base``; for ``float32``, float32 (float64
+    over a float64 base, for exact gradient checks)."""
+    if setting == "base" or base == torch.float64:
+        return base
+    return torch.float32
+
+
 class AdapterLayer(nn.Module):
     """What every adapter layer shares: the frozen base layer (``nn.Linear``, weight (d_out, d_in),
     or GPT-2's ``Conv1D``, weight (d_in, d_out)), dropout on the adapter input, and a forward that
@@ -60,8 +68,7 @@ class AdapterLayer(nn.Module):
         self.routing = routing
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.disabled = False
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.factory = {"device": weight.device, "dtype": dtype}
+        self.factory = {"device": weight.device, "dtype": adapter_dtype(config.dtype, weight.dtype)}
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)

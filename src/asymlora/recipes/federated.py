@@ -52,7 +52,6 @@ from ..adapters import (
 from ..adapters.io import atomic_write
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
-    DEVICES,
     METHOD_OPTIONS,
     PARTITIONS,
     ClientAdapterConfig,
@@ -73,7 +72,7 @@ from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
 from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
-from ..models import load_model
+from ..models import load_model, resolve_device
 from ..train import pad_id_of
 
 
@@ -159,12 +158,6 @@ def write_rounds(path: Path, records: list[dict]) -> None:
 
 
 # --- the run ------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokenizer) -> LocalSimulator:
     """The simulator for this config: one engine client per data client, at its rank."""
     ranks = cfg.adapter.ranks_for(len(clients))
@@ -201,7 +194,7 @@ def run(
     log(f"run folder: {out}")
     log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
 
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     base.to(resolve_device(cfg.device))
     sim = make_simulator(cfg, clients, base, tokenizer)
 
@@ -294,7 +287,7 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
         client = names[client]
     if client not in names:
         raise ValueError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
-    base, _ = load_model(cfg.model)
+    base, _ = load_model(cfg.model, dtype=cfg.dtype)
     model = load_adapter(base, run_dir / "adapters" / client)
     if cfg.federation.method == "flora":
         model = flora_as_lora(model, read_tensors(run_dir / "server.safetensors"))

@@ -26,7 +26,7 @@ from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, 
 from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
 from ..eval.runner import evaluate_tasks
-from ..models import load_model
+from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
 from ..train import Example, TrainConfig, train
 
 
@@ -68,6 +68,8 @@ class MultitaskConfig:
     model: str = field(
         default="smollm2-135m", metadata={"help": "smollm2-135m, tiny-llama, a folder or a hub id"}
     )
+    dtype: str = field(default="auto", metadata={"help": f"base weights' dtype: {' | '.join(DTYPE_CHOICES)}"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available) | cpu | cuda"})
     output_dir: str = "runs/multitask"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -75,6 +77,7 @@ class MultitaskConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        check_base_settings(self.dtype, self.device)
         if self.adapter.model_type is not None:
             raise ConfigError("adapter.model_type is filled in from the model; leave it out")
 
@@ -129,8 +132,8 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     log(f"tasks: {', '.join(t.name for t in tasks)}")
 
     examples = training_examples(tasks, cfg.data)
-    base, tokenizer = load_model(cfg.model)
-    model = wrap(base, cfg.adapter)
+    base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    model = wrap(base.to(resolve_device(cfg.device)), cfg.adapter)
     log(f"{cfg.adapter.method} on {len(model.adapted)} modules; {model.trainable_parameters()}")
     if not (out / "adapter_init").exists():
         save_adapter(model, out / "adapter_init")
@@ -187,8 +190,8 @@ def load_run(run_dir: str | Path):
             f"{run_dir}: not a run folder (no config.yaml); pass the folder `asymlora train` wrote"
         )
     cfg = load_config(run_dir / "config.yaml")
-    base, tokenizer = load_model(cfg.model)
-    model = load_adapter(base, run_dir / "adapter").eval()
+    base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    model = load_adapter(base.to(resolve_device(cfg.device)), run_dir / "adapter").eval()
     results = run_dir / "results.json"
     names = (
         [t["task"] for t in json.loads(results.read_text())["tasks"]]

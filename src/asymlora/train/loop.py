@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.model import AsymLoraModel
+from .activations import set_activation_checkpointing
 from .batches import (
     IGNORE,
     Encoded,
@@ -58,6 +59,12 @@ class TrainConfig:
     log_every: int = 1
     precision: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPUs that have it) | fp32 | bf16"}
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each block's activations in the backward pass: far less memory, ~1/3 more time"
+        },
     )
     seed: int = 0
 
@@ -199,6 +206,7 @@ def local_train(
     optimizer, params = make_optimizer(model, cfg)
     mixer = make_mixer(encoded, cfg, seed)
     model.train()
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     history = [
         optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id)
         for step in range(cfg.steps)
@@ -246,6 +254,7 @@ def train(
 
     pad_id = pad_id_of(tokenizer)
     model.train()
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
     last = {}
     t0, tokens_seen = time.perf_counter(), 0
