@@ -51,6 +51,13 @@ def adapter_dtype(setting: str, base: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x W^T`` in x's dtype: float32 adapter weights over a bfloat16 model are cast to bfloat16
+    for the matmul (a (rank, d) cast, not a (tokens, d) one), as autocast does; their gradients
+    arrive in float32."""
+    return F.linear(x, weight.to(x.dtype))
+
+
 class AdapterLayer(nn.Module):
     """What every adapter layer shares: the frozen base layer (``nn.Linear``, weight (d_out, d_in),
     or GPT-2's ``Conv1D``, weight (d_in, d_out)), dropout on the adapter input, and a forward that
@@ -74,7 +81,7 @@ class AdapterLayer(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
-        return y + self.delta(x.to(self.factory["dtype"])).to(y.dtype)
+        return y + self.delta(x).to(y.dtype)
 
     def delta(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -124,7 +131,7 @@ class MultiLoraLinear(AdapterLayer):
         """Router weights g, shape (..., K) (per token) or (batch, 1, ..., K) (per example)."""
         if self.router_kind == "task":
             return self._task_gates(x)
-        logits = F.linear(x, self.router)  # (..., K)
+        logits = linear(x, self.router)  # (..., K)
         if self.router_kind == "softmax":
             return logits.softmax(-1)
         top, idx = logits.topk(self.top_k, dim=-1)
@@ -153,10 +160,10 @@ class MultiLoraLinear(AdapterLayer):
 
     # --- forward ------------------------------------------------------------------------------
     def delta(self, x: Tensor) -> Tensor:
-        h = F.linear(self.dropout(x), self.lora_A)  # (..., K_a*r): every A_i x in one matmul
+        h = linear(self.dropout(x), self.lora_A)  # (..., K_a*r): every A_i x in one matmul
         if self.num_experts > 1:
             h = self.mix(h, self.gates(x))
-        return F.linear(h * self.scale, self.lora_B)  # B applied once
+        return linear(h * self.scale, self.lora_B)  # B applied once
 
     # --- plain-LoRA views -----------------------------------------------------------------------
     def check_plain_lora(self, task: int | None) -> int:
@@ -215,8 +222,8 @@ class FactoredLoraLinear(AdapterLayer):
         self.lora_B_base = param(torch.zeros(self.d_out, d_m), trainable=False)  # (d_out, d_m)
 
     def delta(self, x: Tensor) -> Tensor:
-        u = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_M) * self.scale  # (..., d_m)
-        return F.linear(u, self.lora_B_base) + F.linear(F.linear(u, self.lora_B1), self.lora_B2)
+        u = linear(linear(self.dropout(x), self.lora_A), self.lora_M) * self.scale  # (..., d_m)
+        return linear(u, self.lora_B_base) + linear(linear(u, self.lora_B1), self.lora_B2)
 
     def lora_pair(self, task: int | None = None) -> tuple[Tensor, Tensor]:
         """As a plain LoRA of rank d_m: A' = M A (d_m, d_in), B' = B_base + B2 B1 (d_out, d_m)."""
