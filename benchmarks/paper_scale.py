@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from layer_speed import ALPHA, K, R, PerExpertALoRA
+from layer_speed import ALPHA, K, PerExpertALoRA, R
 from train_step import TARGETS, ours, peft, step_time, unpeft
 from transformers import AutoModelForCausalLM
 
@@ -61,8 +61,8 @@ def shape_config(shape: str, overrides: list[str]):
     config = tiny_config("tiny-llama", vocab_size=512) if shape == "tiny" else load_config(shape)
     for item in overrides:
         key, _, value = item.partition("=")
-        if not hasattr(config, key):
-            raise SystemExit(f"--set {item}: the config of {shape} has no field {key!r}")
+        if not hasattr(config, key) or not value.isdigit():
+            raise ValueError(f"--set {item}: give KEY=INTEGER with a field of the {shape} config")
         setattr(config, key, int(value))
     return config
 
@@ -115,7 +115,9 @@ class Variant:
 
 def variants() -> dict[str, Variant]:
     def task_ids(mixed: bool):
-        return lambda batch: {"task_ids": torch.arange(batch) % K if mixed else torch.zeros(batch, dtype=torch.long)}
+        return lambda batch: {
+            "task_ids": torch.arange(batch) % K if mixed else torch.zeros(batch, dtype=torch.long)
+        }
 
     def our(method: str, router: str = "softmax"):
         return lambda b: ours(b, method, R, K, router)
@@ -127,9 +129,9 @@ def variants() -> dict[str, Variant]:
         "per-expert ALoRA": Variant(per_expert, un_per_expert),
         "our HydraLoRA": Variant(our("hydralora"), unload),
         "our MoLA": Variant(our("mola"), unload),
-        "ALoRA task, one task": Variant(our("alora", "task"), unload, task_ids(mixed=False)),
-        "ALoRA task, mixed": Variant(our("alora", "task"), unload, task_ids(mixed=True)),
-        "our LoRA, fp32 compute": Variant(lambda b: float32_compute(our("lora")(b)), unload),
+        "task-routed ALoRA single-task": Variant(our("alora", "task"), unload, task_ids(mixed=False)),
+        "task-routed ALoRA mixed-task": Variant(our("alora", "task"), unload, task_ids(mixed=True)),
+        "our LoRA fp32-compute": Variant(lambda b: float32_compute(our("lora")(b)), unload),
     }
 
 
@@ -143,7 +145,8 @@ class PeakMemory:
         self.start = 0
         if not self.cuda:
             self.libc = ctypes.CDLL("libc.so.6")
-            self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks go back to the system when freed
+            # M_MMAP_THRESHOLD (-3) fixed at 64 KiB: large blocks go back to the system when freed
+            self.libc.mallopt(-3, 64 * 1024)
 
     def reset(self) -> None:
         gc.collect()
@@ -170,7 +173,29 @@ def _status(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def clock_for(device: torch.device) -> Callable[[], float]:
+def saved_bytes(model, batch, inputs: dict) -> int:
+    """Bytes autograd keeps for the backward pass of one training forward (each storage once,
+    the frozen weights left out): the activations, counted exactly."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=batch, labels=batch, **inputs).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
+def clock_for(device: torch.device, cpu_time: bool = False) -> Callable[[], float]:
+    """Wall time (after the GPU finishes its queued work), or this process's CPU time."""
+    if cpu_time:
+        return time.process_time
     if device.type != "cuda":
         return time.perf_counter
 
@@ -188,7 +213,8 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
     cells = [(name, ckpt) for name in chosen for ckpt in checkpointing]
     times: dict[tuple, list[float]] = {cell: [] for cell in cells}
     peaks: dict[tuple, tuple[int, int]] = {}
-    memory, clock, order = PeakMemory(device), clock_for(device), list(cells)
+    saved: dict[tuple, int] = {}
+    memory, clock, order = PeakMemory(device), clock_for(device, args.cpu_time), list(cells)
     for rnd in range(args.rounds + 1):
         random.Random(rnd).shuffle(order)
         for name, ckpt in order:
@@ -196,6 +222,9 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
             model = variant.attach(base)
             set_activation_checkpointing(model, ckpt)
             inputs = {k: v.to(device) for k, v in variant.inputs(args.batch).items()}
+            if not rnd:
+                model.train()
+                saved[(name, ckpt)] = saved_bytes(model, batch, inputs)
             memory.reset()
             try:
                 seconds = step_time(model, batch, args.steps, clock, **inputs)
@@ -204,17 +233,18 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
             peak = memory.read()
             base = variant.detach(model)
             set_activation_checkpointing(base, False)
+            peaks[(name, ckpt)] = max(peaks.get((name, ckpt), (0, 0)), peak)
             if rnd:
                 times[(name, ckpt)].append(seconds)
-                peaks[(name, ckpt)] = max(peaks.get((name, ckpt), (0, 0)), peak)
         if rnd:
             print(f"round {rnd}: " + ", ".join(f"{n}{' +ckpt' if c else ''} {times[(n, c)][-1]:.3f}s"
                                              for n, c in cells), flush=True)  # fmt: skip
     return {
         f"{name}{' | checkpointing' if ckpt else ''}": {
-            "seconds": statistics.median(times[(name, ckpt)]),
+            "seconds": statistics.median(times[(name, ckpt)]) if args.rounds else float("nan"),
             "peak_above_start_gib": peaks[(name, ckpt)][0] / GiB,
             "peak_total_gib": peaks[(name, ckpt)][1] / GiB,
+            "saved_for_backward_gib": saved[(name, ckpt)] / GiB,
         }
         for name, ckpt in cells
     }
@@ -227,8 +257,8 @@ RATIOS = [  # (numerator, denominator): step time and peak memory, in each check
     ("per-expert ALoRA", "our ALoRA"),
     ("our HydraLoRA", "our ALoRA"),
     ("our MoLA", "our ALoRA"),
-    ("ALoRA task, mixed", "ALoRA task, one task"),
-    ("our LoRA, fp32 compute", "our LoRA"),
+    ("task-routed ALoRA mixed-task", "task-routed ALoRA single-task"),
+    ("our LoRA fp32-compute", "our LoRA"),
 ]
 
 
@@ -270,7 +300,7 @@ def federated_figure(base, args, device, clients: int = 8) -> dict:
         AdapterConfig(method="lora", target_modules=TARGETS, dropout=DROPOUT),
         TrainConfig(steps=1, batch_size=args.batch, lr=1e-4, max_length=args.tokens, schedule="constant"),
     )
-    clock, rounds = clock_for(device), {1: [], 2: []}
+    clock, rounds = clock_for(device, args.cpu_time), {1: [], 2: []}
     for rnd in range(args.rounds + 1):
         for steps in (1, 2):
             sim.train_cfg.steps = steps
@@ -302,31 +332,43 @@ def federated_figure(base, args, device, clients: int = 8) -> dict:
 # --- the report -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="llama-2-7b", help="tiny, llama-2-7b, llama-3-8b, qwen2-7b, or a config.json")
+    ap.add_argument(
+        "--shape", default="llama-2-7b", help="tiny, llama-2-7b, llama-3-8b, qwen2-7b, or a config.json"
+    )
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT", help="override config fields")
     ap.add_argument("--dtype", default="bfloat16", choices=list(BASE_DTYPES))
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (0: memory only)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     ap.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
     ap.add_argument("--federated", action="store_true", help="also the federated figure (8 clients)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU only: one thread, timed by this process's CPU time (busy machines)",
+    )
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.cpu_time and device.type != "cpu":
+        ap.error("--cpu-time times a CPU run; on a GPU the wall time is what counts")
+    if args.threads or args.cpu_time:
+        torch.set_num_threads(1 if args.cpu_time else args.threads)
     every = variants()
     names = [n.strip() for n in args.variants.split(",")] if args.variants else list(every)
     unknown = [n for n in names if n not in every]
     if unknown:
-        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(every)}")
+        ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(every)}")
     checkpointing = {"both": [False, True], "on": [True], "off": [False]}[args.checkpointing]
 
-    config = shape_config(args.shape, args.set)
+    try:
+        config = shape_config(args.shape, args.set)
+    except ValueError as err:
+        ap.error(str(err))
     base = build_base(config, BASE_DTYPES[args.dtype], device)
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
@@ -336,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "clock": "process CPU time" if args.cpu_time else "wall",
         "shape": args.shape,
         "overrides": args.set,
         "layers": config.num_hidden_layers,
@@ -351,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {**header, "cells": cells, "ratios": ratios(cells)}
     for name, cell in cells.items():
         print(f"  {name:<42} {cell['seconds']:8.3f} s   peak +{cell['peak_above_start_gib']:.3f} GiB"
-              f" (total {cell['peak_total_gib']:.3f} GiB)")  # fmt: skip
+              f" (total {cell['peak_total_gib']:.3f} GiB), saved for backward"
+              f" {cell['saved_for_backward_gib']:.3f} GiB")  # fmt: skip
     for name, value in out["ratios"].items():
         print(f"  {name:<62} {value:6.3f}")
     if args.federated:

@@ -80,6 +80,16 @@ def test_the_training_loop_switch_trains_to_the_same_adapter():
         torch.testing.assert_close(state_on[key], state_off[key], rtol=1e-5, atol=1e-7)
 
 
+def test_a_rewrapped_base_replays_the_new_wrappers_task_ids():
+    base, ids = tiny_model("llama"), batch(n=2, length=10)
+    first = wrap(base, method="alora", num_experts=2, router="task", r=4).train()
+    set_activation_checkpointing(first, True)
+    second = wrap(first.unload(), method="alora", num_experts=2, router="task", r=4).train()
+    set_activation_checkpointing(second, True)
+    second(input_ids=ids, labels=ids, task_ids=[0, 1]).loss.backward()  # the recompute needs task ids
+    assert all(p.grad is not None for p in second.parameters() if p.requires_grad)
+
+
 def test_a_model_without_checkpointing_support_is_refused_by_setting_name():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="set train.activation_checkpointing=false"):

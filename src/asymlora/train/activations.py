@@ -29,8 +29,10 @@ def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
                 "set train.activation_checkpointing=false"
             )
         return
-    if is_checkpointing(model) == on:
-        return
+    if is_checkpointing(model):  # off first: a re-wrapped base must replay its new wrapper's routing
+        _call(model, "activation_checkpointing_disable", "gradient_checkpointing_disable")
+        if getattr(model, "_require_grads_hook", None):
+            model.disable_input_require_grads()
     if on:
         options = {"use_reentrant": False}
         if hasattr(model, "routing"):  # an AsymLoraModel
@@ -38,10 +40,6 @@ def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
         _call(model, "activation_checkpointing_enable", "gradient_checkpointing_enable", options)
         if not getattr(model, "_require_grads_hook", None):  # transformers < 5 leaves it to the caller
             model.enable_input_require_grads()
-    else:
-        _call(model, "activation_checkpointing_disable", "gradient_checkpointing_disable")
-        if getattr(model, "_require_grads_hook", None):
-            model.disable_input_require_grads()
 
 
 def _routing_replay(model: nn.Module):
