@@ -242,6 +242,7 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
     return {
         f"{name}{' | checkpointing' if ckpt else ''}": {
             "seconds": statistics.median(times[(name, ckpt)]) if args.rounds else float("nan"),
+            "rounds_s": times[(name, ckpt)],
             "peak_above_start_gib": peaks[(name, ckpt)][0] / GiB,
             "peak_total_gib": peaks[(name, ckpt)][1] / GiB,
             "saved_for_backward_gib": saved[(name, ckpt)] / GiB,
@@ -274,6 +275,26 @@ def ratios(cells: dict) -> dict[str, float]:
         on, off = cells.get(name + " | checkpointing"), cells.get(name)
         if on and off:
             out[f"time {name}: checkpointing / none"] = on["seconds"] / off["seconds"]
+    return out
+
+
+def cast_profile(base, batch, chosen: dict[str, Variant]) -> dict[str, dict[str, float]]:
+    """Each variant's training step under the profiler: the share of the step's CPU time spent in
+    dtype casts (aten::_to_copy and what it calls), which contention inflates like everything
+    else, so the share is steadier than a difference of step times on a busy machine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, variant in chosen.items():
+        model = variant.attach(base)
+        step_time(model, batch, 1)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step_time(model, batch, 1)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        casts = sum(e.cpu_time_total for e in events if e.key == "aten::_to_copy")
+        out[name] = {"step_cpu_s": total / 1e6, "cast_s": casts / 1e6, "cast_share": casts / total}
+        base = variant.detach(model)
     return out
 
 
@@ -345,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
     ap.add_argument("--federated", action="store_true", help="also the federated figure (8 clients)")
+    ap.add_argument(
+        "--cast-profile", action="store_true", help="also the dtype casts' share of a step (profiler)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument(
         "--cpu-time",
@@ -398,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
               f" {cell['saved_for_backward_gib']:.3f} GiB")  # fmt: skip
     for name, value in out["ratios"].items():
         print(f"  {name:<62} {value:6.3f}")
+    if args.cast_profile:
+        batch = torch.randint(0, config.vocab_size, (args.batch, args.tokens), device=device)
+        out["cast_profile"] = cast_profile(
+            base, batch, {n: every[n] for n in ("our LoRA", "our LoRA fp32-compute")}
+        )
+        print("casts:", json.dumps(out["cast_profile"]))
     if args.federated:
         out["federated"] = federated_figure(base, args, device)
         print("federated:", json.dumps(out["federated"]))

@@ -125,3 +125,13 @@ def test_auto_keeps_what_transformers_loads_and_bad_names_are_refused():
         load_model("tiny-llama", dtype="half")
     with pytest.raises(ValueError, match="adapter config: dtype='bfloat16' must be one of float32, base"):
         AdapterConfig(dtype="bfloat16")
+
+
+def test_dtype_and_device_settings_are_checked_where_they_enter():
+    from asymlora.config import ConfigError
+    from asymlora.recipes import federated, multitask
+
+    with pytest.raises(ConfigError, match="dtype='half' must be one of auto, bfloat16, float16, float32"):
+        federated.load_config(overrides=["dtype='half'"])
+    with pytest.raises(ConfigError, match="device='tpu' must be one of auto, cpu, cuda"):
+        multitask.load_config(overrides=["device='tpu'"])
