@@ -173,6 +173,42 @@ def _status(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+# What each variant's two adapted modules per block keep for the backward pass, per token, in units
+# of the hidden size h (bfloat16 base; counted by saved_bytes at h = 1024): computing in the input's
+# dtype, the dropout noise and the dropped-out input of A; a learned router also keeps its input;
+# computing in float32 (PEFT, and our layer before) keeps float32 copies.
+ADAPTER_KEEPS_H = {
+    "PEFT LoRA": 12,
+    "our LoRA": 6,
+    "our ALoRA": 8,
+    "our HydraLoRA": 8,
+    "our MoLA": 8,
+    "task-routed ALoRA single-task": 6,
+    "task-routed ALoRA mixed-task": 6,
+    "our LoRA fp32-compute": 12,
+}
+
+
+def predicted_peak(config, tokens: int, variant: str, trainable: int, checkpointing: bool) -> float:
+    """The peak memory of a training step above the base weights, by arithmetic (NaN for a variant
+    without an ADAPTER_KEEPS_H entry). Per token and block, a bfloat16 Llama block keeps its two
+    RMSNorm inputs in float32 (8h bytes), q, k, v and the attention output (4h + 4 h_kv), the MLP's
+    gate, up and SiLU outputs (6 m), and the adapters' share. The loss keeps float32 log-probabilities
+    and its backward holds three float32 (tokens, vocab) tensors at once (12 V bytes per token), at
+    the start of the backward pass, when every block's activations are still held; checkpointing
+    holds each block's bfloat16 input (2h) instead, and recomputes one block at a time later. The
+    adapters' weights, gradients and AdamW moments are float32 (16 bytes per parameter)."""
+    if variant not in ADAPTER_KEEPS_H:
+        return float("nan")
+    h, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    h_kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    block = tokens * (8 * h + 4 * h + 4 * h_kv + 6 * m + ADAPTER_KEEPS_H[variant] * h)
+    head = tokens * 12 * v
+    layers = config.num_hidden_layers
+    held = layers * tokens * 2 * h + max(head, block) if checkpointing else layers * block + head
+    return held + 16 * trainable
+
+
 def saved_bytes(model, batch, inputs: dict) -> int:
     """Bytes autograd keeps for the backward pass of one training forward (each storage once,
     the frozen weights left out): the activations, counted exactly."""
@@ -214,6 +250,7 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
     times: dict[tuple, list[float]] = {cell: [] for cell in cells}
     peaks: dict[tuple, tuple[int, int]] = {}
     saved: dict[tuple, int] = {}
+    trainable: dict[str, int] = {}
     memory, clock, order = PeakMemory(device), clock_for(device, args.cpu_time), list(cells)
     for rnd in range(args.rounds + 1):
         random.Random(rnd).shuffle(order)
@@ -225,6 +262,7 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
             if not rnd:
                 model.train()
                 saved[(name, ckpt)] = saved_bytes(model, batch, inputs)
+                trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             memory.reset()
             try:
                 seconds = step_time(model, batch, args.steps, clock, **inputs)
@@ -246,6 +284,10 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
             "peak_above_start_gib": peaks[(name, ckpt)][0] / GiB,
             "peak_total_gib": peaks[(name, ckpt)][1] / GiB,
             "saved_for_backward_gib": saved[(name, ckpt)] / GiB,
+            "predicted_peak_above_start_gib": predicted_peak(
+                base.config, args.batch * args.tokens, name, trainable[name], ckpt
+            )
+            / GiB,
         }
         for name, ckpt in cells
     }
@@ -419,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, cell in cells.items():
         print(f"  {name:<42} {cell['seconds']:8.3f} s   peak +{cell['peak_above_start_gib']:.3f} GiB"
               f" (total {cell['peak_total_gib']:.3f} GiB), saved for backward"
-              f" {cell['saved_for_backward_gib']:.3f} GiB")  # fmt: skip
+              f" {cell['saved_for_backward_gib']:.3f} GiB, predicted peak +{cell['predicted_peak_above_start_gib']:.3f}"
+              " GiB")  # fmt: skip
     for name, value in out["ratios"].items():
         print(f"  {name:<62} {value:6.3f}")
     if args.cast_profile:
