@@ -344,3 +344,25 @@ def test_real_commonsense_suite_counts() -> None:
     sizes = {t.name: len(t.examples()) for t in tasks}
     assert sizes["physical_intuition"] == 81 and sizes["date_understanding"] == 369
     assert all(n > 50 for n in sizes.values())
+
+
+def test_a_grouped_split_keeps_each_item_on_one_side_and_is_seeded():
+    from asymlora.data.task import build_dataset, split_dataset
+
+    records = [
+        mc_record(f"sentence {k % 7}. reasoning {k}", ["correct", "incorrect"], k % 2) for k in range(40)
+    ]
+    data = build_dataset(records, kind="multiple_choice", where="t")
+
+    def item(text):
+        return text.split(".")[0]
+
+    splits = split_dataset(data, seed=3, test_fraction=0.2, group=item)
+    train = {item(x) for x in splits["train"]["input"]}
+    test = {item(x) for x in splits["test"]["input"]}
+    assert not train & test and train | test == {f"sentence {k}" for k in range(7)}
+    assert len(splits["train"]) + len(splits["test"]) == 40 and len(splits["test"]) >= 8
+    again = split_dataset(data, seed=3, test_fraction=0.2, group=item)
+    assert again["test"]["input"] == splits["test"]["input"]
+    ungrouped = split_dataset(data, seed=3, test_fraction=0.2)
+    assert {item(x) for x in ungrouped["train"]["input"]} & {item(x) for x in ungrouped["test"]["input"]}

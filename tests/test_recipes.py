@@ -146,6 +146,19 @@ def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files
     assert "delta_m" in summary["methods"]["lora"]
     table = (out / "results.md").read_text()
     assert "| lora |" in table and "| alora |" in table and "delta-m %" in table
+    assert "| *base model* |" in table and "| *majority answer* |" in table
+    assert table.startswith("In one line (average over tasks, points): lora - base model: ")
+    assert "alora - lora: " in table.splitlines()[0]
+    assert "Paired difference against lora" in table and "Share of the most frequent answer" in table
+    stats = summary["method_statistics"]["alora"]
+    for key in ("colors", "double", "average"):
+        iv = stats["intervals"][key]
+        assert iv["low"] <= iv["value"] <= iv["high"]
+    assert set(stats["differences"]) == {"lora", "base model", "majority answer"}
+    base_colors = json.loads((out / "base" / "results.json").read_text())["tasks"][0]
+    assert summary["reference_rows"]["base model"]["intervals"]["colors"]["value"] == base_colors["score"]
+    # the majority answer of colors' training split is one of its three colours, on every question
+    assert summary["reference_rows"]["majority answer"]["top_answer_share"]["colors"] == 100.0
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     cell = out / "alora" / "seed-1" / "results.json"
     stamp = cell.stat().st_mtime_ns
@@ -153,8 +166,8 @@ def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files
     assert main(args) == 0
     assert cell.stat().st_mtime_ns == stamp
     assert (
-        capsys.readouterr().out.count("skip (finished)") == 4 + 4
-    )  # 2 methods x 2 seeds + 2 tasks x 2 seeds
+        capsys.readouterr().out.count("skip (finished)") == 4 + 4 + 1
+    )  # 2 methods x 2 seeds + 2 tasks x 2 seeds + the base model
 
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

@@ -22,6 +22,7 @@ from asymlora.data.task import DataFormatError, Task, UnknownTaskError
 from asymlora.engines.local import RoundError
 from asymlora.eval.report import TaskResult
 from asymlora.models import ModelNotAvailableError
+from asymlora.threads import choose_threads, use_threads
 
 
 class UsageError(Exception):
@@ -87,7 +88,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from asymlora.eval.runner import evaluate_tasks
+    from asymlora.eval.runner import evaluate_tasks, majority_report
     from asymlora.models import load_model
 
     if args.limit is not None and args.limit < 1:
@@ -96,6 +97,7 @@ def run_eval(args: argparse.Namespace) -> int:
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch / validate every task's data before loading the model
         task.examples()
+    use_threads(log=lambda line: print(line, file=sys.stderr))
     model, tokenizer = load_model(args.model)
     out = args.out or Path("runs") / "eval" / _slug(f"{args.model}-{args.suite or '+'.join(args.task)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model, tokenizer, tasks, references=references, progress=progress, limit=args.limit,
         seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
     )  # fmt: skip
+    report.majority = majority_report(tasks, seed=args.seed, limit=args.limit)
     report.info = {"model": args.model, "suite": args.suite, "tasks_requested": args.task,
                    "limit": args.limit, "seed": args.seed}  # fmt: skip
     report.save(out / "results.json")
@@ -539,12 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 0:
+            raise UsageError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
+        choose_threads(args.threads)
         return COMMANDS[args.command][1](args)
     except USER_ERRORS as err:
         print(f"asymlora {args.command}: error: {err}", file=sys.stderr)

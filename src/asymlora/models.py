@@ -13,6 +13,7 @@ Three kinds of names:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -252,3 +253,23 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def accepts_keyword(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name``: named explicitly, or passed on through
+    ``**kwargs`` to a wrapped ``base_model`` that names it (an adapter wrapper around a transformers
+    model)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if name in params:
+        return True
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    inner = getattr(model, "base_model", None)
+    return (
+        passes_on
+        and isinstance(inner, torch.nn.Module)
+        and inner is not model
+        and accepts_keyword(inner, name)
+    )

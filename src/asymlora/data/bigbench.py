@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,17 @@ def template_from_task(data: dict[str, Any], *, list_choices: bool | None = None
     )
 
 
+def shuffled_choices(text: str, choices: list[str], values: list) -> tuple[list[str], list]:
+    """The choices (and their scores) in an order drawn from the example's own text. BIG-bench
+    stores them in an order that gives the answer away in some tasks (timedial's correct choice is
+    always the third, date_understanding's the first in 99 % of examples): listed in the prompt, a
+    model learns the position instead of the task, and a majority baseline by position looks strong.
+    The order is a pure function of the text, so it is the same on every machine and every run."""
+    seed = zlib.crc32(text.encode("utf-8"))
+    order = random.Random(seed).sample(range(len(choices)), len(choices))
+    return [choices[i] for i in order], [values[i] for i in order]
+
+
 def records_from_task(data: dict[str, Any], kind: Kind, *, where: str) -> list[dict[str, Any]]:
     """Canonical records with ``input`` rendered by the task's own template (subtasks of one task
     can differ in their instructions): ``target_scores`` (argmax is the answer) for multiple choice,
@@ -150,8 +163,9 @@ def records_from_task(data: dict[str, Any], kind: Kind, *, where: str) -> list[d
             scores = ex.get("target_scores")
             if not isinstance(scores, dict) or len(scores) < 2:
                 raise DataFormatError(f"{where}: example {i} has no 'target_scores' with 2 or more choices")
-            choices = [c.strip() for c in scores]
-            values = list(scores.values())
+            choices, values = shuffled_choices(
+                ex["input"], [c.strip() for c in scores], list(scores.values())
+            )
             best = max(range(len(values)), key=values.__getitem__)
             records.append(mc_record(template.render(ex["input"].strip(), choices), choices, best))
         else:

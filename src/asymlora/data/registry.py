@@ -38,6 +38,12 @@ def _bigbench_loader(paths: Sequence[str], kind: Kind) -> Callable[[], list[dict
     return load
 
 
+def winograd_sentence(text: str) -> str:
+    """winowhy: the Winograd sentence an example reasons about (each comes with several reasonings,
+    some right and some wrong), i.e. the input before " The '<pronoun>' refers to"."""
+    return text.split(" The '")[0]
+
+
 def _bigbench(name: str, kind: Kind, paths: Sequence[str] | None = None, **options: Any) -> Task:
     paths = tuple(paths or [name])
     _BIGBENCH_PATHS.extend(paths)
@@ -93,7 +99,7 @@ def _build_tasks() -> dict[str, Task]:
     tasks = [
         _bigbench("social_iqa", "multiple_choice"),
         _bigbench("strategyqa", "multiple_choice"),
-        _bigbench("winowhy", "multiple_choice"),
+        _bigbench("winowhy", "multiple_choice", group=winograd_sentence),
         _bigbench(
             "goal_step_wikihow",
             "multiple_choice",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Sequence as SequenceFeature
 
@@ -96,6 +97,9 @@ class Task:
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ("\n",)
     answer_position: Literal["first", "last"] = "first"  # numeric: which number in the output counts
+    group: Callable[[str], str] | None = field(default=None, repr=False, compare=False)
+    """Where several examples share one item (winowhy: one sentence, several reasonings), the item
+    of an example's input: a train/test split then keeps each item's examples on one side."""
 
     def examples(self) -> Dataset:
         """All examples, deduplicated by input and choices (so that no prompt is in both splits).
@@ -110,7 +114,11 @@ class Task:
         """Deterministic, disjoint ``train`` / ``test`` splits; the test split is shuffled, so its
         first n examples are a random sample."""
         return split_dataset(
-            self.examples(), seed=seed, test_fraction=self.test_fraction, max_test=self.max_test
+            self.examples(),
+            seed=seed,
+            test_fraction=self.test_fraction,
+            max_test=self.max_test,
+            group=self.group,
         )
 
     def prompt(self, example: Mapping[str, Any]) -> str:
@@ -148,12 +156,35 @@ def check_record(record: Mapping[str, Any], *, kind: Kind, where: str) -> None:
 
 
 def split_dataset(
-    data: Dataset, *, seed: int, test_fraction: float = 0.2, max_test: int = 1000
+    data: Dataset,
+    *,
+    seed: int,
+    test_fraction: float = 0.2,
+    max_test: int = 1000,
+    group: Callable[[str], str] | None = None,
 ) -> DatasetDict:
     """Shuffle with ``seed`` and cut: ``min(max_test, round(test_fraction * n))`` test examples
-    (at least one), the rest train."""
+    (at least one), the rest train. With ``group`` (input -> item), whole items go to the test side,
+    in a seeded order, until it holds at least that many examples; no item is on both sides."""
     n = len(data)
     if n < 2:
         raise DataFormatError(f"cannot split {n} example(s) into train and test; need at least 2")
     n_test = min(max_test, max(1, round(test_fraction * n)), n - 1)
-    return data.train_test_split(test_size=n_test, shuffle=True, seed=seed)
+    if group is None:
+        return data.train_test_split(test_size=n_test, shuffle=True, seed=seed)
+    members: dict[str, list[int]] = {}
+    for i, text in enumerate(data["input"]):
+        members.setdefault(group(text), []).append(i)
+    if len(members) < 2:
+        raise DataFormatError(f"cannot split {n} examples of one item into train and test")
+    items = list(members.values())
+    order = np.random.default_rng(seed).permutation(len(items))
+    test: list[int] = []
+    for k in order[:-1]:  # the last item always stays in train
+        if len(test) >= n_test:
+            break
+        test += items[k]
+    chosen = set(test)
+    test = [test[i] for i in np.random.default_rng(seed + 1).permutation(len(test))]  # shuffled
+    train = [i for i in range(n) if i not in chosen]
+    return DatasetDict(train=data.select(train), test=data.select(test))

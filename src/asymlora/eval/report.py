@@ -10,6 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .stats import Table, top_answer_share
+
 
 @dataclass
 class TaskResult:
@@ -56,6 +60,7 @@ class Report:
     results: list[TaskResult]
     references: dict[str, float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    majority: Report | None = None  # the majority-answer baseline on the same questions, if known
 
     @property
     def scores(self) -> dict[str, float]:
@@ -67,7 +72,39 @@ class Report:
 
     def to_dict(self, *, predictions: bool = True) -> dict[str, Any]:
         tasks = [asdict(r) if predictions else {**asdict(r), "predictions": []} for r in self.results]
-        return {**self.info, "tasks": tasks, "summary": self.summary, "references": self.references}
+        out = {**self.info, "tasks": tasks, "summary": self.summary, "references": self.references}
+        stats = self.statistics()
+        if stats is not None:
+            out["statistics"] = stats
+        return out
+
+    def statistics(self) -> dict[str, Any] | None:
+        """95 % intervals per task and on the average, the share of the most frequent answer, and
+        (with ``majority``) the majority baseline and the paired difference against it; None where
+        the results hold no per-question predictions."""
+        if not all(r.predictions for r in self.results):
+            return None
+        entries = [asdict(r) for r in self.results]
+        names = [r.task for r in self.results]
+        models = {"model": {e["task"]: np.array(question_scores(e)) for e in entries}}
+        if self.majority is not None:
+            models["majority answer"] = {
+                r.task: np.array(question_scores(asdict(r))) for r in self.majority.results
+            }
+        table = Table(names, models)
+        out = {
+            "intervals": {k: iv.as_dict() for k, iv in table.intervals()["model"].items()},
+            "top_answer_share": {e["task"]: top_answer_share(given_answers(e)) for e in entries},
+        }
+        if self.majority is not None:
+            out["majority_answer"] = {
+                k: iv.as_dict() for k, iv in table.intervals()["majority answer"].items()
+            }
+            diffs = table.differences("majority answer")["model"]
+            out["difference_vs_majority"] = {
+                k: {**iv.as_dict(), "excludes_zero": iv.excludes_zero} for k, iv in diffs.items()
+            }
+        return out
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -76,20 +113,75 @@ class Report:
         return path
 
     def to_markdown(self) -> str:
-        """A Markdown table: one row per task with every metric, then the summary lines."""
-        lines = ["| task | kind | n | metric | score | other metrics |", "|---|---|---:|---|---:|---|"]
+        """A Markdown table: one row per task with every metric (the score with its 95 % interval,
+        the majority baseline and the share of the most frequent answer where known), then the
+        summary lines."""
+        stats = self.statistics()
+        extra = ["95 % interval", "top answer %"] if stats else []
+        if stats and "majority_answer" in stats:
+            extra += ["majority answer", "vs majority (paired)"]
+        head = ["task", "kind", "n", "metric", "score", *extra, "other metrics"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.results:
-            others = ", ".join(f"{k} {v:.1f}" for k, v in r.metrics.items() if k != r.metric)
-            lines.append(f"| {r.task} | {r.kind} | {r.n} | {r.metric} | {_fmt(r.score)} | {others} |")
+            cells = [r.task, r.kind, str(r.n), r.metric, _fmt(r.score)]
+            if stats:
+                cells += [_span(stats["intervals"][r.task]), f"{stats['top_answer_share'][r.task]:.0f}"]
+                if "majority_answer" in stats:
+                    cells += [
+                        _fmt(stats["majority_answer"][r.task]["value"]),
+                        _diff(stats["difference_vs_majority"][r.task]),
+                    ]
+            cells.append(", ".join(f"{k} {v:.1f}" for k, v in r.metrics.items() if k != r.metric))
+            lines.append("| " + " | ".join(cells) + " |")
         s = self.summary
+        average = f"average {_fmt(s['average'])}"
+        if stats:
+            average += f" {_span(stats['intervals']['average'])}"
+            if "majority_answer" in stats:
+                average += f" (majority answer {_fmt(stats['majority_answer']['average']['value'])}; "
+                average += f"difference {_diff(stats['difference_vs_majority']['average'])})"
         lines += [
             "",
-            f"average {_fmt(s['average'])} | worst {s['worst_task']} {_fmt(s['worst'])} | "
+            f"{average} | worst {s['worst_task']} {_fmt(s['worst'])} | "
             f"std {_fmt(s['std'])} | delta-m "
             + (f"{s['delta_m']:+.2f}%" if s["delta_m"] is not None else "n/a (no reference scores given)"),
         ]
+        if stats:
+            lines.append(
+                "Intervals: 95 %, bootstrap over the test questions; the difference against the majority "
+                "answer is paired (same questions); * marks an interval that excludes 0."
+            )
         return "\n".join(lines)
+
+
+def _span(interval: Mapping[str, float]) -> str:
+    return f"[{interval['low']:.1f}, {interval['high']:.1f}]"
+
+
+def _diff(interval: Mapping[str, Any]) -> str:
+    star = "*" if interval.get("excludes_zero") else ""
+    return f"{interval['value']:+.1f}{star} {_span(interval)}"
 
 
 def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def question_scores(task: Mapping[str, Any]) -> list[float]:
+    """A task's per-question scores in [0, 100] from its entry in results.json (the primary
+    metric: raw-pick accuracy, numeric exact match, or ROUGE-L)."""
+    predictions, metric = task["predictions"], task["metric"]
+    if not predictions:
+        raise ValueError(f"task {task['task']!r}: results.json holds no per-question predictions")
+    if metric == "acc":
+        return [100.0 * (p["pick"] == p["answer"]) for p in predictions]
+    if metric == "exact_match":
+        return [100.0 * bool(p["correct"]) for p in predictions]
+    return [float(p[metric]) for p in predictions]
+
+
+def given_answers(task: Mapping[str, Any]) -> list[Any]:
+    """The answer the model gave to each question: the picked choice's text (its index in results
+    written before the text was kept), the extracted number, or the generated text."""
+    key = {"acc": "choice", "exact_match": "extracted"}.get(task["metric"], "output")
+    return [p.get(key, p.get("pick")) for p in task["predictions"]]

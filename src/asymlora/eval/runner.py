@@ -4,7 +4,9 @@ by greedy generation and exact match, text by greedy generation and ROUGE)."""
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -91,10 +93,16 @@ def _score_choices(
         logprobs[owner].append(lp)
         lengths[owner].append(len(cont.encode("utf-8")))
     raw, norm = mc_picks(logprobs, lengths)
+    return choice_result(task, examples, raw, norm)
+
+
+def choice_result(task: Task, examples: Dataset, raw: list[int], norm: list[int]) -> TaskResult:
+    """A multiple-choice result from the picked choice indices (raw and length-normalised)."""
     answers = examples["answer"]
     metrics = {"acc": 100 * accuracy(raw, answers), "acc_norm": 100 * accuracy(norm, answers)}
     predictions = [
-        {"pick": r, "pick_norm": p, "answer": a} for r, p, a in zip(raw, norm, answers, strict=True)
+        {"pick": r, "pick_norm": p, "answer": a, "choice": choices[r]}
+        for r, p, a, choices in zip(raw, norm, answers, examples["choices"], strict=True)
     ]
     return TaskResult(task.name, task.kind, "acc", metrics["acc"], len(examples), metrics, predictions)
 
@@ -111,7 +119,11 @@ def _generate(
 def _score_numeric(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
 ) -> TaskResult:
-    outputs = _generate(model, tokenizer, task, examples, options)
+    return numeric_result(task, examples, _generate(model, tokenizer, task, examples, options))
+
+
+def numeric_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult:
+    """A numeric result from the outputs: the extracted number against the targets."""
     predictions = []
     for out, targets in zip(outputs, examples["targets"], strict=True):
         number = extract_number(out, task.answer_position)
@@ -126,13 +138,39 @@ def _score_numeric(
 def _score_text(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
 ) -> TaskResult:
-    outputs = _generate(model, tokenizer, task, examples, options)
+    return text_result(task, examples, _generate(model, tokenizer, task, examples, options))
+
+
+def text_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult:
+    """A text result from the outputs: ROUGE-1 / ROUGE-L F1 against the references."""
     scores = [rouge(out, targets) for out, targets in zip(outputs, examples["targets"], strict=True)]
     metrics = {k: statistics.fmean(s[k] for s in scores) for k in ("rouge1", "rougeL")}
     predictions = [
         {"output": o, "targets": t, **s} for o, t, s in zip(outputs, examples["targets"], scores, strict=True)
     ]
     return TaskResult(task.name, task.kind, "rougeL", metrics["rougeL"], len(examples), metrics, predictions)
+
+
+def majority_result(task: Task, *, seed: int = 0, limit: int | None = None) -> TaskResult:
+    """The majority baseline: every test question gets the task's most frequent training answer.
+    Multiple choice: the choice whose text was most often the training answer; where several tie
+    (often: choices that never answered a training question), a seeded random one of them, so such
+    questions score chance on average. The position of a choice is not used: a model that is not
+    shown the choices cannot see it."""
+    train = task.splits(seed)["train"]
+    examples = test_examples(task, seed=seed, limit=limit)
+    if task.kind == "multiple_choice":
+        texts = Counter(choices[a] for choices, a in zip(train["choices"], train["answer"], strict=True))
+        rng = random.Random(seed)
+        picks = []
+        for choices in examples["choices"]:
+            top = max(texts[c] for c in choices)
+            picks.append(rng.choice([i for i, c in enumerate(choices) if texts[c] == top]))
+        return choice_result(task, examples, picks, picks)
+    most_common = Counter(targets[0] for targets in train["targets"]).most_common(1)[0][0]
+    outputs = [most_common] * len(examples)
+    result = numeric_result if task.kind == "numeric" else text_result
+    return result(task, examples, outputs)
 
 
 def evaluate_tasks(
@@ -155,3 +193,8 @@ def evaluate_tasks(
         if progress is not None:
             progress(result)
     return Report(results, dict(references) if references else None)
+
+
+def majority_report(tasks: Sequence[Task], *, seed: int = 0, limit: int | None = None) -> Report:
+    """The majority baseline of every task, on the same test questions as ``evaluate_tasks``."""
+    return Report([majority_result(task, seed=seed, limit=limit) for task in tasks])

@@ -8,13 +8,14 @@ off autograd (see ``asymlora.eval.runner.eval_mode``).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+
+from asymlora.models import accepts_keyword
 
 ForwardKwargs = Callable[[int], dict[str, Any]]
 """Extra keyword arguments for ``model(...)`` given the batch size (e.g. per-example task ids)."""
@@ -34,21 +35,6 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return pad if pad is not None else 0
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes the keyword ``name``: named explicitly, or passed on through
-    ``**kwargs`` to a wrapped ``base_model`` that names it (an adapter wrapper around a transformers
-    model)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    if name in params:
-        return True
-    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    inner = getattr(model, "base_model", None)
-    return passes_on and isinstance(inner, nn.Module) and inner is not model and _accepts(inner, name)
-
-
 def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """``(input_ids, attention_mask, position_ids)``, each (batch, longest); positions count real
     tokens only, so padding changes nothing for models with absolute position embeddings."""
@@ -63,6 +49,16 @@ def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> t
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The prompt's tokens as scoring reads them (with the tokenizer's special tokens, if any)."""
+    return tokenizer(prompt)["input_ids"]
+
+
+def continuation_tokens(tokenizer: PreTrainedTokenizerBase, continuation: str) -> list[int]:
+    """The continuation's tokens as scoring reads them: tokenized apart from the prompt."""
+    return tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
 def continuation_logprobs(
@@ -86,11 +82,11 @@ def continuation_logprobs(
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(i)
-    tails = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_length - 1] for c in continuations]
+    tails = [continuation_tokens(tokenizer, c)[: max_length - 1] for c in continuations]
     shared = []
     for prompt, members in groups.items():
         room = max_length - max(len(tails[i]) for i in members)
-        shared.append((tokenizer(prompt)["input_ids"][-room:], members))
+        shared.append((prompt_tokens(tokenizer, prompt)[-room:], members))
     shared.sort(key=lambda group: -len(group[0]))
     results = [0.0] * len(prompts)
     for batch in _group_batches(shared, batch_size):
@@ -139,7 +135,7 @@ def _score_shared(
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     ids, mask, positions = _left_pad([ctx for ctx, _ in batch], pad, device)
-    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **trim,
                 **forward_kwargs(len(batch)))  # fmt: skip
     cache = _returned_cache(out)
@@ -184,7 +180,7 @@ def _score_joined(
     seqs = [(ctx + tails[i], len(tails[i])) for ctx, members in batch for i in members]
     ids, mask, positions = _left_pad([s for s, _ in seqs], _pad_id(tokenizer), device)
     keep = max(n for _, n in seqs) + 1
-    extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": keep} if accepts_keyword(model, "logits_to_keep") else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra,
                    **forward_kwargs(len(seqs))).logits[:, -keep:]  # fmt: skip
     # logits at position t predict token t + 1: the last n + 1 positions but one
@@ -255,7 +251,7 @@ def _generate_batch(
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     ids, mask, _ = _left_pad(seqs, pad, device)
-    trim = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
     new = torch.empty((len(seqs), 0), dtype=torch.long, device=device)
     done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
     eos = tokenizer.eos_token_id

@@ -9,6 +9,7 @@ folder (finished cells are skipped on a re-run), then one table, one JSON and on
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 try:
@@ -25,9 +27,12 @@ except ImportError:  # Windows
     fcntl = None
 
 from ..adapters import METHODS
-from ..config import ConfigError
-from ..eval.report import delta_m
-from .multitask import MultitaskConfig, run, save_config, select_tasks
+from ..config import ConfigError, to_dict
+from ..eval.report import delta_m, given_answers, question_scores
+from ..eval.runner import majority_report
+from ..eval.stats import Table, top_answer_share
+from ..models import load_model
+from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 
 def cell_config(
@@ -125,6 +130,7 @@ def compare(
     seeds: list[int],
     out: str | Path,
     single_task_baseline: bool = False,
+    reference: str = "lora",
     log=print,
 ) -> dict[str, Any]:
     check_grid(methods, seeds, METHODS)
@@ -138,9 +144,38 @@ def compare(
     references = (
         single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
     )
-    summary = summarize_cells(cells, task_names, references)
+    rows = {BASE_ROW: base_model_result(base, out / "base", log), MAJORITY_ROW: majority_answers(base)}
+    summary = summarize_cells(
+        cells, task_names, references, rows, reference if reference in cells else methods[0]
+    )
     summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
     return write_summary(summary, out, to_markdown, log)
+
+
+BASE_ROW, MAJORITY_ROW = "base model", "majority answer"
+
+
+def base_model_result(cfg: MultitaskConfig, folder: Path, log=print) -> dict[str, Any]:
+    """The base model (no adapter) scored on the cells' test questions; kept in ``folder`` and
+    reused while the model, the data and the evaluation settings stay the same."""
+    key = {"model": cfg.model, "data": to_dict(cfg.data), "eval": to_dict(cfg.eval)}
+    with cell_lock(folder, log):
+        done, saved_key = folder / "results.json", folder / "settings.json"
+        if done.exists() and saved_key.exists() and json.loads(saved_key.read_text()) == key:
+            log(f"skip (finished): {folder}")
+            return json.loads(done.read_text())
+        log(f"=== {folder}: the base model, no adapter")
+        model, tokenizer = load_model(cfg.model)
+        report = evaluate(model, tokenizer, select_tasks(cfg.data), cfg, log=log)
+        folder.mkdir(parents=True, exist_ok=True)
+        report.save(done)
+        saved_key.write_text(json.dumps(key, indent=2) + "\n")
+        return report.to_dict()
+
+
+def majority_answers(cfg: MultitaskConfig) -> dict[str, Any]:
+    """Every task's most frequent training answer, scored on the same test questions."""
+    return majority_report(select_tasks(cfg.data), seed=cfg.data.split_seed, limit=cfg.eval.limit).to_dict()
 
 
 def write_summary(summary: dict[str, Any], out: Path, markdown: Callable, log=print) -> dict[str, Any]:
@@ -181,10 +216,17 @@ def mean_sd(values: list[float]) -> dict[str, float]:
 
 
 def summarize_cells(
-    cells: dict[str, list[dict]], tasks: list[str], references: dict[str, float] | None
+    cells: dict[str, list[dict]],
+    tasks: list[str],
+    references: dict[str, float] | None,
+    rows: dict[str, dict] | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Per method: each task's mean and sd over seeds; the per-seed average, worst task, std across
-    tasks and delta-m, each as mean and sd over seeds."""
+    tasks and delta-m, each as mean and sd over seeds. Where the cells hold per-question predictions:
+    95 % intervals (bootstrap over questions, seeds pooled), the paired difference of every method
+    against ``reference`` and against each reference row (``rows``: base model, majority answer),
+    and the share of each task's most frequent answer."""
     methods = {}
     for method, results in cells.items():
         per_seed = [r["summary"] for r in results]
@@ -199,7 +241,51 @@ def summarize_cells(
         if references:
             entry["delta_m"] = _delta_m_over_seeds(scores, references)
         methods[method] = entry
-    return {"tasks": tasks, "methods": methods, "single_task_reference": references}
+    summary = {"tasks": tasks, "methods": methods, "single_task_reference": references}
+    if rows is not None and all("predictions" in t for rs in cells.values() for r in rs for t in r["tasks"]):
+        summary.update(intervals(cells, tasks, rows, reference or next(iter(cells))))
+    return summary
+
+
+def _per_question(results: list[dict], tasks: list[str]) -> dict[str, np.ndarray]:
+    """task -> per-question scores, (seeds, questions)."""
+    by_task = [{t["task"]: t for t in r["tasks"]} for r in results]
+    return {name: np.array([question_scores(r[name]) for r in by_task]) for name in tasks}
+
+
+def _answer_shares(results: list[dict], tasks: list[str]) -> dict[str, float]:
+    """task -> share of the most frequent answer (%), mean over seeds."""
+    by_task = [{t["task"]: t for t in r["tasks"]} for r in results]
+    return {
+        name: statistics.fmean(top_answer_share(given_answers(r[name])) for r in by_task) for name in tasks
+    }
+
+
+def intervals(cells: dict[str, list[dict]], tasks: list[str], rows: dict[str, dict], reference: str) -> dict:
+    """The statistics part of a summary (see ``summarize_cells``)."""
+    runs = {**{name: [result] for name, result in rows.items()}, **cells}
+    table = Table(tasks, {name: _per_question(results, tasks) for name, results in runs.items()})
+    ci = table.intervals()
+    against = {ref: table.differences(ref) for ref in [reference, *rows]}
+    out: dict[str, Any] = {"reference": reference, "reference_rows": {}, "interval_level": 0.95}
+    for name, results in runs.items():
+        entry = {
+            "intervals": {key: iv.as_dict() for key, iv in ci[name].items()},
+            "top_answer_share": _answer_shares(results, tasks),
+            "differences": {
+                ref: {
+                    key: {**iv.as_dict(), "excludes_zero": iv.excludes_zero}
+                    for key, iv in diffs[name].items()
+                }
+                for ref, diffs in against.items()
+                if name in diffs
+            },
+        }
+        target = out["reference_rows"].setdefault(name, {}) if name in rows else {}
+        target.update(entry)
+        if name in cells:
+            out.setdefault("method_statistics", {})[name] = entry
+    return out
 
 
 def _delta_m_over_seeds(
@@ -213,6 +299,117 @@ def _delta_m_over_seeds(
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
+    tasks, methods = summary["tasks"], summary["methods"]
+    if "method_statistics" not in summary:
+        return _seed_table(summary)
+    stats, rows = summary["method_statistics"], summary["reference_rows"]
+    has_dm = summary.get("single_task_reference") is not None
+    head = ["model", "params", *tasks, "average", "worst", "std"] + (["delta-m %"] if has_dm else [])
+    lines = [
+        headline(summary),
+        "",
+        f"Scores (%) with 95 % intervals (bootstrap over test questions, seeds {summary.get('seeds')} pooled):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, entry in rows.items():
+        cells = [f"*{name}*", "-"] + [_iv(entry["intervals"][t]) for t in [*tasks, "average"]]
+        lines.append("| " + " | ".join(cells + ["", ""] + ([""] if has_dm else [])) + " |")
+    for name, m in methods.items():
+        cells = [name, f"{m['trainable_parameters']:,}" if m["trainable_parameters"] else "-"]
+        cells += [_iv(stats[name]["intervals"][t]) for t in [*tasks, "average"]]
+        cells += [plus_minus(m["worst"]), plus_minus(m["std_across_tasks"])]
+        if has_dm:
+            cells.append(
+                plus_minus(m["delta_m"], signed=True) if m["delta_m"] else "undefined (a reference is 0)"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _difference_table(summary, summary["reference"]), "", _against_rows_table(summary)]
+    lines += ["", _share_table(summary)]
+    lines += [
+        "",
+        "Worst and std (across tasks) are mean ± sd over seeds. Differences are paired (same questions, "
+        "same bootstrap draws); * marks an interval that excludes 0. Trainable parameters are not matched "
+        "across methods unless a row says so.",
+    ]
+    return "\n".join(lines)
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """What the comparison shows, in one line: the reference method's average against the base
+    model and the majority answer, and every other method's against the reference, each with its
+    interval and whether it excludes 0."""
+    stats, reference = summary["method_statistics"], summary["reference"]
+
+    def said(diff: dict[str, Any]) -> str:
+        verdict = "measurable" if diff["excludes_zero"] else "within noise"
+        return f"{_iv(diff, signed=True)} ({verdict})"
+
+    ref = stats[reference]["differences"]
+    parts = [
+        f"{reference} - {row}: {said(ref[row]['average'])}" for row in summary["reference_rows"] if row in ref
+    ]
+    parts += [
+        f"{name} - {reference}: {said(entry['differences'][reference]['average'])}"
+        for name, entry in stats.items()
+        if name != reference
+    ]
+    return "In one line (average over tasks, points): " + "; ".join(parts) + "."
+
+
+def _iv(interval: dict[str, float], signed: bool = False, mark: bool = False) -> str:
+    value = f"{interval['value']:+.1f}" if signed else f"{interval['value']:.1f}"
+    star = "*" if mark and interval.get("excludes_zero") else ""
+    return f"{value}{star} [{interval['low']:.1f}, {interval['high']:.1f}]"
+
+
+def _difference_table(summary: dict[str, Any], reference: str) -> str:
+    tasks = summary["tasks"]
+    lines = [
+        f"Paired difference against {reference} (points):",
+        "",
+        "| method | " + " | ".join([*tasks, "average"]) + " |",
+        "|" + "---|" * (len(tasks) + 2),
+    ]
+    for name, entry in summary["method_statistics"].items():
+        diffs = entry["differences"].get(reference)
+        if diffs:
+            cells = [_iv(diffs[t], signed=True, mark=True) for t in [*tasks, "average"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _against_rows_table(summary: dict[str, Any]) -> str:
+    rows = list(summary["reference_rows"])
+    lines = [
+        "Average against the reference rows (points, paired):",
+        "",
+        "| method | " + " | ".join(f"vs {r}" for r in rows) + " |",
+        "|" + "---|" * (len(rows) + 1),
+    ]
+    for name, entry in summary["method_statistics"].items():
+        cells = [_iv(entry["differences"][r]["average"], signed=True, mark=True) for r in rows]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _share_table(summary: dict[str, Any]) -> str:
+    tasks = summary["tasks"]
+    lines = [
+        "Share of the most frequent answer per task (%; 100 = one answer for every question):",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+    ]
+    entries = {**summary["reference_rows"], **summary["method_statistics"]}
+    for name, entry in entries.items():
+        lines.append(f"| {name} | " + " | ".join(f"{entry['top_answer_share'][t]:.0f}" for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def _seed_table(summary: dict[str, Any]) -> str:
+    """Mean ± sd over seeds, for cells without per-question predictions."""
     tasks, methods = summary["tasks"], summary["methods"]
     has_dm = summary.get("single_task_reference") is not None
     head = ["method", "params", *tasks, "average", "worst", "std"] + (["delta-m %"] if has_dm else [])
@@ -241,25 +438,51 @@ def plus_minus(v: dict[str, float], signed: bool = False) -> str:
     return mean if v.get("n", 2) < 2 else f"{mean} ± {v['sd']:.1f}"
 
 
+def _bars(summary: dict[str, Any]) -> dict[str, tuple[list[float], list[list[float]] | None]]:
+    """label -> (heights, error bars below/above or None) over the groups (tasks, then average).
+    Intervals where the summary has them; sd over seeds where there are several; else no bars."""
+    groups = [*summary["tasks"], "average"]
+    bars = {}
+    if "method_statistics" in summary:
+        for name, entry in {**summary["reference_rows"], **summary["method_statistics"]}.items():
+            ivs = [entry["intervals"][g] for g in groups]
+            heights = [iv["value"] for iv in ivs]
+            nothing = [iv["high"] == iv["low"] for iv in ivs]  # a constant score: no bar, not a flat one
+            below = [math.nan if n else iv["value"] - iv["low"] for iv, n in zip(ivs, nothing, strict=True)]
+            above = [math.nan if n else iv["high"] - iv["value"] for iv, n in zip(ivs, nothing, strict=True)]
+            bars[name] = (heights, [below, above])
+        return bars
+    for name, m in summary["methods"].items():
+        stats = [m["tasks"][t] for t in summary["tasks"]] + [m["average"]]
+        spread = all(s.get("n", 2) > 1 for s in stats)
+        bars[name] = ([s["mean"] for s in stats], [[s["sd"] for s in stats]] * 2 if spread else None)
+    return bars
+
+
 def plot(summary: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: one group per task (and the average), one bar per method, sd as error bars."""
+    """Grouped bars: one group per task (and the average), one bar per model (the reference rows
+    first), with 95 % intervals, or the sd over seeds where no interval was computed; a bar
+    measured once with nothing to show gets no error bar rather than a zero-height one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = [*summary["tasks"], "average"]
-    methods = summary["methods"]
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
-    for i, (name, m) in enumerate(methods.items()):
-        stats = [m["tasks"][t] for t in summary["tasks"]] + [m["average"]]
-        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [s["mean"] for s in stats], width, yerr=[s["sd"] for s in stats], capsize=3, label=name)
+    bars = _bars(summary)
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4.2))
+    for i, (name, (heights, errors)) in enumerate(bars.items()):
+        xs = [g + (i - (len(bars) - 1) / 2) * width for g in range(len(groups))]
+        hatch = "//" if name in summary.get("reference_rows", {}) else None
+        ax.bar(xs, heights, width, yerr=errors, capsize=2, label=name, hatch=hatch)
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
     ax.set_ylabel("score (%)")
-    ax.set_title(f"{summary.get('model', '')}: per-task score, mean ± sd over seeds {summary.get('seeds')}")
-    ax.legend()
+    what = "95 % intervals" if "method_statistics" in summary else "mean ± sd over seeds"
+    ax.set_title(
+        f"{summary.get('model', '')}: per-task score, {what}, seeds {summary.get('seeds')}", fontsize=9
+    )
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

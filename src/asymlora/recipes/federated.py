@@ -73,6 +73,7 @@ from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model, resolve_device
+from ..threads import use_threads
 from ..train import pad_id_of
 
 
@@ -193,6 +194,7 @@ def run(
     save_config(cfg, out / "config.yaml")
     log(f"run folder: {out}")
     log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
+    use_threads(cfg.train.threads, log)
 
     base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     base.to(resolve_device(cfg.device))

@@ -15,7 +15,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, w
 from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.registry import get_suite, get_task
 from ..data.task import Task, continuation
-from ..eval.runner import evaluate_tasks
+from ..eval.report import Report
+from ..eval.runner import evaluate_tasks, majority_report
 from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
+from ..threads import use_threads
 from ..train import Example, TrainConfig, train
 
 
@@ -39,6 +41,10 @@ class DataConfig:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
     max_train_per_task: int | None = field(
         default=None, metadata={"help": "cap on training examples per task"}
+    )
+    group_splits: bool = field(
+        default=True,
+        metadata={"help": "keep examples of one item (winowhy: one sentence) on one side of the split"},
     )
 
     def __post_init__(self) -> None:
@@ -99,7 +105,8 @@ def save_config(cfg: MultitaskConfig, path: Path) -> None:
 
 
 def select_tasks(data: DataConfig) -> list[Task]:
-    return [get_task(name) for name in data.tasks] if data.tasks else get_suite(data.suite)
+    tasks = [get_task(name) for name in data.tasks] if data.tasks else get_suite(data.suite)
+    return tasks if data.group_splits else [replace(t, group=None) for t in tasks]
 
 
 def training_examples(tasks: list[Task], data: DataConfig) -> list[list[Example]]:
@@ -130,6 +137,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     save_config(cfg, out / "config.yaml")
     log(f"run folder: {out}")
     log(f"tasks: {', '.join(t.name for t in tasks)}")
+    use_threads(cfg.train.threads, log)
 
     examples = training_examples(tasks, cfg.data)
     base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
@@ -143,17 +151,8 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     save_adapter(model, out / "adapter")
     exported = export_per_task(model, tasks, out / "peft", log)
 
-    report = evaluate_tasks(
-        model,
-        tokenizer,
-        tasks,
-        task_ids={t.name: i for i, t in enumerate(tasks)},
-        progress=lambda r: log(f"  evaluated {r.task}: {r.metric} {r.score:.2f} (n={r.n})"),
-        limit=cfg.eval.limit,
-        seed=cfg.data.split_seed,
-        batch_size=cfg.eval.batch_size,
-        max_length=cfg.eval.max_length,
-    )
+    report = evaluate(model, tokenizer, tasks, cfg, {t.name: i for i, t in enumerate(tasks)}, log)
+    report.majority = majority_report(tasks, seed=cfg.data.split_seed, limit=cfg.eval.limit)
     report.info.update(
         method=cfg.adapter.method,
         model=cfg.model,
@@ -166,6 +165,22 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]
     log(report.to_markdown())
     log(f"results: {out / 'results.json'}")
     return report.to_dict(predictions=False)
+
+
+def evaluate(model, tokenizer, tasks: list[Task], cfg: MultitaskConfig, task_ids=None, log=print) -> Report:
+    """Score ``model`` on each task's test questions as the config says (``task_ids``: the adapter
+    routed to each task name)."""
+    return evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        task_ids=task_ids,
+        progress=lambda r: log(f"  evaluated {r.task}: {r.metric} {r.score:.2f} (n={r.n})"),
+        limit=cfg.eval.limit,
+        seed=cfg.data.split_seed,
+        batch_size=cfg.eval.batch_size,
+        max_length=cfg.eval.max_length,
+    )
 
 
 def export_per_task(model, tasks: list[Task], folder: Path, log=print) -> list[str]:

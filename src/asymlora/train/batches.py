@@ -40,18 +40,55 @@ def encode(tokenizer, example: Example, max_length: int) -> Encoded:
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest item."""
+    """Left-pad to the longest item, with position ids that count real tokens only: every row's
+    target ends at the last column, so the loss needs the LM head only over the last few columns
+    (see ``labelled_tail``). The numbers equal those of a right-padded batch."""
     width = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for row, e in enumerate(items):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
+        ids[row, width - n :] = torch.tensor(e.input_ids)
+        labels[row, width - n :] = torch.tensor(e.labels)
+        mask[row, width - n :] = 1
     task_ids = torch.tensor([e.task_id for e in items], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions,
+        "labels": labels,
+        "task_ids": task_ids,
+    }
+
+
+def length_groups(items: Sequence[Encoded], max_padding: float = 0.25) -> list[list[Encoded]]:
+    """``items`` split into groups of similar length (longest first), each padded to at most
+    ``max_padding`` of its tokens: a batch of short and long prompts does not spend most of its
+    compute on padding. The summed loss and its gradient are those of the whole batch."""
+    groups: list[list[Encoded]] = []
+    for item in sorted(items, key=lambda e: -len(e.input_ids)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            width = len(group[0].input_ids)  # the longest, first in the group
+            real = sum(len(e.input_ids) for e in group) + len(item.input_ids)
+            if width * (len(group) + 1) * (1 - max_padding) <= real:
+                group.append(item)
+                continue
+        groups.append([item])
+    return groups
+
+
+def labelled_tail(labels: torch.Tensor) -> int:
+    """How many last columns of a collated batch the loss reads logits from: the first column
+    with a label (never column 0, whose token nothing predicts) up to the end, plus the column
+    before it, whose logits predict that first label."""
+    has_label = (labels[:, 1:] != IGNORE).any(0)
+    if not bool(has_label.any()):
+        return 1
+    first = 1 + int(has_label.nonzero()[0])
+    return labels.shape[1] - first + 1
 
 
 def task_probabilities(sizes: Sequence[int], temperature: float = 1.0) -> list[float]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.model import AsymLoraModel
+from ..models import accepts_keyword
 from .activations import set_activation_checkpointing
 from .batches import (
     IGNORE,
@@ -26,6 +27,8 @@ from .batches import (
     collate,
     encode,
     hash_seed,
+    labelled_tail,
+    length_groups,
     shard,
     task_probabilities,
 )
@@ -67,12 +70,15 @@ class TrainConfig:
         },
     )
     seed: int = 0
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads (0: one per core); --threads wins over it"}
+    )
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
-        for key in ("warmup_steps", "save_every"):
+        for key in ("warmup_steps", "save_every", "threads"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
         if self.lr <= 0:
@@ -124,13 +130,25 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
 
 
 def token_loss_sum(model: AsymLoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens of ``batch``."""
+    """Summed next-token cross-entropy over the target tokens of a collated (left-padded) batch.
+
+    The vocabulary logits are computed only over the last ``labelled_tail`` columns, where the
+    targets are (``logits_to_keep``): for short answers after long prompts most of the LM head's
+    work and memory is skipped, and the loss is the same as over every column."""
+    labels = batch["labels"]
+    keep = labelled_tail(labels)
+    trim = {"logits_to_keep": keep} if accepts_keyword(model, "logits_to_keep") else {}
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"]
-    ).logits
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        task_ids=batch["task_ids"],
+        **trim,
+    ).logits[:, -keep:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
+        logits[:, :-1].flatten(0, 1),
+        labels[:, labels.shape[1] - keep + 1 :].flatten(),
         ignore_index=IGNORE,
         reduction="sum",
     )
@@ -297,10 +315,15 @@ def tensorboard_writer(run_dir: Path):
 
 
 def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pad_id: int, device) -> float:
-    """Forward and backward over the micro-batches; the gradient is that of the mean token loss over
-    the whole global batch, whatever the split into processes and micro-batches."""
+    """Forward and backward over the micro-batches, each run as groups of similar length; the
+    gradient is that of the mean token loss over the whole global batch, whatever the split into
+    processes, micro-batches and groups."""
     per = len(items) // cfg.grad_accum
-    chunks = [collate(items[i * per : (i + 1) * per], pad_id) for i in range(cfg.grad_accum)]
+    chunks = [
+        collate(group, pad_id)
+        for i in range(cfg.grad_accum)
+        for group in length_groups(items[i * per : (i + 1) * per])
+    ]
     local_tokens = sum(int((c["labels"][:, 1:] != IGNORE).sum()) for c in chunks)
     total_tokens = int(all_sum(torch.tensor(float(local_tokens)), proc).item())
     loss_sum = 0.0
@@ -314,7 +337,9 @@ def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pa
         for p in model.parameters():
             if p.requires_grad and p.grad is not None:
                 all_sum(p.grad, proc)
-    return float(all_sum(torch.tensor(loss_sum), proc)) / max(total_tokens, 1)  # mean token loss
+    return float(all_sum(torch.tensor(loss_sum, dtype=torch.float64), proc)) / max(
+        total_tokens, 1
+    )  # mean token loss
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
