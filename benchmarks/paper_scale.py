@@ -68,10 +68,16 @@ def shape_config(shape: str, overrides: list[str]):
 
 
 def build_base(config, dtype: torch.dtype, device: torch.device):
-    """Random weights (seeded), built on ``device`` in ``dtype``: nothing is read from disk."""
+    """Random weights (seeded), built on ``device`` in ``dtype``: nothing is read from disk, and a
+    7B model never exists in float32 (the default dtype works with every transformers release)."""
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
     return model.requires_grad_(False)
 
 
@@ -261,7 +267,10 @@ def measure(base, chosen: dict[str, Variant], checkpointing: list[bool], args, d
             inputs = {k: v.to(device) for k, v in variant.inputs(args.batch).items()}
             if not rnd:
                 model.train()
-                saved[(name, ckpt)] = saved_bytes(model, batch, inputs)
+                try:
+                    saved[(name, ckpt)] = saved_bytes(model, batch, inputs)
+                except torch.cuda.OutOfMemoryError:  # too big for this GPU: NaN
+                    saved[(name, ckpt)] = float("nan")
                 trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             memory.reset()
             try:
