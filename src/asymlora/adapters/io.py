@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -14,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import InputError, MissingFileError
 from .config import AdapterConfig
 from .model import AsymLoraModel, _model_type
 
@@ -22,15 +24,25 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename, so a crash leaves the old file."""
+    """Write through a temp file in the same folder and rename, so a crash leaves the old file.
+    The file gets the mode any new file gets (0666 less the umask), not the temp file's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def give_new_file_mode(path: str | Path) -> None:
+    """Set the mode any new file gets (0666 less the umask) on a file that a writer made 0600
+    (a temporary file, safetensors' writer)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -41,7 +53,11 @@ def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) ->
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException:  # a full disk, a kill by exception: leave no half-written folder.tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
@@ -66,8 +82,7 @@ def _write_folder(
 ) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: write_tensors(tensors, tmp, metadata))
     atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
@@ -82,15 +97,32 @@ def save_adapter(model: AsymLoraModel, folder: str | Path) -> Path:
     )
 
 
+def write_tensors(
+    tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, with the file's mode that of any new file (not 0600) and
+    its I/O failures (a full disk) raised as the ``OSError`` they are, naming the file, instead
+    of a ``SafetensorError``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+        give_new_file_mode(path)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
     """Read a safetensors file, turning a missing, truncated or corrupted file into one clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingFileError(f"{path}: file not found")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a readable safetensors file (truncated or corrupted?): {err}"
         ) from None
 
@@ -99,11 +131,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
     """Add the adapters saved in ``folder`` to a freshly loaded base ``model``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such adapter folder")
+        raise MissingFileError(f"{folder}: no such adapter folder")
     config = AdapterConfig.load(folder / CONFIG_FILE)
     found = _model_type(model)
     if config.model_type and found and config.model_type != found:
-        raise ValueError(
+        raise InputError(
             f"{folder / CONFIG_FILE}: this adapter was made for a {config.model_type!r} model, but the model given is "
             f"{found!r}; load it onto the base model it was trained on ({config.base_model_name_or_path})"
         )
@@ -112,12 +144,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> AsymLoraModel:
     try:
         wrapped = AsymLoraModel(model, config)
     except ValueError as err:  # e.g. target_modules that match nothing in this model
-        raise ValueError(f"{folder / CONFIG_FILE}: {err}") from None
+        raise InputError(f"{folder / CONFIG_FILE}: {err}") from None
     try:
         wrapped.load_adapter_state_dict(tensors)
     except ValueError as err:
         wrapped.unload()
-        raise ValueError(f"{folder / WEIGHTS_FILE}: {err}") from None
+        raise InputError(f"{folder / WEIGHTS_FILE}: {err}") from None
     return wrapped
 
 
@@ -145,7 +177,7 @@ def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], fold
             continue
         axis, size = sizes[kind]
         if tensor.dim() != 2 or tensor.shape[axis] != size:
-            raise ValueError(
+            raise InputError(
                 f"{folder / CONFIG_FILE} does not match {folder / WEIGHTS_FILE}: the config "
                 f"(method={config.method}, r={config.r}, num_experts={config.num_experts}, d_m={config.d_m}) "
                 f"gives {kind} {size} along axis {axis}, but {name} has shape {tuple(tensor.shape)}"
@@ -153,7 +185,7 @@ def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], fold
         seen.add(kind)
     missing = sorted(set(sizes) - seen)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{folder / WEIGHTS_FILE}: no {', '.join(missing)} tensors: not an adapter of this config"
         )
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .config import AdapterConfig
 
 
@@ -58,6 +59,18 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight.to(x.dtype))
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)."""
+    return type(layer).__name__ == "Conv1D"
+
+
+def layer_dims(base_layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an ``nn.Linear`` (weight (d_out, d_in)) or a ``Conv1D``."""
+    shape = base_layer.weight.shape
+    d_in, d_out = shape if is_conv1d(base_layer) else shape[::-1]
+    return int(d_in), int(d_out)
+
+
 class AdapterLayer(nn.Module):
     """What every adapter layer shares: the frozen base layer (``nn.Linear``, weight (d_out, d_in),
     or GPT-2's ``Conv1D``, weight (d_in, d_out)), dropout on the adapter input, and a forward that
@@ -66,10 +79,9 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, routing: RoutingState) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        self.fan_in_fan_out = is_conv1d(base_layer)
         weight = base_layer.weight
-        d_in, d_out = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
-        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.d_in, self.d_out = layer_dims(base_layer)
         self.r = config.r
         self.scale = config.scale
         self.routing = routing
@@ -82,6 +94,11 @@ class AdapterLayer(nn.Module):
         if self.disabled:
             return y
         return y + self.delta(x).to(y.dtype)
+
+    @staticmethod
+    def planned_parameters(config: AdapterConfig, d_in: int, d_out: int) -> int:
+        """How many numbers the layer's adapter will hold, known before it allocates them."""
+        raise NotImplementedError
 
     def delta(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -125,6 +142,12 @@ class MultiLoraLinear(AdapterLayer):
             if learned
             else None
         )  # (K, d_in)
+
+    @staticmethod
+    def planned_parameters(config: AdapterConfig, d_in: int, d_out: int) -> int:
+        """lora_A (K_a r, d_in), lora_B (d_out, K_b r) and a learned router (K, d_in)."""
+        learned = config.num_experts > 1 and config.router in ("softmax", "topk")
+        return config.r * (config.k_a * d_in + config.k_b * d_out) + learned * config.num_experts * d_in
 
     # --- routing ------------------------------------------------------------------------------
     def gates(self, x: Tensor) -> Tensor:
@@ -171,13 +194,13 @@ class MultiLoraLinear(AdapterLayer):
         if self.num_experts == 1:
             return 0
         if self.router_kind != "task":
-            raise ValueError(
+            raise InputError(
                 f"this adapter mixes its {self.num_experts} experts with a learned {self.router_kind} router: "
                 "the update depends on each token, so it is not a fixed low-rank matrix and cannot be "
                 "merged or exported as a plain LoRA. Train with router='task' to get one LoRA per task."
             )
         if task is None or not 0 <= task < self.num_experts:
-            raise ValueError(f"choose the task to export or merge: task must be in 0..{self.num_experts - 1}")
+            raise InputError(f"choose the task to export or merge: task must be in 0..{self.num_experts - 1}")
         return task
 
     def lora_pair(self, task: int | None = None) -> tuple[Tensor, Tensor]:
@@ -220,6 +243,12 @@ class FactoredLoraLinear(AdapterLayer):
         self.lora_B1 = param(kaiming_uniform((r, d_m), gen))  # (r, d_m)
         self.lora_B2 = param(torch.zeros(self.d_out, r))  # (d_out, r)
         self.lora_B_base = param(torch.zeros(self.d_out, d_m), trainable=False)  # (d_out, d_m)
+
+    @staticmethod
+    def planned_parameters(config: AdapterConfig, d_in: int, d_out: int) -> int:
+        """lora_A (r, d_in), lora_M (d_m, r), lora_B1 (r, d_m), lora_B2 (d_out, r), B_base (d_out, d_m)."""
+        r, d_m = config.r, config.d_m
+        return r * d_in + 2 * d_m * r + d_out * r + d_out * d_m
 
     def delta(self, x: Tensor) -> Tensor:
         u = linear(linear(self.dropout(x), self.lora_A), self.lora_M) * self.scale  # (..., d_m)

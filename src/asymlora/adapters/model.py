@@ -3,15 +3,16 @@ task, merge, unload."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .config import AdapterConfig
-from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState
+from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState, layer_dims
 from .targets import find_target_modules
 
 
@@ -46,7 +47,7 @@ class AsymLoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         if isinstance(model, AsymLoraModel):
-            raise ValueError("this model already has asymlora adapters; call .unload() first")
+            raise InputError("this model already has asymlora adapters; call .unload() first")
         if config.model_type is None:
             config.model_type = _model_type(model)
         if config.base_model_name_or_path is None:
@@ -59,8 +60,10 @@ class AsymLoraModel(nn.Module):
         self.routing = RoutingState()
         model.requires_grad_(False)
         self.adapted: dict[str, AdapterLayer] = {}
-        for name, module in find_target_modules(model, config.target_modules, config.layers).items():
-            layer_class = FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
+        targets = find_target_modules(model, config.target_modules, config.layers)
+        layer_class = FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
+        check_adapter_size(model, config, targets, layer_class)
+        for name, module in targets.items():
             layer = layer_class(module, config, name, self.routing).train(module.training)
             _set_submodule(model, name, layer)
             self.adapted[name] = layer
@@ -135,6 +138,37 @@ class AsymLoraModel(nn.Module):
         return self.unload()
 
 
+def check_adapter_size(
+    model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], layer_class: type[AdapterLayer]
+) -> None:
+    """Refuse, before anything is allocated, an adapter with more numbers than the base model it
+    adapts (an adapter is a small addition; r = 10^8 or 10^5 experts would ask for ~100 GB)."""
+    planned = sum(layer_class.planned_parameters(config, *layer_dims(m)) for m in targets.values())
+    base = sum(p.numel() for p in model.parameters())
+    if planned > base:
+        raise InputError(
+            f"adapter config: method={config.method}, r={config.r}, num_experts={config.num_experts}"
+            + (f", d_m={config.d_m}" if config.method == "factored" else "")
+            + f" on {len(targets)} modules would hold {planned:,} parameters, more than the "
+            f"{base:,} of the base model",
+            hint="lower adapter.r or adapter.num_experts: an adapter is meant to be small",
+        )
+
+
+def check_ranks_fit(model: nn.Module, config: AdapterConfig, ranks: Mapping[str, int]) -> None:
+    """Refuse ranks (by config key: ``{"adapter.r": 8}``) above the smaller dimension of the
+    smallest module ``config`` targets: a higher rank adds memory, not expressiveness."""
+    targets = find_target_modules(model, config.target_modules, config.layers)
+    limit = min(min(layer_dims(m)) for m in targets.values())
+    over = [f"{key}={rank}" for key, rank in ranks.items() if rank > limit]
+    if over:
+        raise InputError(
+            f"{', '.join(over)}: above {limit}, the smaller dimension of the smallest target module "
+            "(a larger rank adds memory, not expressiveness)",
+            hint=f"use a rank of at most {limit}",
+        )
+
+
 def check_adapter_state(
     state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str = "adapter"
 ) -> None:
@@ -157,7 +191,7 @@ def check_adapter_state(
     if not_float:
         problems.append(f"non-float tensors: {_few(not_float)}")
     if problems:
-        raise ValueError(f"{source} does not fit this model: " + "; ".join(problems))
+        raise InputError(f"{source} does not fit this model: " + "; ".join(problems))
 
 
 def _few(items: list[str], n: int = 5) -> str:

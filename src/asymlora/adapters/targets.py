@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from ..errors import InputError
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -50,7 +52,7 @@ def find_target_modules(
         found[name] = module
     if not found:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_adaptable(m)})
-        raise ValueError(
+        raise InputError(
             f"no module of {type(model).__name__} matches target_modules={targets!r}"
             + (f" in layers {sorted(wanted_layers)}" if wanted_layers is not None else "")
             + f"; its linear modules are named: {', '.join(leaves)}"

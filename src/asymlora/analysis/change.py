@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..adapters.targets import layer_index
+from ..errors import InputError
 from .metrics import direction_change, mean, norm_change, relative_change
 from .weights import KINDS, load_weights
 
@@ -37,7 +38,7 @@ def change(init: str | Path, final: str | Path) -> dict[str, Any]:
     shapes0 = {k: tuple(v.shape) for k, v in w0.tensors.items()}
     shapes1 = {k: tuple(v.shape) for k, v in w1.tensors.items()}
     if shapes0 != shapes1 or w0.config.r != w1.config.r:
-        raise ValueError(f"{w0.folder} and {w1.folder} are not the same adapter at two times (shapes differ)")
+        raise InputError(f"{w0.folder} and {w1.folder} are not the same adapter at two times (shapes differ)")
     result: dict[str, Any] = {
         "analysis": "change",
         "init": str(w0.folder),

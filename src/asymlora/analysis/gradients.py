@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..adapters.model import AsymLoraModel
 from ..adapters.targets import layer_index
+from ..errors import InputError
 from ..train.batches import IGNORE, Example, collate, encode
 from ..train.loop import token_loss_sum
 from .metrics import count_conflicts, mean, pairwise_cosines
@@ -44,13 +45,13 @@ def make_batches(
 def check_sharing(model: AsymLoraModel, share: str, num_tasks: int) -> str:
     """The shared matrix ("A" or "B") of ``model`` under ``share``, or a ValueError saying why not."""
     if share not in SHARES:
-        raise ValueError(f"share={share!r} must be 'a' (HydraLoRA-shaped) or 'b' (ALoRA-shaped)")
+        raise InputError(f"share={share!r} must be 'a' (HydraLoRA-shaped) or 'b' (ALoRA-shaped)")
     kind, method = SHARES[share]
     cfg = model.adapter_config
     if cfg.method != method:
-        raise ValueError(f"share={share!r} needs a {method} adapter (one shared {kind}), not {cfg.method}")
+        raise InputError(f"share={share!r} needs a {method} adapter (one shared {kind}), not {cfg.method}")
     if num_tasks < 2 or num_tasks > cfg.num_experts:
-        raise ValueError(f"need 2..{cfg.num_experts} tasks (one per expert), got {num_tasks}")
+        raise InputError(f"need 2..{cfg.num_experts} tasks (one per expert), got {num_tasks}")
     return kind
 
 
@@ -97,7 +98,7 @@ def gradient_conflicts(
     if any(not 0 <= t < model.adapter_config.num_experts for t in tasks) or any(
         not by_task[t] for t in tasks
     ):
-        raise ValueError(f"task ids must be in 0..{model.adapter_config.num_experts - 1}, each with batches")
+        raise InputError(f"task ids must be in 0..{model.adapter_config.num_experts - 1}, each with batches")
     grads = {t: task_gradients(model, by_task[t], t) for t in tasks}
     rows = []
     for module in model.adapted:

@@ -12,6 +12,8 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 
 def top_row_basis(m: Tensor, k: int) -> Tensor:
     """The top-``k`` right singular vectors of ``m`` (n, d), as orthonormal columns: (d, k)."""
@@ -32,10 +34,10 @@ def subspace_similarity(x: Tensor, y: Tensor, i: int, j: int) -> float | None:
     None where x or y has fewer than i (j) independent rows: the trailing singular vectors of a
     rank-deficient matrix (B at its zero initialisation, say) are arbitrary, so phi would be noise."""
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"cannot compare row spaces of shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        raise InputError(f"cannot compare row spaces of shapes {tuple(x.shape)} and {tuple(y.shape)}")
     for name, m, k in (("i", x, i), ("j", y, j)):
         if not 1 <= k <= min(m.shape):
-            raise ValueError(
+            raise InputError(
                 f"{name}={k} must be in 1..{min(m.shape)} for a matrix of shape {tuple(m.shape)}"
             )
     if numerical_rank(x) < i or numerical_rank(y) < j:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..adapters import AdapterConfig, wrap
 from ..data.task import Task
+from ..errors import InputError
 from ..train import Example, TrainConfig, train
 from .gradients import SHARES, gradient_conflicts, make_batches
 from .metrics import mean
@@ -40,9 +41,9 @@ class GradientExperiment:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "max_length", "examples", "r"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+                raise InputError(f"{key}={getattr(self, key)} must be >= 1")
         if self.measure_every < 0:
-            raise ValueError(f"measure_every={self.measure_every} must be >= 0")
+            raise InputError(f"measure_every={self.measure_every} must be >= 0")
 
     def measure_steps(self) -> list[int]:
         every = self.measure_every or self.steps
@@ -54,7 +55,7 @@ def pool_snapshots(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per module the gradient norms averaged over snapshots (per task), conflicts and pairs summed;
     plus ``layers``: conflicts and pairs per transformer block."""
     if not snapshots:
-        raise ValueError("no snapshots to pool")
+        raise InputError("no snapshots to pool")
     first = snapshots[0]
     rows = []
     for k, row in enumerate(first["modules"]):
@@ -118,9 +119,9 @@ def run_gradient_experiment(
     Returns the pooled result (``pool_snapshots``) with ``steps_measured`` and every snapshot under
     ``by_step``. ``run_dir`` receives the training's metrics.jsonl and checkpoint/."""
     if share not in SHARES:
-        raise ValueError(f"share={share!r} must be 'a' (HydraLoRA-shaped) or 'b' (ALoRA-shaped)")
+        raise InputError(f"share={share!r} must be 'a' (HydraLoRA-shaped) or 'b' (ALoRA-shaped)")
     if len(tasks) < 2:
-        raise ValueError(f"gradient conflicts need at least 2 tasks, got {len(tasks)}")
+        raise InputError(f"gradient conflicts need at least 2 tasks, got {len(tasks)}")
     if load is None:
         from ..models import load_model as load
     examples = task_examples(tasks, exp.split_seed)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.targets import layer_index
+from ..errors import InputError
 from .metrics import mean, subspace_similarity
 from .weights import KINDS, AdapterWeights, load_weights
 
@@ -23,14 +24,14 @@ def expert_pairs(
             return [(k, k) for k in range(n_a)]
         if min(n_a, n_b) == 1:
             return [(0 if n_a == 1 else k, 0 if n_b == 1 else k) for k in range(max(n_a, n_b))]
-        raise ValueError(
+        raise InputError(
             f"the adapters have {n_a} and {n_b} experts: choose which to compare (expert_a, expert_b)"
         )
     ea = expert_a if expert_a is not None else expert_b
     eb = expert_b if expert_b is not None else expert_a
     for name, e, n in (("expert_a", ea, n_a), ("expert_b", eb, n_b)):
         if not 0 <= e < n:
-            raise ValueError(f"{name}={e} must be in 0..{n - 1}")
+            raise InputError(f"{name}={e} must be in 0..{n - 1}")
     return [(ea, eb)]
 
 
@@ -56,10 +57,10 @@ def similarity(
     i = wa.config.r if i is None else i
     j = wb.config.r if j is None else j
     if not 1 <= i <= wa.config.r or not 1 <= j <= wb.config.r:
-        raise ValueError(f"i={i} must be in 1..{wa.config.r} and j={j} in 1..{wb.config.r} (the ranks)")
+        raise InputError(f"i={i} must be in 1..{wa.config.r} and j={j} in 1..{wb.config.r} (the ranks)")
     modules = [m for m in wa.modules if m in set(wb.modules)]
     if not modules:
-        raise ValueError(f"{wa.folder} and {wb.folder} adapt no module in common")
+        raise InputError(f"{wa.folder} and {wb.folder} adapt no module in common")
     pairs = expert_pairs(wa, wb, expert_a, expert_b)
     result: dict[str, Any] = {
         "analysis": "similarity",
@@ -79,7 +80,7 @@ def similarity(
         for module in modules:
             xs, ys = wa.blocks(module, kind), wb.blocks(module, kind)
             if xs[0].shape[1] != ys[0].shape[1]:
-                raise ValueError(f"{module}: {kind} has different sizes in the two adapters")
+                raise InputError(f"{module}: {kind} has different sizes in the two adapters")
             phis = [subspace_similarity(xs[ba], ys[bb], i, j) for ba, bb in blocks]
             rows.append({"module": module, "layer": layer_index(module), "phi": phis, "mean": mean(phis)})
         result[kind] = {"blocks": [list(b) for b in blocks], "modules": rows}

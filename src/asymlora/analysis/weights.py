@@ -20,6 +20,7 @@ from torch import Tensor
 from ..adapters.config import AdapterConfig
 from ..adapters.io import CONFIG_FILE, WEIGHTS_FILE, read_tensors
 from ..adapters.targets import layer_index
+from ..errors import InputError, MissingFileError
 
 KINDS = ("A", "B")
 SUBFOLDERS = ("adapter", "checkpoint")  # where a run folder keeps its adapter
@@ -31,7 +32,7 @@ def resolve_adapter_folder(path: str | Path) -> Path:
     for candidate in (path, *(path / sub for sub in SUBFOLDERS)):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{path}: no adapter here: expected {CONFIG_FILE} in it or in its "
         + " or ".join(f"{s}/" for s in SUBFOLDERS)
     )
@@ -78,13 +79,13 @@ def load_weights(path: str | Path) -> AdapterWeights:
     tensors = read_tensors(folder / WEIGHTS_FILE)
     weights = AdapterWeights(folder, config, tensors)
     if not weights.modules:
-        raise ValueError(f"{folder / WEIGHTS_FILE}: no lora_A / lora_B tensors in it")
+        raise InputError(f"{folder / WEIGHTS_FILE}: no lora_A / lora_B tensors in it")
     for module in weights.modules:
         a, b = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
         if a is None or b is None or a.dim() != 2 or b.dim() != 2:
-            raise ValueError(f"{folder / WEIGHTS_FILE}: {module} needs a 2-d lora_A and lora_B")
+            raise InputError(f"{folder / WEIGHTS_FILE}: {module} needs a 2-d lora_A and lora_B")
         if a.shape[0] != config.k_a * config.r or b.shape[1] != config.k_b * config.r:
-            raise ValueError(
+            raise InputError(
                 f"{folder / WEIGHTS_FILE}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
                 f"but its config says {config.method} with r={config.r}, num_experts={config.num_experts}"
             )

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.data.task import DataFormatError, Kind, PromptTemplate, mc_record, target_record
+from asymlora.errors import AsymloraError
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 SOURCE_ENV = "ASYMLORA_BIGBENCH_SOURCE"
 TASKS_PATH = "bigbench/benchmark_tasks"
 
 
-class BigBenchUnavailableError(RuntimeError):
+class BigBenchUnavailableError(AsymloraError, RuntimeError):
     """The BIG-bench task files could not be obtained; the message says how to get them."""
 
 

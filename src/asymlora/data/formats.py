@@ -31,6 +31,7 @@ from asymlora.data.task import (
     mc_record,
     target_record,
 )
+from asymlora.errors import InputError
 
 ALPACA_TEMPLATE = PromptTemplate(
     prefix="Below is an instruction that describes a task. "
@@ -46,28 +47,36 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+        items = _parse_json(text, f"{path}")
         located = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     else:
-        located = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+        located = [
+            (f"{path}:{lineno}", _parse_json(line, f"{path}:{lineno}"))
+            for lineno, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     for where, item in located:
         if not isinstance(item, dict):
             raise DataFormatError(f"{where}: expected a JSON object, got {type(item).__name__}")
     if not located:
         raise DataFormatError(f"{path}: no examples")
     return located
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = f":{err.lineno}" if "\n" in text else ""
+        raise DataFormatError(f"{where}{line}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply") from None
 
 
 def detect_format(record: dict[str, Any]) -> str:
@@ -94,7 +103,7 @@ def file_task(path: str | Path, *, kind: Kind | None = None, name: str | None = 
     except DataFormatError as err:
         raise DataFormatError(f"{where}: {err}") from None
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise InputError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     parse = {"user": parse_user, "llm_adapters": parse_llm_adapters, "instruction": parse_instruction}[fmt]
     kind, records = parse(located, kind)
     template = VERBATIM_TEMPLATE if fmt == "user" else ALPACA_TEMPLATE
@@ -164,7 +173,7 @@ def _instruction_text(item: dict[str, Any], where: str) -> str:
 
 
 def parse_llm_adapters(located: Sequence[tuple[str, dict]], kind: Kind | None) -> tuple[Kind, list[dict]]:
-    labelled = all(_ANSWER_FORMAT.search(item.get("instruction", "")) for _, item in located)
+    labelled = all(_ANSWER_FORMAT.search(str(item.get("instruction") or "")) for _, item in located)
     if kind is None:
         numeric = all(_is_number(str(item.get("answer", ""))) for _, item in located)
         kind = "multiple_choice" if labelled else "numeric" if numeric else "text"

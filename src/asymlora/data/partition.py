@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from asymlora.errors import InputError
+
 MAX_DRAWS = 100  # redraws allowed to give every client at least ``min_size`` examples
 
 
@@ -24,11 +26,11 @@ def dirichlet_split(
     ``min_size`` examples, and raises ValueError when that does not succeed (too few examples
     for the number of clients, or alpha too small)."""
     if num_clients < 1:
-        raise ValueError(f"num_clients={num_clients} must be >= 1")
+        raise InputError(f"num_clients={num_clients} must be >= 1")
     if alpha <= 0:
-        raise ValueError(f"alpha={alpha} must be > 0")
+        raise InputError(f"alpha={alpha} must be > 0")
     if len(labels) < num_clients * min_size:
-        raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients at least {min_size} each")
+        raise InputError(f"{len(labels)} examples cannot give {num_clients} clients at least {min_size} each")
     rng = np.random.default_rng(seed)
     by_label: dict[int, np.ndarray] = {}
     for label in sorted(set(labels)):
@@ -37,7 +39,7 @@ def dirichlet_split(
         parts = _one_draw(by_label, num_clients, alpha, rng)
         if min(len(p) for p in parts) >= min_size:
             return parts
-    raise ValueError(
+    raise InputError(
         f"no Dirichlet(alpha={alpha}) split in {MAX_DRAWS} draws gave each of {num_clients} clients "
         f"at least {min_size} examples; raise alpha or lower the number of clients"
     )

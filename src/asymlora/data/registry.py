@@ -14,12 +14,14 @@ Suites:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from asymlora.data.bigbench import bigbench_root, ensure_bigbench, read_task_json, records_from_task
 from asymlora.data.formats import file_task
 from asymlora.data.task import VERBATIM_TEMPLATE, Kind, PromptTemplate, Task, UnknownTaskError, target_record
+from asymlora.errors import UsageError
 from asymlora.models import cache_dir
 
 GSM_SIZE = 1000
@@ -181,6 +183,26 @@ def get_task(name: str) -> Task:
         f"unknown task {name!r}; available tasks: {', '.join(list_tasks())} "
         "(or give the path of a .json / .jsonl file)"
     )
+
+
+def get_tasks(names: Sequence[str]) -> list[Task]:
+    """The tasks ``names`` give (see ``get_task``), each under a name of its own: two files
+    ``a/t.jsonl`` and ``b/t.jsonl`` become tasks ``t-0`` and ``t-1``, since a task's name is its
+    key in results, routing and exports. An empty list, and a task given twice, are refused."""
+    if not names:
+        raise UsageError("no task given: name at least one task or .json/.jsonl file")
+    seen = [name if name in TASKS else str(Path(name).resolve()) for name in names]
+    twice = [name for name, key in zip(names, seen, strict=True) if seen.count(key) > 1]
+    if twice:
+        raise UsageError(f"task {twice[0]} is given twice; give each task once")
+    tasks = [get_task(name) for name in names]
+    unique = unique_names([t.name for t in tasks])
+    return [t if t.name == u else replace(t, name=u) for t, u in zip(tasks, unique, strict=True)]
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Names made unique by a suffix where two share one (two files ``a.jsonl``)."""
+    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
 def is_downloaded(task: Task) -> bool:

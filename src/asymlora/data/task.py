@@ -19,6 +19,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Sequence as SequenceFeature
 
+from asymlora.errors import AsymloraError, InputError
+
 Kind = Literal["multiple_choice", "numeric", "text"]
 KINDS: tuple[Kind, ...] = ("multiple_choice", "numeric", "text")
 
@@ -32,11 +34,11 @@ RECORD_FEATURES = Features(
 )
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """Input data that does not have the expected shape; the message names the file and line."""
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(AsymloraError, KeyError):
     """A task or suite name that is not registered; the message lists the available ones."""
 
     def __str__(self) -> str:  # KeyError would print the message in quotes

@@ -16,7 +16,7 @@ import yaml
 from ..adapters import AdapterConfig
 from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.partition import dirichlet_split
-from ..data.registry import SUITES, get_suite, get_task
+from ..data.registry import SUITES, get_suite, get_tasks
 from ..data.task import Task, continuation
 from ..federated import METHODS
 from ..federated.validate import NORMS, UploadLimits
@@ -254,11 +254,10 @@ def task_examples(task: Task, clients: ClientsConfig) -> list[Example]:
 
 def build_clients(clients: ClientsConfig) -> list[ClientData]:
     """The federation's clients: one per task, or a Dirichlet split of the pooled tasks."""
-    tasks = [get_task(t) for t in clients.tasks] if clients.tasks else get_suite(clients.suite)
+    tasks = get_tasks(clients.tasks) if clients.tasks else get_suite(clients.suite)
     pools = [task_examples(task, clients) for task in tasks]
-    if clients.partition == "task":
-        names = unique_names([t.name for t in tasks])
-        return [ClientData(n, [t], [1.0], [p]) for n, t, p in zip(names, tasks, pools, strict=True)]
+    if clients.partition == "task":  # one client per task, named after it (names are unique)
+        return [ClientData(t.name, [t], [1.0], [p]) for t, p in zip(tasks, pools, strict=True)]
     labels = [t for t, pool in enumerate(pools) for _ in pool]
     flat = [ex for pool in pools for ex in pool]
     parts = dirichlet_split(labels, clients.num_clients, clients.dirichlet_alpha, clients.split_seed)
@@ -271,11 +270,6 @@ def build_clients(clients: ClientsConfig) -> list[ClientData]:
         shares = [len(e) / len(indices) for e in examples]
         out.append(ClientData(f"client-{i}", [tasks[t] for t in held], shares, examples))
     return out
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """Names made unique by a suffix where two clients' tasks share one (two files ``a.jsonl``)."""
-    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
 # --- what every engine builds from them ---------------------------------------------------------

@@ -41,11 +41,11 @@ from statistics import fmean
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
-from ..adapters.io import complete_folder, write_folder_atomically
+from ..adapters.io import complete_folder, write_folder_atomically, write_tensors
+from ..errors import AsymloraError, InputError
 from ..federated import FederatedMethod
 from ..federated.comm import round_counts
 from ..federated.common import BASE_DELTA, A, M, Tensors, module_of, part, select
@@ -100,7 +100,7 @@ class RoundLog:
     rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
-class RoundError(RuntimeError):
+class RoundError(AsymloraError, RuntimeError):
     """Too few clients were left in a round after drops and rejections; ``log`` says why."""
 
     def __init__(self, rnd: int, min_clients: int, accepted: list[str], reasons: list[str], log: RoundLog):
@@ -403,11 +403,11 @@ class LocalSimulator:
         def fill(tmp: Path) -> None:
             (tmp / CLIENTS_DIR).mkdir()
             for i, state in enumerate(self.states):
-                save_file(_cpu(state), str(tmp / CLIENTS_DIR / f"{i}.safetensors"))
-            save_file(_cpu(self.server), str(tmp / SERVER_FILE))
+                write_tensors(state, tmp / CLIENTS_DIR / f"{i}.safetensors")
+            write_tensors(self.server, tmp / SERVER_FILE)
             if self.merges_base:
                 weights = {name: layer.weight for name, layer in self.base_layers.items()}
-                save_file(_cpu(weights), str(tmp / BASE_FILE))
+                write_tensors(weights, tmp / BASE_FILE)
             meta = {"format": FORMAT, "round": self.round, "method": self.method.name}
             meta |= {"num_clients": len(self.clients), "record": dict(record or {})}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -420,9 +420,9 @@ class LocalSimulator:
         folder = Path(folder)
         state = _read_state(folder / STATE_FILE)
         if state.get("format") != FORMAT:
-            raise ValueError(f"{folder}: not a federation checkpoint")
+            raise InputError(f"{folder}: not a federation checkpoint")
         if (state["method"], state["num_clients"]) != (self.method.name, len(self.clients)):
-            raise ValueError(
+            raise InputError(
                 f"{folder}: checkpoint of {state['method']} with {state['num_clients']} clients, "
                 f"but this run is {self.method.name} with {len(self.clients)}"
             )
@@ -450,10 +450,12 @@ def _read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable checkpoint state ({err})") from None
+        raise InputError(f"{path}: not a readable checkpoint state ({err})") from None
     keys = ("format", "round", "method", "num_clients", "record")
     if not isinstance(state, dict) or any(k not in state for k in keys):
-        raise ValueError(f"{path}: not a federation checkpoint (expected the keys {', '.join(keys)})")
+        raise InputError(f"{path}: not a federation checkpoint (expected the keys {', '.join(keys)})")
+    if isinstance(state["round"], bool) or not isinstance(state["round"], int) or state["round"] < 0:
+        raise InputError(f"{path}: round={state['round']!r} is not a round number")
     return state
 
 
@@ -465,10 +467,6 @@ def _shape_of(config: AdapterConfig) -> tuple:
 def _fan_in_fan_out(layer: nn.Module) -> bool:
     """GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)."""
     return type(layer).__name__ == "Conv1D"
-
-
-def _cpu(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
 def _to(tensors: Mapping[str, Tensor], device: torch.device) -> Tensors:

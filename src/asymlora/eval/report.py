@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from asymlora.errors import InputError
+
 from .stats import Table, top_answer_share
 
 
@@ -33,10 +35,10 @@ def delta_m(scores: Mapping[str, float], references: Mapping[str, float]) -> flo
     ``100 / T * sum_t (score_t - ref_t) / ref_t`` (higher-is-better metrics)."""
     missing = sorted(set(scores) - set(references))
     if missing:
-        raise ValueError(f"no reference score for: {', '.join(missing)}")
+        raise InputError(f"no reference score for: {', '.join(missing)}")
     zero = sorted(t for t in scores if references[t] == 0)
     if zero:
-        raise ValueError(f"delta-m is undefined with a zero reference score (tasks: {', '.join(zero)})")
+        raise InputError(f"delta-m is undefined with a zero reference score (tasks: {', '.join(zero)})")
     return 100 * statistics.fmean((scores[t] - references[t]) / references[t] for t in scores)
 
 
@@ -44,7 +46,7 @@ def summarize(scores: Mapping[str, float], references: Mapping[str, float] | Non
     """Average, worst task, population standard deviation across tasks, and delta-m % when
     ``references`` are given."""
     if not scores:
-        raise ValueError("no task scores to summarize")
+        raise InputError("no task scores to summarize")
     worst = min(scores, key=scores.__getitem__)
     return {
         "average": statistics.fmean(scores.values()),
@@ -94,7 +96,7 @@ class Report:
         table = Table(names, models)
         out = {
             "intervals": {k: iv.as_dict() for k, iv in table.intervals()["model"].items()},
-            "top_answer_share": {e["task"]: top_answer_share(given_answers(e)) for e in entries},
+            "top_answer_share": {e["task"]: most_frequent_answer_share(e) for e in entries},
         }
         if self.majority is not None:
             out["majority_answer"] = {
@@ -185,3 +187,14 @@ def given_answers(task: Mapping[str, Any]) -> list[Any]:
     written before the text was kept), the extracted number, or the generated text."""
     key = {"acc": "choice", "exact_match": "extracted"}.get(task["metric"], "output")
     return [p.get(key, p.get("pick")) for p in task["predictions"]]
+
+
+def most_frequent_answer_share(task: Mapping[str, Any]) -> float:
+    """How much of a task one answer takes (%): the share of the most frequent answer text, or for
+    multiple choice of the most frequent picked position where that is higher (the choices of
+    social_iqa differ per question, so a model stuck on "the first listed choice" shows there).
+    100: the same answer, or the same position, for every question."""
+    share = top_answer_share(given_answers(task))
+    if task["metric"] == "acc":
+        share = max(share, top_answer_share([p["pick"] for p in task["predictions"]]))
+    return share

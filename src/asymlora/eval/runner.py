@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from asymlora.data.task import Task, continuation
+from asymlora.errors import check_at_least
 from asymlora.eval.metrics import accuracy, extract_number, mc_picks, numbers_equal, rouge
 from asymlora.eval.report import Report, TaskResult
 from asymlora.eval.scoring import ForwardKwargs, continuation_logprobs, greedy_generate
@@ -49,6 +50,14 @@ def test_examples(task: Task, *, split: str = "test", seed: int = 0, limit: int 
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
+def check_eval_options(limit: int | None, batch_size: int, max_length: int) -> None:
+    """Refuse a limit, batch size or context length below 1."""
+    check_at_least("batch_size", batch_size, 1)
+    check_at_least("max_length", max_length, 1)
+    if limit is not None:
+        check_at_least("limit", limit, 1)
+
+
 def evaluate_task(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -66,6 +75,7 @@ def evaluate_task(
 
     ``task_id`` passes ``task_ids`` to the forward (adapters routed by task); ``forward_kwargs`` is
     the general hook (batch size -> extra keyword arguments) and wins when both are given."""
+    check_eval_options(limit, batch_size, max_length)
     if examples is None:
         examples = test_examples(task, seed=seed, limit=limit)
     if forward_kwargs is None and task_id is not None:

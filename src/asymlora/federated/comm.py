@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError, check_at_least
 from .base import FederatedMethod
 from .common import Tensors
 
@@ -43,14 +44,17 @@ def load_config(spec: str) -> Any:
     if spec in BUNDLED_SHAPES:
         with resources.as_file(resources.files("asymlora") / "resources" / "shapes" / spec) as folder:
             return AutoConfig.from_pretrained(str(folder))
-    if os.path.exists(spec):
-        return AutoConfig.from_pretrained(spec)
     try:
-        return AutoConfig.from_pretrained(spec)  # a hub id: needs the hub or a local cache
-    except OSError as err:
-        raise ValueError(
-            f"cannot load a config for {spec!r}: not one of {', '.join(BUNDLED_SHAPES)}, "
-            f"not a local path, and the hub did not answer ({err})"
+        return AutoConfig.from_pretrained(spec)  # a local path, or a hub id (needs the hub or a cache)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = (
+            "a local path that holds no readable config.json"
+            if os.path.exists(spec)
+            else ("not a local path, and the hub did not answer")
+        )
+        raise InputError(
+            f"cannot load a config for {spec!r}: not one of {', '.join(BUNDLED_SHAPES)}, {where} ({first})"
         ) from err
 
 
@@ -116,6 +120,13 @@ def comm_table(
     """
     from . import METHODS, get_method
 
+    for name, value in [
+        ("rank", rank),
+        ("d_m", d_m),
+        ("num_clients", num_clients),
+        *((f"ranks[{i}]", r) for i, r in enumerate(ranks or [])),
+    ]:
+        check_at_least(name, value, 1)
     if isinstance(targets, str) and "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     names = list(METHODS) if methods == "all" else _split(methods)

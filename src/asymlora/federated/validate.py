@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .base import FederatedMethod
 from .common import Tensors
 
@@ -48,9 +49,9 @@ class UploadLimits:
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r} must be one of {', '.join(NORMS)}")
+            raise InputError(f"norm={self.norm!r} must be one of {', '.join(NORMS)}")
         if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
-            raise ValueError(f"max_norm={self.max_norm} must be a finite number > 0 (or None)")
+            raise InputError(f"max_norm={self.max_norm} must be a finite number > 0 (or None)")
 
 
 def expected_upload(method: FederatedMethod, state: Mapping[str, Tensor]) -> dict[str, Spec]:

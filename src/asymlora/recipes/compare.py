@@ -11,27 +11,20 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 from ..adapters import METHODS
 from ..config import ConfigError, to_dict
-from ..eval.report import delta_m, given_answers, question_scores
+from ..eval.report import delta_m, most_frequent_answer_share, question_scores
 from ..eval.runner import majority_report
-from ..eval.stats import Table, top_answer_share
+from ..eval.stats import Table
 from ..models import load_model
+from ..runfolder import check_same_config, folder_lock
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 
@@ -50,61 +43,11 @@ def cell_config(
     )
 
 
-def config_differences(have: Any, want: Any, prefix: str = "") -> list[str]:
-    """``key: saved -> new`` for every leaf where two config dicts differ."""
-    if isinstance(have, dict) and isinstance(want, dict):
-        return [
-            line
-            for key in dict.fromkeys([*have, *want])
-            for line in config_differences(have.get(key), want.get(key), f"{prefix}{key}.")
-        ]
-    return [] if have == want else [f"{prefix.rstrip('.')}: {have!r} -> {want!r}"]
-
-
-def check_same_config(cfg: Any, save_config: Callable[[Any, Path], None]) -> None:
-    """Refuse to skip or resume a cell whose folder holds a run made with another config (say
-    another step count): its results would be reported under the new settings."""
-    folder = Path(cfg.output_dir)
-    saved = folder / "config.yaml"
-    if not saved.exists():
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_config(cfg, Path(tmp) / "config.yaml")
-        want = yaml.safe_load((Path(tmp) / "config.yaml").read_text())
-    have = yaml.safe_load(saved.read_text())
-    have.pop("output_dir", None), want.pop("output_dir", None)  # where it is, not what it is: folders move
-    diffs = config_differences(have, want)
-    if diffs:
-        raise ConfigError(
-            f"{folder} holds a run made with another config ({'; '.join(diffs[:6])}): "
-            "give another --out, or delete that folder to run it again"
-        )
-
-
-@contextmanager
-def cell_lock(folder: Path, log=print) -> Iterator[None]:
-    """Hold an exclusive lock on a cell while it runs, so that several processes sharing an output
-    folder (say one per seed) never run the same cell at once: a second one waits, then finds it
-    finished. The lock is the operating system's (flock) and dies with its process, even on kill -9;
-    where there is no flock (Windows) cells are not locked."""
-    if fcntl is None:
-        yield
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting: another process is running {folder}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def run_cell(cfg: Any, log=print, save: Callable = save_config, runner: Callable = run) -> dict[str, Any]:
     """The cell's results: read when finished, else run (resuming from its checkpoint). ``save``
     writes the config the way the cell's recipe does; ``runner`` is that recipe's ``run``."""
     folder = Path(cfg.output_dir)
-    with cell_lock(folder, log):
+    with folder_lock(folder, log):
         check_same_config(cfg, save)
         done = folder / "results.json"
         if done.exists():
@@ -159,7 +102,7 @@ def base_model_result(cfg: MultitaskConfig, folder: Path, log=print) -> dict[str
     """The base model (no adapter) scored on the cells' test questions; kept in ``folder`` and
     reused while the model, the data and the evaluation settings stay the same."""
     key = {"model": cfg.model, "data": to_dict(cfg.data), "eval": to_dict(cfg.eval)}
-    with cell_lock(folder, log):
+    with folder_lock(folder, log):
         done, saved_key = folder / "results.json", folder / "settings.json"
         if done.exists() and saved_key.exists() and json.loads(saved_key.read_text()) == key:
             log(f"skip (finished): {folder}")
@@ -199,7 +142,7 @@ def single_task_references(
             run_cell(cell_config(base, "lora", s, out / "single-task" / name / f"seed-{s}", [spec]), log)
             for s in seeds
         ]
-        references[name] = statistics.fmean(_scores(r)[name] for r in runs)
+        references[name] = statistics.fmean(r["tasks"][0]["score"] for r in runs)  # its one task
     return references
 
 
@@ -256,9 +199,7 @@ def _per_question(results: list[dict], tasks: list[str]) -> dict[str, np.ndarray
 def _answer_shares(results: list[dict], tasks: list[str]) -> dict[str, float]:
     """task -> share of the most frequent answer (%), mean over seeds."""
     by_task = [{t["task"]: t for t in r["tasks"]} for r in results]
-    return {
-        name: statistics.fmean(top_answer_share(given_answers(r[name])) for r in by_task) for name in tasks
-    }
+    return {name: statistics.fmean(most_frequent_answer_share(r[name]) for r in by_task) for name in tasks}
 
 
 def intervals(cells: dict[str, list[dict]], tasks: list[str], rows: dict[str, dict], reference: str) -> dict:
@@ -397,7 +338,8 @@ def _against_rows_table(summary: dict[str, Any]) -> str:
 def _share_table(summary: dict[str, Any]) -> str:
     tasks = summary["tasks"]
     lines = [
-        "Share of the most frequent answer per task (%; 100 = one answer for every question):",
+        "Share of the most frequent answer (or picked position, if higher) per task (%; 100 = one answer for "
+        "every question):",
         "",
         "| model | " + " | ".join(tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),

@@ -38,7 +38,6 @@ from statistics import fmean
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..adapters import (
@@ -49,7 +48,8 @@ from ..adapters import (
     save_adapter,
     wrap,
 )
-from ..adapters.io import atomic_write
+from ..adapters.io import atomic_write, write_tensors
+from ..adapters.model import check_ranks_fit
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
     METHOD_OPTIONS,
@@ -66,13 +66,14 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
     load_config,
     save_config,
     task_examples,
-    unique_names,
 )
 from ..engines.local import LocalSimulator, RoundLog, find_checkpoint
+from ..errors import InputError
 from ..eval.runner import evaluate_task
 from ..federated import get_method
 from ..federated.common import BASE_DELTA, A, B
 from ..models import load_model, resolve_device
+from ..runfolder import RunFolder, folder_lock, json_line
 from ..threads import use_threads
 from ..train import pad_id_of
 
@@ -154,7 +155,7 @@ def scores_record(personal: dict[str, float], glob: dict[str, float] | None) -> 
 
 
 def write_rounds(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = "".join(json_line(r) for r in records)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -179,36 +180,87 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
     )
 
 
+# What a --resume may change: evaluation, the device, and more rounds (no schedule depends on them).
+RESUMABLE = ("eval", "device", "federation.rounds", "train.threads")
+
+
 def run(
     cfg: FederatedConfig,
     resume: bool = False,
     log: Callable[[str], None] = print,
     on_client: Callable[[int, int, list[dict]], None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the federation described by ``cfg`` and write its run folder; returns results.json's
-    content. ``resume`` continues from the folder's checkpoint (the last finished round).
+    content. ``resume`` continues from the folder's checkpoint (the last finished round),
+    changing only ``RESUMABLE`` settings; ``overwrite`` starts a folder that holds a run again;
+    without either such a folder is refused. The folder is locked while the run writes it, and
+    nothing is written before the clients, the model, the ranks and the checkpoint are checked.
     ``on_client(round, client, history)`` is called after each client's local training."""
     out = Path(cfg.output_dir)
-    clients = build_clients(cfg.clients)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    log(f"run folder: {out}")
-    log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
-    use_threads(cfg.train.threads, log)
+    with folder_lock(out, log, wait=False):
+        folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
+        use_threads(cfg.train.threads, log)
+        clients = build_clients(cfg.clients)
+        base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+        check_ranks(cfg, base, len(clients), log)
+        base.to(resolve_device(cfg.device))
+        sim = make_simulator(cfg, clients, base, tokenizer)
+        records = restore_rounds(sim, cfg, resume, log)
+        folder.start(sim.round, log)
+        log(f"run folder: {out}")
+        log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
+        return federate(cfg, sim, clients, tokenizer, records, log, on_client)
 
-    base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    base.to(resolve_device(cfg.device))
-    sim = make_simulator(cfg, clients, base, tokenizer)
 
-    records: list[dict] = []
+def check_ranks(cfg: FederatedConfig, base, n_clients: int, log: Callable[[str], None]) -> None:
+    """Every client's rank (and d_m) within the target modules' dimensions; a note where d_m
+    exceeds every rank (each client then sees at most r_i of B_base's d_m directions)."""
+    ranks = cfg.adapter.ranks_for(n_clients)
+    keys = {"adapter.r": ranks[0]} if cfg.adapter.ranks is None else {}
+    keys |= {f"adapter.ranks[{i}]": r for i, r in enumerate(cfg.adapter.ranks or [])}
+    if cfg.federation.method == "fedalora-het":
+        keys["adapter.d_m"] = cfg.adapter.d_m
+        if cfg.adapter.d_m > max(ranks):
+            log(f"note: adapter.d_m={cfg.adapter.d_m} exceeds every client's rank (largest {max(ranks)})")
+    check_ranks_fit(base, adapter_template(cfg), keys)
+
+
+def restore_rounds(sim: LocalSimulator, cfg: FederatedConfig, resume: bool, log) -> list[dict]:
+    """The per-round records of the checkpoint a resume continues from (none without one)."""
+    out = Path(cfg.output_dir)
     checkpoint = find_checkpoint(out / "checkpoint") if resume else None
-    if checkpoint is not None:
-        records = sim.restore(checkpoint)["rounds"]
-        log(f"resumed after round {sim.round}")
-    elif resume:
-        log(f"no checkpoint in {out}: starting from round 1")
-    write_rounds(out / "rounds.jsonl", records)
+    if checkpoint is None:
+        if resume:
+            log(f"no checkpoint in {out}: starting from round 1")
+        return []
+    records = sim.restore(checkpoint).get("rounds")
+    if not isinstance(records, list) or len(records) != sim.round or sim.round > cfg.federation.rounds:
+        raise InputError(
+            f"{checkpoint}: a checkpoint after round {sim.round} with {_count(records)} round records "
+            f"is not one of this run (federation.rounds={cfg.federation.rounds})",
+            hint="give --overwrite to start again, or the config this run was made with",
+        )
+    log(f"resumed after round {sim.round}")
+    return records
 
+
+def _count(records: Any) -> str:
+    return str(len(records)) if isinstance(records, list) else "no"
+
+
+def federate(
+    cfg: FederatedConfig,
+    sim: LocalSimulator,
+    clients: list[ClientData],
+    tokenizer,
+    records: list[dict],
+    log: Callable[[str], None],
+    on_client: Callable[[int, int, list[dict]], None] | None,
+) -> dict[str, Any]:
+    """The rounds after those in ``records``, then the final adapters and results."""
+    out = Path(cfg.output_dir)
+    write_rounds(out / "rounds.jsonl", records)
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
         record = round_record(sim.run_round(on_client), clients, records)
         for kind in ("dropped", "rejected"):
@@ -248,9 +300,7 @@ def save_adapters(sim: LocalSimulator, clients: list[ClientData], out: Path) -> 
     """Each client's adapter, the server's state, and for Fed-ALoRA the combined ALoRA adapter."""
     for i, client in enumerate(clients):
         save_adapter(sim.load_client(i), out / "adapters" / client.name)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in sim.server.items()}, str(out / "server.safetensors")
-    )
+    write_tensors(sim.server, out / "server.safetensors")
     if sim.method.name == "fedalora":
         save_adapter(combined_alora(sim), out / "alora")
 
@@ -285,10 +335,10 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
     names = client_names(run_dir)
     if isinstance(client, int):
         if not 0 <= client < len(names):
-            raise ValueError(f"client index {client} out of range: this run has {len(names)} clients")
+            raise InputError(f"client index {client} out of range: this run has {len(names)} clients")
         client = names[client]
     if client not in names:
-        raise ValueError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
+        raise InputError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
     base, _ = load_model(cfg.model, dtype=cfg.dtype)
     model = load_adapter(base, run_dir / "adapters" / client)
     if cfg.federation.method == "flora":

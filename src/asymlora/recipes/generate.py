@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..errors import check_at_least
 from .multitask import load_run
 
 
@@ -38,6 +39,7 @@ def generate(
     max_new_tokens: int = 64,
 ) -> str:
     """Greedy answer of the run's model to ``prompt`` (wrapped in the chat template with ``chat``)."""
+    check_at_least("max_new_tokens", max_new_tokens, 1)
     model, tokenizer, cfg, names = load_run(run_dir)
     task_id = resolve_task(task, names, cfg.adapter.router)
     if chat:

@@ -22,14 +22,18 @@ from typing import Any
 import yaml
 
 from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
+from ..adapters.model import check_ranks_fit
 from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
-from ..data.registry import get_suite, get_task
+from ..data.registry import get_suite, get_tasks
 from ..data.task import Task, continuation
+from ..errors import MissingFileError
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
 from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
+from ..runfolder import RunFolder, folder_lock
 from ..threads import use_threads
 from ..train import Example, TrainConfig, train
+from ..train.loop import resume_point
 
 
 @dataclass
@@ -105,7 +109,8 @@ def save_config(cfg: MultitaskConfig, path: Path) -> None:
 
 
 def select_tasks(data: DataConfig) -> list[Task]:
-    tasks = [get_task(name) for name in data.tasks] if data.tasks else get_suite(data.suite)
+    """The config's tasks, each under a name of its own (see ``get_tasks``)."""
+    tasks = get_tasks(data.tasks) if data.tasks else get_suite(data.suite)
     return tasks if data.group_splits else [replace(t, group=None) for t in tasks]
 
 
@@ -129,23 +134,39 @@ def check_routing(cfg: MultitaskConfig, n_tasks: int) -> None:
         )
 
 
-def run(cfg: MultitaskConfig, resume: bool = False, log=print) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    tasks = select_tasks(cfg.data)
-    check_routing(cfg, len(tasks))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    log(f"run folder: {out}")
-    log(f"tasks: {', '.join(t.name for t in tasks)}")
-    use_threads(cfg.train.threads, log)
+# What a --resume may change: settings that do not touch the training already done.
+RESUMABLE = ("eval", "train.save_every", "train.log_every", "train.threads")
 
-    examples = training_examples(tasks, cfg.data)
-    base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    model = wrap(base.to(resolve_device(cfg.device)), cfg.adapter)
-    log(f"{cfg.adapter.method} on {len(model.adapted)} modules; {model.trainable_parameters()}")
+
+def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool = False) -> dict[str, Any]:
+    """Train, evaluate, save and export; returns results.json's content. The output folder is
+    locked while the run writes it; one that holds a run already is continued with ``resume``
+    (changing only ``RESUMABLE`` settings), started again with ``overwrite``, else refused.
+    Nothing is written before the tasks, the model and the adapter's size have been checked."""
+    out = Path(cfg.output_dir)
+    with folder_lock(out, log, wait=False):
+        folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
+        use_threads(cfg.train.threads, log)
+        tasks = select_tasks(cfg.data)
+        check_routing(cfg, len(tasks))
+        examples = training_examples(tasks, cfg.data)
+        base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+        ranks = {"adapter.r": cfg.adapter.r} | (
+            {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}
+        )
+        check_ranks_fit(base, cfg.adapter, ranks)
+        model = wrap(base.to(resolve_device(cfg.device)), cfg.adapter)
+        folder.start(resume_point(out, cfg.train, len(tasks)) if resume else 0, log)
+        log(f"run folder: {out}")
+        log(f"tasks: {', '.join(t.name for t in tasks)}")
+        log(f"{cfg.adapter.method} on {len(model.adapted)} modules; {model.trainable_parameters()}")
+        return train_and_report(cfg, model, tokenizer, tasks, examples, resume, log)
+
+
+def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, resume: bool, log) -> dict:
+    out = Path(cfg.output_dir)
     if not (out / "adapter_init").exists():
         save_adapter(model, out / "adapter_init")
-
     train(model, tokenizer, examples, cfg.train, out, resume=resume)
     log(f"evaluating on {len(tasks)} test splits (up to {cfg.eval.limit or 'all'} examples each)")
     save_adapter(model, out / "adapter")
@@ -201,7 +222,7 @@ def load_run(run_dir: str | Path):
     """The trained model of a run folder (base + adapter), its tokenizer, config and task names."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{run_dir}: not a run folder (no config.yaml); pass the folder `asymlora train` wrote"
         )
     cfg = load_config(run_dir / "config.yaml")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+
 IGNORE = -100  # label of tokens that carry no loss (the prompt, the padding)
 
 
@@ -95,7 +97,7 @@ def task_probabilities(sizes: Sequence[int], temperature: float = 1.0) -> list[f
     """Mixing weights: proportional to task size at temperature 1, uniform as it grows
     (p_t ~ n_t^(1/T))."""
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+        raise InputError(f"temperature={temperature} must be > 0")
     weights = [n ** (1.0 / temperature) for n in sizes]
     total = sum(weights)
     return [w / total for w in weights]
@@ -108,7 +110,7 @@ class TaskMixer:
 
     def __init__(self, sizes: Sequence[int], probs: Sequence[float], seed: int) -> None:
         if not sizes or min(sizes) < 1:
-            raise ValueError(f"every task needs at least one training example, got sizes {list(sizes)}")
+            raise InputError(f"every task needs at least one training example, got sizes {list(sizes)}")
         self.sizes, self.probs, self.seed = list(sizes), list(probs), seed
         self.counts = [0] * len(sizes)
         self._orders: dict[tuple[int, int], list[int]] = {}
@@ -143,6 +145,6 @@ def hash_seed(*parts: int) -> int:
 def shard(items: list, rank: int, world_size: int) -> list:
     """This rank's share of a global batch (contiguous, equal sizes)."""
     if len(items) % world_size:
-        raise ValueError(f"batch size {len(items)} is not divisible by the {world_size} processes")
+        raise InputError(f"batch size {len(items)} is not divisible by the {world_size} processes")
     per = len(items) // world_size
     return items[rank * per : (rank + 1) * per]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..adapters.io import (
     CONFIG_FILE,
@@ -20,8 +19,10 @@ from ..adapters.io import (
     read_tensors,
     save_adapter,
     write_folder_atomically,
+    write_tensors,
 )
 from ..adapters.model import AsymLoraModel
+from ..errors import InputError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -56,7 +57,7 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         save_adapter(model, tmp)
         opt_tensors, groups = optimizer_tensors(optimizer)
-        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        write_tensors(opt_tensors, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups}, indent=2))
 
     return write_folder_atomically(folder, fill)
@@ -67,13 +68,35 @@ def find_checkpoint(folder: Path) -> Path | None:
     return complete_folder(folder, (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE))
 
 
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json, checked: ``step`` and the per-task ``mixer_counts``
+    are non-negative integers, ``param_groups`` a list."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    counts = state.get("mixer_counts") if isinstance(state, dict) else None
+    if not (
+        _count(state.get("step") if isinstance(state, dict) else None)
+        and isinstance(counts, list)
+        and all(_count(c) for c in counts)
+        and isinstance(state.get("param_groups"), list)
+    ):
+        raise InputError(f"{path}: not a trainer state (step, mixer_counts, param_groups)")
+    return state
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore adapter and optimizer from ``folder``; return the saved scalar state."""
-    model.load_adapter_state_dict(read_tensors(folder / WEIGHTS_FILE))
+    state = read_state(folder)
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{folder / STATE_FILE}: not valid JSON ({err})") from None
-    tensors = read_tensors(folder / OPTIMIZER_FILE)
-    restore_optimizer(optimizer, tensors, state.pop("param_groups"))
+        model.load_adapter_state_dict(read_tensors(folder / WEIGHTS_FILE))
+        restore_optimizer(optimizer, read_tensors(folder / OPTIMIZER_FILE), state.pop("param_groups"))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise InputError(f"{folder}: not a checkpoint of this run ({err})") from None
     return state

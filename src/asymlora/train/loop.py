@@ -3,7 +3,6 @@ data-parallel processes under ``torchrun`` (gloo on CPU, nccl on GPU)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,7 +16,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.model import AsymLoraModel
+from ..errors import InputError, TrainingDivergedError
 from ..models import accepts_keyword
+from ..runfolder import json_line, repair_jsonl
 from .activations import set_activation_checkpointing
 from .batches import (
     IGNORE,
@@ -32,7 +33,7 @@ from .batches import (
     shard,
     task_probabilities,
 )
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -77,18 +78,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, key) < 1:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
-        for key in ("warmup_steps", "save_every", "threads"):
+                raise InputError(f"train.{key}={getattr(self, key)} must be >= 1")
+        for key in ("lr", "weight_decay", "max_grad_norm", "mixing_temperature"):
+            if not math.isfinite(getattr(self, key)):
+                raise InputError(f"train.{key}={getattr(self, key)} must be a finite number")
+        for key in ("warmup_steps", "save_every", "threads", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr={self.lr} must be > 0")
+                raise InputError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if not 0 < self.lr <= 1:  # AdamW moves each weight by about lr per step
+            raise InputError(f"train.lr={self.lr} must be in (0, 1]")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+            raise InputError(f"train.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+            raise InputError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.mixing_temperature <= 0:
-            raise ValueError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
+            raise InputError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,7 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise InputError("the model has no trainable parameters")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), params
 
 
@@ -205,6 +209,12 @@ def optimizer_step(
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(cfg, step)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(
+            f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {float(grad_norm):.4g} "
+            "(not finite); the step was not applied"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {
@@ -253,7 +263,7 @@ def train(
     optimizer, params = make_optimizer(model, cfg)
     local_batch = len(shard(list(range(cfg.batch_size)), proc.rank, proc.world_size))
     if local_batch % cfg.grad_accum:
-        raise ValueError(
+        raise InputError(
             f"the per-process batch {local_batch} is not divisible by train.grad_accum={cfg.grad_accum}"
         )
 
@@ -261,13 +271,15 @@ def train(
     checkpoint = find_checkpoint(run_dir / "checkpoint") if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        start, mixer.counts = state["step"], state["mixer_counts"]
+        start, mixer.counts = check_resumable(state, cfg, len(encoded), checkpoint)
     elif resume and proc.main:
         print(f"no checkpoint in {run_dir}: starting from step 0")
     metrics_path = run_dir / "metrics.jsonl"
     if proc.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start)
+        repair_jsonl(
+            metrics_path, lambda record: isinstance(record.get("step"), int) and record["step"] <= start
+        )
     writer = tensorboard_writer(run_dir) if proc.main else None
 
     pad_id = pad_id_of(tokenizer)
@@ -276,29 +288,41 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
     last = {}
     t0, tokens_seen = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
-        last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
-        tokens_seen += last.pop("tokens")
-        last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
-        done = last["step"]
-        if proc.main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if writer is not None:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        writer.add_scalar(f"train/{key}", last[key], done)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save_checkpoint(
-                    run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
+    saved = start if checkpoint is not None else None
+    try:  # the bar and the writer are closed on an error too, before it is printed
+        for step in range(start, cfg.steps):
+            try:
+                last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
+            except TrainingDivergedError as err:
+                kept = (
+                    f"{run_dir / 'checkpoint'} keeps step {saved}"
+                    if saved is not None
+                    else "no checkpoint was saved"
                 )
-        if on_step is not None:
-            on_step(done, last)
-    bar.close()
-    if writer is not None:
-        writer.close()
+                raise TrainingDivergedError(f"{err}; {kept}") from None
+            tokens_seen += last.pop("tokens")
+            last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+            done = last["step"]
+            if proc.main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    with metrics_path.open("a") as f:
+                        f.write(json_line(last))
+                    if writer is not None:
+                        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                            writer.add_scalar(f"train/{key}", last[key], done)
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                    save_checkpoint(
+                        run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
+                    )
+                    saved = done
+            if on_step is not None:
+                on_step(done, last)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
     if proc.world_size > 1:
         dist.barrier()
     model.eval()
@@ -342,11 +366,24 @@ def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pa
     )  # mean token loss
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+def resume_point(run_dir: str | Path, cfg: TrainConfig, n_tasks: int) -> int:
+    """The step a resume in ``run_dir`` continues from (0 without a checkpoint), its checkpoint
+    checked as ``train`` checks it, for a recipe to refuse a bad one before writing anything."""
+    checkpoint = find_checkpoint(Path(run_dir) / "checkpoint")
+    if checkpoint is None:
+        return 0
+    return check_resumable(read_state(checkpoint), cfg, n_tasks, checkpoint)[0]
+
+
+def check_resumable(state: dict, cfg: TrainConfig, n_tasks: int, folder: Path) -> tuple[int, list[int]]:
+    """(step, mixer counts) of a checkpoint's state, refused unless this run could have written
+    it: a step within ``cfg.steps``, one count per task, ``step * batch_size`` examples drawn."""
+    step, counts = state["step"], state["mixer_counts"]
+    if step > cfg.steps or len(counts) != n_tasks or sum(counts) != step * cfg.batch_size:
+        raise InputError(
+            f"{folder}: a checkpoint at step {step} with {len(counts)} task(s) and {sum(counts)} examples "
+            f"drawn is not one of this run (train.steps={cfg.steps}, {n_tasks} task(s), "
+            f"train.batch_size={cfg.batch_size})",
+            hint="give --overwrite to start again, or the config this run was made with",
+        )
+    return step, list(counts)

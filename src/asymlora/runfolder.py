@@ -1,0 +1,259 @@
+"""Run folders: one process at a time, one run per folder, nothing half-written.
+
+- ``folder_lock``: an exclusive lock (flock) on a run folder while a process writes it; a second
+  process waits (compare cells) or is refused (train, federate).
+- ``RunFolder.open``: what a new command may do with an existing folder. A folder that holds a
+  run is continued only with ``resume`` (and only with the changes the recipe allows, which
+  are recorded in ``resumes.jsonl``), started again only with ``overwrite``, and otherwise
+  refused; a folder that is not empty and holds no run is never touched. Nothing is written
+  until ``RunFolder.start``, which the recipe calls once all its checks have passed.
+- ``json_line`` / ``repair_jsonl``: JSON lines without NaN or Infinity tokens, and logs whose last
+  line a crash cut short repaired on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .adapters.io import atomic_write
+from .config import ConfigError
+from .errors import RunFolderError, UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+CONFIG_FILE = "config.yaml"
+RESUMES_FILE = "resumes.jsonl"
+# What a run of asymlora train or federate leaves in its folder (any one marks a run folder).
+RUN_FILES = (CONFIG_FILE, "checkpoint", "checkpoint.old", "metrics.jsonl", "rounds.jsonl", "results.json")
+
+_held: dict[tuple[int, Path], int] = {}  # (thread, folder) holding a lock -> nesting depth
+
+
+@contextmanager
+def folder_lock(folder: Path, log: Callable[[str], None] = print, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while the block runs, so that two processes never
+    write one run folder at once. The lock file sits beside the folder (``.<name>.lock``), so
+    the folder itself may be deleted and made again under the lock. The lock is the operating
+    system's (flock) and dies with its process, even on kill -9. ``wait``: wait for another
+    process to finish (compare cells: the second then finds the cell finished), else refuse
+    with a ``RunFolderError``. Taken again inside the block by the same thread, it is held
+    already. Where there is no flock (Windows) nothing is locked."""
+    path = Path(folder).resolve()
+    check_is_folder(path)
+    key = (threading.get_ident(), path)
+    if fcntl is None or key in _held:
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _release(key)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise RunFolderError(
+                    f"{folder} is in use by another asymlora process",
+                    hint="wait for it to finish, or choose another output folder",
+                ) from None
+            log(f"waiting: another process is running {folder}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            _release(key)
+
+
+def check_is_folder(path: Path) -> None:
+    """Refuse a path that is a file or lies below one (before anything is made there)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RunFolderError(f"{existing} is a file, not a folder", hint="choose another output folder")
+
+
+def _release(key: tuple[int, Path]) -> None:
+    _held[key] -= 1
+    if not _held[key]:
+        del _held[key]
+
+
+# --- configs of a run folder ----------------------------------------------------------------------
+def config_differences(have: Any, want: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved, new)}`` for every leaf where two config dicts differ."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        return {
+            key: pair
+            for name in dict.fromkeys([*have, *want])
+            for key, pair in config_differences(have.get(name), want.get(name), f"{prefix}{name}.").items()
+        }
+    return {} if have == want else {prefix.rstrip("."): (have, want)}
+
+
+def config_changes(cfg: Any, save_config: Callable[[Any, Path], None]) -> dict[str, tuple[Any, Any]]:
+    """How ``cfg`` differs from the ``config.yaml`` in its output folder (none if there is none),
+    leaving out ``output_dir``: where a run is, not what it is (folders move)."""
+    saved = Path(cfg.output_dir) / CONFIG_FILE
+    if not saved.is_file():
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(cfg, Path(tmp) / CONFIG_FILE)
+        want = yaml.safe_load((Path(tmp) / CONFIG_FILE).read_text())
+    try:
+        have = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RunFolderError(
+            f"{saved} is damaged ({type(err).__name__}); not a run folder to continue"
+        ) from None
+    have = have if isinstance(have, dict) else {"": have}
+    have.pop("output_dir", None), want.pop("output_dir", None)
+    return config_differences(have, want)
+
+
+def _listed(changes: dict[str, tuple[Any, Any]], n: int = 6) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(changes.items())[:n])
+
+
+def check_same_config(cfg: Any, save_config: Callable[[Any, Path], None]) -> None:
+    """Refuse to skip or resume a compare cell whose folder holds a run made with another config
+    (say another step count): its results would be reported under the new settings."""
+    changes = config_changes(cfg, save_config)
+    if changes:
+        raise ConfigError(
+            f"{cfg.output_dir} holds a run made with another config ({_listed(changes)}): "
+            "give another --out, or delete that folder to run it again"
+        )
+
+
+# --- claiming a run folder -----------------------------------------------------------------------
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+@dataclass
+class RunFolder:
+    """A run folder checked for use (``open``), written from ``start`` on."""
+
+    path: Path
+    save_config: Callable[[Any, Path], None]
+    cfg: Any
+    resume: bool
+    overwrite: bool
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        cfg: Any,
+        save_config: Callable[[Any, Path], None],
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        may_change: tuple[str, ...] = (),
+    ) -> RunFolder:
+        """Check what this run may do with ``cfg.output_dir``, writing nothing. ``may_change``:
+        the config keys (or sections, ``eval``) a resume may change."""
+        path = Path(cfg.output_dir)
+        if resume and overwrite:
+            raise UsageError("give --resume (continue the run) or --overwrite (start again), not both")
+        check_is_folder(path)
+        folder = cls(path, save_config, cfg, resume, overwrite)
+        if not path.is_dir() or not any(path.iterdir()):
+            return folder
+        if not holds_run(path):
+            raise RunFolderError(
+                f"{path} is not empty and holds no asymlora run; nothing in it is touched",
+                hint="choose a new or empty output folder",
+            )
+        if overwrite:
+            return folder
+        if not resume:
+            raise RunFolderError(
+                f"{path} holds a run already",
+                hint="give --resume to continue it, --overwrite to start it again, or another output folder",
+            )
+        folder.changes = config_changes(cfg, save_config)
+        refused = {k: v for k, v in folder.changes.items() if not _allowed(k, may_change)}
+        if refused:
+            raise RunFolderError(
+                f"--resume: {path} was run with another config ({_listed(refused)}); a resume may only "
+                f"change {', '.join(may_change) or 'nothing'}",
+                hint="undo the change, or give --overwrite to start again with the new config",
+            )
+        return folder
+
+    def start(self, at: int, log: Callable[[str], None] = print) -> None:
+        """Write the folder's config (after the caller's checks): clear the folder first with
+        ``overwrite``; on a resume, only where it changes allowed keys, recording them in
+        resumes.jsonl with ``at``, the step or round the run continues from (a resume without
+        changes leaves config.yaml as it was, the path it names included)."""
+        if self.overwrite and self.path.is_dir():
+            log(f"--overwrite: deleting the run in {self.path}")
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.changes:
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": at}
+            record["changed"] = {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}
+            with (self.path / RESUMES_FILE).open("a", encoding="utf-8") as f:
+                f.write(json_line(record))
+            log(f"resumed with changes: {_listed(self.changes)} (recorded in {RESUMES_FILE})")
+        if not self.resume or self.changes or not (self.path / CONFIG_FILE).exists():
+            atomic_write(self.path / CONFIG_FILE, lambda tmp: self.save_config(self.cfg, Path(tmp)))
+
+
+def _allowed(key: str, may_change: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in may_change)
+
+
+# --- JSON lines -----------------------------------------------------------------------------------
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, as standard JSON has
+    no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_line(record: Any) -> str:
+    """One line of standard JSON (non-finite numbers as null), newline included."""
+    return json.dumps(finite(record), allow_nan=False) + "\n"
+
+
+def repair_jsonl(path: Path, keep: Callable[[dict], bool]) -> int:
+    """Rewrite a JSON-lines log with only the records ``keep`` accepts, dropping lines that do
+    not parse (the last line, cut short by a crash mid-write); returns how many lines went."""
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [line for line in lines if _keeps(line, keep)]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+    return len(lines) - len(kept)
+
+
+def _keeps(line: str, keep: Callable[[dict], bool]) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and keep(record)

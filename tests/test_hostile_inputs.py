@@ -1,0 +1,556 @@
+"""Hostile input through the command line, by kind: memory blow-ups, library errors, non-finite and
+out-of-range numbers, run folders overwritten or mixed up, task names that collide.
+
+Every refusal is checked for three things: exit status 2, no traceback in stderr (the error is one
+line), and the run folder byte for byte (and mode for mode) as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asymlora.adapters import read_tensors, save_adapter, wrap
+from asymlora.adapters.io import CONFIG_FILE, WEIGHTS_FILE
+from asymlora.cli import main
+from asymlora.config import ConfigError, apply_overrides, parse_override
+from asymlora.data.formats import file_task
+from asymlora.data.task import DataFormatError
+from tiny_models import tiny_model, write_choice_tasks
+
+TINY = ["--model", "tiny-llama", "--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']",
+        "--set", "eval.limit=2", "--set", "eval.batch_size=2", "--set", "train.batch_size=2",
+        "--set", "train.max_length=32"]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]] | None:
+    """Every file and folder under ``folder`` with its bytes and mode (None: no such folder)."""
+    if not folder.exists():
+        return None
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<folder>", p.stat().st_mode)
+        for p in sorted(folder.rglob("*"))
+    } | {".": (b"<folder>", folder.stat().st_mode)}
+
+
+def refused(capsys, argv: list[str], says: str, folder: Path | None = None) -> str:
+    """Run ``asymlora ARGV``: exit 2, one error line naming ``says``, no traceback, ``folder``
+    unchanged. Returns the error line."""
+    before = snapshot(folder) if folder is not None else None
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"asymlora {argv[0]}: error: ") and says in last, err[-2000:]
+    if folder is not None:
+        assert snapshot(folder) == before, f"{folder} changed"
+    return last
+
+
+def train_args(out: Path, tasks: list[str], *extra: str, steps: int = 2) -> list[str]:
+    return ["train", "--tasks", ",".join(tasks), "--steps", str(steps), "--out", str(out), *TINY, *extra]
+
+
+def fed_args(out: Path, tasks: list[str], *extra: str) -> list[str]:
+    return ["federate", "--method", "fedalora", "--tasks", ",".join(tasks), "--rounds", "1", "--out", str(out),
+            *TINY, "--set", "eval.every=0", "--set", "eval.global_model=false", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> list[str]:
+    return write_choice_tasks(tmp_path_factory.mktemp("tasks"), n=2, size=10)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tasks) -> Path:
+    """A finished train run (alora, learned softmax router, a checkpoint at every step)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(train_args(out, tasks, "--set", "train.save_every=1")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fed_run(tmp_path_factory, tasks) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "fed"
+    assert main(fed_args(out, tasks)) == 0
+    return out
+
+
+def copy_of(folder: Path, to: Path) -> Path:
+    subprocess.run(["cp", "-a", str(folder), str(to)], check=True)
+    return to
+
+
+# --- 1. memory blow-ups -----------------------------------------------------------------------------
+LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def test_a_billion_laughs_config_is_refused_quickly_under_a_memory_limit(tmp_path):
+    config = tmp_path / "laughs.yaml"
+    config.write_text(LAUGHS)  # 9^9 = 387 million strings once expanded
+    assert len(config.read_bytes()) < 600
+
+    def limit_memory() -> None:  # 4 GiB of address space: torch's import fits, the expansion does not
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "asymlora.cli", "train", "--config", str(config), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=ENV, preexec_fn=limit_memory, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "aliases expand to more than" in proc.stderr
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("a: &a [*a]\n", "a cycle"),
+        ("x: &x {p: &p [1, 2]}\n" + "".join(f"y{i}: [*x, *x, *x, *x, *x, *x, *x, *x]\n" for i in range(2)), "unknown key"),
+        ("", "is empty"),
+        ("---\n...\n", "is empty"),
+        ("train: {steps: [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}\n", "train.steps: expected int"),
+    ],
+)  # fmt: skip
+def test_yaml_aliases_cycles_and_empty_files_give_one_line(tmp_path, capsys, text, says):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    refused(
+        capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run")], says, tmp_path / "run"
+    )
+
+
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("adapter.r=100000000", "adapter.r=100000000: above 64"),
+        ("adapter.num_experts=100000", "would hold 512,003,072 parameters, more than the 624,128"),
+        ("adapter.r=100", "adapter.r=100: above 64"),  # tiny-llama's v_proj is 128 -> 64
+        ("adapter.r=99999999999999999999999", "out of range"),
+        ("train.seed=-99999999999999999999999", "out of range"),
+    ],
+)
+def test_sizes_that_would_allocate_too_much_are_refused_before_allocating(
+    tmp_path, capsys, tasks, setting, says
+):
+    start = time.monotonic()
+    refused(capsys, train_args(tmp_path / "run", tasks, "--set", setting), says, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--method", "flora", "--ranks", "4,100"], "adapter.ranks[1]=100: above 64"),
+        (["--set", "adapter.d_m=1000", "--method", "fedalora-het"], "adapter.d_m=1000: above 64"),
+        (["--method", "fedalora", "--set", "adapter.r=10000000"], "adapter.r=10000000: above 64"),
+    ],
+)
+def test_federated_ranks_are_bounded_by_the_layers(tmp_path, capsys, tasks, extra, says):
+    args = fed_args(tmp_path / "fed", tasks)
+    args.remove("fedalora"), args.remove("--method")
+    refused(capsys, [*args, *extra], says, tmp_path / "fed")
+
+
+# --- 2. library errors reach the user as one line ----------------------------------------------------
+def test_exporting_a_learned_router_adapter(tmp_path, capsys, run):
+    refused(capsys, ["export", str(run), str(tmp_path / "peft")], "learned softmax router", tmp_path / "peft")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "mis-shaped", "not json", "alpha NaN", "huge rank"])
+def test_a_damaged_adapter_in_a_run_folder(tmp_path, capsys, run, damage):
+    copy = copy_of(run, tmp_path / "run")
+    weights, config = copy / "adapter" / WEIGHTS_FILE, copy / "adapter" / CONFIG_FILE
+    data = json.loads(config.read_text())
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "mis-shaped":
+        bad = wrap(tiny_model("llama"), method="alora", num_experts=3, r=2, target_modules=["q_proj"])
+        save_adapter(bad, tmp_path / "other")
+        weights.write_bytes((tmp_path / "other" / WEIGHTS_FILE).read_bytes())
+    elif damage == "not json":
+        config.write_bytes(b"\xff\xfe{")
+    elif damage == "alpha NaN":
+        config.write_text(json.dumps({**data, "alpha": float("nan")}))
+    else:
+        config.write_text(json.dumps({**data, "r": 10**9}))
+    says = {"truncated": "truncated or corrupted", "mis-shaped": "does not match", "not json": "not valid JSON",
+            "alpha NaN": "alpha=nan must be a finite number", "huge rank": "does not match"}[damage]  # fmt: skip
+    refused(capsys, ["generate", "--adapter", str(copy), "--prompt", "hi"], says, copy)
+
+
+@pytest.mark.parametrize("damage", ["optimizer", "state", "step", "counts"])
+def test_a_damaged_checkpoint_on_resume(tmp_path, capsys, run, tasks, damage):
+    copy = copy_of(run, tmp_path / "run")
+    checkpoint = copy / "checkpoint"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if damage == "optimizer":
+        (checkpoint / "optimizer.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    elif damage == "state":
+        (checkpoint / "trainer_state.json").write_text('{"step": 2, "mixer')
+    elif damage == "step":
+        (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "step": 10**6}))
+    else:
+        (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "mixer_counts": [-1, 3]}))
+    says = {"optimizer": "not a checkpoint of this run", "state": "not valid JSON",
+            "step": "at step 1000000", "counts": "not a trainer state"}[damage]  # fmt: skip
+    refused(capsys, train_args(copy, tasks, "--resume", "--set", "train.save_every=1"), says, copy)
+
+
+def test_a_federation_checkpoint_with_an_absurd_round(tmp_path, capsys, fed_run, tasks):
+    copy = copy_of(fed_run, tmp_path / "fed")
+    state = copy / "checkpoint" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "round": 10**6}))
+    refused(capsys, fed_args(copy, tasks, "--resume"), "after round 1000000", copy)
+
+
+def test_out_pointing_at_a_file_and_files_that_are_not_text(tmp_path, capsys, tasks):
+    (tmp_path / "file").write_text("x")
+    refused(capsys, train_args(tmp_path / "file", tasks), "is a file, not a folder", tmp_path)
+    refused(capsys, fed_args(tmp_path / "file", tasks), "is a file, not a folder", tmp_path)
+    refused(capsys, train_args(tmp_path / "file" / "run", tasks), "file is a file, not a folder", tmp_path)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(bytes(range(256)))
+    refused(capsys, ["train", "--config", str(binary), "--out", str(tmp_path / "r")], "not UTF-8 text")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "target": "b"}\n{"prompt": "\xff\xfe"}\n')
+    refused(capsys, train_args(tmp_path / "r", [str(bad)]), "bad.jsonl:2: not UTF-8 text")
+    refused(capsys, ["eval", "--model", "tiny-llama", "--task", str(bad)], "not UTF-8 text")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_leaves_no_checkpoint_tmp(tmp_path, tasks):
+    """No file may grow past 100 kB (RLIMIT_FSIZE): the adapter (76 kB) is written, its optimizer
+    state (152 kB) is not, as on a disk that fills up while the checkpoint is written."""
+    out = tmp_path / "run"
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "asymlora.cli", *train_args(out, tasks)],
+        capture_output=True, text=True, env=ENV, preexec_fn=limit_file_size, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "File too large" in proc.stderr.strip().splitlines()[-1]
+    assert (out / "adapter_init" / WEIGHTS_FILE).is_file()
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == []
+
+
+def test_flags_the_library_refuses(tmp_path, capsys, run, fed_run):
+    refused(capsys, ["export", str(fed_run), str(tmp_path / "p"), "--client", "9"], "out of range", tmp_path)
+    refused(capsys, ["generate", "--adapter", str(run), "--prompt", "x", "--max-new-tokens", "-5"],
+            "max_new_tokens=-5 must be at least 1")  # fmt: skip
+    refused(capsys, ["analyze", "change", str(run / "adapter")], "no adapter_init")
+    other = tmp_path / "other"
+    save_adapter(
+        wrap(tiny_model("llama"), method="alora", num_experts=3, r=4, target_modules=["q_proj"]), other
+    )
+    refused(capsys, ["analyze", "similarity", str(run), str(other), "--out", str(tmp_path / "o")], "sizes")
+
+
+def test_more_dirichlet_clients_than_examples(tmp_path, capsys, tasks):
+    args = fed_args(tmp_path / "fed", tasks, "--set", "clients.partition='dirichlet'", "--set",
+                    "clients.num_clients=500")  # fmt: skip
+    refused(capsys, args, "cannot give 500 clients", tmp_path / "fed")
+
+
+# --- 3. non-finite and out-of-range numbers ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("train.lr=inf", "train.lr: inf is not a finite number"),
+        ("train.lr=nan", "train.lr: nan is not a finite number"),
+        ("train.lr=1e30", "train.lr=1e+30 must be in (0, 1]"),
+        ("adapter.alpha=-inf", "adapter.alpha: -inf is not a finite number"),
+        ("train.max_grad_norm=-1.0", "train.max_grad_norm=-1.0 must be >= 0"),
+        ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be >= 0"),
+        ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+    ],
+)
+def test_non_finite_and_out_of_range_config_values(tmp_path, capsys, tasks, setting, says):
+    refused(capsys, train_args(tmp_path / "run", tasks, "--set", setting), says, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["eval", "--model", "tiny-llama", "--task", "{task}", "--batch-size", "0"], "batch_size=0 must be"),
+        (["eval", "--model", "tiny-llama", "--task", "{task}", "--max-length", "0"], "max_length=0 must be"),
+        (["eval", "--model", "tiny-llama", "--task", "{task}", "--limit", "0"], "limit=0 must be"),
+        (["comm", "--model", "llama-2-7b", "--rank", "0"], "rank=0 must be at least 1"),
+        (["comm", "--model", "llama-2-7b", "--rank", "-8"], "rank=-8 must be at least 1"),
+        (["comm", "--model", "llama-2-7b", "--ranks", "8,0"], "ranks[1]=0 must be at least 1"),
+        (["comm", "--model", "llama-2-7b", "--dm", "0"], "d_m=0 must be at least 1"),
+        (["analyze", "gradients", "--tasks", "{task},{task}", "--lr", "nan"], "--lr=nan: give a finite number"),
+        (["train", "--tasks", " , "], "--tasks: expected comma-separated names"),
+        (["federate", "--tasks", ","], "--tasks: expected comma-separated names"),
+        (["federate", "--seeds", " , ", "--out", "{out}"], "--seeds: expected comma-separated"),
+        (["compare", "--methods", ","], "--methods: expected comma-separated names"),
+    ],
+)  # fmt: skip
+def test_number_and_list_flags(tmp_path, capsys, tasks, argv, says):
+    argv = [a.format(task=tasks[0], out=tmp_path / "out") for a in argv]
+    refused(capsys, argv, says)
+    assert not (tmp_path / "out").exists() and not Path("runs").exists()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{", b'{"a": NaN}', b'{"tasks": [{"task": "a"}]}', b"[1, 2]"])
+def test_bad_reference_scores_for_delta_m(tmp_path, capsys, tasks, content):
+    refs = tmp_path / "refs.json"
+    refs.write_bytes(content)
+    argv = [
+        "eval",
+        "--model",
+        "tiny-llama",
+        "--task",
+        tasks[0],
+        "--references",
+        str(refs),
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    refused(capsys, argv, "refs.json", tmp_path / "e")
+
+
+def test_a_diverging_training_stops_at_the_first_non_finite_loss(tmp_path, capsys, tasks):
+    out = tmp_path / "run"
+    args = train_args(out, tasks, "--set", "adapter.alpha=1e20", "--set", "train.save_every=1", steps=5)
+    line = refused(capsys, args, "(not finite); the step was not applied")  # the gradient overflows
+    step = int(line.split("error: step ")[1].split(":")[0])
+    assert step >= 2 and f"keeps step {step - 1}" in line and "hint: lower train.lr or adapter.alpha" in line
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == step - 1 and not (out / "checkpoint.tmp").exists()
+    assert not (out / "results.json").exists()
+    for line in (out / "metrics.jsonl").read_text().splitlines():  # standard JSON only: no NaN, Infinity
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in metrics.jsonl"))
+
+
+# --- 4. run folders ---------------------------------------------------------------------------------------
+def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path, capsys, run, tasks):
+    copy = copy_of(run, tmp_path / "run")
+    refused(capsys, train_args(copy, tasks), "holds a run already", copy)
+    refused(capsys, train_args(copy, tasks, "--resume", "--overwrite"), "not both", copy)
+    refused(
+        capsys, train_args(copy, tasks, "--resume", "--set", "train.lr=0.1"), "train.lr: 0.0003 -> 0.1", copy
+    )
+    refused(
+        capsys, train_args(copy, tasks, "--resume", "--set", "adapter.seed=7"), "adapter.seed: 0 -> 7", copy
+    )
+    refused(
+        capsys, train_args(copy, tasks, "--resume", "--set", "adapter.r=1000"), "adapter.r: 4 -> 1000", copy
+    )
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    for flag in ([], ["--overwrite"], ["--resume"]):
+        refused(
+            capsys, train_args(tmp_path / "mine", tasks, *flag), "holds no asymlora run", tmp_path / "mine"
+        )
+
+
+def test_overwrite_starts_clean_and_resume_records_the_changes_it_may_make(tmp_path, capsys, run, tasks):
+    copy = copy_of(run, tmp_path / "run")
+    assert (
+        main(train_args(copy, tasks, "--resume", "--set", "eval.limit=1", "--set", "train.save_every=1")) == 0
+    )
+    (record,) = [json.loads(line) for line in (copy / "resumes.jsonl").read_text().splitlines()]
+    assert record["from"] == 2 and record["changed"] == {"eval.limit": {"from": 2, "to": 1}}
+    assert "limit: 1" in (copy / "config.yaml").read_text()
+
+    assert main(train_args(copy, tasks, "--overwrite", "--set", "adapter.seed=3")) == 0
+    assert not (copy / "resumes.jsonl").exists()
+    fresh = tmp_path / "fresh"
+    assert main(train_args(fresh, tasks, "--set", "adapter.seed=3")) == 0
+    for name in ("adapter_init", "adapter"):  # the old adapter_init is gone with the old run
+        got, want = read_tensors(copy / name / WEIGHTS_FILE), read_tensors(fresh / name / WEIGHTS_FILE)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+
+
+@pytest.mark.parametrize("command", ["train", "federate"])
+def test_a_folder_in_use_by_another_process_is_refused(tmp_path, capsys, tasks, command):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(tmp_path / ".run.lock", "w") as held:  # what another process's lock looks like
+        fcntl.flock(held, fcntl.LOCK_EX)
+        args = train_args(out, tasks) if command == "train" else fed_args(out, tasks)
+        refused(capsys, args, "in use by another asymlora process", out)
+
+
+def test_resume_repairs_a_metrics_line_cut_short_by_a_crash(tmp_path, run, tasks):
+    copy = copy_of(run, tmp_path / "run")
+    metrics = copy / "metrics.jsonl"
+    (copy / "results.json").unlink()
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[1][:9])  # a kill mid-write of a line
+    assert main(train_args(copy, tasks, "--resume", "--set", "train.save_every=1")) == 0
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_saved_files_get_the_users_umask(tmp_path, tasks):
+    old = os.umask(0o027)
+    try:
+        assert main(train_args(tmp_path / "run", tasks)) == 0
+    finally:
+        os.umask(old)
+    for path in ["adapter/" + WEIGHTS_FILE, "adapter_init/" + CONFIG_FILE, "config.yaml",
+                 "checkpoint/" + WEIGHTS_FILE, "checkpoint/optimizer.safetensors", "checkpoint/trainer_state.json",
+                 "metrics.jsonl", "results.json"]:  # fmt: skip
+        assert (tmp_path / "run" / path).stat().st_mode & 0o777 == 0o640, path
+
+
+def test_federation_files_get_the_users_umask(fed_run):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [
+        fed_run / "server.safetensors",
+        *fed_run.glob("checkpoint/**/*.safetensors"),
+        *fed_run.glob("adapters/*/*"),
+    ]
+    assert len(files) > 4
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_a_refused_resume_leaves_config_yaml_as_it_was(tmp_path, capsys, fed_run, tasks):
+    copy = copy_of(fed_run, tmp_path / "fed")
+    refused(capsys, fed_args(copy, tasks, "--resume", "--set", "train.lr=0.5"), "train.lr", copy)
+    refused(capsys, fed_args(copy, tasks), "holds a run already", copy)
+    assert main(fed_args(copy, tasks, "--resume", "--rounds", "2")) == 0  # more rounds: allowed
+    rounds = [json.loads(line)["round"] for line in (copy / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2] and "federation.rounds" in (copy / "resumes.jsonl").read_text()
+
+
+# --- 5. task names that collide ---------------------------------------------------------------------------
+def test_two_task_files_with_one_name_get_names_of_their_own(tmp_path, capsys):
+    files = []
+    for folder, answer in (("a", 0), ("b", 1)):
+        rows = [{"prompt": f"{folder} q{j}:", "choices": ["yes", "no"], "answer": answer} for j in range(8)]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(str(tmp_path / folder / "t.jsonl"))
+    out = tmp_path / "run"
+    task_routing = ["--set", "adapter.router='task'", "--set", "adapter.num_experts=2"]
+    assert main(train_args(out, files, *task_routing)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == ["t-0", "t-1"]
+    assert sorted(p.name for p in (out / "peft").iterdir()) == ["t-0", "t-1"]
+    refused(
+        capsys, ["generate", "--adapter", str(out), "--task", "t", "--prompt", "x"], "choose one of t-0, t-1"
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "tiny-llama",
+                "--task",
+                files[0],
+                "--task",
+                files[1],
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
+    assert [t["task"] for t in json.loads((tmp_path / "e" / "results.json").read_text())["tasks"]] == [
+        "t-0",
+        "t-1",
+    ]
+
+
+# --- the error path itself ---------------------------------------------------------------------------------
+def test_debug_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path, monkeypatch, capsys, tasks):
+    args = train_args(tmp_path / "run", tasks, "--set", "train.lr=inf")
+    with pytest.raises(ConfigError, match="train.lr"):
+        main(["--debug", *args])
+    with pytest.raises(ConfigError, match="train.lr"):
+        main([*args, "--debug"])
+    monkeypatch.setenv("ASYMLORA_DEBUG", "1")
+    with pytest.raises(ConfigError, match="train.lr"):
+        main(args)
+    monkeypatch.delenv("ASYMLORA_DEBUG")
+
+    def bug(_args):
+        raise KeyError("a bug")
+
+    commands = __import__("asymlora.cli").cli.COMMANDS
+    monkeypatch.setitem(commands, "train", (commands["train"][0], bug))
+    with pytest.raises(KeyError, match="a bug"):
+        main(args)
+
+
+# --- fuzzing: the JSONL task reader and the --set parser ----------------------------------------------------
+LINE = st.one_of(
+    st.text(max_size=30),
+    st.dictionaries(
+        st.sampled_from(["prompt", "choices", "answer", "target", "instruction", "input", "output", "x"]),
+        st.none() | st.booleans() | st.integers(-3, 5) | st.floats() | st.text(max_size=6)
+        | st.lists(st.text(max_size=4) | st.integers(), max_size=3),
+        max_size=4,
+    ).map(lambda d: json.dumps(d)),
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(lines=st.lists(LINE, max_size=5), raw=st.binary(max_size=40), use_raw=st.booleans())
+def test_the_jsonl_reader_gives_a_task_or_one_data_format_error(tmp_path_factory, lines, raw, use_raw):
+    path = tmp_path_factory.mktemp("fuzz") / "t.jsonl"
+    path.write_bytes(raw if use_raw else "\n".join(lines).encode())
+    try:
+        task = file_task(path)
+        task.examples()
+    except DataFormatError as err:
+        assert str(path) in str(err) or "t: example" in str(err), str(err)
+
+
+SET_KEYS = st.sampled_from(
+    ["train.lr", "adapter.r", "adapter", "eval.limit", "model", "a.b.c", "", ".", "x..y"]
+)
+SET_VALUES = st.one_of(
+    st.text(max_size=12), st.sampled_from(["inf", "-inf", "nan", "1e400", "[[[[1]]]]", "{a=1}", "'x'", "1979-05-27",
+                                          "true", "9" * 30, "[" * 200 + "]" * 200]),
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(flags=st.lists(st.tuples(SET_KEYS, SET_VALUES).map("=".join) | st.text(max_size=12), max_size=4))
+def test_the_set_parser_gives_a_config_or_one_config_error(flags):
+    from asymlora.recipes.multitask import load_config
+
+    for flag in flags:
+        with contextlib.suppress(ConfigError):
+            parse_override(flag)
+    try:
+        apply_overrides({"train": {"lr": 1.0}}, flags)
+        load_config(None, flags)
+    except ConfigError as err:
+        assert str(err)
+
+
+def test_set_values_are_read_as_toml_and_deep_nesting_is_refused():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("model=tiny-llama") == (["model"], "tiny-llama")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_override("x=" + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="not a finite number"):
+        from asymlora.recipes.multitask import load_config
+
+        load_config(None, ["train.lr=nan"])
