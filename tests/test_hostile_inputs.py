@@ -306,10 +306,11 @@ def test_non_finite_and_out_of_range_config_values(tmp_path, capsys, tasks, sett
         (["compare", "--methods", ","], "--methods: expected comma-separated names"),
     ],
 )  # fmt: skip
-def test_number_and_list_flags(tmp_path, capsys, tasks, argv, says):
+def test_number_and_list_flags(tmp_path, capsys, tasks, argv, says, monkeypatch):
     argv = [a.format(task=tasks[0], out=tmp_path / "out") for a in argv]
+    monkeypatch.chdir(tmp_path)  # commands without --out write under ./runs: it must not appear
     refused(capsys, argv, says)
-    assert not (tmp_path / "out").exists() and not Path("runs").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe{", b'{"a": NaN}', b'{"tasks": [{"task": "a"}]}', b"[1, 2]"])
