@@ -23,13 +23,13 @@ from ..data.task import Task, continuation
 from ..federated import FederatedMethod
 from ..federated.registry import DEFAULT, METHODS, averaging, get_method, known, options_of, rank_problem
 from ..federated.validate import NORMS, UploadLimits
+from ..models import DTYPE_CHOICES, check_base_settings
 from ..train import Example, TrainConfig, encode_tasks
 from .local import Client
 from .round import WIRE_DTYPES
 
 PARTITIONS = ("task", "dirichlet")
 METHOD_OPTIONS = ("reset_a_each_round", "dense_download", "aggregation", "trim")
-DEVICES = ("auto", "cpu", "cuda")
 CENTRAL_DP = ("off", "server", "client")
 
 
@@ -274,6 +274,7 @@ class FederatedConfig:
     output_dir: str = "runs/federated"
     seed: int = field(default=0, metadata={"help": "adapters' initial draws, participants, local batches"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available) | cpu | cuda"})
+    dtype: str = field(default="auto", metadata={"help": f"base weights' dtype: {' | '.join(DTYPE_CHOICES)}"})
     federation: FederationConfig = field(default_factory=FederationConfig)
     adapter: ClientAdapterConfig = field(default_factory=ClientAdapterConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
@@ -283,8 +284,7 @@ class FederatedConfig:
     eval: FedEvalConfig = field(default_factory=FedEvalConfig)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
+        check_base_settings(self.dtype, self.device)
         n = self.clients.count()
         if self.adapter.ranks is not None and len(self.adapter.ranks) != n:
             raise ConfigError(

@@ -36,8 +36,6 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-import torch
-
 from ..adapters import (
     export_peft,
     load_adapter,
@@ -49,7 +47,6 @@ from ..adapters.model import check_ranks_fit
 from ..config import ConfigError
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
-    DEVICES,
     METHOD_OPTIONS,
     PARTITIONS,
     ClientAdapterConfig,
@@ -68,7 +65,7 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
 from ..engines.local import LocalSimulator, find_checkpoint
 from ..errors import InputError
 from ..eval.runner import evaluate_task
-from ..models import load_model
+from ..models import load_model, resolve_device
 from ..runfolder import RunFolder, folder_lock, json_line
 from ..threads import use_threads
 from ..train import pad_id_of
@@ -135,12 +132,6 @@ def write_rounds(path: Path, records: list[dict]) -> None:
 
 
 # --- the run ------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokenizer) -> LocalSimulator:
     """The simulator for this config: one engine client per data client, at its rank."""
     ranks = cfg.adapter.ranks_for(len(clients))
@@ -189,7 +180,7 @@ def run(
         folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
         use_threads(cfg.train.threads, log)
         clients = build_clients(cfg.clients)
-        base, tokenizer = load_model(cfg.model)
+        base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
         check_ranks(cfg, base, len(clients), log)
         base.to(resolve_device(cfg.device))
         sim = make_simulator(cfg, clients, base, tokenizer)
@@ -312,7 +303,7 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
         client = names[client]
     if client not in names:
         raise InputError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
-    base, _ = load_model(cfg.model)
+    base, _ = load_model(cfg.model, dtype=cfg.dtype)
     model = load_adapter(base, run_dir / "adapters" / client)
     method = cfg.federation.make_method()
     model = method.export_model(model, lambda: read_tensors(run_dir / "server.safetensors"))
