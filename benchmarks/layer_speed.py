@@ -27,9 +27,10 @@ R, K, ALPHA = 8, 3, 16
 
 class PerExpertALoRA(nn.Module):
     """The reference formulation: every expert applies its own A and then the shared B,
-    so B runs K times: y = W0 x + s sum_i g_i B (A_i x)."""
+    so B runs K times: y = W0 x + s sum_i g_i B (A_i dropout(x)). Float32 adapters on the base's
+    device, computing in float32 over a lower-precision base (as PEFT's LoRA does by default)."""
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Linear, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         d_in, d_out = base.in_features, base.out_features
@@ -37,13 +38,17 @@ class PerExpertALoRA(nn.Module):
         self.B = nn.Linear(R, d_out, bias=False)
         nn.init.normal_(self.B.weight, std=0.01)
         self.router = nn.Linear(d_in, K, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for module in (self.A, self.B, self.router):
+            module.to(base.weight.device)
 
     def forward(self, x):
-        g = self.router(x).softmax(-1)
         y = self.base(x)
-        for i, a in enumerate(self.A):
-            y = y + g[..., i : i + 1] * self.B(a(x)) * (ALPHA / R)
-        return y
+        x = x.to(self.B.weight.dtype)
+        g = self.router(x).softmax(-1)
+        dropped = self.dropout(x)
+        delta = sum(g[..., i : i + 1] * self.B(a(dropped)) for i, a in enumerate(self.A))
+        return y + (delta * (ALPHA / R)).to(y.dtype)
 
 
 def frozen_linear(d: int) -> nn.Linear:

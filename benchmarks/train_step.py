@@ -33,8 +33,8 @@ from asymlora.train.loop import token_loss_sum
 TARGETS = ["q_proj", "o_proj"]  # the paper's commonsense targets
 
 
-def ours(base, method: str, r: int, k: int):
-    extra = {} if method == "lora" else {"num_experts": k, "router": "softmax"}
+def ours(base, method: str, r: int, k: int, router: str = "softmax"):
+    extra = {} if method == "lora" else {"num_experts": k, "router": router}
     return wrap(base, method=method, r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS, **extra)
 
 
@@ -46,14 +46,15 @@ def unpeft(model):
     return model.unload()
 
 
-def step_time(model, batch, steps: int, clock=time.perf_counter) -> float:
+def step_time(model, batch, steps: int, clock=time.perf_counter, **inputs) -> float:
+    """Median time of ``steps`` optimizer steps (a fresh AdamW; ``inputs`` go to the model)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     times = []
     for _ in range(steps):
         t0 = clock()
-        model(input_ids=batch, labels=batch).loss.backward()
+        model(input_ids=batch, labels=batch, **inputs).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(clock() - t0)

@@ -3,7 +3,7 @@
 # ports), then `flwr run`, then stop everything (also on error or Ctrl-C).
 #
 #   scripts/flower_local.sh N [flwr run options...] [::: flwr run options...]...
-#   scripts/flower_local.sh 3 --run-config "method='fedalora' rounds=2 model='tiny-llama' tasks='a.jsonl,b.jsonl,c.jsonl'"
+#   scripts/flower_local.sh 3 --run-config "federation.method='fedalora' federation.rounds=2 model='tiny-llama' clients.tasks='a.jsonl,b.jsonl,c.jsonl'"
 #
 # Node i is started with --node-config "partition-id=i" (client i: task i of `tasks`). Several
 # runs, separated by `:::`, are submitted to the same SuperLink and nodes at once (`flwr run
@@ -94,10 +94,13 @@ for ((i = 0; i < nodes; i++)); do runtimes+=("127.0.0.1:${ports[$((i + 1))]}"); 
 
 # `flwr run DIR` walks every file under DIR (a .venv: tens of thousands) to build the app
 # bundle; stage what the bundle holds (pyproject.toml's fab-include) in a small folder instead.
+# FLOWER_APP=DIR stages DIR's pyproject.toml and *.py on top (another app around asymlora's,
+# such as the tests' app with bad clients).
 stage=$FLWR_HOME/app
 mkdir -p "$stage"
 cp "$app_dir/pyproject.toml" "$stage/"
 (cd "$app_dir" && find src/asymlora -name '*.py' -print0 | xargs -0 cp --parents -t "$stage")
+if [[ -n ${FLOWER_APP:-} ]]; then cp "$FLOWER_APP"/pyproject.toml "$FLOWER_APP"/*.py "$stage/"; fi
 
 if [[ $isolation == warm ]]; then
     # One warm process: the SuperExecs of the SuperLink and of every SuperNode, and the runs. It

@@ -60,3 +60,10 @@ def test_help_and_task_listing_import_no_heavy_library(cache) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert "commonsense (8 tasks)" in out and "HEAVY []" in out
+
+
+def test_the_federated_method_choices_are_the_registry_s() -> None:
+    from asymlora.cli import FEDERATED_METHODS
+    from asymlora.federated.registry import METHODS
+
+    assert FEDERATED_METHODS == tuple(METHODS)

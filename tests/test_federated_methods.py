@@ -337,3 +337,94 @@ def test_upload_shapes_follow_the_declared_state_shapes(name):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown federated method"):
         get_method("fedprox")
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_clients_never_share_storage_with_the_download_or_each_other(name):
+    """The rule of base.py: a client's state after ``apply_download`` holds its own copies, so
+    an in-place change of one client (an optimiser step) cannot reach another or the server."""
+    method = get_method(name)
+    server, states, inits = start(method, registry_states(method))
+    states = train(method, states)
+    uploads, server, downloads, new = run_round(method, states, inits, server)
+    for state, down in zip(new, downloads, strict=True):
+        for key, value in down.items():
+            if key in state:
+                assert state[key].data_ptr() != value.data_ptr(), f"{name}: {key} shares the download"
+    for key in new[0]:
+        assert new[0][key].data_ptr() != new[1][key].data_ptr(), f"{name}: clients share {key}"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_method_declares_what_engines_need(name):
+    """Every registered method answers the engines' questions itself, consistently: an
+    averaging method sends back the average of its uploads, and one that is not says why."""
+    method = get_method(name)
+    assert method.adapter_kind in ("lora", "factored")
+    assert method.global_model in ("adapter", "dense", "base", None)
+    server, states, inits = start(method, registry_states(method))
+    uploads, server, downloads, _ = run_round(method, train(method, states), inits, server)
+    if method.not_an_average is None:
+        p = probs(N_EX)
+        for key in uploads[0]:
+            want = sum(w * up[key] for w, up in zip(p, uploads, strict=True))
+            for down in downloads:
+                torch.testing.assert_close(down[key], want, atol=ATOL, rtol=0)
+    else:
+        assert len(method.not_an_average) > 20
+
+
+def test_engines_and_recipes_never_name_a_method():
+    """Method knowledge lives in federated/: no method name appears as a string literal in the
+    engines or the recipes (the registry and the methods' declarations answer for them)."""
+    import ast
+    from pathlib import Path
+
+    import asymlora
+
+    root = Path(asymlora.__file__).parent
+    found = []
+    for folder in ("engines", "recipes"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in METHODS:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not found, found
+
+
+@pytest.mark.parametrize(("aggregation", "cut"), [("median", None), ("trimmed-mean", 1)])
+def test_robust_aggregation_is_the_elementwise_median_or_trimmed_mean(aggregation, cut):
+    """Five fedalora clients, one sending huge values: the robust aggregate of every element is
+    the median (or the mean without the smallest and largest value) of the five, unweighted."""
+    from statistics import fmean, median
+
+    method = get_method("fedalora", aggregation=aggregation, trim=0.2)
+    _, states, inits = start(method, lora_states([3] * 5))
+    states = train(method, states)
+    states[4] = {k: v * 1e6 for k, v in states[4].items()}
+    uploads, server, downloads, _ = run_round(method, states, inits, {}, n_ex=[1, 2, 3, 4, 100])
+    for key, got in server.items():
+        values = [up[key].flatten().tolist() for up in uploads]
+        for j, column in enumerate(zip(*values, strict=True)):
+            ordered = sorted(column)
+            want = median(ordered) if cut is None else fmean(ordered[cut : len(ordered) - cut])
+            assert got.flatten()[j].item() == pytest.approx(want, abs=1e-5)
+        assert got.abs().max() < 1e3, "the outlier must not reach the aggregate"
+    for down in downloads:
+        assert all(torch.equal(down[k], server[k]) for k in server)
+
+
+def test_robust_aggregation_is_refused_where_the_server_does_not_average():
+    from asymlora.config import ConfigError
+    from asymlora.engines.federation import FederationConfig
+
+    with pytest.raises(
+        ConfigError, match="federation.aggregation is not an option of flora: its server stacks"
+    ):
+        FederationConfig(method="flora", aggregation="median")
+    with pytest.raises(ConfigError, match="aggregation='mode' must be one of mean, median, trimmed-mean"):
+        FederationConfig(method="fedit", aggregation="mode")
+    with pytest.raises(
+        ConfigError, match="central_dp='server' does not fit fedalora-het: its server accumulates"
+    ):
+        FederationConfig(method="fedalora-het", central_dp="server")

@@ -168,6 +168,45 @@ def test_round_comm_is_what_the_dicts_hold_and_the_shape_formula(method, monkeyp
         assert not {part(k) for k in up} & sim.method.local, "a local part was uploaded"
 
 
+@pytest.mark.parametrize(
+    ("method", "wire", "size"), [("fedalora", torch.bfloat16, 2), ("flexlora", torch.float16, 2)]
+)
+def test_a_wire_dtype_halves_the_bytes_and_the_server_aggregates_in_float32(method, wire, size, monkeypatch):
+    """Uploads and downloads travel in the wire dtype (checked in it, counted in it); the server
+    aggregates the received values in float32, and the clients keep float32 states."""
+    ranks = HET_RANKS if METHODS[method].heterogeneous else [4, 4, 4]
+    base, tokenizer = load_model("tiny-llama")
+    sim = LocalSimulator(
+        base,
+        get_method(method),
+        engine_clients(tokenizer, ranks),
+        AdapterConfig(method="lora", target_modules=TARGETS["tiny-llama"], d_m=4, dropout=0.1),
+        TrainConfig(steps=1, batch_size=2, lr=1e-2),
+        seed=5,
+        pad_id=pad_id_of(tokenizer),
+        wire=wire,
+    )
+    sent: list = []
+    original = type(sim.method).aggregate
+
+    def recording(self, uploads, weights, server, scales=None):
+        sent.append([dict(up) for up in uploads])
+        return original(self, uploads, weights, server, scales)
+
+    monkeypatch.setattr(type(sim.method), "aggregate", recording)
+    log = sim.run_round()
+    for comm in log.comm:
+        assert (
+            comm["bytes_up"] == size * comm["params_up"] and comm["bytes_down"] == size * comm["params_down"]
+        )
+    received = sent[0]
+    assert all(v.dtype == torch.float32 for up in received for v in up.values()), "aggregated in float32"
+    for up in received:  # what arrived holds only values of the wire dtype
+        assert all(torch.equal(v, v.to(wire).float()) for v in up.values())
+    assert all(v.dtype == torch.float32 for state in sim.states for v in state.values())
+    assert all(v.dtype == torch.float32 for v in sim.server.values())
+
+
 GLOBAL_KINDS = {
     "fedit": "adapter",
     "ffa": "adapter",
@@ -364,6 +403,7 @@ def test_heterogeneous_run_records_each_clients_rank_and_bytes(het_run):
             "federation.reset_a_each_round",
         ),
         ({"train": {"stpes": 2}}, "train.stpes"),
+        ({"train": {"batch_size": 8, "grad_accum": 3}}, "train.grad_accum=3 must divide train.batch_size=8"),
         ({"clients": {"partition": "dirichlet"}}, "clients.num_clients"),
     ],
 )

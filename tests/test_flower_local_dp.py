@@ -127,7 +127,7 @@ def dp_context(method: str, tmp_path: Path, setting: str = SETTING) -> Context:
 
 
 def test_the_apps_mod_measures_from_the_kept_reference_and_draws_fresh_noise(tmp_path: Path) -> None:
-    """``app.local_dp`` (the train handler's mod): the reference the handler kept, fresh noise
+    """``app.privacy`` (the train handler's mod): the reference the handler kept, fresh noise
     for every upload even where numpy's generator starts from the same state (forked tasks)."""
     reference, step = fedalora_tensors(0), fedalora_tensors(1)
     upload = {k: reference[k] + step[k] for k in reversed(list(reference))}  # another key order
@@ -141,7 +141,7 @@ def test_the_apps_mod_measures_from_the_kept_reference_and_draws_fresh_noise(tmp
     noises = []
     for _ in range(2):
         np.random.seed(0)
-        out = app.local_dp(train_message(reference), context, handler)
+        out = app.privacy(train_message(reference), context, handler)
         assert not out.has_error()
         assert app.REFERENCE not in context.state  # not kept across rounds
         got = app.from_record(out.content[app.UPLOAD])
@@ -162,7 +162,7 @@ def test_a_method_it_does_not_fit_gets_an_error_reply_before_training(tmp_path: 
     def handler(msg: Message, ctx: Context) -> Message:
         raise AssertionError("trained although local DP cannot apply")
 
-    out = app.local_dp(train_message(fedalora_tensors(0)), context, handler)
+    out = app.privacy(train_message(fedalora_tensors(0)), context, handler)
     assert out.has_error()
     assert out.error.code == ErrorCode.MOD_FAILED_PRECONDITION
     assert f"local DP (local-dp in the node config) does not fit method {method}" in out.error.reason
@@ -172,7 +172,7 @@ def test_a_method_it_does_not_fit_gets_an_error_reply_before_training(tmp_path: 
 
 def test_bad_values_give_an_error_reply(tmp_path: Path) -> None:
     context = dp_context("fedalora", tmp_path, "clipping_norm=1,epsilon=1,delta=1e-5")
-    out = app.local_dp(train_message(fedalora_tensors(0)), context, lambda m, c: upload_reply(m, {}))
+    out = app.privacy(train_message(fedalora_tensors(0)), context, lambda m, c: upload_reply(m, {}))
     assert (
         out.has_error()
         and "node config local-dp=" in out.error.reason
@@ -224,14 +224,17 @@ def test_a_fedalora_run_under_local_dp_averages_the_noised_uploads(tmp_path: Pat
     B, unchanged since setup. Every accepted upload is reference + clipped update + noise, and
     each download is the mean of the round's accepted noised uploads."""
     tasks = write_choice_tasks(tmp_path / "tasks", 3, 6)
-    config = run_config("fedalora", tasks, tmp_path / "out") | {"rounds": 2, "test-poison": "2:nan"}
-    config["overrides"] += ";federation.max_upload_norm=1000;federation.min_clients=2"
+    config = run_config("fedalora", tasks, tmp_path / "out") | {
+        "federation.rounds": 2,
+        "test-poison": "2:nan",
+    }
+    config |= {"federation.max_upload_norm": 1000.0, "federation.min_clients": 2}
     setting = "clipping_norm=0.5,sensitivity=0.01,epsilon=1.0,delta=1e-5"
     std = 0.01 * math.sqrt(2 * math.log(1.25e5))
     grid = RecordingGrid(config, 3, setting)
     app.server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
 
-    method = app.method_of(app.federated_config(config))
+    method = app.federated_config(config).federation.make_method()
     nodes = sorted(grid.contexts)
     accepted = {1: nodes[:2], 2: nodes}
     assert 102 not in grid.received[2]  # nothing to download after its rejected round
@@ -270,7 +273,7 @@ def test_a_fedalora_run_under_local_dp_averages_the_noised_uploads(tmp_path: Pat
 
 def test_a_bad_setting_on_one_node_stops_the_run_at_the_init_naming_it(tmp_path: Path) -> None:
     tasks = write_choice_tasks(tmp_path / "tasks", 3, 6)
-    config = run_config("fedalora", tasks, tmp_path / "out") | {"rounds": 1}
+    config = run_config("fedalora", tasks, tmp_path / "out") | {"federation.rounds": 1}
     grid = RecordingGrid(config, 3, "clipping_norm=0.5,sensitivity=0.01,epsilon=1.0,delta=1e-5")
     grid.contexts[101].node_config["local-dp"] = "clipping_norm=0.5,epsilon=1.0,delta=1e-5"
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)

@@ -306,10 +306,11 @@ def test_non_finite_and_out_of_range_config_values(tmp_path, capsys, tasks, sett
         (["compare", "--methods", ","], "--methods: expected comma-separated names"),
     ],
 )  # fmt: skip
-def test_number_and_list_flags(tmp_path, capsys, tasks, argv, says):
+def test_number_and_list_flags(tmp_path, capsys, tasks, argv, says, monkeypatch):
     argv = [a.format(task=tasks[0], out=tmp_path / "out") for a in argv]
+    monkeypatch.chdir(tmp_path)  # commands without --out write under ./runs: it must not appear
     refused(capsys, argv, says)
-    assert not (tmp_path / "out").exists() and not Path("runs").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe{", b'{"a": NaN}', b'{"tasks": [{"task": "a"}]}', b"[1, 2]"])
@@ -546,8 +547,8 @@ def test_the_set_parser_gives_a_config_or_one_config_error(flags):
 
 
 def test_set_values_are_read_as_toml_and_deep_nesting_is_refused():
-    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
-    assert parse_override("model=tiny-llama") == (["model"], "tiny-llama")
+    assert parse_override("train.lr=3e-4") == (("train", "lr"), 3e-4)
+    assert parse_override("model=tiny-llama") == (("model",), "tiny-llama")
     with pytest.raises(ConfigError, match="nested too deeply"):
         parse_override("x=" + "[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConfigError, match="not a finite number"):

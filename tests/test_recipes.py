@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,21 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, task_files):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_bfloat16_base_with_activation_checkpointing_trains_float32_task_adapters(tmp_path, task_files):
+    out = tmp_path / "run"
+    settings = ["dtype='bfloat16'", "train.activation_checkpointing=true", "adapter.router='task'",
+                "adapter.num_experts=2"]  # fmt: skip
+    assert train(out, task_files, *[a for s in settings for a in ("--set", s)]) == 0
+    saved = load_config(out / "config.yaml")
+    assert saved.dtype == "bfloat16" and saved.train.activation_checkpointing
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    init = load_file(out / "adapter_init" / "adapter_model.safetensors")
+    assert any(not torch.equal(adapter[k], init[k]) for k in adapter)  # it trained
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -110,6 +126,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, task_files):
         (["--set", "train.steps='many'"], "train.steps: expected int"),
         (["--set", "adapter.router='task'"], "adapter.router='task' needs one expert per task"),
         (["--set", "adapter.dropout=2.0"], "dropout=2.0 must be in"),
+        (["--set", "dtype='half'"], "dtype='half' must be one of auto, bfloat16, float16, float32"),
     ],
 )
 def test_bad_config_is_refused_at_start_naming_the_key(tmp_path, task_files, capsys, extra, message):

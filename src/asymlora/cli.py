@@ -35,6 +35,10 @@ from asymlora.data.task import Task
 from asymlora.errors import UsageError, one_line, user_error
 from asymlora.threads import choose_threads, use_threads
 
+# The federated methods (asymlora.federated.registry.METHODS, which imports torch), named here so
+# that building the parser imports nothing heavy; tests/test_cli_help.py keeps the two equal.
+FEDERATED_METHODS = ("fedit", "ffa", "fedsa", "fedalora", "zeropad", "flora", "flexlora", "fedalora-het")
+
 DESCRIPTION = """\
 Fine-tune language models with several LoRA adapters at once: ALoRA (several A
 matrices, one shared B), Fed-ALoRA (federated clients share only B) and the
@@ -341,10 +345,7 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", help="model (default smollm2-135m): smollm2-135m, tiny-llama, a folder or a hub id"
     )
-    p.add_argument(
-        "--method",
-        help="federation.method: fedit, ffa, fedsa, fedalora, zeropad, flora, flexlora, fedalora-het",
-    )
+    p.add_argument("--method", choices=list(FEDERATED_METHODS), help="federation.method (one run)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--suite", choices=list(SUITES), help="one client per task of a suite")
     what.add_argument("--tasks", help="comma-separated task names or .jsonl files (one client each)")

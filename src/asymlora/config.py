@@ -8,6 +8,7 @@ that names the key.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -15,6 +16,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,12 +45,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert only where lossless (int -> float)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
         raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
     if tp is type(None):
         if value is None:
@@ -211,31 +210,63 @@ def _children(node: Any) -> list[Any]:
     return [part for item in value for part in (item if isinstance(item, tuple) else (item,))]
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=3e-4`` -> (["train", "lr"], 0.0003); values are read as TOML, else as strings."""
+Override = tuple[tuple[str, ...], Any]  # (("train", "lr"), 0.0003): a field's path and its value
+
+
+def parse_override(text: str) -> Override:
+    """``train.lr=3e-4`` -> (("train", "lr"), 0.0003); values are read as TOML, else as strings."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: write it as section.key=value")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
+        return tuple(key.strip().split(".")), parse_value(raw)
     except RecursionError:
         raise ConfigError(f"override {text!r}: nested too deeply") from None
-    return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def parse_value(raw: str) -> Any:
+    """A value as TOML reads it (``3e-4``, ``[1, 2]``, ``true``, ``'a'``), else the text itself."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:
+    """``data`` with each override set: a typed ``(path, value)`` pair, or ``section.key=value``
+    text from a user (parsed here, once)."""
     data = copy.deepcopy(data)  # keeps shared values shared (read_file bounds their expansion)
-    for text in overrides:
-        path, value = parse_override(text)
+    for item in overrides:
+        path, value = parse_override(item) if isinstance(item, str) else item
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
+                raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
         node[path[-1]] = value
     return data
+
+
+def field_type(cls: type, path: Sequence[str]) -> Any:
+    """The annotation of the field at ``path`` of dataclass ``cls`` (None when there is none)."""
+    tp: Any = cls
+    for name in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if name not in hints:
+            return None
+        tp = hints[name]
+    return tp
+
+
+def is_list_type(tp: Any) -> bool:
+    """Whether the annotation ``tp`` is a list, or a union holding one (``list[int] | None``)."""
+    if typing.get_origin(tp) is list:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(
+        is_list_type(option) for option in typing.get_args(tp)
+    )
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

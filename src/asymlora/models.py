@@ -40,6 +40,11 @@ SMOLLM2_FOLDER = "smollm2-135m-instruct"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 PACKAGED_MODELS = ("smollm2-135m",)
+# The ``dtype`` setting: the base model's weights in this dtype, or ``auto`` (as transformers loads
+# them: the checkpoint's own dtype in transformers >= 5, float32 before; tiny models float32).
+BASE_DTYPES = ("bfloat16", "float16", "float32")  # names of torch dtypes (torch is imported where used)
+DTYPE_CHOICES = ("auto", *BASE_DTYPES)
+DEVICES = ("auto", "cpu", "cuda")
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 
 # A plain ChatML template, so that tiny models can run the same chat-formatting code as SmolLM2.
@@ -63,20 +68,51 @@ def known_models() -> list[str]:
     return [*PACKAGED_MODELS, *TINY_MODELS]
 
 
+def base_dtype(setting: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype of a ``dtype`` setting (one of DTYPE_CHOICES); None for ``auto``."""
+    import torch
+
+    if setting is None or isinstance(setting, torch.dtype):
+        return setting
+    if setting not in DTYPE_CHOICES:
+        raise ValueError(f"dtype={setting!r} must be one of {', '.join(DTYPE_CHOICES)}")
+    return getattr(torch, setting) if setting in BASE_DTYPES else None
+
+
+def resolve_device(name: str) -> torch.device:
+    """A ``device`` setting (one of DEVICES) as a torch device: ``auto`` is cuda where available."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_base_settings(dtype: str, device: str) -> None:
+    """Refuse a ``dtype`` or ``device`` setting outside DTYPE_CHOICES / DEVICES, naming the key."""
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPE_CHOICES)}")
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r} must be one of {', '.join(DEVICES)}")
+
+
 def load_model(
-    name: str, *, dtype: torch.dtype | None = None, seed: int = 0
+    name: str, *, dtype: str | torch.dtype | None = None, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (in eval mode) and tokenizer for ``name``; ``seed`` only affects tiny models.
+    ``dtype`` (a torch dtype or a name in DTYPE_CHOICES) is the base weights' dtype; transformers
+    >= 4.56 reads a checkpoint straight into it (a 7B model never exists in float32 on the way).
     The model's ``config.name_or_path`` is ``name`` (what adapters record as their base)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = base_dtype(dtype)
     if name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
         model = tiny_model(name, vocab_size=len(tokenizer), seed=seed)
     else:
         source = smollm2_folder() if name in PACKAGED_MODELS else name
         tokenizer = load_tokenizer(name)
-        model = _from_pretrained(AutoModelForCausalLM, source, name)
+        model = _from_pretrained(AutoModelForCausalLM, source, name, dtype)
     model.config.name_or_path = name
     if dtype is not None:
         model = model.to(dtype)
@@ -138,9 +174,9 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _from_pretrained(cls: type, source: str | Path, name: str):
+def _from_pretrained(cls: type, source: str | Path, name: str, dtype: torch.dtype | None = None):
     try:
-        return cls.from_pretrained(str(source))
+        return cls.from_pretrained(str(source), **({} if dtype is None else {"dtype": dtype}))
     except (OSError, ValueError) as err:  # missing files / hub unreachable / not a valid repo id
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelNotAvailableError(

@@ -19,6 +19,7 @@ METHODS = ("lora", "alora", "hydralora", "mola", "factored")
 SINGLE = ("lora", "factored")  # one adapter, no router
 ROUTERS = ("softmax", "topk", "task")
 INITS = ("independent", "identical")
+PARAM_DTYPES = ("float32", "base")
 FORMAT_VERSION = 1
 
 
@@ -54,6 +55,13 @@ class AdapterConfig:
     )
     d_m: int = field(
         default=16, metadata={"help": "factored only: width of the shared up-projection B_base (d_out, d_m)"}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "float32 (full-precision adapter weights over any base) | base (the base weights' "
+            "dtype, e.g. bfloat16: half the adapter and optimizer-state memory)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of every random draw of the adapter"})
     base_model_name_or_path: str | None = field(
@@ -127,6 +135,8 @@ class AdapterConfig:
             raise bad("d_m", "must be an integer >= 1")
         if self.init_a not in INITS:
             raise bad("init_a", f"must be one of {', '.join(INITS)}")
+        if self.dtype not in PARAM_DTYPES:
+            raise bad("dtype", f"must be one of {', '.join(PARAM_DTYPES)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "must be an integer")
 

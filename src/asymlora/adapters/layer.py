@@ -44,6 +44,21 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
+def adapter_dtype(setting: str, base: torch.dtype) -> torch.dtype:
+    """The adapter parameters' dtype: the base's for ``base``; for ``float32``, float32 (float64
+    over a float64 base, for exact gradient checks)."""
+    if setting == "base" or base == torch.float64:
+        return base
+    return torch.float32
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x W^T`` in x's dtype: float32 adapter weights over a bfloat16 model are cast to bfloat16
+    for the matmul (a (rank, d) cast, not a (tokens, d) one), as autocast does; their gradients
+    arrive in float32."""
+    return F.linear(x, weight.to(x.dtype))
+
+
 def is_conv1d(layer: nn.Module) -> bool:
     """GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)."""
     return type(layer).__name__ == "Conv1D"
@@ -72,14 +87,13 @@ class AdapterLayer(nn.Module):
         self.routing = routing
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.disabled = False
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.factory = {"device": weight.device, "dtype": dtype}
+        self.factory = {"device": weight.device, "dtype": adapter_dtype(config.dtype, weight.dtype)}
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
-        return y + self.delta(x.to(self.factory["dtype"])).to(y.dtype)
+        return y + self.delta(x).to(y.dtype)
 
     @staticmethod
     def planned_parameters(config: AdapterConfig, d_in: int, d_out: int) -> int:
@@ -140,7 +154,7 @@ class MultiLoraLinear(AdapterLayer):
         """Router weights g, shape (..., K) (per token) or (batch, 1, ..., K) (per example)."""
         if self.router_kind == "task":
             return self._task_gates(x)
-        logits = F.linear(x, self.router)  # (..., K)
+        logits = linear(x, self.router)  # (..., K)
         if self.router_kind == "softmax":
             return logits.softmax(-1)
         top, idx = logits.topk(self.top_k, dim=-1)
@@ -169,10 +183,10 @@ class MultiLoraLinear(AdapterLayer):
 
     # --- forward ------------------------------------------------------------------------------
     def delta(self, x: Tensor) -> Tensor:
-        h = F.linear(self.dropout(x), self.lora_A)  # (..., K_a*r): every A_i x in one matmul
+        h = linear(self.dropout(x), self.lora_A)  # (..., K_a*r): every A_i x in one matmul
         if self.num_experts > 1:
             h = self.mix(h, self.gates(x))
-        return F.linear(h * self.scale, self.lora_B)  # B applied once
+        return linear(h * self.scale, self.lora_B)  # B applied once
 
     # --- plain-LoRA views -----------------------------------------------------------------------
     def check_plain_lora(self, task: int | None) -> int:
@@ -237,8 +251,8 @@ class FactoredLoraLinear(AdapterLayer):
         return r * d_in + 2 * d_m * r + d_out * r + d_out * d_m
 
     def delta(self, x: Tensor) -> Tensor:
-        u = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_M) * self.scale  # (..., d_m)
-        return F.linear(u, self.lora_B_base) + F.linear(F.linear(u, self.lora_B1), self.lora_B2)
+        u = linear(linear(self.dropout(x), self.lora_A), self.lora_M) * self.scale  # (..., d_m)
+        return linear(u, self.lora_B_base) + linear(linear(u, self.lora_B1), self.lora_B2)
 
     def lora_pair(self, task: int | None = None) -> tuple[Tensor, Tensor]:
         """As a plain LoRA of rank d_m: A' = M A (d_m, d_in), B' = B_base + B2 B1 (d_out, d_m)."""

@@ -7,38 +7,61 @@ are how every engine builds a client's adapter and training data from them."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..adapters import AdapterConfig
-from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
+from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.partition import dirichlet_split
 from ..data.registry import SUITES, get_suite, get_tasks
 from ..data.task import Task, continuation
-from ..federated import METHODS
+from ..federated import FederatedMethod
+from ..federated.registry import DEFAULT, METHODS, averaging, get_method, known, options_of, rank_problem
 from ..federated.validate import NORMS, UploadLimits
+from ..models import DTYPE_CHOICES, check_base_settings
 from ..train import Example, TrainConfig, encode_tasks
 from .local import Client
+from .round import WIRE_DTYPES
 
 PARTITIONS = ("task", "dirichlet")
-METHOD_OPTIONS = ("reset_a_each_round", "dense_download")
-DEVICES = ("auto", "cpu", "cuda")
+METHOD_OPTIONS = ("reset_a_each_round", "dense_download", "aggregation", "trim")
+CENTRAL_DP = ("off", "server", "client")
+
+
+def _taking(option: str) -> str:
+    """The methods that take ``option``, for help texts."""
+    return known([m for m in METHODS if option in options_of(m)])
 
 
 @dataclass
 class FederationConfig:
-    method: str = field(default="fedalora", metadata={"help": "one of " + ", ".join(METHODS)})
+    method: str = field(default=DEFAULT, metadata={"help": "one of " + known()})
     rounds: int = field(default=3, metadata={"help": "communication rounds"})
     fraction: float = field(default=1.0, metadata={"help": "share of the clients taking part in a round"})
     reset_a_each_round: bool = field(
         default=False,
-        metadata={"help": "fedalora / fedalora-het: the reference's per-round reset of A (a defect)"},
+        metadata={
+            "help": f"the reference's per-round reset of A, a defect ({_taking('reset_a_each_round')})"
+        },
     )
     dense_download: bool = field(
-        default=False, metadata={"help": "flora: send the merged product instead of the stacks"}
+        default=False,
+        metadata={"help": f"send the merged product instead of the stacks ({_taking('dense_download')})"},
+    )
+    aggregation: str = field(
+        default="mean",
+        metadata={
+            "help": "mean (weighted by examples) | median | trimmed-mean (unweighted, robust to a "
+            f"few bad uploads; {_taking('aggregation')})"
+        },
+    )
+    trim: float = field(
+        default=0.1, metadata={"help": "trimmed-mean: share of the values dropped at each end"}
     )
     min_clients: int = field(
         default=1,
@@ -51,18 +74,32 @@ class FederationConfig:
         default="total",
         metadata={"help": "what max_upload_norm bounds: total (all tensors together) | tensor (each)"},
     )
+    wire_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "uploads and downloads travel as float32 | bfloat16 | float16 (aggregated in float32)"
+        },
+    )
+    central_dp: str = field(
+        default="off",
+        metadata={
+            "help": "Flower only: central DP with fixed clipping, the update clipped on the server "
+            "| on the client; off (docs/flower.md)"
+        },
+    )
+    dp_noise_multiplier: float = field(
+        default=1.0, metadata={"help": "central DP: noise std = multiplier * clipping norm / clients"}
+    )
+    dp_clipping_norm: float = field(default=1.0, metadata={"help": "central DP: L2 bound of each update"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"federation.method={self.method!r} is not one of {', '.join(METHODS)}")
+            raise ConfigError(f"federation.method={self.method!r} is not one of {known()}")
         if self.rounds < 1:
             raise ConfigError(f"federation.rounds={self.rounds} must be >= 1")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction={self.fraction} must be in (0, 1]")
-        accepted = {f.name for f in fields(METHODS[self.method])}
-        for option in METHOD_OPTIONS:
-            if getattr(self, option) and option not in accepted:
-                raise ConfigError(f"federation.{option} is not an option of {self.method}")
+        self._check_method_options()
         if self.min_clients < 1:
             raise ConfigError(f"federation.min_clients={self.min_clients} must be >= 1")
         bound = self.max_upload_norm
@@ -72,6 +109,54 @@ class FederationConfig:
             raise ConfigError(
                 f"federation.upload_norm={self.upload_norm!r} must be one of {', '.join(NORMS)}"
             )
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(
+                f"federation.wire_dtype={self.wire_dtype!r} must be one of {', '.join(WIRE_DTYPES)}"
+            )
+        self._check_central_dp()
+
+    def _check_method_options(self) -> None:
+        """Options set away from their default must be the method's; the method checks values."""
+        accepted = options_of(self.method)
+        defaults = {f.name: f.default for f in fields(self)}
+        for option in METHOD_OPTIONS:
+            if getattr(self, option) != defaults[option] and option not in accepted:
+                why = METHODS[self.method].not_an_average if option in ("aggregation", "trim") else None
+                raise ConfigError(
+                    f"federation.{option} is not an option of {self.method}"
+                    + (f": {why} (it fits {known(averaging())})" if why else "")
+                )
+        try:
+            self.make_method()
+        except ValueError as err:
+            raise ConfigError(f"federation: {err}") from None
+
+    def _check_central_dp(self) -> None:
+        if self.central_dp not in CENTRAL_DP:
+            raise ConfigError(
+                f"federation.central_dp={self.central_dp!r} must be one of {', '.join(CENTRAL_DP)}"
+            )
+        if self.central_dp == "off":
+            return
+        if self.wire_dtype != "float32":
+            raise ConfigError(
+                f"federation.central_dp={self.central_dp!r} needs federation.wire_dtype='float32': "
+                "Flower's DP wrappers compute in numpy, which has no bfloat16"
+            )
+        why = METHODS[self.method].not_an_average
+        if why is not None:
+            raise ConfigError(
+                f"federation.central_dp={self.central_dp!r} does not fit {self.method}: {why}; Flower's "
+                f"DP wrappers clip and noise an average of the uploads ({known(averaging())})"
+            )
+        if not (math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0):
+            raise ConfigError(f"federation.dp_noise_multiplier={self.dp_noise_multiplier} must be >= 0")
+        if not (math.isfinite(self.dp_clipping_norm) and self.dp_clipping_norm > 0):
+            raise ConfigError(f"federation.dp_clipping_norm={self.dp_clipping_norm} must be > 0")
+
+    def wire(self) -> torch.dtype:
+        """The dtype uploads and downloads travel in."""
+        return WIRE_DTYPES[self.wire_dtype]
 
     def limits(self) -> UploadLimits:
         """The upload checks' norm bound, for the engine."""
@@ -79,8 +164,12 @@ class FederationConfig:
 
     def method_options(self) -> dict[str, Any]:
         """The options the chosen method takes, for ``get_method``."""
-        accepted = {f.name for f in fields(METHODS[self.method])}
+        accepted = options_of(self.method)
         return {option: getattr(self, option) for option in METHOD_OPTIONS if option in accepted}
+
+    def make_method(self) -> FederatedMethod:
+        """The chosen method with its options (checked when the config was built)."""
+        return get_method(self.method, **self.method_options())
 
 
 @dataclass
@@ -185,6 +274,7 @@ class FederatedConfig:
     output_dir: str = "runs/federated"
     seed: int = field(default=0, metadata={"help": "adapters' initial draws, participants, local batches"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available) | cpu | cuda"})
+    dtype: str = field(default="auto", metadata={"help": f"base weights' dtype: {' | '.join(DTYPE_CHOICES)}"})
     federation: FederationConfig = field(default_factory=FederationConfig)
     adapter: ClientAdapterConfig = field(default_factory=ClientAdapterConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
@@ -194,8 +284,7 @@ class FederatedConfig:
     eval: FedEvalConfig = field(default_factory=FedEvalConfig)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
+        check_base_settings(self.dtype, self.device)
         n = self.clients.count()
         if self.adapter.ranks is not None and len(self.adapter.ranks) != n:
             raise ConfigError(
@@ -209,15 +298,15 @@ class FederatedConfig:
                 f"client(s) taking part in a round ({n} clients, fraction {self.federation.fraction})"
             )
         ranks = self.adapter.ranks_for(n)
-        if not METHODS[self.federation.method].heterogeneous and len(set(ranks)) > 1:
-            raise ConfigError(
-                f"adapter.ranks={ranks}: federation.method={self.federation.method!r} needs every "
-                "client at the same rank; use zeropad, flora, flexlora or fedalora-het"
-            )
+        problem = rank_problem(self.federation.method, ranks)
+        if problem is not None:
+            raise ConfigError(f"adapter.ranks={ranks} with federation.method: {problem}")
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str | Override] | None = None,
+    base: dict | None = None,
 ) -> FederatedConfig:
     """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides.
 

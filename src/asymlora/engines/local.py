@@ -6,16 +6,15 @@ each client's round-0 state, which methods that restart adapters need). A client
 having its state copied into the one wrapped model; a client of another rank gets the base
 re-wrapped at its rank (the base modules are the same objects, only the adapter layers change).
 
-A round (see ``asymlora.federated.base``)::
+A round: the server's side is ``round.Server`` (participants, validation, ``min_clients``,
+the method's aggregation, the record), the same as under Flower; the simulator runs the
+clients::
 
-    participants = sample(fraction, seed, round)
-    for i in participants:                       # one after another, on the shared model
+    for i in server.participants(round):         # one after another, on the shared model
         load state_i, train the parts method.trainable() marks, local_train(seed, round, i)
         upload_i = method.upload(state_i)          # a client that raises is dropped
-    accepted = validate(uploads)                   # names, shapes, dtype, finite, norm bound
-    server, downloads = method.aggregate(accepted, n_examples, server, alpha_i / r_i)
+    log = server.aggregate(round, uploads, ...)    # validate, aggregate: one download each
     state_i = method.apply_download(state_i, download_i, init_i)
-    comm: count(upload_i) and count(download_i), exactly what the dicts hold
 
 FLoRA merges a dense update into every client's base weight each round. All participants
 receive the same update, so the simulator adds it once to the one shared base weight instead of
@@ -32,10 +31,9 @@ uninterrupted run, because every random choice is a function of (seed, round, cl
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -45,22 +43,19 @@ from torch import Tensor, nn
 
 from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
 from ..adapters.io import complete_folder, write_folder_atomically, write_tensors
-from ..errors import AsymloraError, InputError
+from ..errors import InputError
 from ..federated import FederatedMethod
-from ..federated.comm import round_counts
-from ..federated.common import BASE_DELTA, A, M, Tensors, module_of, part, select
-from ..federated.flexlora import DELTA
-from ..federated.validate import UploadLimits, expected_upload, validate_uploads
+from ..federated.common import BASE_DELTA, A, Tensors, module_of, part, select
+from ..federated.validate import UploadLimits
 from ..train import TrainConfig, local_train
 from ..train.batches import Encoded, hash_seed
+from .round import Member, RoundError, RoundLog, Server, from_wire, to_wire
 
 STATE_FILE = "state.json"
 SERVER_FILE = "server.safetensors"
 BASE_FILE = "base_weights.safetensors"
 CLIENTS_DIR = "clients"
 FORMAT = "asymlora-federation"
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,38 +80,6 @@ class Client:
         return self.alpha / self.rank
 
 
-@dataclass
-class RoundLog:
-    """What one round did: whose uploads were aggregated, the mean local loss of each, and the
-    exact communication of each (parameters and bytes, up and down), in participant order; and
-    the clients left out of the aggregate: ``dropped`` (local training raised) and ``rejected``
-    (the upload failed validation), as (client, reason)."""
-
-    round: int
-    participants: list[int]
-    loss: list[float] = field(default_factory=list)
-    comm: list[dict[str, int]] = field(default_factory=list)
-    dropped: list[tuple[int, str]] = field(default_factory=list)
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-
-
-class RoundError(AsymloraError, RuntimeError):
-    """Too few clients were left in a round after drops and rejections; ``log`` says why."""
-
-    def __init__(self, rnd: int, min_clients: int, accepted: list[str], reasons: list[str], log: RoundLog):
-        super().__init__(
-            f"round {rnd}: only {len(accepted)} valid upload(s) ({', '.join(accepted) or 'none'}), "
-            f"federation.min_clients={min_clients} needed; left out: " + "; ".join(reasons)
-        )
-        self.log = log
-
-
-def adapter_method(method: FederatedMethod) -> str:
-    """The adapter layer a method's clients use: the factored layer where the method has an M
-    (Fed-ALoRA-het), plain LoRA otherwise."""
-    return "factored" if M in method.trains | method.local else "lora"
-
-
 def client_seed(seed: int, client: int) -> int:
     """The adapter-initialisation seed of a client: independent draws per client."""
     return hash_seed(seed, client) % (1 << 31)
@@ -128,7 +91,7 @@ def client_config(
     """Client ``i``'s adapter: the federation's ``template`` at the client's rank and alpha, with
     the method's layer kind and the client's own initialisation seed."""
     return replace(
-        template, method=adapter_method(method), r=client.rank, alpha=client.alpha, seed=client_seed(seed, i)
+        template, method=method.adapter_kind, r=client.rank, alpha=client.alpha, seed=client_seed(seed, i)
     )
 
 
@@ -165,16 +128,6 @@ def add_to_weights(layers: Mapping[str, nn.Module], deltas: Mapping[str, Tensor]
         weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight.dtype))
 
 
-def participants(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
-    """The clients of round ``rnd``: ``max(1, round(fraction * N))`` of them, drawn without
-    replacement by a generator seeded with (seed, round); sorted."""
-    k = max(1, round(fraction * num_clients))
-    if k >= num_clients:
-        return list(range(num_clients))
-    gen = torch.Generator().manual_seed(hash_seed(seed, rnd))
-    return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
-
-
 class LocalSimulator:
     """Runs a federated method over ``clients`` in this process, on the one ``base`` model.
 
@@ -195,34 +148,33 @@ class LocalSimulator:
         pad_id: int = 0,
         min_clients: int = 1,
         limits: UploadLimits | None = None,
+        wire: torch.dtype = torch.float32,
     ) -> None:
-        if not clients:
-            raise ValueError("a federation needs at least one client")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction={fraction} must be in (0, 1]")
-        if min_clients < 1:
-            raise ValueError(f"min_clients={min_clients} must be >= 1")
-        ranks = [c.rank for c in clients]
-        if not method.heterogeneous and len(set(ranks)) > 1:
-            raise ValueError(
-                f"{method.name} needs every client at the same rank, got ranks {ranks}; "
-                "use a heterogeneous method (zeropad, flora, flexlora, fedalora-het)"
-            )
+        members = [Member(c.name, c.rank, c.n_examples, c.scale) for c in clients]
+        self.aggregator = Server(
+            method, members, fraction=fraction, seed=seed, min_clients=min_clients, limits=limits, wire=wire
+        )
         self.base, self.method, self.clients = base, method, list(clients)
-        self.train_cfg, self.fraction, self.seed, self.pad_id = train, fraction, seed, pad_id
-        self.template = replace(adapter, method=adapter_method(method))
+        self.train_cfg, self.seed, self.pad_id = train, seed, pad_id
+        self.template = replace(adapter, method=method.adapter_kind)
         self.base_layers = find_target_modules(base, adapter.target_modules, adapter.layers)
-        self.merges_base = BASE_DELTA in method.local
         self.model: AsymLoraModel | None = None
         self.round = 0
-        self.server, self.states = method.setup([self._initial_state(i) for i in range(len(clients))])
+        self.states = self.aggregator.setup([self._initial_state(i) for i in range(len(clients))])
         self.inits = [{k: v.clone() for k, v in s.items()} for s in self.states]
-        # What each client may upload: the method's upload of its own (declared-rank) layout.
-        self.specs = {i: expected_upload(method, s) for i, s in enumerate(self.inits)}
-        self.min_clients, self.limits = min_clients, limits or UploadLimits()
+
+    @property
+    def server(self) -> Tensors:
+        """The method's server state."""
+        return self.aggregator.state
+
+    @server.setter
+    def server(self, state: Tensors) -> None:
+        self.aggregator.state = state
 
     # --- the shared model -------------------------------------------------------------------
-    def _config(self, i: int) -> AdapterConfig:
+    def client_config(self, i: int) -> AdapterConfig:
+        """Client ``i``'s adapter configuration (its layer kind, rank, alpha and seed)."""
         return client_config(self.template, self.method, self.clients[i], self.seed, i)
 
     def _wrap(self, config: AdapterConfig) -> AsymLoraModel:
@@ -245,13 +197,13 @@ class LocalSimulator:
     def _initial_state(self, i: int) -> Tensors:
         if self.model is not None:
             self.model.unload()
-        self.model = wrap(self.base, self._config(i))  # fresh draws from the client's seed
+        self.model = wrap(self.base, self.client_config(i))  # fresh draws from the client's seed
         return {k: v.clone() for k, v in self.model.adapter_state_dict().items()}
 
     def load_client(self, i: int) -> AsymLoraModel:
         """The shared model holding client ``i``'s adapter, with the method's trainable parts
         (and only those) requiring gradients."""
-        model = self._wrap(self._config(i))
+        model = self._wrap(self.client_config(i))
         model.load_adapter_state_dict(self.states[i])
         return set_trainable(model, self.method)
 
@@ -264,8 +216,9 @@ class LocalSimulator:
         )
 
     def client_upload(self, rnd: int, i: int) -> Tensors:
-        """What client ``i`` sends in round ``rnd`` (a hook: tests replace it to play a bad client)."""
-        return self.method.upload(self.states[i])
+        """What client ``i`` sends in round ``rnd``, in the wire dtype (a hook: tests replace it
+        to play a bad client)."""
+        return to_wire(self.method.upload(self.states[i]), self.aggregator.wire)
 
     def run_round(self, on_client: Callable[[int, int, list[dict]], None] | None = None) -> RoundLog:
         """Train the round's participants, validate their uploads, aggregate the accepted ones and
@@ -282,83 +235,45 @@ class LocalSimulator:
         (a hook for progress, and for tests that crash a run mid-round); what it raises ends
         the run."""
         rnd = self.round + 1
-        sampled = participants(len(self.clients), self.fraction, self.seed, rnd)
-        log = RoundLog(rnd, [])
         before = list(self.states)
-        uploads, losses = [], {}
-        for i in sampled:
+        uploads, losses, dropped = [], {}, []
+        for i in self.aggregator.participants(rnd):
             try:
                 state, history = self.train_client(rnd, i)
             except Exception as err:  # a crashing client must not end the federation
-                log.dropped.append((i, f"local training failed: {type(err).__name__}: {err}"))
-                _logger.warning("round %d: dropped client %s: %s", rnd, self.clients[i].name, err)
+                dropped.append((i, f"local training failed: {type(err).__name__}: {err}"))
                 continue
             self.states[i] = state
             uploads.append((i, self.client_upload(rnd, i)))
             losses[i] = mean_loss(history)
             if on_client is not None:
                 on_client(rnd, i, history)
-        accepted, log.rejected = validate_uploads(uploads, self.specs, self.limits)
-        for i, reason in log.rejected:
-            _logger.warning(
-                "round %d: rejected the upload of client %s: %s", rnd, self.clients[i].name, reason
-            )
-            self.states[i] = before[i]
-        if len(accepted) < self.min_clients:
+        try:
+            log = self.aggregator.aggregate(rnd, uploads, losses, dropped)
+        except RoundError:
             self.states = before
-            names = [self.clients[i].name for i, _ in accepted]
-            why = [f"{self.clients[i].name}: {r}" for i, r in log.dropped + log.rejected]
-            raise RoundError(rnd, self.min_clients, names, why, log)
-        log.participants = [i for i, _ in accepted]
-        log.loss = [losses[i] for i in log.participants]
-        self._aggregate(log, [up for _, up in accepted])
+            raise
+        for i, _ in log.rejected:
+            self.states[i] = before[i]
+        self._apply_downloads(log)
         self.round = rnd
         return log
 
-    def _aggregate(self, log: RoundLog, uploads: list[Tensors]) -> None:
-        """The server's step on the accepted uploads and each participant's download."""
-        self.server, downloads = self.method.aggregate(
-            uploads,
-            [self.clients[i].n_examples for i in log.participants],
-            self.server,
-            [self.clients[i].scale for i in log.participants],
-        )
-        log.comm = round_counts(uploads, downloads)
+    def _apply_downloads(self, log: RoundLog) -> None:
+        """Each participant's state after its download; a dense update a method merges into
+        the base (the same for every client) is added once, to the shared base."""
         merged: Tensors = {}
-        for i, down in zip(log.participants, downloads, strict=True):
-            new = self.method.apply_download(self.states[i], down, self.inits[i])
+        for i, down in zip(log.participants, log.downloads, strict=True):
+            new = self.method.apply_download(self.states[i], from_wire(down), self.inits[i])
             merged = select(new, {BASE_DELTA})  # this round's update, the same for every client
             self.states[i] = {k: v for k, v in new.items() if part(k) != BASE_DELTA}
-        if merged:
-            self._merge_into_base(merged)
-
-    def _merge_into_base(self, deltas: Mapping[str, Tensor]) -> None:
-        """W0 += delta at every module, once, in the shared base (delta: (d_out, d_in))."""
-        add_to_weights(self.base_layers, deltas)
+        add_to_weights(self.base_layers, merged)  # W0 += delta, once, in the shared base
 
     # --- the global model -------------------------------------------------------------------
     def global_kind(self) -> str | None:
-        """What the method's global model is, or None where there is none:
-
-        - ``"base"`` (FLoRA): the merged shared base with the adapters off; every client's model
-          equals it right after a download (their B's restart at zero).
-        - ``"dense"`` (FlexLoRA): W0 plus the server's dense average sum_i p_i s_i B_i A_i.
-        - ``"adapter"`` (FedIT, FFA-LoRA, ZeroPad): one LoRA adapter every client would hold:
-          the server's averaged tensors, completed by the round-0 values of parts that are never
-          trained and common to all clients (FFA-LoRA's A). ZeroPad's is at the largest rank.
-        - None (FedSA-LoRA, Fed-ALoRA, Fed-ALoRA-het): a trained part stays on each client, so
-          there are only personalised models.
-        Before the first round there is no global model."""
-        if self.round == 0:
-            return None
-        if self.merges_base:
-            return "base"
-        if any(part(k) == DELTA for k in self.server):
-            return "dense"
-        private = {
-            p for p in self.method.local if p in self.method.trains or p not in self.method.shared_init
-        }
-        return "adapter" if not private else None
+        """What the method's global model is (``FederatedMethod.global_model``: "adapter",
+        "dense", "base"), or None where there is none. Before the first round there is none."""
+        return None if self.round == 0 else self.method.global_model
 
     @contextmanager
     def use_global(self) -> Iterator[AsymLoraModel]:
@@ -370,14 +285,14 @@ class LocalSimulator:
         if kind == "adapter":
             yield self._global_adapter()
             return
-        model = self._wrap(self._config(0))
-        dense = select(self.server, {DELTA}) if kind == "dense" else {}
+        model = self._wrap(self.client_config(0))
+        # A method that merges into the base has merged into the shared base already.
+        dense = {} if self.method.merges_into_base else self.method.global_delta(self.server)
         saved = {name: layer.weight.detach().clone() for name, layer in self.base_layers.items()}
         try:
             for layer in model.adapted.values():
                 layer.disabled = True
-            with torch.no_grad():
-                self._merge_into_base(dense)
+            add_to_weights(self.base_layers, dense)
             yield model
         finally:
             for layer in model.adapted.values():
@@ -388,10 +303,10 @@ class LocalSimulator:
 
     def _global_adapter(self) -> AsymLoraModel:
         largest = max(range(len(self.clients)), key=lambda i: self.clients[i].rank)
-        state = {**self.inits[largest], **self.server}
+        state = self.method.global_adapter(self.server, self.inits[largest])
         rank = int(next(v for k, v in state.items() if part(k) == A).shape[0])
         scale = self.clients[largest].scale  # keep the largest client's scale at the global rank
-        config = replace(self._config(largest), r=rank, alpha=scale * rank)
+        config = replace(self.client_config(largest), r=rank, alpha=scale * rank)
         return self.wrap_with(config, state)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -405,7 +320,7 @@ class LocalSimulator:
             for i, state in enumerate(self.states):
                 write_tensors(state, tmp / CLIENTS_DIR / f"{i}.safetensors")
             write_tensors(self.server, tmp / SERVER_FILE)
-            if self.merges_base:
+            if self.method.merges_into_base:
                 weights = {name: layer.weight for name, layer in self.base_layers.items()}
                 write_tensors(weights, tmp / BASE_FILE)
             meta = {"format": FORMAT, "round": self.round, "method": self.method.name}
@@ -432,7 +347,7 @@ class LocalSimulator:
             for i in range(len(self.clients))
         ]
         self.server = _to(read_tensors(folder / SERVER_FILE), device)
-        if self.merges_base:
+        if self.method.merges_into_base:
             with torch.no_grad():
                 for name, weight in read_tensors(folder / BASE_FILE).items():
                     self.base_layers[name].weight.copy_(weight)

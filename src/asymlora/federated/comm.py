@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import InputError, check_at_least
 from .base import FederatedMethod
 from .common import Tensors
+from .registry import METHODS, get_method
 
 BUNDLED_SHAPES = ("llama-2-7b", "llama-3-8b", "qwen2-7b")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -118,8 +119,6 @@ def comm_table(
     client takes part in every round. ``dtype`` is the element type sent (float32: 4 bytes).
     Per method: per-client lists, and their mean over clients (equal for homogeneous methods).
     """
-    from . import METHODS, get_method
-
     for name, value in [
         ("rank", rank),
         ("d_m", d_m),

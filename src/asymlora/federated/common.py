@@ -10,7 +10,7 @@ client" is one set of part names, checked once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -79,8 +79,9 @@ def same_keys(uploads: Sequence[Mapping[str, Tensor]]) -> list[str]:
     return keys
 
 
-def weighted_average(uploads: Sequence[Mapping[str, Tensor]], p: Sequence[float]) -> Tensors:
-    """sum_i p_i upload_i, key by key (FedAvg); all uploads must hold the same keys and shapes."""
+def key_by_key(uploads: Sequence[Mapping[str, Tensor]], combine: Callable[[list[Tensor]], Tensor]) -> Tensors:
+    """``combine`` of the uploads' tensors, key by key; all uploads must hold the same keys and
+    shapes."""
     out: Tensors = {}
     for key in same_keys(uploads):
         shapes = {tuple(up[key].shape) for up in uploads}
@@ -89,8 +90,13 @@ def weighted_average(uploads: Sequence[Mapping[str, Tensor]], p: Sequence[float]
                 f"{key}: clients sent different shapes {sorted(shapes)}; "
                 "this method needs every client at the same rank"
             )
-        out[key] = weighted_sum([up[key] for up in uploads], p)
+        out[key] = combine([up[key] for up in uploads])
     return out
+
+
+def weighted_average(uploads: Sequence[Mapping[str, Tensor]], p: Sequence[float]) -> Tensors:
+    """sum_i p_i upload_i, key by key (FedAvg); all uploads must hold the same keys and shapes."""
+    return key_by_key(uploads, lambda tensors: weighted_sum(tensors, p))
 
 
 def weighted_sum(tensors: Sequence[Tensor], p: Sequence[float]) -> Tensor:
@@ -100,6 +106,22 @@ def weighted_sum(tensors: Sequence[Tensor], p: Sequence[float]) -> Tensor:
     for t, w in zip(tensors, p, strict=True):
         acc += w * t.to(acc_dtype)
     return acc.to(tensors[0].dtype)
+
+
+def coordinate_median(tensors: Sequence[Tensor]) -> Tensor:
+    """The element-wise median of the tensors (the mean of the two middle values for an even
+    count), computed in float32 (or wider), returned in the inputs' dtype. Unweighted."""
+    return trimmed_mean(tensors, (len(tensors) - 1) // 2)
+
+
+def trimmed_mean(tensors: Sequence[Tensor], cut: int) -> Tensor:
+    """The element-wise mean after dropping the ``cut`` smallest and ``cut`` largest values of
+    every element; unweighted, accumulated in float32 (or wider), in the inputs' dtype."""
+    if not 0 <= 2 * cut < len(tensors):
+        raise ValueError(f"cannot drop {cut} values from each side of {len(tensors)}")
+    acc_dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    ordered = torch.stack([t.to(acc_dtype) for t in tensors]).sort(dim=0).values
+    return ordered[cut : len(tensors) - cut].mean(dim=0).to(tensors[0].dtype)
 
 
 def rank_of(state: Mapping[str, Tensor], module: str) -> int:
@@ -122,19 +144,3 @@ def broadcast(states: Sequence[Mapping[str, Tensor]], parts: Iterable[str]) -> l
 def lora_shapes(d_in: int, d_out: int, rank: int, d_m: int) -> dict[str, tuple[int, ...]]:
     """Plain LoRA's tensors at one module (``d_m`` unused)."""
     return {A: (rank, d_in), B: (d_out, rank)}
-
-
-def random_state(
-    shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensors:
-    """Random tensors of the given shapes, ``{module: {part: shape}}`` -> flat state.
-
-    For tests and shape checks only; the adapter layer owns the real initialisation.
-    """
-    return {
-        f"{mod}.{name}": torch.randn(shape, generator=generator, dtype=dtype)
-        for mod, parts in shapes.items()
-        for name, shape in parts.items()
-    }

@@ -13,12 +13,17 @@ accumulates training. Off by default.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from .base import AverageUploads
-from .common import A, B, Tensors, broadcast, select
+from .common import A, B, Tensors, broadcast, module_of, select
+
+if TYPE_CHECKING:
+    from ..adapters import AdapterConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class FedALoRA(AverageUploads):
     uploads = frozenset({B})
     local = frozenset({A})
     shared_init = frozenset({B})
+    combined_folder = "alora"
 
     reset_a_each_round: bool = False  # the reference's defect, only on request
 
@@ -41,10 +47,27 @@ class FedALoRA(AverageUploads):
     def apply_download(
         self, state: Mapping[str, Tensor], download: Mapping[str, Tensor], init: Mapping[str, Tensor]
     ) -> Tensors:
-        new = {**state, **download}
+        new = super().apply_download(state, download, init)
         if self.reset_a_each_round:
             new.update({k: v.clone() for k, v in select(init, {A}).items()})
         return new
+
+    def combined_adapter(
+        self, config: AdapterConfig, states: Sequence[Mapping[str, Tensor]], server: Mapping[str, Tensor]
+    ) -> tuple[AdapterConfig, Tensors]:
+        """The federation as one ALoRA adapter: lora_A (N*r, d_in) stacks the clients' A's, lora_B
+        is the server's shared B, and task routing sends task i to client i's A. (With fraction
+        < 1 a client that sat out the last round still holds the previous B; the combined adapter
+        uses the newest.)"""
+        combined = replace(
+            config, method="alora", router="task", num_experts=len(states), init_a="independent"
+        )
+        state: Tensors = {}
+        for key, b in server.items():
+            module = module_of(key)
+            state[key] = b
+            state[f"{module}.{A}"] = torch.cat([s[f"{module}.{A}"] for s in states], dim=0)
+        return combined, state
 
     def comm_per_module(
         self, d_in: int, d_out: int, rank: int, ranks: Sequence[int], d_m: int

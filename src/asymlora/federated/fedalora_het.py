@@ -53,6 +53,11 @@ class FedALoRAHet(FederatedMethod):
     uploads = frozenset({B1, B2})
     local = frozenset({A, M})
     shared_init = frozenset({B_BASE})
+    adapter_kind = "factored"
+    not_an_average = (
+        "its server accumulates the products B2_i B1_i into the B_base it holds and sends B_base "
+        "down, not an average of the uploaded B1_i, B2_i"
+    )
 
     reset_a_each_round: bool = False  # the reference's per-round rebuild, only on request
 

@@ -22,6 +22,7 @@ class FedIT(AverageUploads):
     uploads = frozenset({A, B})
     local = frozenset()
     shared_init = frozenset({A, B})
+    global_model = "adapter"
 
     def comm_per_module(
         self, d_in: int, d_out: int, rank: int, ranks: Sequence[int], d_m: int

@@ -23,6 +23,7 @@ class FFALoRA(AverageUploads):
     uploads = frozenset({B})
     local = frozenset({A})
     shared_init = frozenset({A, B})
+    global_model = "adapter"
 
     def comm_per_module(
         self, d_in: int, d_out: int, rank: int, ranks: Sequence[int], d_m: int

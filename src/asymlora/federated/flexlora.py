@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import FederatedMethod
-from .common import A, B, Tensors, modules, rank_of, weighted_sum
+from .common import A, B, Tensors, modules, rank_of, select, weighted_sum
 
 DELTA = "delta"  # the server's global dense update W (d_out, d_in)
 
@@ -44,6 +44,11 @@ class FlexLoRA(FederatedMethod):
     trains = frozenset({A, B})
     uploads = frozenset({A, B})
     local = frozenset()
+    global_model = "dense"
+    not_an_average = (
+        "its server averages the products s_i B_i A_i and sends each client a truncated SVD of "
+        "that average, not the average of the uploaded factors"
+    )
 
     def combine(
         self,
@@ -70,6 +75,9 @@ class FlexLoRA(FederatedMethod):
                     raise ValueError(f"{mod}: rank {r} exceeds min(d_out, d_in) = {s.shape[0]}")
                 down[f"{mod}.{B}"], down[f"{mod}.{A}"] = low_rank_factors(u, s, vh, r, si, dtype)
         return new_server, downs
+
+    def global_delta(self, server: Mapping[str, Tensor]) -> Tensors:
+        return select(server, {DELTA})
 
     def apply_download(
         self, state: Mapping[str, Tensor], download: Mapping[str, Tensor], init: Mapping[str, Tensor]

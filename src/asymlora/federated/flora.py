@@ -21,12 +21,13 @@ R > d_in d_out / (d_in + d_out) (2048 for a 4096 x 4096 projection).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from ..adapters import AsymLoraModel, wrap
 from .base import FederatedMethod
 from .common import (
     BASE_DELTA,
@@ -54,6 +55,11 @@ class FLoRA(FederatedMethod):
     trains = frozenset({A, B})
     uploads = frozenset({A, B})
     local = frozenset({BASE_DELTA})
+    global_model = "base"
+    not_an_average = (
+        "its server stacks the uploads along the rank axis (the exact sum of the clients' "
+        "products), with no average of the uploaded tensors to clip, noise or make robust"
+    )
 
     dense_download: bool = False  # send B_stack A_stack (d_out, d_in) instead of the two stacks
 
@@ -91,6 +97,34 @@ class FLoRA(FederatedMethod):
             delta = merged_delta(download, mod)
             new[key] = state[key] + delta if key in state else delta
         return new
+
+    @torch.no_grad()
+    def export_model(self, model: AsymLoraModel, server: Callable[[], Mapping[str, Tensor]]) -> AsymLoraModel:
+        """A client's model W0 + D + s B A, with D the update merged into the base
+        (``<module>.base_delta`` (d_out, d_in) in the server state), as one plain LoRA on W0 of
+        rank r' = r + max d_in and scale 1:
+
+            A' = [A; I; 0]   (r', d_in)        B' = [s B, D, 0]   (d_out, r')
+
+        so that B' A' = s B A + D; the identity block passes x through to D unchanged. Large
+        (rank about d_in), but exact and loadable by any PEFT LoRA reader. Consumes ``model``'s
+        wrapping."""
+        deltas = server()
+        width = max(layer.d_in for layer in model.adapted.values())
+        state = {}
+        for name, layer in model.adapted.items():
+            a, b = layer.lora_pair()
+            delta = deltas[f"{name}.{BASE_DELTA}"].to(b)
+            eye = torch.eye(layer.d_in, dtype=a.dtype, device=a.device)
+            state[f"{name}.{A}"] = torch.cat([a, eye, a.new_zeros(width - layer.d_in, layer.d_in)])
+            state[f"{name}.{B}"] = torch.cat(
+                [layer.scale * b, delta, b.new_zeros(b.shape[0], width - layer.d_in)], 1
+            )
+        config = model.adapter_config
+        rank = config.r + width
+        merged = wrap(model.unload(), replace(config, r=rank, alpha=float(rank), dropout=0.0))
+        merged.load_adapter_state_dict(state)
+        return merged
 
     def comm_per_module(
         self, d_in: int, d_out: int, rank: int, ranks: Sequence[int], d_m: int

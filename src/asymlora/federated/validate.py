@@ -54,10 +54,13 @@ class UploadLimits:
             raise InputError(f"max_norm={self.max_norm} must be a finite number > 0 (or None)")
 
 
-def expected_upload(method: FederatedMethod, state: Mapping[str, Tensor]) -> dict[str, Spec]:
+def expected_upload(
+    method: FederatedMethod, state: Mapping[str, Tensor], dtype: torch.dtype | None = None
+) -> dict[str, Spec]:
     """The names, shapes and dtypes ``method.upload`` produces from a client state of this layout
-    (for instance the client's round-0 state, which has its declared rank)."""
-    return {k: Spec(tuple(v.shape), v.dtype) for k, v in method.upload(state).items()}
+    (for instance the client's round-0 state, which has its declared rank); ``dtype``: the
+    dtype uploads travel in, when it is not the state's."""
+    return {k: Spec(tuple(v.shape), dtype or v.dtype) for k, v in method.upload(state).items()}
 
 
 def check_upload(upload: Mapping[str, Tensor], spec: Mapping[str, Spec], limits: UploadLimits) -> str | None:

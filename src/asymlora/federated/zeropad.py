@@ -48,6 +48,11 @@ class ZeroPad(FederatedMethod):
     trains = frozenset({A, B})
     uploads = frozenset({A, B})
     local = frozenset()
+    global_model = "adapter"
+    not_an_average = (
+        "its server zero-pads every upload to the round's largest rank and each client keeps a "
+        "truncation of the padded average"
+    )
 
     def setup(self, states: Sequence[Mapping[str, Tensor]]) -> tuple[Tensors, list[Tensors]]:
         mod = modules(states[0], A)[0]

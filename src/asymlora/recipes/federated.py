@@ -18,8 +18,8 @@ Everything lands in one run folder::
                          client, and (on evaluated rounds) personalised and global scores
     checkpoint/          the state after the last finished round (--resume continues from it)
     adapters/<client>/   each client's final adapter (asymlora format)
-    alora/               fedalora only: the federation as one ALoRA adapter (one A per client,
-                         the shared B, task routing: task id i = client i)
+    alora/               where the method has one (Fed-ALoRA): the federation as one adapter
+                         (one A per client, the shared B, task routing: task id i = client i)
     server.safetensors   the server's final state (FLoRA: the merged update; FlexLoRA: the
                          global dense update; zeropad: the global adapter at the largest rank)
     clients.json         per client: tasks, rank, examples, final scores, bytes per round
@@ -32,28 +32,22 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from ..adapters import (
-    AsymLoraModel,
     export_peft,
     load_adapter,
     read_tensors,
     save_adapter,
-    wrap,
 )
 from ..adapters.io import atomic_write, write_tensors
 from ..adapters.model import check_ranks_fit
+from ..config import ConfigError
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
-    DEVICES,
     METHOD_OPTIONS,
     PARTITIONS,
     ClientAdapterConfig,
@@ -69,12 +63,10 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
     save_config,
     task_examples,
 )
-from ..engines.local import LocalSimulator, RoundLog, find_checkpoint, participants
+from ..engines.local import LocalSimulator, find_checkpoint
 from ..errors import InputError
 from ..eval.runner import evaluate_task
-from ..federated import get_method
-from ..federated.common import BASE_DELTA, A, B
-from ..models import load_model
+from ..models import load_model, resolve_device
 from ..progress import progress_bar
 from ..runfolder import RunFolder, folder_lock, json_line
 from ..threads import use_threads
@@ -128,27 +120,6 @@ def should_evaluate(rnd: int, cfg: FederatedConfig) -> bool:
 
 
 # --- the per-round record -----------------------------------------------------------------------
-def round_record(log: RoundLog, clients: list[ClientData], previous: list[dict]) -> dict[str, Any]:
-    """A round as one JSON line: whose uploads were aggregated, loss, exact bytes per client, their
-    means, the cumulative bytes (up + down) an average participant has sent and received so far,
-    and the clients left out with the reason: ``dropped`` (training failed), ``rejected`` (the
-    upload failed validation)."""
-    names = [clients[i].name for i in log.participants]
-    up = fmean(c["bytes_up"] for c in log.comm)
-    down = fmean(c["bytes_down"] for c in log.comm)
-    return {
-        "round": log.round,
-        "participants": names,
-        "loss": dict(zip(names, log.loss, strict=True)),
-        "comm": dict(zip(names, log.comm, strict=True)),
-        "bytes_up": up,
-        "bytes_down": down,
-        "cumulative_bytes": (previous[-1]["cumulative_bytes"] if previous else 0.0) + up + down,
-        "dropped": {clients[i].name: why for i, why in log.dropped},
-        "rejected": {clients[i].name: why for i, why in log.rejected},
-    }
-
-
 def scores_record(personal: dict[str, float], glob: dict[str, float] | None) -> dict[str, Any]:
     return {
         "scores": personal,
@@ -164,18 +135,12 @@ def write_rounds(path: Path, records: list[dict]) -> None:
 
 
 # --- the run ------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokenizer) -> LocalSimulator:
     """The simulator for this config: one engine client per data client, at its rank."""
     ranks = cfg.adapter.ranks_for(len(clients))
     engine_clients = [engine_client(cfg, c, r, tokenizer) for c, r in zip(clients, ranks, strict=True)]
     template = adapter_template(cfg)
-    method = get_method(cfg.federation.method, **cfg.federation.method_options())
+    method = cfg.federation.make_method()
     return LocalSimulator(
         base,
         method,
@@ -187,6 +152,7 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
         pad_id=pad_id_of(tokenizer),
         min_clients=cfg.federation.min_clients,
         limits=cfg.federation.limits(),
+        wire=cfg.federation.wire(),
     )
 
 
@@ -207,12 +173,17 @@ def run(
     without either such a folder is refused. The folder is locked while the run writes it, and
     nothing is written before the clients, the model, the ranks and the checkpoint are checked.
     ``on_client(round, client, history)`` is called after each client's local training."""
+    if cfg.federation.central_dp != "off":
+        raise ConfigError(
+            f"federation.central_dp={cfg.federation.central_dp!r}: central DP is applied by Flower's "
+            "strategy wrappers, on the Flower engine (docs/flower.md); the simulator does not run it"
+        )
     out = Path(cfg.output_dir)
     with folder_lock(out, log, wait=False):
         folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
         use_threads(cfg.train.threads, log)
         clients = build_clients(cfg.clients)
-        base, tokenizer = load_model(cfg.model)
+        base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
         check_ranks(cfg, base, len(clients), log)
         base.to(resolve_device(cfg.device))
         sim = make_simulator(cfg, clients, base, tokenizer)
@@ -229,7 +200,7 @@ def check_ranks(cfg: FederatedConfig, base, n_clients: int, log: Callable[[str],
     ranks = cfg.adapter.ranks_for(n_clients)
     keys = {"adapter.r": ranks[0]} if cfg.adapter.ranks is None else {}
     keys |= {f"adapter.ranks[{i}]": r for i, r in enumerate(cfg.adapter.ranks or [])}
-    if cfg.federation.method == "fedalora-het":
+    if cfg.federation.make_method().adapter_kind == "factored":  # the layer with a shared B_base of width d_m
         keys["adapter.d_m"] = cfg.adapter.d_m
         if cfg.adapter.d_m > max(ranks):
             log(f"note: adapter.d_m={cfg.adapter.d_m} exceeds every client's rank (largest {max(ranks)})")
@@ -273,11 +244,11 @@ def federate(
     write_rounds(out / "rounds.jsonl", records)
     writer = tensorboard_writer(out)
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
-        total = len(participants(len(clients), cfg.federation.fraction, cfg.seed, rnd))
+        total = len(sim.aggregator.participants(rnd))
         with progress_bar(
             total=total, desc=f"round {rnd}/{cfg.federation.rounds}", unit="client", leave=False
         ) as bar:
-            record = round_record(sim.run_round(_advancing(bar, clients, on_client)), clients, records)
+            record = sim.aggregator.record(sim.run_round(_advancing(bar, clients, on_client)), records)
         for kind in ("dropped", "rejected"):
             for name, why in record[kind].items():
                 log(f"round {rnd}: {kind} client {name}: {why}")
@@ -344,29 +315,14 @@ def round_line(record: dict[str, Any]) -> str:
 
 # --- final adapters -----------------------------------------------------------------------------
 def save_adapters(sim: LocalSimulator, clients: list[ClientData], out: Path) -> None:
-    """Each client's adapter, the server's state, and for Fed-ALoRA the combined ALoRA adapter."""
+    """Each client's adapter, the server's state, and the federation as one adapter where the
+    method has that view (Fed-ALoRA's combined ALoRA adapter)."""
     for i, client in enumerate(clients):
         save_adapter(sim.load_client(i), out / "adapters" / client.name)
     write_tensors(sim.server, out / "server.safetensors")
-    if sim.method.name == "fedalora":
-        save_adapter(combined_alora(sim), out / "alora")
-
-
-def combined_alora(sim: LocalSimulator):
-    """Fed-ALoRA's federation as one ALoRA adapter: lora_A (N*r, d_in) stacks the clients' A's,
-    lora_B is the server's shared B, and task routing sends task i to client i's A. (With
-    fraction < 1 a client that sat out the last round still holds the previous B; the combined
-    adapter uses the newest.)"""
-    n = len(sim.clients)
-    config = replace(
-        sim.load_client(0).adapter_config, method="alora", router="task", num_experts=n, init_a="independent"
-    )
-    state = {}
-    for key, b in sim.server.items():
-        module = key.removesuffix(f".{B}")
-        state[key] = b
-        state[f"{module}.{A}"] = torch.cat([s[f"{module}.{A}"] for s in sim.states], dim=0)
-    return sim.wrap_with(config, state)
+    combined = sim.method.combined_adapter(sim.client_config(0), sim.states, sim.server)
+    if combined is not None:
+        save_adapter(sim.wrap_with(*combined), out / sim.method.combined_folder)
 
 
 def client_names(run_dir: Path) -> list[str]:
@@ -376,7 +332,8 @@ def client_names(run_dir: Path) -> list[str]:
 def export_client(run_dir: str | Path, client: int | str, folder: str | Path) -> Path:
     """Write one client's final model (base + its adapter) as a PEFT LoRA folder. ``client`` is
     its index or name. Fed-ALoRA-het clients export at rank d_m (A' = M A, B' = B_base + B2 B1);
-    FLoRA clients with the update merged into the base folded in (see ``flora_as_lora``)."""
+    a method whose clients are more than a LoRA on W0 folds the rest in (FLoRA: the update merged
+    into the base, see ``FederatedMethod.export_model``)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     names = client_names(run_dir)
@@ -386,38 +343,11 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
         client = names[client]
     if client not in names:
         raise InputError(f"no client {client!r} in {run_dir}; clients: {', '.join(names)}")
-    base, _ = load_model(cfg.model)
+    base, _ = load_model(cfg.model, dtype=cfg.dtype)
     model = load_adapter(base, run_dir / "adapters" / client)
-    if cfg.federation.method == "flora":
-        model = flora_as_lora(model, read_tensors(run_dir / "server.safetensors"))
+    method = cfg.federation.make_method()
+    model = method.export_model(model, lambda: read_tensors(run_dir / "server.safetensors"))
     return export_peft(model, folder)
-
-
-@torch.no_grad()
-def flora_as_lora(client: AsymLoraModel, server: Mapping[str, Tensor]) -> AsymLoraModel:
-    """A FLoRA client's model, W0 + D + s B A with D the update merged into the base
-    (``<module>.base_delta`` (d_out, d_in) in the server state), as one plain LoRA on W0 of rank
-    r' = r + max d_in and scale 1:
-
-        A' = [A; I; 0]   (r', d_in)        B' = [s B, D, 0]   (d_out, r')
-
-    so that B' A' = s B A + D; the identity block passes x through to D unchanged. Large (rank
-    about d_in), but exact and loadable by any PEFT LoRA reader. Consumes ``client``'s wrapping."""
-    width = max(layer.d_in for layer in client.adapted.values())
-    state = {}
-    for name, layer in client.adapted.items():
-        a, b = layer.lora_pair()
-        delta = server[f"{name}.{BASE_DELTA}"].to(b)
-        eye = torch.eye(layer.d_in, dtype=a.dtype, device=a.device)
-        state[f"{name}.{A}"] = torch.cat([a, eye, a.new_zeros(width - layer.d_in, layer.d_in)])
-        state[f"{name}.{B}"] = torch.cat(
-            [layer.scale * b, delta, b.new_zeros(b.shape[0], width - layer.d_in)], 1
-        )
-    config = client.adapter_config
-    rank = config.r + width
-    merged = wrap(client.unload(), replace(config, r=rank, alpha=float(rank), dropout=0.0))
-    merged.load_adapter_state_dict(state)
-    return merged
 
 
 # --- results ------------------------------------------------------------------------------------

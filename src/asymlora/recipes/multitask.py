@@ -18,6 +18,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,13 @@ import yaml
 from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
 from ..adapters.io import peft_export_problem
 from ..adapters.model import check_ranks_fit
-from ..config import ConfigError, apply_overrides, from_dict, merge, read_file, to_dict
+from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, to_dict
 from ..data.registry import get_suite, get_tasks
 from ..data.task import Task, continuation
 from ..errors import MissingFileError
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
-from ..models import load_model
+from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
 from ..runfolder import RunFolder, folder_lock
 from ..threads import use_threads
 from ..train import Example, TrainConfig, train
@@ -82,6 +83,8 @@ class MultitaskConfig:
     model: str = field(
         default="smollm2-135m", metadata={"help": "smollm2-135m, tiny-llama, a folder or a hub id"}
     )
+    dtype: str = field(default="auto", metadata={"help": f"base weights' dtype: {' | '.join(DTYPE_CHOICES)}"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available) | cpu | cuda"})
     output_dir: str = "runs/multitask"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -89,12 +92,15 @@ class MultitaskConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        check_base_settings(self.dtype, self.device)
         if self.adapter.model_type is not None:
             raise ConfigError("adapter.model_type is filled in from the model; leave it out")
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str | Override] | None = None,
+    base: dict | None = None,
 ) -> MultitaskConfig:
     """Defaults, then ``base`` (a dict), then the file, then ``section.key=value`` overrides."""
     data = merge(base or {}, read_file(path) if path else {})
@@ -151,12 +157,12 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool =
         tasks = select_tasks(cfg.data)
         check_routing(cfg, len(tasks))
         examples = training_examples(tasks, cfg.data)
-        base, tokenizer = load_model(cfg.model)
+        base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
         ranks = {"adapter.r": cfg.adapter.r} | (
             {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}
         )
         check_ranks_fit(base, cfg.adapter, ranks)
-        model = wrap(base, cfg.adapter)
+        model = wrap(base.to(resolve_device(cfg.device)), cfg.adapter)
         folder.start(resume_point(out, cfg.train, len(tasks)) if resume else 0, log)
         log(f"run folder: {out}")
         log(f"tasks: {', '.join(t.name for t in tasks)}")
@@ -285,8 +291,8 @@ def load_run(run_dir: str | Path, model: str | None = None):
             f"{run_dir}: not a run folder (no config.yaml); pass the folder `asymlora train` wrote"
         )
     cfg = load_config(run_dir / "config.yaml")
-    base, tokenizer = load_model(model or cfg.model)
-    model = load_adapter(base, run_dir / "adapter").eval()
+    base, tokenizer = load_model(model or cfg.model, dtype=cfg.dtype)
+    model = load_adapter(base.to(resolve_device(cfg.device)), run_dir / "adapter").eval()
     results = run_dir / "results.json"
     names = (
         [t["task"] for t in json.loads(results.read_text())["tasks"]]

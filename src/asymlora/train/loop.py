@@ -19,6 +19,7 @@ from ..adapters.model import AsymLoraModel
 from ..errors import InputError, TrainingDivergedError
 from ..models import accepts_keyword
 from ..runfolder import json_line, repair_jsonl
+from .activations import set_activation_checkpointing
 from .batches import (
     IGNORE,
     Encoded,
@@ -43,7 +44,7 @@ class TrainConfig:
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per optimizer step, over all processes"})
     grad_accum: int = field(
-        default=1, metadata={"help": "micro-batches per step (divides the per-process batch)"}
+        default=1, metadata={"help": "micro-batches per step (divides batch_size and the per-process batch)"}
     )
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -62,6 +63,12 @@ class TrainConfig:
     log_every: int = 1
     precision: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPUs that have it) | fp32 | bf16"}
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each block's activations in the backward pass: far less memory, ~1/3 more time"
+        },
     )
     seed: int = 0
     threads: int = field(
@@ -86,6 +93,11 @@ class TrainConfig:
             raise InputError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.mixing_temperature <= 0:
             raise InputError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
+        if self.batch_size % self.grad_accum:
+            raise InputError(
+                f"train.grad_accum={self.grad_accum} must divide train.batch_size={self.batch_size} "
+                "(each step's batch is split into that many equal micro-batches)"
+            )
 
 
 @dataclass(frozen=True)
@@ -227,6 +239,7 @@ def local_train(
     optimizer, params = make_optimizer(model, cfg)
     mixer = make_mixer(encoded, cfg, seed)
     model.train()
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     history = [
         optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id)
         for step in range(cfg.steps)
@@ -276,6 +289,7 @@ def train(
 
     pad_id = pad_id_of(tokenizer)
     model.train()
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
     last = {}
     t0, tokens_seen = time.perf_counter(), 0

@@ -1,0 +1,253 @@
+"""The ClientApp: one SuperNode is one client of the federation (``--node-config
+"partition-id=i"``: client ``i`` of the recipe's client list).
+
+State: a client's adapter tensors (A, M, B1, B2, ...; FLoRA's merged ``base_delta``), its
+round-0 state and its last trained state live in ``context.state``, which the SuperNode keeps
+across Flower's short-lived ClientApp processes. What depends only on the run and the node (the
+config, the method, the client's tokenized data, the base model, the tokenizer) is cached per
+process, so a process that serves several messages (the simulation engine, the in-process
+tests) builds it once; under Flower's process launchers each message is a fresh process (or a
+fork of a warm one, ``asymlora.engines.flower_exec``, which preloads the model). Local training
+uses a fresh AdamW each round, as the simulator does, so no optimizer state has to persist.
+
+FLoRA: the client keeps the running sum of the merged updates (``<module>.base_delta``, the
+method's own per-client formula) and its base weights are set to W0 + base_delta before each
+training. The simulator adds each round's update to one shared base instead; the two differ
+only by float rounding ((W0 + d1) + d2 against W0 + (d1 + d2)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ...adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
+from ...federated import FederatedMethod
+from ...federated.common import BASE_DELTA, Tensors, part, select
+from ...models import load_model
+from ...train import pad_id_of
+from ..federation import FederatedConfig, adapter_template, build_clients, engine_client
+from ..local import Client, add_to_weights, client_config, mean_loss, set_trainable, train_locally
+from ..round import from_wire, to_wire
+from .config import AppSettings, federated_config
+from .dp import REFERENCE, check_local_dp, needs_reference, noise_std, privacy
+from .protocol import (
+    ANSWERS,
+    BASE_DELTA_FILE,
+    DOWNLOAD,
+    MERGE,
+    SETUP,
+    TENSORS,
+    UPLOAD,
+    from_record,
+    to_record,
+)
+
+STATE, ROUND0, TRAINED = "asymlora-state", "asymlora-init", "asymlora-trained"  # context.state keys
+APPLIED = "asymlora-applied"  # context.state: the last download round applied
+MERGED = "asymlora-merged"  # context.state (FLoRA): the last missed round's merge applied
+
+# --- per-process caches ---------------------------------------------------------------------------
+_BASES: dict[str, tuple[Any, Any]] = {}  # model name -> (base, tokenizer)
+_WRAPPED: dict[str, AsymLoraModel] = {}  # model name -> the base wrapped at its current shape
+_ORIGINAL: dict[str, dict[str, Tensor]] = {}  # model name -> adapted base weights before a merge
+_NODES: dict[tuple, Node] = {}  # (run config, node config) -> the node
+
+
+def base_model(name: str) -> tuple[Any, Any]:
+    """The model and tokenizer called ``name``, loaded once per process."""
+    if name not in _BASES:
+        _BASES[name] = load_model(name)
+    return _BASES[name]
+
+
+def wrapped(name: str, config: AdapterConfig, fresh: bool = False) -> AsymLoraModel:
+    """The process's base model wrapped with adapters of ``config`` (re-wrapped when it differs,
+    or with ``fresh``: new draws from the config's seed)."""
+    current = _WRAPPED.get(name)
+    if current is not None and current.adapter_config == config and not fresh:
+        return current
+    base = current.unload() if current is not None else base_model(name)[0]
+    _WRAPPED[name] = wrap(base, config)
+    return _WRAPPED[name]
+
+
+@torch.no_grad()
+def set_base_delta(name: str, model: AsymLoraModel, deltas: Mapping[str, Tensor]) -> None:
+    """The adapted base weights of ``model`` set to W0 + delta (W0 kept aside the first time)."""
+    layers = {n: layer.base_layer for n, layer in model.adapted.items()}
+    original = _ORIGINAL.get(name)
+    if original is not None:
+        for n, weight in original.items():
+            layers[n].weight.copy_(weight)
+    if deltas:
+        if original is None:
+            _ORIGINAL[name] = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+        add_to_weights(layers, deltas)
+
+
+@dataclass
+class Node:
+    """One client as its SuperNode sees it: the run's config, the method, which client it is."""
+
+    cfg: FederatedConfig
+    method: FederatedMethod
+    index: int
+    client: Client
+    config: AdapterConfig
+    local_dp: Any = None  # Flower's LocalDpMod, when the node config switches local DP on
+
+    @classmethod
+    def from_context(cls, context: Context) -> Node:
+        """The node of this run and SuperNode, built once per process."""
+        key = (tuple(sorted(context.run_config.items())), tuple(sorted(context.node_config.items())))
+        if key not in _NODES:
+            _NODES[key] = cls.build(context)
+        return _NODES[key]
+
+    @classmethod
+    def build(cls, context: Context) -> Node:
+        cfg = federated_config(context.run_config)
+        method = cfg.federation.make_method()
+        dp = check_local_dp(context, method)
+        index = int(context.node_config["partition-id"])
+        data = build_clients(cfg.clients)
+        if not 0 <= index < len(data):
+            raise ValueError(f"partition-id={index}, but this federation has {len(data)} clients")
+        threads = AppSettings.of(context.run_config).num_threads
+        if threads > 0:
+            torch.set_num_threads(threads)
+        rank = cfg.adapter.ranks_for(len(data))[index]
+        client = engine_client(cfg, data[index], rank, base_model(cfg.model)[1])
+        config = client_config(adapter_template(cfg), method, client, cfg.seed, index)
+        return cls(cfg, method, index, client, config, dp)
+
+    def model(self, state: Mapping[str, Tensor]) -> AsymLoraModel:
+        """The base holding ``state`` (FLoRA: W0 + its base_delta), the method's parts trainable."""
+        model = wrapped(self.cfg.model, self.config)
+        set_base_delta(self.cfg.model, model, select(state, {BASE_DELTA}))
+        model.load_adapter_state_dict({k: v for k, v in state.items() if part(k) != BASE_DELTA})
+        return set_trainable(model, self.method)
+
+    def train(self, state: Mapping[str, Tensor], rnd: int) -> tuple[Tensors, float]:
+        """One local round from ``state``, seeded as the simulator seeds client ``index``."""
+        pad = pad_id_of(base_model(self.cfg.model)[1])
+        new, history = train_locally(
+            self.model(state), self.client, self.cfg.train, self.cfg.seed, rnd, self.index, pad
+        )
+        return new | select(state, {BASE_DELTA}), mean_loss(history)
+
+
+def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
+    """The client's state after what the message carries: setup's parts (round 1), or the
+    download of the round it last trained in, applied to that trained state. Without a download
+    the trained state is dropped (the server left it out) and the state stays as it was.
+
+    A download carries the round it answers (0: setup). The server sends it again when the
+    message that carried it got no reply (a timeout: the node may or may not have applied it);
+    one of a round this node has applied already is ignored."""
+    state = from_record(context.state[STATE])
+    trained = from_record(context.state[TRAINED]) if TRAINED in context.state else None
+    if TRAINED in context.state:
+        del context.state[TRAINED]
+    applied = int(context.state[APPLIED]["round"]) if APPLIED in context.state else -1
+    answers = int(content["config"].get(ANSWERS, -1)) if "config" in content else -1
+    fresh = answers > applied  # not a download applied before (resent), and not none at all
+    if fresh and SETUP in content:
+        state |= from_record(content[SETUP])
+        context.state[ROUND0] = to_record(state)
+    elif fresh and DOWNLOAD in content:
+        if trained is None:
+            raise RuntimeError("a download arrived, but this node has no trained state waiting for it")
+        init = from_record(context.state[ROUND0])
+        state = node.method.apply_download(trained, from_wire(from_record(content[DOWNLOAD])), init)
+    if SETUP in content or DOWNLOAD in content:
+        context.state[APPLIED] = ConfigRecord({"round": max(applied, answers)})
+    state = receive_merges(context, content, state)
+    context.state[STATE] = to_record(state)
+    return state
+
+
+def receive_merges(context: Context, content: RecordDict, state: Tensors) -> Tensors:
+    """FLoRA: add the merges of rounds this client was left out of to its base_delta, each
+    round once (a merge sent again after a lost reply is skipped)."""
+    done = int(context.state[MERGED]["round"]) if MERGED in context.state else 0
+    rounds = sorted(int(k.rpartition("-")[2]) for k in content if k.startswith(f"{MERGE}-"))
+    for r in rounds:
+        if r > done:
+            for k, v in from_record(content[f"{MERGE}-{r}"]).items():
+                state[k] = state[k] + v if k in state else v
+            done = r
+    if rounds:
+        context.state[MERGED] = ConfigRecord({"round": done})
+    return state
+
+
+# --- the handlers ---------------------------------------------------------------------------------
+def client_init(msg: Message, context: Context) -> Message:
+    """Build this client's round-0 adapter; send what the server's ``setup`` needs."""
+    node = Node.from_context(context)
+    model = wrapped(node.cfg.model, node.config, fresh=True)  # draws from the client's seed
+    state = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+    context.state[STATE] = to_record(state)
+    parts = node.method.uploads | node.method.shared_init
+    meta = {"index": node.index, "name": node.client.name, "rank": node.client.rank}
+    meta |= {"examples": node.client.n_examples, "scale": node.client.scale}
+    if node.local_dp is not None:
+        meta |= {"dp-clip": node.local_dp.clipping_norm, "dp-std": noise_std(node.local_dp)}
+    content = {
+        "meta": ConfigRecord(meta),
+        TENSORS: to_record({k: v for k, v in state.items() if part(k) in parts}),
+    }
+    return Message(RecordDict(content), reply_to=msg)
+
+
+def client_train(msg: Message, context: Context) -> Message:
+    """Apply the pending download, train one local round, send ``method.upload`` of the state
+    (kept as the trained state until the server's download for it arrives)."""
+    node = Node.from_context(context)
+    rnd = int(msg.content["config"]["round"])
+    state = receive(node, context, msg.content)
+    if needs_reference(msg, context):  # the point DP measures the update from (see dp.privacy)
+        context.state[REFERENCE] = to_record(node.method.upload(state))
+    new, loss = node.train(state, rnd)
+    context.state[TRAINED] = to_record(new)
+    upload = to_wire(node.method.upload(new), node.cfg.federation.wire())
+    content = {UPLOAD: to_record(upload), "metrics": MetricRecord({"loss": loss})}
+    return Message(RecordDict(content), reply_to=msg)
+
+
+def client_finish(msg: Message, context: Context) -> Message:
+    """Apply the last download and save this client's adapter under ``output_dir/adapters``
+    (FLoRA: its merged update beside it, ``base_delta.safetensors``)."""
+    node = Node.from_context(context)
+    state = receive(node, context, msg.content)
+    folder = Path(node.cfg.output_dir) / "adapters" / node.client.name
+    save_adapter(node.model(state), folder)
+    merged = select(state, {BASE_DELTA})
+    if merged:
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(folder / BASE_DELTA_FILE))
+    return Message(RecordDict({}), reply_to=msg)
+
+
+TRAIN_MODS = [privacy]  # the train handler's mods
+
+
+def client_app_with(*mods: Any) -> ClientApp:
+    """The ClientApp, with ``mods`` around every handler (Flower's ``ClientApp(mods=...)``)."""
+    app = ClientApp(mods=list(mods))
+    app.query("init")(client_init)
+    app.train(mods=TRAIN_MODS)(client_train)
+    app.query("finish")(client_finish)
+    return app
+
+
+client_app = client_app_with()
