@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM
 
 from asymlora.adapters import find_target_modules
 from asymlora.federated.comm import load_config
-from asymlora.models import BASE_DTYPES, resolve_device, tiny_config
+from asymlora.models import BASE_DTYPES, base_dtype, resolve_device, tiny_config
 from asymlora.train.activations import set_activation_checkpointing
 
 DROPOUT = 0.05  # the paper's
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         config = shape_config(args.shape, args.set)
     except ValueError as err:
         ap.error(str(err))
-    base = build_base(config, BASE_DTYPES[args.dtype], device)
+    base = build_base(config, base_dtype(args.dtype), device)
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     header = {

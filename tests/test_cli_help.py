@@ -66,4 +66,4 @@ def test_the_federated_method_choices_are_the_registry_s() -> None:
     from asymlora.cli import FEDERATED_METHODS
     from asymlora.federated.registry import METHODS
 
-    assert FEDERATED_METHODS == tuple(METHODS)
+    assert tuple(METHODS) == FEDERATED_METHODS
