@@ -227,12 +227,14 @@ def greedy_generate(
         raise ValueError(
             f"max_length={max_length} leaves no room for the prompt: it must exceed max_new_tokens={max_new_tokens}"
         )
-    encoded = [tokenizer(p)["input_ids"][-(max_length - max_new_tokens) :] for p in prompts]
+    encoded = [prompt_tokens(tokenizer, p)[-(max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     run = _generate_batch if callable(getattr(model, "generate", None)) else _generate_by_forward
     outputs = [""] * len(prompts)
+    device, pad = next(model.parameters()).device, _pad_id(tokenizer)
     for batch in _batches(order, batch_size):
-        new = run(model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stop, forward_kwargs)
+        ids, mask, _ = _left_pad([encoded[i] for i in batch], pad, device)
+        new = run(model, tokenizer, ids, mask, max_new_tokens, stop, forward_kwargs)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(batch, texts, strict=True):
             outputs[i] = _cut(text, stop)[0]
@@ -266,15 +268,13 @@ class StopAtAnswerEnd(StoppingCriteria):
 def _generate_batch(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    seqs: list[list[int]],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
     max_new_tokens: int,
     stop: Sequence[str],
     forward_kwargs: ForwardKwargs,
 ) -> torch.Tensor:
     """The new tokens of ``model.generate`` (greedy) for one left-padded batch."""
-    device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
-    ids, mask, _ = _left_pad(seqs, pad, device)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -285,39 +285,39 @@ def _generate_batch(
         temperature=1.0,
         top_k=50,
         top_p=1.0,
-        pad_token_id=pad,
+        pad_token_id=_pad_id(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
     )
     criteria = StoppingCriteriaList([StopAtAnswerEnd(tokenizer, stop, ids.shape[1])]) if stop else None
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                         stopping_criteria=criteria, **forward_kwargs(len(seqs)))  # fmt: skip
+                         stopping_criteria=criteria, **forward_kwargs(len(ids)))  # fmt: skip
     return out[:, ids.shape[1] :]
 
 
 def _generate_by_forward(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    seqs: list[list[int]],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
     max_new_tokens: int,
     stop: Sequence[str],
     forward_kwargs: ForwardKwargs,
 ) -> torch.Tensor:
-    """Greedy new tokens for a module without ``generate``: the whole sequence runs at each step."""
-    device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
-    ids, mask, _ = _left_pad(seqs, pad, device)
-    new = torch.empty((len(seqs), 0), dtype=torch.long, device=device)
-    done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+    """Greedy new tokens for a module without ``generate``: the whole sequence runs at each step,
+    and a row ends as ``model.generate`` would end it (eos, or ``StopAtAnswerEnd``)."""
+    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    at_stop = StopAtAnswerEnd(tokenizer, stop, ids.shape[1])
+    seq = ids
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
-        logits = model(input_ids=torch.cat([ids, new], dim=1), attention_mask=mask,
-                       position_ids=_positions(mask), **forward_kwargs(len(seqs))).logits  # fmt: skip
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=_positions(mask),
+                       **forward_kwargs(len(ids))).logits  # fmt: skip
         token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits[:, -1].argmax(-1))
-        new = torch.cat([new, token[:, None]], dim=1)
+        seq = torch.cat([seq, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-        if tokenizer.eos_token_id is not None:
-            done |= token == tokenizer.eos_token_id
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        done |= torch.tensor([_cut(t, stop)[1] for t in texts], device=device)
+        if eos is not None:
+            done |= token == eos
+        done |= at_stop(seq, None)
         if bool(done.all()):
             break
-    return new
+    return seq[:, ids.shape[1] :]
