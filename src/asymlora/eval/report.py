@@ -14,7 +14,7 @@ import numpy as np
 
 from asymlora.errors import InputError
 
-from .stats import Table, top_answer_share
+from .stats import Table, interval_text, top_answer_share
 
 
 @dataclass
@@ -103,9 +103,7 @@ class Report:
                 k: iv.as_dict() for k, iv in table.intervals()["majority answer"].items()
             }
             diffs = table.differences("majority answer")["model"]
-            out["difference_vs_majority"] = {
-                k: {**iv.as_dict(), "excludes_zero": iv.excludes_zero} for k, iv in diffs.items()
-            }
+            out["difference_vs_majority"] = {k: iv.as_difference() for k, iv in diffs.items()}
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -131,7 +129,7 @@ class Report:
                 if "majority_answer" in stats:
                     cells += [
                         _fmt(stats["majority_answer"][r.task]["value"]),
-                        _diff(stats["difference_vs_majority"][r.task]),
+                        interval_text(stats["difference_vs_majority"][r.task], signed=True, mark=True),
                     ]
             cells.append(", ".join(f"{k} {v:.1f}" for k, v in r.metrics.items() if k != r.metric))
             lines.append("| " + " | ".join(cells) + " |")
@@ -141,7 +139,7 @@ class Report:
             average += f" {_span(stats['intervals']['average'])}"
             if "majority_answer" in stats:
                 average += f" (majority answer {_fmt(stats['majority_answer']['average']['value'])}; "
-                average += f"difference {_diff(stats['difference_vs_majority']['average'])})"
+                average += f"difference {interval_text(stats['difference_vs_majority']['average'], signed=True, mark=True)})"
         lines += [
             "",
             f"{average} | worst {s['worst_task']} {_fmt(s['worst'])} | "
@@ -158,11 +156,6 @@ class Report:
 
 def _span(interval: Mapping[str, float]) -> str:
     return f"[{interval['low']:.1f}, {interval['high']:.1f}]"
-
-
-def _diff(interval: Mapping[str, Any]) -> str:
-    star = "*" if interval.get("excludes_zero") else ""
-    return f"{interval['value']:+.1f}{star} {_span(interval)}"
 
 
 def _fmt(value: float) -> str:

@@ -11,8 +11,10 @@ on its own (stratified), like the tasks themselves were sampled.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,9 +41,17 @@ class Interval:
     def as_dict(self) -> dict[str, float]:
         return {"value": self.value, "low": self.low, "high": self.high}
 
-    def text(self, signed: bool = False) -> str:
-        value = f"{self.value:+.1f}" if signed else f"{self.value:.1f}"
-        return f"{value} [{self.low:.1f}, {self.high:.1f}]"
+    def as_difference(self) -> dict[str, float | bool]:
+        """``as_dict`` plus whether the interval excludes 0 (for differences)."""
+        return {**self.as_dict(), "excludes_zero": self.excludes_zero}
+
+
+def interval_text(interval: Mapping[str, Any], signed: bool = False, mark: bool = False) -> str:
+    """``value [low, high]`` of an interval's dict; ``signed`` shows the sign, ``mark`` adds ``*``
+    where a difference's interval excludes 0."""
+    value = f"{interval['value']:+.1f}" if signed else f"{interval['value']:.1f}"
+    star = "*" if mark and interval.get("excludes_zero") else ""
+    return f"{value}{star} [{interval['low']:.1f}, {interval['high']:.1f}]"
 
 
 def pooled(scores: np.ndarray) -> np.ndarray:
@@ -62,17 +72,13 @@ def _interval(point: float, replicates: np.ndarray, level: float = LEVEL) -> Int
     return Interval(float(point), float(low), float(high))
 
 
-def _task_replicates(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
-    return pooled(scores)[index].mean(1)
-
-
 def _check_same_questions(a: Scores, b: Scores) -> None:
     for task in a:
         if task not in b or pooled(a[task]).shape != pooled(b[task]).shape:
             raise ValueError(f"task {task!r}: the two models were not scored on the same questions")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Table:
     """Every model's per-task and average scores with intervals, and paired differences against
     one reference model, from one shared set of bootstrap draws."""
@@ -87,48 +93,48 @@ class Table:
         for scores in self.models.values():
             _check_same_questions(first, scores)
 
-    def _draws(self) -> dict[str, np.ndarray]:
+    @functools.cached_property
+    def _replicates(self) -> dict[str, dict[str, np.ndarray]]:
+        """model -> task (and "average") -> its score in every replicate, from one set of draws."""
         first = next(iter(self.models.values()))
-        return draws({t: len(pooled(first[t])) for t in self.tasks}, self.replicates, self.seed)
+        index = draws({t: len(pooled(first[t])) for t in self.tasks}, self.replicates, self.seed)
+        out = {}
+        for name, scores in self.models.items():
+            per_task = {t: pooled(scores[t])[index[t]].mean(1) for t in self.tasks}
+            per_task["average"] = np.mean([per_task[t] for t in self.tasks], axis=0)
+            out[name] = per_task
+        return out
 
-    def _replicates(self, scores: Scores, index: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        per_task = {t: _task_replicates(scores[t], index[t]) for t in self.tasks}
-        per_task["average"] = np.mean([per_task[t] for t in self.tasks], axis=0)
-        return per_task
-
-    @staticmethod
-    def _points(scores: Scores, tasks: Sequence[str]) -> dict[str, float]:
-        points = {t: float(pooled(scores[t]).mean()) for t in tasks}
-        points["average"] = float(np.mean([points[t] for t in tasks]))
-        return points
+    @functools.cached_property
+    def _points(self) -> dict[str, dict[str, float]]:
+        """model -> task (and "average") -> its score on the questions as they are."""
+        out = {}
+        for name, scores in self.models.items():
+            points = {t: float(pooled(scores[t]).mean()) for t in self.tasks}
+            points["average"] = float(np.mean([points[t] for t in self.tasks]))
+            out[name] = points
+        return out
 
     def intervals(self) -> dict[str, dict[str, Interval]]:
         """model -> task (and "average") -> score with its interval."""
-        index = self._draws()
-        out = {}
-        for name, scores in self.models.items():
-            reps, points = self._replicates(scores, index), self._points(scores, self.tasks)
-            out[name] = {key: _interval(points[key], reps[key]) for key in points}
-        return out
+        return {
+            name: {key: _interval(value, self._replicates[name][key]) for key, value in points.items()}
+            for name, points in self._points.items()
+        }
 
     def differences(self, reference: str) -> dict[str, dict[str, Interval]]:
         """model -> task (and "average") -> paired difference model - reference with its interval."""
         if reference not in self.models:
             raise ValueError(f"reference {reference!r} is not one of {', '.join(self.models)}")
-        index = self._draws()
-        ref_reps, ref_points = (
-            self._replicates(self.models[reference], index),
-            self._points(self.models[reference], self.tasks),
-        )
-        out = {}
-        for name, scores in self.models.items():
-            if name == reference:
-                continue
-            reps, points = self._replicates(scores, index), self._points(scores, self.tasks)
-            out[name] = {
-                key: _interval(points[key] - ref_points[key], reps[key] - ref_reps[key]) for key in points
+        ref_points, ref_reps = self._points[reference], self._replicates[reference]
+        return {
+            name: {
+                key: _interval(value - ref_points[key], self._replicates[name][key] - ref_reps[key])
+                for key, value in points.items()
             }
-        return out
+            for name, points in self._points.items()
+            if name != reference
+        }
 
 
 def top_answer_share(answers: Sequence[object]) -> float:

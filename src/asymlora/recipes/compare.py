@@ -22,7 +22,7 @@ from ..adapters import METHODS
 from ..config import ConfigError, to_dict
 from ..eval.report import delta_m, most_frequent_answer_share, question_scores
 from ..eval.runner import majority_report
-from ..eval.stats import Table
+from ..eval.stats import Table, interval_text
 from ..models import load_model
 from ..progress import progress_bar
 from ..runfolder import check_same_config, folder_lock
@@ -212,30 +212,30 @@ def _answer_shares(results: list[dict], tasks: list[str]) -> dict[str, float]:
 
 
 def intervals(cells: dict[str, list[dict]], tasks: list[str], rows: dict[str, dict], reference: str) -> dict:
-    """The statistics part of a summary (see ``summarize_cells``)."""
+    """The statistics part of a summary (see ``summarize_cells``): one entry per reference row and
+    per method."""
     runs = {**{name: [result] for name, result in rows.items()}, **cells}
     table = Table(tasks, {name: _per_question(results, tasks) for name, results in runs.items()})
     ci = table.intervals()
     against = {ref: table.differences(ref) for ref in [reference, *rows]}
-    out: dict[str, Any] = {"reference": reference, "reference_rows": {}, "interval_level": 0.95}
-    for name, results in runs.items():
-        entry = {
+    entries = {
+        name: {
             "intervals": {key: iv.as_dict() for key, iv in ci[name].items()},
             "top_answer_share": _answer_shares(results, tasks),
             "differences": {
-                ref: {
-                    key: {**iv.as_dict(), "excludes_zero": iv.excludes_zero}
-                    for key, iv in diffs[name].items()
-                }
+                ref: {key: iv.as_difference() for key, iv in diffs[name].items()}
                 for ref, diffs in against.items()
                 if name in diffs
             },
         }
-        target = out["reference_rows"].setdefault(name, {}) if name in rows else {}
-        target.update(entry)
-        if name in cells:
-            out.setdefault("method_statistics", {})[name] = entry
-    return out
+        for name, results in runs.items()
+    }
+    return {
+        "reference": reference,
+        "reference_rows": {name: entries[name] for name in rows},
+        "interval_level": 0.95,
+        "method_statistics": {name: entries[name] for name in cells},
+    }
 
 
 def _delta_m_over_seeds(
@@ -264,11 +264,11 @@ def to_markdown(summary: dict[str, Any]) -> str:
         "|" + "---|" * len(head),
     ]
     for name, entry in rows.items():
-        cells = [f"*{name}*", "-"] + [_iv(entry["intervals"][t]) for t in [*tasks, "average"]]
+        cells = [f"*{name}*", "-"] + [interval_text(entry["intervals"][t]) for t in [*tasks, "average"]]
         lines.append("| " + " | ".join(cells + ["", ""] + ([""] if has_dm else [])) + " |")
     for name, m in methods.items():
         cells = [name, f"{m['trainable_parameters']:,}" if m["trainable_parameters"] else "-"]
-        cells += [_iv(stats[name]["intervals"][t]) for t in [*tasks, "average"]]
+        cells += [interval_text(stats[name]["intervals"][t]) for t in [*tasks, "average"]]
         cells += [plus_minus(m["worst"]), plus_minus(m["std_across_tasks"])]
         if has_dm:
             cells.append(
@@ -294,7 +294,7 @@ def headline(summary: dict[str, Any]) -> str:
 
     def said(diff: dict[str, Any]) -> str:
         verdict = "measurable" if diff["excludes_zero"] else "within noise"
-        return f"{_iv(diff, signed=True)} ({verdict})"
+        return f"{interval_text(diff, signed=True)} ({verdict})"
 
     ref = stats[reference]["differences"]
     parts = [
@@ -308,12 +308,6 @@ def headline(summary: dict[str, Any]) -> str:
     return "In one line (average over tasks, points): " + "; ".join(parts) + "."
 
 
-def _iv(interval: dict[str, float], signed: bool = False, mark: bool = False) -> str:
-    value = f"{interval['value']:+.1f}" if signed else f"{interval['value']:.1f}"
-    star = "*" if mark and interval.get("excludes_zero") else ""
-    return f"{value}{star} [{interval['low']:.1f}, {interval['high']:.1f}]"
-
-
 def _difference_table(summary: dict[str, Any], reference: str) -> str:
     tasks = summary["tasks"]
     lines = [
@@ -325,7 +319,7 @@ def _difference_table(summary: dict[str, Any], reference: str) -> str:
     for name, entry in summary["method_statistics"].items():
         diffs = entry["differences"].get(reference)
         if diffs:
-            cells = [_iv(diffs[t], signed=True, mark=True) for t in [*tasks, "average"]]
+            cells = [interval_text(diffs[t], signed=True, mark=True) for t in [*tasks, "average"]]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -339,7 +333,7 @@ def _against_rows_table(summary: dict[str, Any]) -> str:
         "|" + "---|" * (len(rows) + 1),
     ]
     for name, entry in summary["method_statistics"].items():
-        cells = [_iv(entry["differences"][r]["average"], signed=True, mark=True) for r in rows]
+        cells = [interval_text(entry["differences"][r]["average"], signed=True, mark=True) for r in rows]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
