@@ -23,7 +23,7 @@ from ..config import ConfigError, to_dict
 from ..eval.report import delta_m, most_frequent_answer_share, question_scores
 from ..eval.runner import majority_report
 from ..eval.stats import Table, interval_text
-from ..models import load_model
+from ..models import load_model, resolve_device
 from ..progress import progress_bar
 from ..runfolder import check_same_config, folder_lock
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
@@ -109,15 +109,17 @@ BASE_ROW, MAJORITY_ROW = "base model", "majority answer"
 
 def base_model_result(cfg: MultitaskConfig, folder: Path, log=print) -> dict[str, Any]:
     """The base model (no adapter) scored on the cells' test questions; kept in ``folder`` and
-    reused while the model, the data and the evaluation settings stay the same."""
-    key = {"model": cfg.model, "data": to_dict(cfg.data), "eval": to_dict(cfg.eval)}
+    reused while the model, its dtype, the data and the evaluation settings stay the same. Loaded
+    as the cells load it (dtype, device), so the base row is scored the way the adapters are."""
+    key = {"model": cfg.model, "dtype": cfg.dtype, "data": to_dict(cfg.data), "eval": to_dict(cfg.eval)}
     with folder_lock(folder, log):
         done, saved_key = folder / "results.json", folder / "settings.json"
         if done.exists() and saved_key.exists() and json.loads(saved_key.read_text()) == key:
             log(f"skip (finished): {folder}")
             return json.loads(done.read_text())
         log(f"=== {folder}: the base model, no adapter")
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+        model.to(resolve_device(cfg.device))
         report = evaluate(model, tokenizer, select_tasks(cfg.data), cfg, log=log)
         folder.mkdir(parents=True, exist_ok=True)
         report.save(done)
