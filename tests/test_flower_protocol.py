@@ -10,7 +10,9 @@ additive, so applying it twice would show), its round-2 training discarded."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,17 @@ from tiny_models import write_choice_tasks
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from asymlora.adapters import read_tensors  # noqa: E402
+from asymlora.adapters.io import WEIGHTS_FILE  # noqa: E402
 from asymlora.engines import flower as app  # noqa: E402
 from asymlora.engines.local import LocalSimulator  # noqa: E402
+from asymlora.errors import RunFolderError  # noqa: E402
 from asymlora.models import load_model  # noqa: E402
 from asymlora.recipes import federated as fed  # noqa: E402
+from asymlora.runfolder import CONFIG_FILE  # noqa: E402
 
 ROUNDS = 3
 
@@ -97,7 +102,7 @@ def run_config(method: str, tasks: list[str], out: Path, ranks: str = "") -> dic
 def simulate(config: dict, drop: tuple[int, int]) -> LocalSimulator:
     """The simulator for ``config``, where client ``drop[0]``'s training raises in round ``drop[1]``."""
     cfg = app.federated_config(config)
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     clients = fed.build_clients(cfg.clients)
     sim = fed.make_simulator(cfg, clients, base, tokenizer)
     train = sim.train_client
@@ -232,3 +237,105 @@ def test_a_wire_dtype_travels_over_flower_as_in_the_simulator(
     assert_same_records(tmp_path / "out", sim)
     for comm in sim.records[0]["comm"].values():
         assert comm["bytes_up"] == 2 * comm["params_up"] and comm["bytes_down"] == 2 * comm["params_down"]
+
+
+def serve(config: dict, grid: Grid) -> None:
+    app.server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p): (p.read_bytes() if p.is_file() else b"", p.stat().st_mode) for p in sorted(folder.rglob("*"))
+    }
+
+
+class NanLossGrid(Grid):
+    """The Grid, where node 100 reports its training loss as NaN (its upload is sound)."""
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        replies = super().send_and_receive(messages, timeout)
+        for reply in replies:
+            if reply.metadata.src_node_id == 100 and "metrics" in reply.content:
+                reply.content["metrics"] = MetricRecord({"loss": float("nan")})
+        return replies
+
+
+def test_the_run_folder_is_claimed_as_federate_claims_its_own(tmp_path: Path) -> None:
+    """The ServerApp's run folder: config.yaml; rounds.jsonl in standard JSON (a NaN loss is
+    null); every file with the user's umask. Run again into it: refused without writing, since a
+    Flower run cannot be resumed, unless overwrite-run, which starts it again from nothing; a
+    folder in use by another process is refused at once, one holding anything else never touched."""
+    tasks = write_choice_tasks(tmp_path / "tasks", 2, 6)
+    out = tmp_path / "out"
+    config = run_config("fedalora", tasks, out) | {"federation.rounds": 1}
+    old = os.umask(0o027)
+    try:
+        serve(config, NanLossGrid(config, 2, {}))
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {CONFIG_FILE, app.SERVER_FILE, app.ROUNDS_FILE, WEIGHTS_FILE}
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in files), [(p, oct(p.stat().st_mode)) for p in files]
+    (line,) = (out / app.ROUNDS_FILE).read_text().splitlines()
+    record = json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in rounds.jsonl"))
+    assert record["loss"]["task0"] is None and record["loss"]["task1"] > 0
+    assert app.federated_config(config) == fed.load_config(out / CONFIG_FILE)
+    first = read_tensors(out / app.SERVER_FILE)
+
+    before, grid = snapshot(out), Grid(config, 2, {})
+    with pytest.raises(
+        RunFolderError, match="holds a run already, and Flower runs cannot be resumed.*overwrite-run=true"
+    ):
+        serve(config, grid)
+    assert snapshot(out) == before and grid.sent == []
+    with open(tmp_path / ".out.lock", "w") as held:  # what another process's lock looks like
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunFolderError, match="in use by another asymlora process"):
+            serve(config | {"overwrite-run": True}, grid)
+    assert snapshot(out) == before and grid.sent == []
+
+    (out / "stale.txt").write_text("from before")
+    serve(config | {"overwrite-run": True}, Grid(config, 2, {}))  # from nothing: the same run again
+    assert (
+        not (out / "stale.txt").exists()
+        and json.loads((out / app.ROUNDS_FILE).read_text())["loss"]["task0"] > 0
+    )
+    again = read_tensors(out / app.SERVER_FILE)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="holds no asymlora run"):
+        serve(config | {"output_dir": str(mine), "overwrite-run": True}, grid)
+    assert (mine / "notes.txt").read_text() == "mine" and grid.sent == []
+    with pytest.raises(fed.ConfigError, match="overwrite-run='false': expected true or false"):
+        serve(config | {"overwrite-run": "false"}, grid)
+
+
+def test_the_client_app_trains_on_the_base_in_the_configs_dtype(tmp_path: Path) -> None:
+    """dtype=bfloat16: every node's base model is bfloat16 and the run equals the simulator's
+    on a bfloat16 base; a float32 run in the same process still gets a float32 base (the
+    process's base-model cache is keyed by dtype)."""
+    tasks = write_choice_tasks(tmp_path / "tasks", 2, 6)
+    config = run_config("fedalora", tasks, tmp_path / "out") | {"federation.rounds": 1, "dtype": "bfloat16"}
+    grid = Grid(config, 2, {})
+    serve(config, grid)
+    cfg = app.federated_config(config)
+    base, tokenizer = load_model(cfg.model, dtype=torch.bfloat16)
+    sim = fed.make_simulator(cfg, fed.build_clients(cfg.clients), base, tokenizer)
+    sim.run_round()
+    got = read_tensors(tmp_path / "out" / app.SERVER_FILE)
+    for k, v in sim.server.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
+
+    def base_dtypes(context: Context) -> set[torch.dtype]:
+        node = app.Node.from_context(context)
+        model = node.model(app.from_record(context.state[app.STATE]))
+        return {layer.base_layer.weight.dtype for layer in model.adapted.values()}
+
+    assert base_dtypes(grid.contexts[100]) == base_dtypes(grid.contexts[101]) == {torch.bfloat16}
+    float32 = config | {"dtype": "float32", "output_dir": str(tmp_path / "out32")}
+    grid32 = Grid(float32, 2, {})
+    serve(float32, grid32)
+    assert base_dtypes(grid32.contexts[100]) == {torch.float32}

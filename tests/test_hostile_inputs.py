@@ -7,6 +7,7 @@ line), and the run folder byte for byte (and mode for mode) as it was."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -254,6 +255,63 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_checkpoint_tmp(tmp_path
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == []
 
 
+# Linux capabilities by which root ignores permission bits (linux/capability.h), and prctl's
+# PR_CAPBSET_DROP: dropped from the bounding set before exec, the command runs without them.
+PR_CAPBSET_DROP, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER = 24, 1, 2, 3
+
+
+def without_permission_override() -> None:
+    """In the child, before exec: give up root's power to ignore permission bits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def run_unprivileged(argv: list[str]) -> subprocess.CompletedProcess:
+    """``asymlora ARGV`` in a process that permission bits stop: this user's, or, as root, root's
+    without the capabilities that override them (the tests run as root here; switching to an
+    unprivileged user is no option, as the interpreter lives under /root, mode 0700)."""
+    drop = without_permission_override if os.geteuid() == 0 else None
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "asymlora.cli", *argv],
+            capture_output=True, text=True, env=ENV, preexec_fn=drop, timeout=300,
+        )  # fmt: skip
+    except subprocess.SubprocessError as err:  # the preexec_fn failed: no CAP_SETPCAP
+        pytest.skip(f"cannot run a process that permission bits stop on this platform: {err}")
+
+
+def read_only(folder: Path) -> Path:
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="drops Linux capabilities (prctl)")
+def test_a_read_only_output_folder(tmp_path, run, tasks):
+    """A read-only folder under --out (a new run, a resume, an evaluation, an analysis): exit 2,
+    one line naming the path with the hint, nothing written. Run in a real process that the
+    permission bits stop."""
+    (tmp_path / "locked").mkdir()
+    locked = read_only(tmp_path / "locked")  # an empty folder no one may write to
+    done = read_only(copy_of(run, tmp_path / "done"))  # a finished run, read-only
+    cases = [
+        train_args(locked / "run", tasks),
+        train_args(done, tasks, "--resume", "--set", "train.save_every=1"),
+        ["eval", "--model", "tiny-llama", "--task", tasks[0], "--limit", "2", "--out", str(locked / "e")],
+        ["analyze", "change", str(done), "--out", str(locked / "a")],
+    ]
+    for argv in cases:
+        before = {folder: snapshot(folder) for folder in (locked, done)}
+        proc = run_unprivileged(argv)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in proc.stderr and last.startswith(f"asymlora {argv[0]}: error: "), last
+        assert "Permission denied (hint: choose a folder you may write to (--out)" in last, last
+        assert {folder: snapshot(folder) for folder in before} == before, argv
+
+
 def test_flags_the_library_refuses(tmp_path, capsys, run, fed_run):
     refused(capsys, ["export", str(fed_run), str(tmp_path / "p"), "--client", "9"], "out of range", tmp_path)
     refused(capsys, ["generate", "--adapter", str(run), "--prompt", "x", "--max-new-tokens", "-5"],
@@ -264,6 +322,38 @@ def test_flags_the_library_refuses(tmp_path, capsys, run, fed_run):
         wrap(tiny_model("llama"), method="alora", num_experts=3, r=4, target_modules=["q_proj"]), other
     )
     refused(capsys, ["analyze", "similarity", str(run), str(other), "--out", str(tmp_path / "o")], "sizes")
+
+
+def test_eval_and_analyze_make_no_output_folder_before_every_check(tmp_path, capsys, run, tasks):
+    """Refused after the tasks, the model, the routes or the adapter are read: no --out folder
+    made, no file changed (an eval into a train run's folder would overwrite its results.json)."""
+    out, pair = str(tmp_path / "out"), f"{tasks[0]},{tasks[1]}"
+    one = tmp_path / "one.jsonl"  # one example: no train and test split
+    one.write_text(json.dumps({"prompt": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    missing = str(tmp_path / "no-such-model")
+    gradients = ["analyze", "gradients", "--model", "tiny-llama", "--steps", "1", "--out", out]
+    cases = [
+        ([*gradients, "--tasks", pair, "--r", "100000000"], "r=100000000: above 64"),
+        ([*gradients, "--tasks", pair, "--lr", "1e30"], "train.lr=1e+30 must be in (0, 1]"),
+        ([*gradients, "--tasks", pair, "--model", missing], "cannot load model"),
+        ([*gradients, "--tasks", f"{tasks[0]},{one}"], "cannot split 1 example(s)"),
+        (["eval", "--model", "tiny-llama", "--task", str(one), "--out", out], "cannot split 1 example(s)"),
+        (["eval", "--model", missing, "--task", tasks[0], "--out", out], "cannot load model"),
+        (
+            ["eval", "--adapter", str(run), "--task", tasks[0], "--route", "0", "--out", out],
+            "does not route by",
+        ),
+        (
+            ["eval", "--adapter", str(tmp_path / "nothing"), "--task", tasks[0], "--out", out],
+            "no such folder",
+        ),
+        (["analyze", "similarity", str(run), str(tmp_path / "nothing"), "--out", out], "nothing"),
+        (["analyze", "change", str(run), "--out", str(one / "x")], "one.jsonl is a file, not a folder"),
+    ]
+    for argv, says in cases:
+        refused(capsys, argv, says, tmp_path)
+    refused(capsys, ["eval", "--adapter", str(run), "--task", tasks[0], "--out", str(run)],
+            "holds a run (config.yaml, checkpoint", run)  # fmt: skip
 
 
 def test_more_dirichlet_clients_than_examples(tmp_path, capsys, tasks):

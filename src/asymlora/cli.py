@@ -147,22 +147,23 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from asymlora.eval.runner import check_eval_options, evaluate_tasks, majority_report
-    from asymlora.recipes.evaluate import describe_split, load_for_eval, route_tasks
+    from asymlora.recipes.evaluate import check_eval_out, describe_split, load_for_eval, route_tasks
 
     check_eval_options(args.limit, args.batch_size, args.max_length)
     if args.model is None and args.adapter is None:
         raise UsageError("give --model (a base model) or --adapter (an adapter folder or a run folder)")
+    name = args.model or args.adapter.name
+    out = args.out or Path("runs") / "eval" / _slug(f"{name}-{args.suite or '+'.join(args.task)}")
+    check_eval_out(out)
     tasks = get_suite(args.suite) if args.suite else get_tasks(args.task)
     references = read_references(args.references) if args.references else None
-    for task in tasks:  # fetch / validate every task's data before loading the model
-        task.examples()
+    for task in tasks:  # fetch, validate and split every task's data before loading the model
+        task.splits(args.seed)
     use_threads(log=lambda line: print(line, file=sys.stderr))
     loaded = load_for_eval(args.model, args.adapter)
     task_ids = route_tasks(loaded, tasks, args.route)
     print(f"model: {loaded.description}", file=sys.stderr)
     print(describe_split(args.split, args.seed, args.limit), file=sys.stderr)
-    name = args.model or args.adapter.name
-    out = args.out or Path("runs") / "eval" / _slug(f"{name}-{args.suite or '+'.join(args.task)}")
     out.mkdir(parents=True, exist_ok=True)
     per_task = out / "tasks.jsonl"
     per_task.write_text("", encoding="utf-8")
@@ -424,8 +425,17 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from asymlora.adapters import export_peft
+    from asymlora.adapters.io import check_export_folder
 
-    if (args.run / "rounds.jsonl").exists() or (args.run / "clients.json").exists():
+    check_export_folder(args.out)
+    federated = (args.run / "rounds.jsonl").exists() or (args.run / "clients.json").exists()
+    if federated and args.task is not None:
+        raise UsageError(
+            f"--task: {args.run} is a federate run (one model per client); give --client instead"
+        )
+    if not federated and args.client is not None:
+        raise UsageError(f"--client: {args.run} is not a federate run (no rounds.jsonl); leave --client out")
+    if federated:
         from asymlora.recipes.federated import export_client
 
         if args.client is None:
@@ -544,18 +554,30 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.analysis == "gradients":
         return run_analyze_gradients(args)
     if args.analysis == "similarity":
-        result = analysis.similarity(args.run_a, args.run_b, i=args.i, j=args.j)
         out, plot = args.out or args.run_a, analysis.plot_similarity
+        check_out_folder(out)
+        result = analysis.similarity(args.run_a, args.run_b, i=args.i, j=args.j)
     else:
         if not (args.run / "adapter_init").is_dir():
             raise UsageError(f"{args.run}: no adapter_init/ (runs of asymlora train save it at the start)")
-        result = analysis.change(args.run / "adapter_init", args.run / "adapter")
         out, plot = args.out or args.run, analysis.plot_change
+        check_out_folder(out)
+        result = analysis.change(args.run / "adapter_init", args.run / "adapter")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.analysis}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / f"{args.analysis}.png")
     print(f"wrote {out / (args.analysis + '.json')} and {out / (args.analysis + '.png')}")
     return 0
+
+
+def check_out_folder(out: Path) -> None:
+    """Before any work: ``--out`` may not be a file or lie below one, and plotting needs
+    matplotlib (nothing is written when either fails)."""
+    from asymlora.analysis.plots import require_matplotlib
+    from asymlora.runfolder import check_is_folder
+
+    check_is_folder(out)
+    require_matplotlib()
 
 
 def _gradient_tasks(args: argparse.Namespace) -> list[Task]:
@@ -587,7 +609,7 @@ def _num(value: float | None) -> str:
 
 def run_analyze_gradients(args: argparse.Namespace) -> int:
     from asymlora.analysis import plot_gradients
-    from asymlora.analysis.sharing import GradientExperiment, run_gradient_experiment
+    from asymlora.analysis.sharing import GradientExperiment, GradientRun
 
     tasks = _gradient_tasks(args)
     targets = _names(args.targets, "--targets")
@@ -599,16 +621,14 @@ def run_analyze_gradients(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(str(err)) from None
-    for task in tasks:  # fetch / validate every task's data before loading the model
-        task.examples()
     shares = ["a", "b"] if args.share == "both" else [args.share]
     out = args.out or Path("runs") / "analyze" / _slug(
         f"gradients-{args.model}-{'+'.join(t.name for t in tasks)}"
     )
+    check_out_folder(out)
+    experiment = GradientRun.prepare(tasks, shares, exp)  # the data, the model, each share's adapter
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for share in shares:
-        results[share] = run_gradient_experiment(tasks, share, exp, out / f"train_{share}", log=print)
+    results = {share: experiment.run(share, out / f"train_{share}") for share in shares}
     report = {
         "analysis": "gradients",
         "model": args.model,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,6 +155,19 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return data
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file a user gave or a run folder holds: a missing one is a ``MissingFileError``,
+    one that is not JSON (or not UTF-8 text, or nested past the parser's depth) an ``InputError``
+    naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise InputError(f"{path}: not valid JSON ({str(err)[:200]})") from None
 
 
 def _load_yaml(text: str) -> Any:

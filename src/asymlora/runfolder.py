@@ -40,6 +40,8 @@ CONFIG_FILE = "config.yaml"
 RESUMES_FILE = "resumes.jsonl"
 # What a run of asymlora train or federate leaves in its folder (any one marks a run folder).
 RUN_FILES = (CONFIG_FILE, "checkpoint", "checkpoint.old", "metrics.jsonl", "rounds.jsonl", "results.json")
+# How to go on from a folder that holds a run, for a command with --resume and --overwrite.
+HELD_HINT = "give --resume to continue it, --overwrite to start it again, or another output folder"
 
 _held: dict[tuple[int, Path], int] = {}  # (thread, folder) holding a lock -> nesting depth
 
@@ -167,9 +169,12 @@ class RunFolder:
         resume: bool = False,
         overwrite: bool = False,
         may_change: tuple[str, ...] = (),
+        held: tuple[str, str] = ("", HELD_HINT),
     ) -> RunFolder:
         """Check what this run may do with ``cfg.output_dir``, writing nothing. ``may_change``:
-        the config keys (or sections, ``eval``) a resume may change."""
+        the config keys (or sections, ``eval``) a resume may change. ``held``: what the refusal
+        of a folder that holds a run adds to its message, and its hint (for an engine whose runs
+        cannot resume, or whose flags have other names)."""
         path = Path(cfg.output_dir)
         if resume and overwrite:
             raise UsageError("give --resume (continue the run) or --overwrite (start again), not both")
@@ -185,10 +190,7 @@ class RunFolder:
         if overwrite:
             return folder
         if not resume:
-            raise RunFolderError(
-                f"{path} holds a run already",
-                hint="give --resume to continue it, --overwrite to start it again, or another output folder",
-            )
+            raise RunFolderError(f"{path} holds a run already{held[0]}", hint=held[1])
         folder.changes = config_changes(cfg, save_config)
         refused = {k: v for k, v in folder.changes.items() if not _allowed(k, may_change)}
         if refused:
@@ -205,7 +207,7 @@ class RunFolder:
         resumes.jsonl with ``at``, the step or round the run continues from (a resume without
         changes leaves config.yaml as it was, the path it names included)."""
         if self.overwrite and self.path.is_dir():
-            log(f"--overwrite: deleting the run in {self.path}")
+            log(f"overwrite: deleting the run in {self.path}")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         if self.changes:
@@ -238,6 +240,12 @@ def finite(value: Any) -> Any:
 def json_line(record: Any) -> str:
     """One line of standard JSON (non-finite numbers as null), newline included."""
     return json.dumps(finite(record), allow_nan=False) + "\n"
+
+
+def write_jsonl(path: Path, records: list[Any]) -> None:
+    """``records`` as a JSON-lines file, replaced at once (a reader never sees half of it)."""
+    text = "".join(json_line(r) for r in records)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def repair_jsonl(path: Path, keep: Callable[[dict], bool]) -> int:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..config import read_json
 from ..errors import InputError, MissingFileError
 
 METHODS = ("lora", "alora", "hydralora", "mola", "factored")
@@ -179,13 +180,9 @@ class AdapterConfig:
     @classmethod
     def load(cls, path: str | Path) -> AdapterConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MissingFileError(f"{path}: no adapter config here (expected adapter_config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+        if not path.is_file():
+            raise MissingFileError(f"{path}: no adapter config here (expected adapter_config.json)")
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def _is_regex(text: str) -> bool:

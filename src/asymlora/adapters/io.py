@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..config import read_json
 from ..errors import InputError, MissingFileError
 from .config import AdapterConfig
 from .layer import MultiLoraLinear
@@ -147,13 +148,6 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
         ) from None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-
-
 def folder_format(folder: str | Path) -> str | None:
     """``"asymlora"`` (a native adapter folder), ``"peft"`` (a PEFT adapter folder) or None."""
     folder = Path(folder)
@@ -161,7 +155,7 @@ def folder_format(folder: str | Path) -> str | None:
         return "asymlora"
     shared = folder / PEFT_CONFIG_FILE
     if shared.is_file():
-        data = _read_json(shared)
+        data = read_json(shared)
         return "peft" if isinstance(data, dict) and "peft_type" in data else "asymlora"
     return None
 
@@ -236,7 +230,7 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
     """Read a PEFT LoRA folder (safetensors only), refusing what a plain LoRA cannot hold."""
     folder = Path(folder)
     config_file = folder / PEFT_CONFIG_FILE
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise InputError(f"{config_file}: a {kind} adapter, not a LoRA; only PEFT LoRA folders are read")
@@ -408,6 +402,27 @@ def peft_export_problem(config: AdapterConfig) -> str | None:
     )
 
 
+EXPORT_FILES = (WEIGHTS_FILE, PEFT_CONFIG_FILE, EXPORT_INFO_FILE, CARD_FILE)
+
+
+def check_export_folder(folder: str | Path) -> None:
+    """Refuse to export into a file, or into a folder that holds anything but an earlier export
+    (or only a README.md): its files would be overwritten or mixed with the export's."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(
+            f"{folder} is a file, not a folder", hint="choose a new or empty folder for the export"
+        )
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
+    other = sorted(names - set(EXPORT_FILES)) or (sorted(names) if names == {CARD_FILE} else [])
+    if other:
+        raise InputError(
+            f"{folder} holds files that are not an asymlora export ({', '.join(other[:5])}); nothing in it "
+            "is touched",
+            hint="choose a new or empty folder for the export",
+        )
+
+
 def export_peft(
     model: AsymLoraModel, folder: str | Path, task: int | None = None, card: Mapping[str, Any] | None = None
 ) -> Path:
@@ -422,6 +437,7 @@ def export_peft(
     problem = peft_export_problem(cfg)
     if problem:
         raise InputError(problem)
+    check_export_folder(folder)
     tensors: dict[str, Tensor] = {}
     for name, layer in model.adapted.items():
         a, b = layer.lora_pair(task)

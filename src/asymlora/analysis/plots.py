@@ -13,11 +13,18 @@ from .weights import KINDS, series_name
 Row = dict[str, Any]
 
 
-def _figure(ncols: int):
+def require_matplotlib() -> None:
+    """Refuse, with how to install it, where matplotlib is missing."""
     try:
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+
+
+def _figure(ncols: int):
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.0 * ncols, 3.8), layout="constrained")
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import AdapterConfig, wrap
+from ..adapters.model import check_ranks_fit
 from ..data.task import Task
 from ..errors import InputError
 from ..train import Example, TrainConfig, train
@@ -44,6 +45,18 @@ class GradientExperiment:
                 raise InputError(f"{key}={getattr(self, key)} must be >= 1")
         if self.measure_every < 0:
             raise InputError(f"measure_every={self.measure_every} must be >= 0")
+        self.train_config()  # refuses a learning rate (or another training setting) out of range
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            lr=self.lr,
+            seed=self.seed,
+            warmup_steps=0,
+            log_every=1,
+        )
 
     def measure_steps(self) -> list[int]:
         every = self.measure_every or self.steps
@@ -118,49 +131,80 @@ def run_gradient_experiment(
 
     Returns the pooled result (``pool_snapshots``) with ``steps_measured`` and every snapshot under
     ``by_step``. ``run_dir`` receives the training's metrics.jsonl and checkpoint/."""
-    if share not in SHARES:
-        raise InputError(f"share={share!r} must be 'a' (HydraLoRA-shaped) or 'b' (ALoRA-shaped)")
-    if len(tasks) < 2:
-        raise InputError(f"gradient conflicts need at least 2 tasks, got {len(tasks)}")
-    if load is None:
-        from ..models import load_model as load
-    examples = task_examples(tasks, exp.split_seed)
-    base, tokenizer = load(exp.model)
-    _, method = SHARES[share]
-    config = AdapterConfig(
-        method=method,
-        r=exp.r,
-        alpha=exp.alpha,
-        num_experts=len(tasks),
-        router="task",
-        target_modules=list(exp.target_modules),
-        seed=exp.seed,
-    )
-    model = wrap(base, config)
-    measured = [ex[: exp.examples] for ex in examples]
-    batches = make_batches(tokenizer, measured, batch_size=exp.batch_size, max_length=exp.max_length)
-    at = set(exp.measure_steps())
-    by_step: dict[int, dict[str, Any]] = {}
+    return GradientRun.prepare(tasks, [share], exp, load).run(share, run_dir, log)
 
-    def on_step(step: int, _: dict) -> None:
-        if step in at:
-            by_step[step] = gradient_conflicts(model, batches, share)
-            log(f"  share {share}: step {step}: {by_step[step]['total_conflicts']} conflicts")
 
-    cfg = TrainConfig(
-        steps=exp.steps,
-        batch_size=exp.batch_size,
-        max_length=exp.max_length,
-        lr=exp.lr,
-        seed=exp.seed,
-        warmup_steps=0,
-        log_every=1,
-    )
-    log(f"share {share}: training {method} on {len(tasks)} tasks for {exp.steps} steps")
-    train(model, tokenizer, examples, cfg, run_dir, on_step=on_step)
-    snapshots = [by_step[s] for s in sorted(by_step)]
-    result = pool_snapshots(snapshots)
-    result["task_names"] = [t.name for t in tasks]
-    result["steps_measured"] = sorted(by_step)
-    result["by_step"] = {str(s): by_step[s] for s in sorted(by_step)}
-    return result
+@dataclass
+class GradientRun:
+    """A gradient experiment checked against its base model (``prepare``), ready to ``run``
+    each share on that one base (the adapters are removed again after each)."""
+
+    tasks: list[Task]
+    exp: GradientExperiment
+    examples: list[list[Example]]
+    base: Any
+    tokenizer: Any
+
+    @classmethod
+    def prepare(
+        cls,
+        tasks: Sequence[Task],
+        shares: Sequence[str],
+        exp: GradientExperiment,
+        load: Callable[[str], tuple[Any, Any]] | None = None,
+    ) -> GradientRun:
+        """Everything that can refuse the experiment, before anything is written: the shares,
+        the tasks' data, the model, and each share's adapter (its rank within the target
+        modules, its size within the base model's)."""
+        for share in shares:
+            if share not in SHARES:
+                raise InputError(f"share={share!r} must be 'a' (HydraLoRA-shaped) or 'b' (ALoRA-shaped)")
+        if len(tasks) < 2:
+            raise InputError(f"gradient conflicts need at least 2 tasks, got {len(tasks)}")
+        if load is None:
+            from ..models import load_model as load
+        examples = task_examples(tasks, exp.split_seed)
+        base, tokenizer = load(exp.model)
+        run = cls(list(tasks), exp, examples, base, tokenizer)
+        for share in shares:
+            check_ranks_fit(base, run.adapter_config(share), {"r": exp.r})
+            wrap(base, run.adapter_config(share)).unload()  # refuses an adapter larger than the base
+        return run
+
+    def adapter_config(self, share: str) -> AdapterConfig:
+        """The task-routed adapter of ``share``: one expert per task, sharing A or B."""
+        return AdapterConfig(
+            method=SHARES[share][1],
+            r=self.exp.r,
+            alpha=self.exp.alpha,
+            num_experts=len(self.tasks),
+            router="task",
+            target_modules=list(self.exp.target_modules),
+            seed=self.exp.seed,
+        )
+
+    def run(self, share: str, run_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+        """Train and measure ``share`` (see ``run_gradient_experiment``)."""
+        exp, config = self.exp, self.adapter_config(share)
+        model = wrap(self.base, config)
+        measured = [ex[: exp.examples] for ex in self.examples]
+        batches = make_batches(self.tokenizer, measured, batch_size=exp.batch_size, max_length=exp.max_length)
+        at = set(exp.measure_steps())
+        by_step: dict[int, dict[str, Any]] = {}
+
+        def on_step(step: int, _: dict) -> None:
+            if step in at:
+                by_step[step] = gradient_conflicts(model, batches, share)
+                log(f"  share {share}: step {step}: {by_step[step]['total_conflicts']} conflicts")
+
+        log(f"share {share}: training {config.method} on {len(self.tasks)} tasks for {exp.steps} steps")
+        try:
+            train(model, self.tokenizer, self.examples, exp.train_config(), run_dir, on_step=on_step)
+        finally:
+            model.unload().eval()  # the base as loaded, for the next share
+        snapshots = [by_step[s] for s in sorted(by_step)]
+        result = pool_snapshots(snapshots)
+        result["task_names"] = [t.name for t in self.tasks]
+        result["steps_measured"] = sorted(by_step)
+        result["by_step"] = {str(s): by_step[s] for s in sorted(by_step)}
+        return result

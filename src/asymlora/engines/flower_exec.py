@@ -24,7 +24,9 @@ run, otherwise), waits for them, stops its SuperExecs and exits with the first f
     python -m asymlora.engines.flower_exec --insecure ADDR0 ... -- APP_DIR local --stream --run-config "..."
 
 ``--preload MODEL`` also loads a model into the process (a module-level cache of
-``asymlora.engines.flower``), which the forked tasks then share copy-on-write. The warm process
+``asymlora.engines.flower``, keyed by model, dtype and device), which the forked tasks then
+share copy-on-write: on the CPU (CUDA does not survive a fork), in ``--preload-dtype``, so it
+serves runs whose config has that ``dtype`` and a device that is the CPU. The warm process
 runs torch on one thread (OpenMP's pool does not survive a fork once used); each task gets
 torch's default thread count back (the run config's ``num-threads`` sets it per task).
 
@@ -47,6 +49,8 @@ import time
 import traceback
 from importlib.metadata import entry_points
 from typing import Any
+
+from ..models import DTYPE_CHOICES
 
 # Warm the process: everything a task needs is imported before the first fork.
 from . import flower as _app  # noqa: F401  (torch, transformers, asymlora, flwr.app)
@@ -225,7 +229,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[list[str]]]:
     parser.add_argument("addresses", nargs="+", help="runtime API addresses (host:port) to serve")
     parser.add_argument("--insecure", action="store_true", help="connect to the runtime APIs without TLS")
     parser.add_argument("--root-certificates", help="CA certificate of the runtime APIs (TLS)")
-    parser.add_argument("--preload", default="", help="a model name to load before forking")
+    parser.add_argument("--preload", default="", help="a model name to load (on the CPU) before forking")
+    parser.add_argument(
+        "--preload-dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="the preloaded model's dtype (the runs' dtype)",
+    )
     return parser.parse_args(argv), [r for r in runs if r]
 
 
@@ -263,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     single_threaded()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads across forks
     if args.preload:
-        _app.base_model(args.preload)
+        _app.base_model(_app.base_key(args.preload, args.preload_dtype, "cpu"))
     if runs:
         import flwr.cli.app  # noqa: F401  (warm: `flwr run` imports it)
     wait_for(args.addresses)

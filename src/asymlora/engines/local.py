@@ -125,7 +125,7 @@ def add_to_weights(layers: Mapping[str, nn.Module], deltas: Mapping[str, Tensor]
     for key, delta in deltas.items():
         layer = layers[module_of(key)]
         weight = layer.weight
-        weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight.dtype))
+        weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight))  # its dtype and device
 
 
 class LocalSimulator:

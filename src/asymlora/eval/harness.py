@@ -87,9 +87,9 @@ def write_lm_eval_task(
     """Write ``<out>/<name>.jsonl`` and ``<out>/<name>.yaml``; return the YAML's path and the number
     of questions. Run it with ``lm_eval --include_path <out> --tasks <name>``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     name = lm_eval_name(task)
-    docs = lm_eval_docs(task, split=split, seed=seed, limit=limit)
+    docs = lm_eval_docs(task, split=split, seed=seed, limit=limit)  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     data_file = out / f"{name}.jsonl"
     data_file.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     yaml_path = out / f"{name}.yaml"

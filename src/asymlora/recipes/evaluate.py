@@ -4,7 +4,6 @@ adapter task answers each evaluated task."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,10 @@ from ..adapters.io import (
     native_config_file,
     read_peft_lora,
 )
-from ..config import ConfigError
+from ..config import ConfigError, read_json
 from ..data.task import Task
+from ..errors import MissingFileError, RunFolderError
+from ..runfolder import RUN_FILES, check_is_folder
 from .generate import resolve_task
 
 
@@ -35,7 +36,7 @@ class LoadedModel:
 def adapter_kind(path: Path) -> str:
     """``run`` (a folder of asymlora train), ``asymlora`` or ``peft``; a one-line error otherwise."""
     if not path.is_dir():
-        raise FileNotFoundError(f"--adapter {path}: no such folder")
+        raise MissingFileError(f"--adapter {path}: no such folder")
     if (path / "rounds.jsonl").exists() or (path / "clients.json").exists():
         raise ConfigError(
             f"--adapter {path}: a federate run holds one adapter per client; pass {path}/adapters/<client>"
@@ -44,7 +45,7 @@ def adapter_kind(path: Path) -> str:
         return "run"
     kind = folder_format(path)
     if kind is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--adapter {path}: not an adapter folder (no asymlora_config.json or {PEFT_CONFIG_FILE}) "
             "and not a run folder (config.yaml and adapter/)"
         )
@@ -58,7 +59,9 @@ def recorded_base(path: Path, kind: str) -> str | None:
         return AdapterConfig.load(native_config_file(path)).base_model_name_or_path
     info = path / EXPORT_INFO_FILE
     if info.is_file():
-        return json.loads(info.read_text(encoding="utf-8")).get("asymlora_base")
+        data = read_json(info)
+        base = data.get("asymlora_base") if isinstance(data, dict) else None
+        return base if isinstance(base, str) else None
     return read_peft_lora(path).base_model_name_or_path
 
 
@@ -107,7 +110,7 @@ def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> di
     num_experts = loaded.model.adapter_config.num_experts
     names = loaded.task_names or [str(i) for i in range(num_experts)]
     if route is not None:
-        task_id = resolve_task(route, names, "task")
+        task_id = resolve_task(route, names, "task", flag="--route")
         return {t.name: task_id for t in tasks}
     unknown = [t.name for t in tasks if t.name not in names]
     if unknown:
@@ -117,6 +120,18 @@ def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> di
             f"(its tasks: {known}); give --route NAME_OR_INDEX"
         )
     return {t.name: names.index(t.name) for t in tasks}
+
+
+def check_eval_out(out: Path) -> None:
+    """Refuse an output folder that is a file (or lies below one), or that holds a run of
+    asymlora train or federate, whose results.json the evaluation would overwrite."""
+    check_is_folder(out)
+    held = [name for name in RUN_FILES if name != "results.json" and (out / name).exists()]
+    if held:
+        raise RunFolderError(
+            f"--out {out} holds a run ({', '.join(held)}); its results.json would be overwritten",
+            hint=f"give another --out, such as {out / 'eval'}",
+        )
 
 
 def describe_split(split: str, seed: int, limit: int | None) -> str:

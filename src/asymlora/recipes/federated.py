@@ -43,9 +43,9 @@ from ..adapters import (
     read_tensors,
     save_adapter,
 )
-from ..adapters.io import atomic_write, write_tensors
+from ..adapters.io import write_tensors
 from ..adapters.model import check_ranks_fit
-from ..config import ConfigError
+from ..config import ConfigError, read_json
 from ..data.task import Task
 from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
     METHOD_OPTIONS,
@@ -64,11 +64,11 @@ from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's con
     task_examples,
 )
 from ..engines.local import LocalSimulator, find_checkpoint
-from ..errors import InputError
+from ..errors import InputError, MissingFileError
 from ..eval.runner import evaluate_task
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
-from ..runfolder import RunFolder, folder_lock, json_line
+from ..runfolder import RunFolder, folder_lock, write_jsonl
 from ..threads import use_threads
 from ..train import pad_id_of
 from ..train.loop import tensorboard_writer
@@ -127,11 +127,6 @@ def scores_record(personal: dict[str, float], glob: dict[str, float] | None) -> 
         "global_scores": glob,
         "global_average": fmean(glob.values()) if glob else None,
     }
-
-
-def write_rounds(path: Path, records: list[dict]) -> None:
-    text = "".join(json_line(r) for r in records)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -241,7 +236,7 @@ def federate(
 ) -> dict[str, Any]:
     """The rounds after those in ``records``, then the final adapters and results."""
     out = Path(cfg.output_dir)
-    write_rounds(out / "rounds.jsonl", records)
+    write_jsonl(out / "rounds.jsonl", records)
     writer = tensorboard_writer(out)
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
         total = len(sim.aggregator.participants(rnd))
@@ -257,7 +252,7 @@ def federate(
                 personalised_scores(sim, tokenizer, clients, cfg), global_scores(sim, tokenizer, clients, cfg)
             )
         records.append(record)
-        write_rounds(out / "rounds.jsonl", records)
+        write_jsonl(out / "rounds.jsonl", records)
         sim.save(out / "checkpoint", {"rounds": records})
         log(round_line(record))
         if writer is not None:
@@ -326,7 +321,19 @@ def save_adapters(sim: LocalSimulator, clients: list[ClientData], out: Path) -> 
 
 
 def client_names(run_dir: Path) -> list[str]:
-    return [c["name"] for c in json.loads((run_dir / "clients.json").read_text())]
+    path = run_dir / "clients.json"
+    if not path.is_file():
+        raise MissingFileError(
+            f"{run_dir}: no clients.json, so not a finished run of asymlora federate",
+            hint="a Flower run keeps each client's adapter in adapters/<client> (asymlora eval --adapter reads it)",
+        )
+    clients = read_json(path)
+    if not (
+        isinstance(clients, list)
+        and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in clients)
+    ):
+        raise InputError(f"{path}: not the clients.json of a federate run (a list of clients with names)")
+    return [c["name"] for c in clients]
 
 
 def export_client(run_dir: str | Path, client: int | str, folder: str | Path) -> Path:

@@ -11,23 +11,26 @@ from ..errors import check_at_least
 from .multitask import load_run
 
 
-def resolve_task(task: str | int | None, names: list[str], router: str | None) -> int | None:
-    """The task id to route to: required with task routing, meaningless otherwise."""
+def resolve_task(
+    task: str | int | None, names: list[str], router: str | None, flag: str = "--task"
+) -> int | None:
+    """The task id to route to: required with task routing, meaningless otherwise. ``flag``:
+    the command-line flag that gave ``task``, which the errors name."""
     if router != "task":
         if task is not None:
             raise ConfigError(
-                f"--task: this adapter's router is {router!r}, which does not route by task; leave --task out"
+                f"{flag}: this adapter's router is {router!r}, which does not route by task; leave {flag} out"
             )
         return None
     if task is None:
-        raise ConfigError(f"--task: this adapter routes by task; choose one of {', '.join(names)}")
+        raise ConfigError(f"{flag}: this adapter routes by task; choose one of {', '.join(names)}")
     if isinstance(task, int) or str(task).isdigit():
         index = int(task)
         if not 0 <= index < len(names):
-            raise ConfigError(f"--task {index}: out of range 0..{len(names) - 1} ({', '.join(names)})")
+            raise ConfigError(f"{flag} {index}: out of range 0..{len(names) - 1} ({', '.join(names)})")
         return index
     if task not in names:
-        raise ConfigError(f"--task {task!r}: not a task of this run; choose one of {', '.join(names)}")
+        raise ConfigError(f"{flag} {task!r}: not a task of this run; choose one of {', '.join(names)}")
     return names.index(task)
 
 

@@ -28,10 +28,10 @@ import yaml
 from ..adapters import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
 from ..adapters.io import peft_export_problem
 from ..adapters.model import check_ranks_fit
-from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, to_dict
+from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, read_json, to_dict
 from ..data.registry import get_suite, get_tasks
 from ..data.task import Task, continuation
-from ..errors import MissingFileError
+from ..errors import InputError, MissingFileError
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
 from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
@@ -272,14 +272,24 @@ def plot_loss(metrics: Path, path: Path, title: str = "") -> Path | None:
     return path
 
 
+SCORE_KEYS = ("task", "metric", "score", "n")
+
+
 def run_scores(run_dir: str | Path) -> list[dict[str, Any]]:
-    """``[{task, metric, score, n}]`` from a finished run's results.json (empty before it exists)."""
+    """``[{task, metric, score, n}]`` from a finished run's results.json (empty before it exists);
+    a results.json without them is refused, naming it."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         return []
-    return [
-        {k: t[k] for k in ("task", "metric", "score", "n")} for t in json.loads(path.read_text())["tasks"]
-    ]
+    data = read_json(path)
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not (
+        isinstance(tasks, list) and all(isinstance(t, dict) and set(SCORE_KEYS) <= t.keys() for t in tasks)
+    ):
+        raise InputError(
+            f"{path}: not the results.json of a run (expected a list of task scores under 'tasks')"
+        )
+    return [{k: t[k] for k in SCORE_KEYS} for t in tasks]
 
 
 def load_run(run_dir: str | Path, model: str | None = None):
@@ -293,10 +303,6 @@ def load_run(run_dir: str | Path, model: str | None = None):
     cfg = load_config(run_dir / "config.yaml")
     base, tokenizer = load_model(model or cfg.model, dtype=cfg.dtype)
     model = load_adapter(base.to(resolve_device(cfg.device)), run_dir / "adapter").eval()
-    results = run_dir / "results.json"
-    names = (
-        [t["task"] for t in json.loads(results.read_text())["tasks"]]
-        if results.exists()
-        else [t.name for t in select_tasks(cfg.data)]
-    )
+    scores = run_scores(run_dir)
+    names = [s["task"] for s in scores] if scores else [t.name for t in select_tasks(cfg.data)]
     return model, tokenizer, cfg, names

@@ -21,6 +21,7 @@ from ..adapters.io import (
     write_tensors,
 )
 from ..adapters.model import AsymLoraModel
+from ..config import read_json
 from ..errors import InputError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -73,10 +74,7 @@ def read_state(folder: Path) -> dict[str, Any]:
     """A checkpoint's trainer_state.json, checked: ``step`` and the per-task ``mixer_counts``
     are non-negative integers, ``param_groups`` a list."""
     path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+    state = read_json(path)
     counts = state.get("mixer_counts") if isinstance(state, dict) else None
     if not (
         _count(state.get("step") if isinstance(state, dict) else None)

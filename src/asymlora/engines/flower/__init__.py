@@ -15,7 +15,7 @@ The app is declared in pyproject.toml (``[tool.flwr.app]``): ``serverapp =
 "asymlora.engines.flower:server_app"``, ``clientapp = "asymlora.engines.flower:client_app"``.
 """
 
-from .client_app import STATE, TRAINED, Node, base_model, client_app, client_app_with
+from .client_app import STATE, TRAINED, Node, base_key, base_model, client_app, client_app_with
 from .config import AppSettings, federated_config
 from .dp import REFERENCE, local_dp_mod, noise_std, privacy
 from .protocol import DOWNLOAD, ROUNDS_FILE, SERVER_FILE, SETUP, UPLOAD, from_record, message, to_record
@@ -35,6 +35,7 @@ __all__ = [
     "FederatedStrategy",
     "Node",
     "ScreenUploads",
+    "base_key",
     "base_model",
     "client_app",
     "client_app_with",

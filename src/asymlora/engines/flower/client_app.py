@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ...adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
+from ...adapters.io import write_tensors
 from ...federated import FederatedMethod
 from ...federated.common import BASE_DELTA, Tensors, part, select
-from ...models import load_model
+from ...models import load_model, resolve_device
 from ...train import pad_id_of
 from ..federation import FederatedConfig, adapter_template, build_clients, engine_client
 from ..local import Client, add_to_weights, client_config, mean_loss, set_trainable, train_locally
@@ -56,41 +56,52 @@ APPLIED = "asymlora-applied"  # context.state: the last download round applied
 MERGED = "asymlora-merged"  # context.state (FLoRA): the last missed round's merge applied
 
 # --- per-process caches ---------------------------------------------------------------------------
-_BASES: dict[str, tuple[Any, Any]] = {}  # model name -> (base, tokenizer)
-_WRAPPED: dict[str, AsymLoraModel] = {}  # model name -> the base wrapped at its current shape
-_ORIGINAL: dict[str, dict[str, Tensor]] = {}  # model name -> adapted base weights before a merge
+# A base model is cached under (model name, dtype, device): a run in bfloat16 and a run in
+# float32 on one process each get their own, as do runs on two devices.
+BaseKey = tuple[str, str, str]
+_BASES: dict[BaseKey, tuple[Any, Any]] = {}  # -> (base, tokenizer)
+_WRAPPED: dict[BaseKey, AsymLoraModel] = {}  # -> the base wrapped at its current shape
+_ORIGINAL: dict[BaseKey, dict[str, Tensor]] = {}  # -> adapted base weights before a merge
 _NODES: dict[tuple, Node] = {}  # (run config, node config) -> the node
 
 
-def base_model(name: str) -> tuple[Any, Any]:
-    """The model and tokenizer called ``name``, loaded once per process."""
-    if name not in _BASES:
-        _BASES[name] = load_model(name)
-    return _BASES[name]
+def base_key(name: str, dtype: str = "auto", device: str = "cpu") -> BaseKey:
+    """The cache key of a base model: its name, its ``dtype`` setting and the device ``device``
+    resolves to (``auto`` is cuda where there is one)."""
+    return name, dtype, str(resolve_device(device))
 
 
-def wrapped(name: str, config: AdapterConfig, fresh: bool = False) -> AsymLoraModel:
-    """The process's base model wrapped with adapters of ``config`` (re-wrapped when it differs,
-    or with ``fresh``: new draws from the config's seed)."""
-    current = _WRAPPED.get(name)
+def base_model(key: BaseKey) -> tuple[Any, Any]:
+    """The model and tokenizer of ``key`` (name, dtype, device), loaded once per process."""
+    if key not in _BASES:
+        name, dtype, device = key
+        model, tokenizer = load_model(name, dtype=dtype)
+        _BASES[key] = model.to(device), tokenizer
+    return _BASES[key]
+
+
+def wrapped(key: BaseKey, config: AdapterConfig, fresh: bool = False) -> AsymLoraModel:
+    """The process's base model of ``key`` wrapped with adapters of ``config`` (re-wrapped when
+    it differs, or with ``fresh``: new draws from the config's seed)."""
+    current = _WRAPPED.get(key)
     if current is not None and current.adapter_config == config and not fresh:
         return current
-    base = current.unload() if current is not None else base_model(name)[0]
-    _WRAPPED[name] = wrap(base, config)
-    return _WRAPPED[name]
+    base = current.unload() if current is not None else base_model(key)[0]
+    _WRAPPED[key] = wrap(base, config)
+    return _WRAPPED[key]
 
 
 @torch.no_grad()
-def set_base_delta(name: str, model: AsymLoraModel, deltas: Mapping[str, Tensor]) -> None:
+def set_base_delta(key: BaseKey, model: AsymLoraModel, deltas: Mapping[str, Tensor]) -> None:
     """The adapted base weights of ``model`` set to W0 + delta (W0 kept aside the first time)."""
     layers = {n: layer.base_layer for n, layer in model.adapted.items()}
-    original = _ORIGINAL.get(name)
+    original = _ORIGINAL.get(key)
     if original is not None:
         for n, weight in original.items():
             layers[n].weight.copy_(weight)
     if deltas:
         if original is None:
-            _ORIGINAL[name] = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+            _ORIGINAL[key] = {n: layer.weight.detach().clone() for n, layer in layers.items()}
         add_to_weights(layers, deltas)
 
 
@@ -104,6 +115,11 @@ class Node:
     client: Client
     config: AdapterConfig
     local_dp: Any = None  # Flower's LocalDpMod, when the node config switches local DP on
+
+    @property
+    def base(self) -> BaseKey:
+        """The base model this node trains on: the config's model, dtype and device."""
+        return base_key(self.cfg.model, self.cfg.dtype, self.cfg.device)
 
     @classmethod
     def from_context(cls, context: Context) -> Node:
@@ -126,20 +142,21 @@ class Node:
         if threads > 0:
             torch.set_num_threads(threads)
         rank = cfg.adapter.ranks_for(len(data))[index]
-        client = engine_client(cfg, data[index], rank, base_model(cfg.model)[1])
+        tokenizer = base_model(base_key(cfg.model, cfg.dtype, cfg.device))[1]
+        client = engine_client(cfg, data[index], rank, tokenizer)
         config = client_config(adapter_template(cfg), method, client, cfg.seed, index)
         return cls(cfg, method, index, client, config, dp)
 
     def model(self, state: Mapping[str, Tensor]) -> AsymLoraModel:
         """The base holding ``state`` (FLoRA: W0 + its base_delta), the method's parts trainable."""
-        model = wrapped(self.cfg.model, self.config)
-        set_base_delta(self.cfg.model, model, select(state, {BASE_DELTA}))
+        model = wrapped(self.base, self.config)
+        set_base_delta(self.base, model, select(state, {BASE_DELTA}))
         model.load_adapter_state_dict({k: v for k, v in state.items() if part(k) != BASE_DELTA})
         return set_trainable(model, self.method)
 
     def train(self, state: Mapping[str, Tensor], rnd: int) -> tuple[Tensors, float]:
         """One local round from ``state``, seeded as the simulator seeds client ``index``."""
-        pad = pad_id_of(base_model(self.cfg.model)[1])
+        pad = pad_id_of(base_model(self.base)[1])
         new, history = train_locally(
             self.model(state), self.client, self.cfg.train, self.cfg.seed, rnd, self.index, pad
         )
@@ -195,7 +212,7 @@ def receive_merges(context: Context, content: RecordDict, state: Tensors) -> Ten
 def client_init(msg: Message, context: Context) -> Message:
     """Build this client's round-0 adapter; send what the server's ``setup`` needs."""
     node = Node.from_context(context)
-    model = wrapped(node.cfg.model, node.config, fresh=True)  # draws from the client's seed
+    model = wrapped(node.base, node.config, fresh=True)  # draws from the client's seed
     state = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
     context.state[STATE] = to_record(state)
     parts = node.method.uploads | node.method.shared_init
@@ -234,7 +251,7 @@ def client_finish(msg: Message, context: Context) -> Message:
     save_adapter(node.model(state), folder)
     merged = select(state, {BASE_DELTA})
     if merged:
-        save_file({k: v.contiguous() for k, v in merged.items()}, str(folder / BASE_DELTA_FILE))
+        write_tensors(merged, folder / BASE_DELTA_FILE)
     return Message(RecordDict({}), reply_to=msg)
 
 

@@ -10,6 +10,12 @@ error reply (the ClientApp raised) and no reply within ``timeout-s`` leave that 
 the round, logged with the reason, the node and the client, and kept in ``rounds.jsonl``
 (``rejected`` / ``dropped``). The round goes on with the rest when at least
 ``federation.min_clients`` uploads are left, and fails the run otherwise.
+
+The run folder (``output_dir``) is claimed as ``asymlora federate`` claims its own
+(``asymlora.runfolder``): locked for the run (a second run on it is refused at once), refused
+when it holds a run unless ``overwrite-run`` is set (Flower runs cannot be resumed: every
+client's state lives on its SuperNode for one run only), never touched when it holds anything
+else, and written only once every client has joined (``config.yaml`` first).
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
+from ...errors import AsymloraError, one_line
 from ...federated.common import Tensors
 from ...federated.registry import rank_problem
 from ...federated.validate import Spec, UploadLimits, check_upload
-from ..federation import FederatedConfig
+from ...runfolder import RunFolder, folder_lock
+from ..federation import FederatedConfig, save_config
 from ..round import Member, Server
 from .config import AppSettings, federated_config
 from .dp import with_central_dp
@@ -38,6 +46,17 @@ from .strategy import FederatedStrategy, ScreenUploads
 def warn(text: str) -> None:
     """A warning for the run's log: Flower's logger, which ``flwr run --stream`` shows."""
     flwr_log(logging.WARNING, text)
+
+
+def info(text: str) -> None:
+    flwr_log(logging.INFO, text)
+
+
+# What the refusal of a run folder that holds a run adds to its message, and its hint.
+NO_RESUME = (
+    ", and Flower runs cannot be resumed (each client's state lives on its SuperNode for one run only)",
+    "give overwrite-run=true (--run-config) to start it again, or another output_dir",
+)
 
 
 def exchange(
@@ -135,17 +154,28 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    """The init, ``federation.rounds`` rounds of the strategy loop, then the finish; writes
-    ``output_dir/server.safetensors`` and ``output_dir/rounds.jsonl`` after every round."""
+    """Claim the run folder, then run the federation (``serve``). An error the user can fix
+    fails the run with its hint in the message, which is what Flower reports of a ServerApp."""
     cfg = federated_config(context.run_config)
     settings = AppSettings.of(context.run_config)
+    try:
+        with folder_lock(Path(cfg.output_dir), info, wait=False):
+            folder = RunFolder.open(cfg, save_config, overwrite=settings.overwrite_run, held=NO_RESUME)
+            serve(grid, cfg, settings, folder)
+    except AsymloraError as err:
+        err.args, err.hint = (one_line(str(err), err.hint),), ""
+        raise
+
+
+def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFolder) -> None:
+    """The init, ``federation.rounds`` rounds of the strategy loop, then the finish; writes
+    ``config.yaml`` once the clients have joined and the server is set up, then
+    ``server.safetensors`` and ``rounds.jsonl`` after every round."""
     method = cfg.federation.make_method()
     n = cfg.clients.count()
     problem = rank_problem(method.name, cfg.adapter.ranks_for(n))
     if problem is not None:
         raise ValueError(problem)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     started = time.monotonic()
     members, nodes, inits = join(grid, wait_for_nodes(grid, n, settings.timeout_s), cfg, settings.timeout_s)
@@ -160,11 +190,12 @@ def server_main(grid: Grid, context: Context) -> None:
         equal_weights=cfg.federation.central_dp != "off",  # the wrappers' noise is for a plain mean
         wire=cfg.federation.wire(),
     )
-    core = FederatedStrategy(server, nodes, server.setup(inits), out, settings.timeout_s)
-    flwr_log(logging.INFO, f"init: {n} clients joined in {time.monotonic() - started:.1f} s")
+    core = FederatedStrategy(server, nodes, server.setup(inits), folder.path, settings.timeout_s)
+    info(f"init: {n} clients joined in {time.monotonic() - started:.1f} s")
     strategy = with_central_dp(core, cfg.federation, len(server.participants(1)))
     if strategy is not core:  # validation before any wrapper sees the replies
         strategy = ScreenUploads(strategy, core)
+    folder.start(0, info)
     rounds = cfg.federation.rounds
     result = strategy.start(grid, core.initial_arrays(), num_rounds=rounds, timeout=settings.timeout_s)
     core.take(result.arrays, rounds)

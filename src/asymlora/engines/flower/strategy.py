@@ -18,7 +18,6 @@ malformed upload, so where a wrapper sits between, ``ScreenUploads`` is put oute
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,10 +27,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from safetensors.torch import save_file
 from torch import Tensor
 
+from ...adapters.io import atomic_write, write_tensors
 from ...federated.common import BASE_DELTA, Tensors, select
+from ...runfolder import write_jsonl
 from ..round import RoundLog, Server, from_wire, to_wire
 from .protocol import (
     DOWNLOAD,
@@ -168,10 +168,10 @@ class FederatedStrategy(Strategy):
         self.write()
 
     def write(self) -> None:
-        """``server.safetensors`` (the server state) and ``rounds.jsonl`` (every round so far)."""
-        state = {k: v.contiguous() for k, v in self.server.state.items()}
-        save_file(state, str(self.out / SERVER_FILE))
-        (self.out / ROUNDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        """``server.safetensors`` (the server state) and ``rounds.jsonl`` (every round so far, as
+        standard JSON: a NaN loss is null), each replaced whole."""
+        atomic_write(self.out / SERVER_FILE, lambda tmp: write_tensors(self.server.state, tmp))
+        write_jsonl(self.out / ROUNDS_FILE, self.records)
 
 
 class ScreenUploads(Strategy):
