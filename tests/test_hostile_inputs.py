@@ -91,6 +91,16 @@ def fed_run(tmp_path_factory, tasks) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory, tasks) -> Path:
+    """A finished train run routed by task (one expert per task)."""
+    out = tmp_path_factory.mktemp("runs") / "routed"
+    assert (
+        main(train_args(out, tasks, "--set", "adapter.router='task'", "--set", "adapter.num_experts=2")) == 0
+    )
+    return out
+
+
 def copy_of(folder: Path, to: Path) -> Path:
     subprocess.run(["cp", "-a", str(folder), str(to)], check=True)
     return to
@@ -333,7 +343,7 @@ def test_eval_and_analyze_make_no_output_folder_before_every_check(tmp_path, cap
     missing = str(tmp_path / "no-such-model")
     gradients = ["analyze", "gradients", "--model", "tiny-llama", "--steps", "1", "--out", out]
     cases = [
-        ([*gradients, "--tasks", pair, "--r", "100000000"], "r=100000000: above 64"),
+        ([*gradients, "--tasks", pair, "--r", "100000000"], "r=100000000: above 128"),
         ([*gradients, "--tasks", pair, "--lr", "1e30"], "train.lr=1e+30 must be in (0, 1]"),
         ([*gradients, "--tasks", pair, "--model", missing], "cannot load model"),
         ([*gradients, "--tasks", f"{tasks[0]},{one}"], "cannot split 1 example(s)"),
@@ -354,6 +364,91 @@ def test_eval_and_analyze_make_no_output_folder_before_every_check(tmp_path, cap
         refused(capsys, argv, says, tmp_path)
     refused(capsys, ["eval", "--adapter", str(run), "--task", tasks[0], "--out", str(run)],
             "holds a run (config.yaml, checkpoint", run)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["eval", "--adapter", "{routed}", "--task", "{task}", "--route", "9", "--out", "{out}"], "--route 9: out of range 0..1"),
+        (["eval", "--adapter", "{routed}", "--task", "{task}", "--route", "x", "--out", "{out}"], "--route 'x': not a task"),
+        (["eval", "--adapter", "{task}", "--task", "{task}", "--out", "{out}"], "task0.jsonl: no such folder"),
+        (["eval", "--model", "tiny-llama", "--task", "{task}", "--seed", "-1", "--out", "{out}"], "split seed -1: give"),
+        (["lm-eval-task", "{task}", "--seed", "-1", "--out", "{out}"], "split seed -1: give a seed >= 0"),
+        (["lm-eval-task", "{one}", "--out", "{out}"], "cannot split 1 example(s) into train and test"),
+        (["tasks", "--offline", "--seed", "-1"], "--seed -1: give a split seed >= 0"),
+        (["export", "{routed}", "{out}", "--client", "0"], "is not a federate run (no rounds.jsonl); leave --client"),
+        (["export", "{fed}", "{out}", "--task", "0"], "is a federate run (one model per client); give --client"),
+        (["export", "{routed}", "{out}", "--task", "7"], "--task 7: out of range 0..1"),
+        (["comm", "--model", "llama-2-7b", "--dtype", "nope"], "dtype='nope': choose one of float32"),
+        (["comm", "--model", "llama-2-7b", "--rank", "5000"], "rank=5000: above 4096"),
+        (["comm", "--model", "llama-2-7b", "--methods", "flora", "--ranks", "8,5000"], "ranks[1]=5000: above 4096"),
+    ],
+)  # fmt: skip
+def test_flags_of_eval_lm_eval_task_tasks_export_and_comm(
+    tmp_path, capsys, routed, fed_run, tasks, argv, says
+):
+    """Each refused in one line (they gave a traceback, named the wrong flag, or were accepted),
+    with no output folder made."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    subs = {"routed": routed, "fed": fed_run, "task": tasks[0], "one": one, "out": tmp_path / "out"}
+    refused(capsys, [a.format(**subs) for a in argv], says, tmp_path)
+
+
+def test_export_writes_only_into_a_new_folder_or_an_earlier_export(tmp_path, capsys, routed):
+    """An export into a folder of the user's (a README.md of theirs) or into the run folder itself
+    would overwrite or mix files: refused, nothing touched. Into an earlier export: allowed."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my own readme")
+    for folder in (mine, routed):
+        refused(capsys, ["export", str(routed), str(folder), "--task", "0"], "not an asymlora export", folder)
+    assert main(["export", str(routed), str(tmp_path / "peft"), "--task", "0"]) == 0
+    assert main(["export", str(routed), str(tmp_path / "peft"), "--task", "1"]) == 0
+    assert json.loads((tmp_path / "peft" / "asymlora_export.json").read_text())["task_id"] == 1
+
+
+@pytest.mark.parametrize("damage", ["results not json", "results without scores", "clients not json",
+                                    "no clients.json", "export info not json"])  # fmt: skip
+def test_damaged_files_of_a_run_folder(tmp_path, capsys, routed, fed_run, tasks, damage):
+    run, fed = copy_of(routed, tmp_path / "run"), copy_of(fed_run, tmp_path / "fed")
+    if damage == "results not json":
+        (run / "results.json").write_text("{")
+        argv, says = (
+            ["generate", "--adapter", str(run), "--task", "0", "--prompt", "x"],
+            "results.json: not valid JSON",
+        )
+    elif damage == "results without scores":
+        (run / "results.json").write_text(json.dumps({"tasks": [{"task": 1}]}))
+        argv, says = ["export", str(run), str(tmp_path / "p"), "--task", "0"], "not the results.json of a run"
+    elif damage == "clients not json":
+        (fed / "clients.json").write_bytes(b"\xff")
+        argv, says = (
+            ["export", str(fed), str(tmp_path / "p"), "--client", "0"],
+            "clients.json: not valid JSON",
+        )
+    elif damage == "no clients.json":  # a Flower run folder has none
+        (fed / "clients.json").unlink()
+        argv, says = (
+            ["export", str(fed), str(tmp_path / "p"), "--client", "0"],
+            "no clients.json, so not a finished",
+        )
+    else:
+        (run / "peft" / "task0" / "asymlora_export.json").write_text("{")
+        argv, says = ["eval", "--adapter", str(run / "peft" / "task0"), "--task", tasks[0]], "not valid JSON"
+    refused(capsys, argv, says, tmp_path)
+
+
+def test_comm_refuses_a_model_config_of_too_many_blocks(tmp_path, capsys):
+    """Even on the meta device each block is built as Python objects: a config.json of 10^6 layers
+    would take hours and tens of GB. Refused at once."""
+    from importlib import resources
+
+    config = json.loads((resources.files("asymlora") / "resources/shapes/llama-2-7b/config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**6}))
+    start = time.monotonic()
+    refused(capsys, ["comm", "--model", str(tmp_path)], "num_hidden_layers=1000000 in the model config")
+    assert time.monotonic() - start < 30
 
 
 def test_more_dirichlet_clients_than_examples(tmp_path, capsys, tasks):

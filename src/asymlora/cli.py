@@ -32,7 +32,7 @@ from asymlora.data.registry import (
     split_counts,
 )
 from asymlora.data.task import Task
-from asymlora.errors import UsageError, one_line, user_error
+from asymlora.errors import AsymloraError, UsageError, one_line, user_error
 from asymlora.threads import choose_threads, use_threads
 
 # The federated methods (asymlora.federated.registry.METHODS, which imports torch), named here so
@@ -83,6 +83,8 @@ def add_tasks(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: give a split seed >= 0")
     suites = [args.suite] if args.suite else list(SUITES)
     for suite in suites:
         tasks = get_suite(suite)
@@ -487,6 +489,8 @@ def run_comm(args: argparse.Namespace) -> int:
         table = comm_table(
             args.model, targets, args.rank, ranks=ranks, d_m=args.dm, methods=args.methods, dtype=args.dtype
         )
+    except AsymloraError:
+        raise
     except (ValueError, KeyError) as err:
         raise UsageError(str(err).strip("'\"")) from None
     print(to_json(table) if args.json else format_table(table))

@@ -159,7 +159,11 @@ def check_ranks_fit(model: nn.Module, config: AdapterConfig, ranks: Mapping[str,
     """Refuse ranks (by config key: ``{"adapter.r": 8}``) above the smaller dimension of the
     smallest module ``config`` targets: a higher rank adds memory, not expressiveness."""
     targets = find_target_modules(model, config.target_modules, config.layers)
-    limit = min(min(layer_dims(m)) for m in targets.values())
+    check_ranks_within(min(min(layer_dims(m)) for m in targets.values()), ranks)
+
+
+def check_ranks_within(limit: int, ranks: Mapping[str, int]) -> None:
+    """Refuse ranks (by name) above ``limit``, the smaller dimension of the smallest target module."""
     over = [f"{key}={rank}" for key, rank in ranks.items() if rank > limit]
     if over:
         raise InputError(

@@ -192,6 +192,8 @@ def split_dataset(
     """Shuffle with ``seed`` and cut: ``min(max_test, round(test_fraction * n))`` test examples
     (at least one), the rest train. With ``group`` (input -> item), whole items go to the test side,
     in a seeded order, until it holds at least that many examples; no item is on both sides."""
+    if seed < 0:  # numpy's generators, which shuffle, take none
+        raise InputError(f"split seed {seed}: give a seed >= 0")
     n = len(data)
     if n < 2:
         raise DataFormatError(f"cannot split {n} example(s) into train and test; need at least 2")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..adapters.model import check_ranks_within
 from ..errors import InputError, check_at_least
 from .base import FederatedMethod
 from .common import Tensors
@@ -59,10 +60,18 @@ def load_config(spec: str) -> Any:
         ) from err
 
 
+MAX_LAYERS = 1000  # blocks of a model config (the largest models have about 130)
+
+
 def meta_model(config: Any) -> nn.Module:
-    """The model for ``config`` on the meta device: shapes only, no memory, no weights."""
+    """The model for ``config`` on the meta device: shapes only, no memory, no weights. A config
+    of more than ``MAX_LAYERS`` blocks is refused: each block is built as Python objects even
+    there (2,000 blocks of Llama-2-7B take 13 s and 460 MB)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > MAX_LAYERS:
+        raise InputError(f"num_hidden_layers={layers} in the model config: more than {MAX_LAYERS} blocks")
     with torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(config)
@@ -129,6 +138,8 @@ def comm_table(
     if isinstance(targets, str) and "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     names = list(METHODS) if methods == "all" else _split(methods)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     elem = torch.empty((), dtype=dtype).element_size()
     if isinstance(config, str):
@@ -138,6 +149,10 @@ def comm_table(
         model_name = getattr(config, "name_or_path", "") or type(config).__name__
         dims = target_dims(meta_model(config), targets, layers)
     het_ranks = list(ranks) if ranks is not None else [rank] * num_clients
+    check_ranks_within(
+        min(min(d) for d in dims.values()),
+        {"rank": rank, "d_m": d_m} | {f"ranks[{i}]": r for i, r in enumerate(ranks or [])},
+    )
     rows: dict[str, Any] = {}
     for name in names:
         method = get_method(name)
