@@ -29,7 +29,7 @@ from .local import Client
 from .round import WIRE_DTYPES
 
 PARTITIONS = ("task", "dirichlet")
-METHOD_OPTIONS = ("reset_a_each_round", "dense_download", "aggregation", "trim")
+METHOD_OPTIONS = ("reset_a_each_round", "client_a_init", "dense_download", "aggregation", "trim")
 CENTRAL_DP = ("off", "server", "client")
 
 
@@ -47,6 +47,13 @@ class FederationConfig:
         default=False,
         metadata={
             "help": f"the reference's per-round reset of A, a defect ({_taking('reset_a_each_round')})"
+        },
+    )
+    client_a_init: str = field(
+        default="independent",
+        metadata={
+            "help": "independent (each client draws its own initial A) | common (every client starts "
+            f"from one A, as the reference does) ({_taking('client_a_init')})"
         },
     )
     dense_download: bool = field(
