@@ -8,8 +8,9 @@ import math
 import pytest
 
 from asymlora.analysis.metrics import count_conflicts
-from asymlora.analysis.sharing import GradientExperiment, pool_snapshots
+from asymlora.analysis.sharing import GradientExperiment, GradientRun, pool_snapshots, run_gradient_experiment
 from asymlora.cli import main
+from asymlora.data.registry import get_tasks
 from tiny_models import write_choice_tasks
 
 SMALL = ["--model", "tiny-llama", "--steps", "2", "--batch-size", "2", "--max-length", "32",
@@ -104,3 +105,16 @@ def test_measure_steps_and_pooling_of_constructed_snapshots():
     assert pooled["mean_grad_norm_shared"] == 2.0 and pooled["snapshots"] == 3
     with pytest.raises(ValueError, match="no snapshots"):
         pool_snapshots([])
+
+
+def test_both_shares_on_one_base_measure_what_each_share_measures_alone(tmp_path, task_files):
+    """``analyze gradients --share both`` trains share a, then share b, on one loaded base (the
+    adapters removed in between): share b's measurements equal those of a run of share b alone
+    on a freshly loaded base."""
+    tasks = get_tasks(task_files)
+    exp = GradientExperiment(model="tiny-llama", steps=2, batch_size=2, max_length=32, examples=4, r=4,
+                             target_modules=["q_proj", "v_proj"], measure_every=1)  # fmt: skip
+    both = GradientRun.prepare(tasks, ["a", "b"], exp)
+    results = {share: both.run(share, tmp_path / f"both_{share}", log=lambda _: None) for share in "ab"}
+    alone = run_gradient_experiment(tasks, "b", exp, tmp_path / "alone", log=lambda _: None)
+    assert results["b"]["by_step"] == alone["by_step"] and results["a"]["by_step"] != alone["by_step"]
