@@ -24,6 +24,8 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,11 +40,12 @@ def relative_error(got: dict, want: dict) -> tuple[float, float]:
 def simulator(cfg, method: str):
     from dataclasses import replace
 
+    from asymlora.data.clients import build_clients
     from asymlora.models import load_model
     from asymlora.recipes import federated as fed
 
     cfg = replace(cfg, federation=replace(cfg.federation, method=method))
-    clients = fed.build_clients(cfg.clients)
+    clients = build_clients(cfg.clients)
     base, tokenizer = load_model(cfg.model)
     return fed.make_simulator(cfg, clients, base, tokenizer)
 
@@ -51,7 +54,7 @@ def wire_errors(cfg, method: str) -> dict:
     """One round; its float32 uploads aggregated after each wire dtype, against float32."""
     import torch
 
-    from asymlora.engines.round import WIRE_DTYPES, from_wire, to_wire
+    from asymlora.federated.comm import WIRE_DTYPES, from_wire, to_wire
 
     sim = simulator(cfg, method)
     server0 = dict(sim.server)
@@ -77,25 +80,34 @@ def wire_errors(cfg, method: str) -> dict:
     return out
 
 
+@contextmanager
+def timed(module, name: str) -> Iterator[dict[str, float]]:
+    """Inside, ``module.name`` (a module's function or a class's method) is a wrapper adding its
+    wall time to the yielded ``{"s": ...}``."""
+    saved, original, total = vars(module)[name], getattr(module, name), {"s": 0.0}
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            total["s"] += time.perf_counter() - start
+
+    setattr(module, name, wrapper)
+    try:
+        yield total
+    finally:
+        setattr(module, name, saved)
+
+
 def overhead(cfg, method: str, rounds: int, out: Path) -> dict:
     """Per round: the local training time, and the rest of the round and of the checkpoint."""
     import asymlora.engines.local as local
 
     sim = simulator(cfg, method)
-    trained = {"s": 0.0}
-    original = local.train_locally
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            trained["s"] += time.perf_counter() - start
-
-    local.train_locally = timed
     rows = []
     records: list[dict] = []
-    try:
+    with timed(local, "train_locally") as trained:
         for _ in range(rounds):
             trained["s"] = 0.0
             start = time.perf_counter()
@@ -112,8 +124,6 @@ def overhead(cfg, method: str, rounds: int, out: Path) -> dict:
                     "checkpoint_s": checkpoint_s,
                 }
             )
-    finally:
-        local.train_locally = original
     return {"rounds": rows, "clients": len(sim.clients)}
 
 

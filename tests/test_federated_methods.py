@@ -416,7 +416,7 @@ def test_robust_aggregation_is_the_elementwise_median_or_trimmed_mean(aggregatio
 
 def test_robust_aggregation_is_refused_where_the_server_does_not_average():
     from asymlora.config import ConfigError
-    from asymlora.engines.federation import FederationConfig
+    from asymlora.fedconfig import FederationConfig
 
     with pytest.raises(
         ConfigError, match="federation.aggregation is not an option of flora: its server stacks"
