@@ -23,12 +23,13 @@ preloaded the model (``asymlora.engines.flower_exec --preload``) starts.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from federated_round import small_tasks, timed
+from federated_round import CLOCK, now, small_tasks, timed
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import context_from_proto, context_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext
@@ -37,6 +38,9 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 
 NODE0 = 100  # node ids: NODE0 + partition id
+CLIENT_APP = (
+    "asymlora.engines.flower.client_app"  # the module (the package exports the ClientApp as client_app)
+)
 
 
 def through_wire(msg: Message) -> Message:
@@ -50,8 +54,7 @@ def through_wire(msg: Message) -> Message:
 
 def forget_node_caches() -> None:
     """A fresh task's ClientApp caches: the preloaded model only (unwrapped, its weights as loaded)."""
-    from asymlora.engines.flower import client_app as ca
-
+    ca = importlib.import_module(CLIENT_APP)
     for name, model in list(ca._WRAPPED.items()):
         ca.set_base_delta(name, model, {})
         model.unload()
@@ -97,28 +100,30 @@ class WireGrid:
 def measure(run_config: dict, clients: int, cold: bool) -> dict:
     """One Flower run; per round its wall time, the local training in it, and the rest."""
     from asymlora.engines import flower as app
-    from asymlora.engines.flower import client_app, strategy
+    from asymlora.engines.flower import strategy
+
+    client_app = importlib.import_module(CLIENT_APP)
 
     starts: list[float] = []  # when each round's configure_train began
     training: dict[int, float] = {}  # round -> seconds in train_locally
 
     def round_started(self, *args, **kwargs):
-        starts.append(time.perf_counter())
+        starts.append(now())
         return configure(self, *args, **kwargs)
 
     def train_timed(*args, **kwargs):
-        start = time.perf_counter()
+        start = now()
         try:
             return train(*args, **kwargs)
         finally:
-            training[len(starts)] = training.get(len(starts), 0.0) + time.perf_counter() - start
+            training[len(starts)] = training.get(len(starts), 0.0) + now() - start
 
     configure, train = strategy.FederatedStrategy.configure_train, client_app.train_locally
     strategy.FederatedStrategy.configure_train, client_app.train_locally = round_started, train_timed
     try:
         with timed(client_app.Node, "build") as built:
             app.server_main(WireGrid(run_config, clients, cold), Context(1, 0, {}, RecordDict(), run_config))
-            end = time.perf_counter()
+            end = now()
     finally:
         strategy.FederatedStrategy.configure_train, client_app.train_locally = configure, train
     rows = []
@@ -138,6 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1, help="local steps per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cpu-time", action="store_true", help="time in process CPU seconds, not wall")
     parser.add_argument("--cold", action="store_true", help="also a run with cold node caches")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--small-tasks", action="store_true", help="8 short local tasks instead of the suite")
@@ -146,6 +152,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK["now"] = time.process_time
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # what flwr stamps
     from asymlora.engines.flower import federated_config
 
@@ -166,6 +174,7 @@ def main() -> None:
         cfg = federated_config(run_config)
         clients = cfg.clients.count()
         result |= {"model": cfg.model, "clients": clients, "steps": args.steps, "threads": args.threads}
+        result["clock"] = "process CPU time" if args.cpu_time else "wall"
         result |= {
             "batch_size": cfg.train.batch_size,
             "tasks": "8 small local tasks" if args.small_tasks else cfg.clients.suite,
