@@ -168,25 +168,34 @@ def small_tasks(folder: Path, n: int = 8, size: int = 20) -> list[str]:
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def round_arguments(doc: str, methods: str, rounds: int) -> argparse.ArgumentParser:
+    """The flags both round benchmarks take."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", default="configs/fed-nlp-smollm2.yaml")
-    parser.add_argument("--methods", default="fedalora,fedit,flexlora")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--methods", default=methods)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--steps", type=int, default=1, help="local steps per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cpu-time", action="store_true", help="time in process CPU seconds, not wall")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--small-tasks", action="store_true", help="8 short local tasks instead of the suite")
-    args = parser.parse_args()
+    return parser
 
+
+def setup(args: argparse.Namespace) -> None:
+    """Torch's threads and the clock as the flags say."""
     import torch
-
-    import asymlora.recipes.federated as fed
 
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         CLOCK["now"] = time.process_time
+
+
+def main() -> None:
+    args = round_arguments(__doc__, "fedalora,fedit,flexlora", 2).parse_args()
+    setup(args)
+    import asymlora.recipes.federated as fed
+
     fed.LocalSimulator = record_uploads(fed.LocalSimulator)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [(("train", "steps"), args.steps)]

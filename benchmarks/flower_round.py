@@ -22,14 +22,12 @@ preloaded the model (``asymlora.engines.flower_exec --preload``) starts.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import tempfile
-import time
 from pathlib import Path
 
-from federated_round import CLOCK, now, small_tasks, timed
+from federated_round import now, round_arguments, setup, small_tasks, timed
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import context_from_proto, context_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext
@@ -136,24 +134,11 @@ def measure(run_config: dict, clients: int, cold: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/fed-nlp-smollm2.yaml")
+    parser = round_arguments(__doc__, "fedalora", 3)
     parser.add_argument("--model", help="another model than the config's (tiny-llama: a quick check)")
-    parser.add_argument("--methods", default="fedalora")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1, help="local steps per round")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cpu-time", action="store_true", help="time in process CPU seconds, not wall")
     parser.add_argument("--cold", action="store_true", help="also a run with cold node caches")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--small-tasks", action="store_true", help="8 short local tasks instead of the suite")
     args = parser.parse_args()
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    if args.cpu_time:
-        CLOCK["now"] = time.process_time
+    setup(args)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # what flwr stamps
     from asymlora.engines.flower import federated_config
 
