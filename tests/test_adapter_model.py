@@ -265,3 +265,47 @@ def test_wrapping_an_eval_model_keeps_dropout_off_until_train():
     assert torch.equal(logits(w, ids), logits(w, ids))
     w.train()
     assert not torch.equal(logits(w, ids), logits(w, ids))
+
+
+PLANS = [
+    dict(method="lora"),
+    dict(method="alora", num_experts=3, router="softmax"),
+    dict(method="hydralora", num_experts=3, router="softmax"),
+    dict(method="mola", num_experts=3, router="topk", top_k=2),
+    dict(method="alora", num_experts=3, router="task"),
+    dict(method="factored", d_m=3),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "-".join(map(str, p.values())))
+def test_planned_size_is_the_count_of_the_wrapped_models_adapter(arch, plan):
+    """Every number the adapter holds; all trainable except the factored layer's B_base, which
+    a client holds fixed (the server's)."""
+    from asymlora.adapters.model import planned_size
+
+    config = AdapterConfig(r=3, target_modules=TARGETS[arch], **plan)
+    planned = planned_size(tiny_model(arch), config)
+    wrapped = wrap(tiny_model(arch), config)
+    assert planned == sum(t.numel() for t in wrapped.adapter_state_dict().values())
+    if plan["method"] != "factored":
+        assert planned == wrapped.trainable_parameters().trainable
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_matching_rank_is_the_smallest_lora_rank_with_at_least_the_others_parameters(arch):
+    from asymlora.adapters.model import matching_rank
+
+    def trainable(**kw) -> int:
+        return (
+            wrap(tiny_model(arch), AdapterConfig(target_modules=TARGETS[arch], **kw))
+            .trainable_parameters()
+            .trainable
+        )
+
+    alora = dict(method="alora", num_experts=3, router="softmax", r=4)
+    rank = matching_rank(tiny_model(arch), AdapterConfig(method="lora", r=1, target_modules=TARGETS[arch]),
+                         AdapterConfig(target_modules=TARGETS[arch], **alora))  # fmt: skip
+    goal = trainable(**alora)
+    assert trainable(method="lora", r=rank) >= goal > trainable(method="lora", r=rank - 1)
+    assert rank > 4  # K = 3 A matrices and a router: more than LoRA at the same rank

@@ -44,10 +44,12 @@ def test_grid_summarises_its_runs_and_skips_finished_ones(tmp_path: Path, capsys
     # Fed-ALoRA sends B only: half of FedIT's A and B at the same rank (square q/v projections)
     methods = summary["methods"]
     assert methods["fedalora"]["mb_up_per_client_round"] < methods["fedit"]["mb_up_per_client_round"]
-    assert (out / "results.md").read_text().count("\n| fed") == 2 and (out / "results.png").stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "\n| fedit | 2 | " in table and "\n| fedalora | 2 | " in table  # the score rows, with ranks
+    assert (out / "results.png").stat().st_size > 0
     capsys.readouterr()
     assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0,1") == 0
-    assert capsys.readouterr().out.count("skip (finished)") == 4
+    assert capsys.readouterr().out.count("skip (finished)") == 4 + 1  # 2 methods x 2 seeds + the base model
     # the same folder with another step count: refused, not reported under the new settings
     assert federate(out, tasks, "--methods", "fedit", "--seeds", "0", "--set", "train.steps=2") == 2
     assert "holds a run made with another config (train.steps: 1 -> 2)" in capsys.readouterr().err
@@ -97,3 +99,51 @@ def test_a_cell_another_process_is_running_is_waited_for_then_read(tmp_path: Pat
     waiter.join(30)
     assert runs == [str(folder)], "the cell ran once"
     assert logs[-2:] == [f"skip (finished): {folder}", {"score": 1}]
+
+
+def test_grid_table_has_intervals_paired_differences_and_reference_rows(tmp_path: Path) -> None:
+    """Each client's per-question predictions travel from its run to the table: the intervals'
+    points equal the runs' scores, the paired difference equals the difference of the per-question
+    means, and the base-model row equals the base model scored directly on the same questions."""
+    from asymlora.data.registry import get_tasks
+    from asymlora.eval.runner import evaluate_task
+    from asymlora.models import load_model
+
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=40)
+    out = tmp_path / "grid"
+    assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0,1", "--set", "eval.limit=4") == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["reference"] == "fedit" and set(summary["reference_rows"]) == {
+        "base model",
+        "majority answer",
+    }
+    clients = summary["tasks"]
+    per_question = {}
+    for method in ("fedit", "fedalora"):
+        runs = [json.loads((out / method / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+        for run in runs:
+            for client in clients:
+                (kept,) = run["client_results"][client]
+                picks = [100.0 * (p["pick"] == p["answer"]) for p in kept["predictions"]]
+                assert len(picks) == 4 and fmean(picks) == pytest.approx(run["scores"][client])
+        per_question[method] = {
+            c: [fmean(q) for q in zip(*[[100.0 * (p["pick"] == p["answer"]) for p in r["client_results"][c][0]
+                                        ["predictions"]] for r in runs], strict=True)] for c in clients
+        }  # fmt: skip
+        stats = summary["method_statistics"][method]["intervals"]
+        for client in clients:
+            assert stats[client]["value"] == pytest.approx(fmean(per_question[method][client]))
+            assert stats[client]["low"] <= stats[client]["value"] <= stats[client]["high"]
+    diff = summary["method_statistics"]["fedalora"]["differences"]["fedit"]["average"]
+    expected = fmean(fmean(per_question["fedalora"][c]) - fmean(per_question["fedit"][c]) for c in clients)
+    assert diff["value"] == pytest.approx(expected) and diff["low"] <= diff["value"] <= diff["high"]
+    # the base row: the base model itself on each client's first 4 test questions
+    model, tokenizer = load_model("tiny-llama")
+    base = summary["reference_rows"]["base model"]["intervals"]
+    for client, task in zip(clients, get_tasks(tasks), strict=True):
+        assert base[client]["value"] == pytest.approx(evaluate_task(model, tokenizer, task, limit=4).score)
+    table = (out / "results.md").read_text()
+    assert (
+        table.startswith("In one line") and "| *base model* |" in table and "| *majority answer* |" in table
+    )
+    assert "fedalora - fedit:" in table.splitlines()[0] and "MB up + down" in table

@@ -429,3 +429,22 @@ def test_robust_aggregation_is_refused_where_the_server_does_not_average():
         ConfigError, match="central_dp='server' does not fit fedalora-het: its server accumulates"
     ):
         FederationConfig(method="fedalora-het", central_dp="server")
+
+
+def test_fedalora_common_a_init_starts_every_client_from_one_a_and_keeps_training_it():
+    """``client_a_init='common'``: every client starts from client 0's A (the reference's start),
+    then each keeps and trains its own A across rounds (no reset)."""
+    method = get_method("fedalora", client_a_init="common")
+    original = lora_states([3, 3, 3])
+    server, states, inits = start(method, original)
+    for i in range(3):
+        for mod in MODS:
+            assert torch.equal(states[i][f"{mod}.lora_A"], original[0][f"{mod}.lora_A"])
+    trained = train(method, states)
+    _, server, _, states = run_round(method, trained, inits, server)
+    for i in range(3):
+        for mod in MODS:
+            assert torch.equal(states[i][f"{mod}.lora_A"], trained[i][f"{mod}.lora_A"])
+    assert not torch.equal(states[0]["layers.0.q_proj.lora_A"], original[0]["layers.0.q_proj.lora_A"])
+    with pytest.raises(ValueError, match="client_a_init"):
+        get_method("fedalora", client_a_init="shared")

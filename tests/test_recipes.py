@@ -180,3 +180,23 @@ def test_every_shipped_config_loads(path):
 
     loader = federated.load_config if "federation" in read_file(path) else load_config
     assert loader(path).output_dir.startswith("runs/")
+
+
+def test_compare_runs_a_parameter_matched_lora(tmp_path, task_files):
+    """``lora@alora``: LoRA at the smallest rank with at least ALoRA's trainable parameters, in its
+    own cells, named so in the table."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", "tiny-llama", "--tasks", ",".join(task_files), "--steps", "1", "--out", str(out),
+            "--methods", "alora,lora@alora", "--seeds", "0", *TINY]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "results.json").read_text())
+    rank = summary["matched_ranks"]["lora@alora"]
+    cell = load_config(out / "lora@alora" / "seed-0" / "config.yaml")
+    assert cell.adapter.method == "lora" and cell.adapter.r == rank
+    matched, alora = (summary["methods"][m]["trainable_parameters"] for m in ("lora@alora", "alora"))
+    assert matched >= alora
+    per_rank = matched // rank  # LoRA's count is linear in its rank
+    assert matched - per_rank < alora
+    assert f"lora@alora is lora at r={rank}, the smallest rank" in (out / "results.md").read_text()
+    args[args.index("alora,lora@alora")] = "lora@nope"
+    assert main(args) == 2

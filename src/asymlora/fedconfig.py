@@ -28,7 +28,7 @@ from .models import DTYPE_CHOICES, check_base_settings
 from .train import TrainConfig
 
 _EVAL_FIELDS = {f.name: f for f in fields(EvalConfig)}
-METHOD_OPTIONS = ("reset_a_each_round", "dense_download", "aggregation", "trim")
+METHOD_OPTIONS = ("reset_a_each_round", "client_a_init", "dense_download", "aggregation", "trim")
 CENTRAL_DP = ("off", "server", "client")
 
 
@@ -46,6 +46,13 @@ class FederationConfig:
         default=False,
         metadata={
             "help": f"the reference's per-round reset of A, a defect ({_taking('reset_a_each_round')})"
+        },
+    )
+    client_a_init: str = field(
+        default="independent",
+        metadata={
+            "help": "independent (each client draws its own initial A) | common (every client starts "
+            f"from one A, as the reference does) ({_taking('client_a_init')})"
         },
     )
     dense_download: bool = field(

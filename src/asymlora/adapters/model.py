@@ -61,7 +61,7 @@ class AsymLoraModel(nn.Module):
         model.requires_grad_(False)
         self.adapted: dict[str, AdapterLayer] = {}
         targets = find_target_modules(model, config.target_modules, config.layers)
-        layer_class = FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
+        layer_class = layer_class_of(config)
         check_adapter_size(model, config, targets, layer_class)
         for name, module in targets.items():
             layer = layer_class(module, config, name, self.routing).train(module.training)
@@ -136,6 +136,28 @@ class AsymLoraModel(nn.Module):
             weight = layer.base_layer.weight
             weight.add_(deltas[name].to(weight.dtype))
         return self.unload()
+
+
+def layer_class_of(config: AdapterConfig) -> type[AdapterLayer]:
+    """The layer class that holds ``config``'s adapter on each target module."""
+    return FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
+
+
+def planned_size(model: nn.Module, config: AdapterConfig) -> int:
+    """The numbers ``config``'s adapter would hold on ``model``, known before anything is
+    allocated: its trainable parameters (and the factored layer's fixed B_base)."""
+    targets = find_target_modules(model, config.target_modules, config.layers)
+    layer_class = layer_class_of(config)
+    return sum(layer_class.planned_parameters(config, *layer_dims(m)) for m in targets.values())
+
+
+def matching_rank(model: nn.Module, config: AdapterConfig, other: AdapterConfig) -> int:
+    """The smallest rank at which ``config``'s adapter holds at least as many numbers on ``model``
+    as ``other``'s (a parameter-matched baseline: e.g. LoRA raised to ALoRA's trainable size)."""
+    goal, rank = planned_size(model, other), 1
+    while planned_size(model, replace(config, r=rank)) < goal:
+        rank += 1
+    return rank
 
 
 def check_adapter_size(

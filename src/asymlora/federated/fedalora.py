@@ -5,9 +5,12 @@ only; the server sends back B = sum_i p_i B_i. A_i never leaves the client and i
 rounds. Viewed whole, the federation trains one ALoRA adapter with one A per client, a shared B
 and client (task-id) routing. Communication: d_out r each way, half of FedIT's.
 
+``client_a_init``: ``independent`` (default) draws each client's initial A from its own seed;
+``common`` starts every client from one A (client 0's draw), as the reference does. A common start
+puts the clients' A's in one subspace, so the B they average reads the same directions.
+
 ``reset_a_each_round=True`` reproduces the reference scripts' defect: every client's A is put
-back to one common initial A (client 0's, made common by setup) at every round, so A never
-accumulates training. Off by default.
+back to that common initial A at every round, so A never accumulates training. Off by default.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from ..adapters import AdapterConfig
 
 
+A_INITS = ("independent", "common")
+
+
 @dataclass(frozen=True)
 class FedALoRA(AverageUploads):
     name = "fedalora"
@@ -37,12 +43,17 @@ class FedALoRA(AverageUploads):
     combined_folder = "alora"
 
     reset_a_each_round: bool = False  # the reference's defect, only on request
+    client_a_init: str = "independent"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.client_a_init not in A_INITS:
+            raise ValueError(f"client_a_init={self.client_a_init!r} must be one of {', '.join(A_INITS)}")
 
     def setup(self, states: Sequence[Mapping[str, Tensor]]) -> tuple[Tensors, list[Tensors]]:
-        # Each client keeps the A it was initialised with (independent seeds are the point of
-        # the paper); only the reference's reset needs one common A.
-        parts = {A, B} if self.reset_a_each_round else {B}
-        return {}, broadcast(states, parts)
+        # B starts common (zeros); A starts common only when asked (the reset needs one common A)
+        common_a = self.client_a_init == "common" or self.reset_a_each_round
+        return {}, broadcast(states, {A, B} if common_a else {B})
 
     def apply_download(
         self, state: Mapping[str, Tensor], download: Mapping[str, Tensor], init: Mapping[str, Tensor]

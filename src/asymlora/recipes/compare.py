@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..adapters import METHODS
+from ..adapters.model import matching_rank, planned_size
 from ..config import ConfigError, to_dict
 from ..eval.report import delta_m, most_frequent_answer_share, question_scores
 from ..eval.runner import majority_report
@@ -28,12 +29,24 @@ from ..progress import progress_bar
 from ..runfolder import check_same_config, folder_lock
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
+MATCHED = "@"
+"""``lora@alora``: LoRA at the smallest rank with at least alora's trainable parameters."""
+
 
 def cell_config(
-    base: MultitaskConfig, method: str, seed: int, out: Path, tasks: list[str] | None = None
+    base: MultitaskConfig,
+    method: str,
+    seed: int,
+    out: Path,
+    tasks: list[str] | None = None,
+    rank: int | None = None,
 ) -> MultitaskConfig:
-    """The base config with this method, this seed (adapter init, batch order) and its own folder."""
+    """The base config with this method (``m@other``: method m; ``rank`` then gives its rank), this
+    seed (adapter init, batch order) and its own folder."""
+    method = method.partition(MATCHED)[0]
     adapter = replace(base.adapter, method=method, seed=seed, model_type=None, base_model_name_or_path=None)
+    if rank is not None:
+        adapter = replace(adapter, r=rank)
     if method == "lora":
         adapter = replace(adapter, num_experts=1, router=None)
     elif adapter.router is None:
@@ -59,9 +72,11 @@ def run_cell(cfg: Any, log=print, save: Callable = save_config, runner: Callable
         return json.loads(done.read_text())
 
 
-def check_grid(methods: list[str], seeds: list[int], known: Sequence[str]) -> None:
-    """Refuse an unknown method or an empty seed list, naming the flag."""
-    unknown = [m for m in methods if m not in known]
+def check_grid(methods: list[str], seeds: list[int], known: Sequence[str], matched: bool = False) -> None:
+    """Refuse an unknown method (``matched``: also ``m@other`` of two known ones) or an empty seed
+    list, naming the flag."""
+    parts = [p for m in methods for p in (m.split(MATCHED, 1) if matched else [m])]
+    unknown = [p for p in parts if p not in known]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     if not seeds:
@@ -77,14 +92,20 @@ def compare(
     reference: str = "lora",
     log=print,
 ) -> dict[str, Any]:
-    check_grid(methods, seeds, METHODS)
+    check_grid(methods, seeds, METHODS, matched=True)
     out = Path(out)
     tasks = select_tasks(base.data)
+    ranks = matched_ranks(base, methods, log)
     task_names = [t.name for t in tasks]
     specs = base.data.tasks or task_names  # how each task is named in a config (a name or a file)
     with progress_bar(total=len(methods) * len(seeds), desc="compare", unit="cell") as bar:
         cells = {
-            m: [_counted(bar, run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log)) for s in seeds]
+            m: [
+                _counted(
+                    bar, run_cell(cell_config(base, m, s, out / m / f"seed-{s}", rank=ranks.get(m)), log)
+                )
+                for s in seeds
+            ]
             for m in methods
         }
     references = (
@@ -95,7 +116,27 @@ def compare(
         cells, task_names, references, rows, reference if reference in cells else methods[0]
     )
     summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
+    summary["matched_ranks"] = ranks
     return write_summary(summary, out, to_markdown, log)
+
+
+def matched_ranks(base: MultitaskConfig, methods: list[str], log=print) -> dict[str, int]:
+    """For each ``m@other`` method: the smallest rank at which m has at least other's trainable
+    parameters on the config's model (read from the model's module shapes)."""
+    specs = [m for m in methods if MATCHED in m]
+    if not specs:
+        return {}
+    model, _ = load_model(base.model, dtype=base.dtype)
+    ranks = {}
+    for spec in specs:
+        method, other = spec.split(MATCHED, 1)
+        mine, theirs = (cell_config(base, m, 0, Path()).adapter for m in (method, other))
+        ranks[spec] = matching_rank(model, mine, theirs)
+        size = planned_size(model, replace(mine, r=ranks[spec]))
+        log(
+            f"{spec}: {method} at r={ranks[spec]}: {size:,} trainable parameters, {other} {planned_size(model, theirs):,}"
+        )
+    return ranks
 
 
 def _counted(bar, result: dict[str, Any]) -> dict[str, Any]:
@@ -112,19 +153,31 @@ def base_model_result(cfg: MultitaskConfig, folder: Path, log=print) -> dict[str
     reused while the model, its dtype, the data and the evaluation settings stay the same. Loaded
     as the cells load it (dtype, device), so the base row is scored the way the adapters are."""
     key = {"model": cfg.model, "dtype": cfg.dtype, "data": to_dict(cfg.data), "eval": to_dict(cfg.eval)}
+
+    def score() -> dict[str, Any]:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+        model.to(resolve_device(cfg.device))
+        return evaluate(model, tokenizer, select_tasks(cfg.data), cfg, log=log).to_dict()
+
+    return stored_result(folder, key, score, "the base model, no adapter", log)
+
+
+def stored_result(
+    folder: Path, key: dict[str, Any], make: Callable[[], dict[str, Any]], what: str, log=print
+) -> dict[str, Any]:
+    """``make()``, kept in ``folder`` (results.json, and settings.json = ``key``, the settings it
+    depends on) and read back instead of made again while ``key`` stays the same."""
     with folder_lock(folder, log):
         done, saved_key = folder / "results.json", folder / "settings.json"
         if done.exists() and saved_key.exists() and json.loads(saved_key.read_text()) == key:
             log(f"skip (finished): {folder}")
             return json.loads(done.read_text())
-        log(f"=== {folder}: the base model, no adapter")
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-        model.to(resolve_device(cfg.device))
-        report = evaluate(model, tokenizer, select_tasks(cfg.data), cfg, log=log)
+        log(f"=== {folder}: {what}")
+        result = make()
         folder.mkdir(parents=True, exist_ok=True)
-        report.save(done)
+        done.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         saved_key.write_text(json.dumps(key, indent=2) + "\n")
-        return report.to_dict()
+        return result
 
 
 def majority_answers(cfg: MultitaskConfig) -> dict[str, Any]:
@@ -250,13 +303,41 @@ def _delta_m_over_seeds(
         return None
 
 
-def to_markdown(summary: dict[str, Any]) -> str:
+Columns = tuple[list[str], Callable[[dict[str, Any]], list[str]]]
+"""Extra table columns: their headers, and a method's summary entry -> their cells."""
+
+
+def _parameters(m: dict[str, Any]) -> list[str]:
+    return [f"{m['trainable_parameters']:,}" if m["trainable_parameters"] else "-"]
+
+
+PARAMETERS: Columns = (["params"], _parameters)
+NO_COLUMNS: Columns = ([], lambda m: [])
+
+
+def parameters_note(summary: dict[str, Any]) -> str:
+    """Which rows, if any, are parameter-matched, and at which rank."""
+    matched = [
+        f"{spec} is {spec.split(MATCHED)[0]} at r={rank}, the smallest rank with at least "
+        f"{spec.split(MATCHED)[1]}'s trainable parameters"
+        for spec, rank in (summary.get("matched_ranks") or {}).items()
+    ]
+    return "; ".join(matched) + "." if matched else "Trainable parameters are not matched across methods."
+
+
+def to_markdown(
+    summary: dict[str, Any], lead: Columns = PARAMETERS, tail: Columns = NO_COLUMNS, note: str | None = None
+) -> str:
+    """The comparison as Markdown: the headline, the scores with intervals (reference rows first;
+    ``lead`` columns after the name, ``tail`` columns at the end), the paired differences and the
+    answer shares; mean ± sd over seeds where the cells hold no per-question predictions."""
     tasks, methods = summary["tasks"], summary["methods"]
     if "method_statistics" not in summary:
         return _seed_table(summary)
     stats, rows = summary["method_statistics"], summary["reference_rows"]
     has_dm = summary.get("single_task_reference") is not None
-    head = ["model", "params", *tasks, "average", "worst", "std"] + (["delta-m %"] if has_dm else [])
+    dm = ["delta-m %"] if has_dm else []
+    head = ["model", *lead[0], *tasks, "average", "worst", "std", *dm, *tail[0]]
     lines = [
         headline(summary),
         "",
@@ -266,24 +347,26 @@ def to_markdown(summary: dict[str, Any]) -> str:
         "|" + "---|" * len(head),
     ]
     for name, entry in rows.items():
-        cells = [f"*{name}*", "-"] + [interval_text(entry["intervals"][t]) for t in [*tasks, "average"]]
-        lines.append("| " + " | ".join(cells + ["", ""] + ([""] if has_dm else [])) + " |")
+        cells = [f"*{name}*"] + ["-"] * len(lead[0])
+        cells += [interval_text(entry["intervals"][t]) for t in [*tasks, "average"]]
+        cells += [""] * (2 + len(dm) + len(tail[0]))
+        lines.append("| " + " | ".join(cells) + " |")
     for name, m in methods.items():
-        cells = [name, f"{m['trainable_parameters']:,}" if m["trainable_parameters"] else "-"]
+        cells = [name, *lead[1](m)]
         cells += [interval_text(stats[name]["intervals"][t]) for t in [*tasks, "average"]]
         cells += [plus_minus(m["worst"]), plus_minus(m["std_across_tasks"])]
         if has_dm:
             cells.append(
                 plus_minus(m["delta_m"], signed=True) if m["delta_m"] else "undefined (a reference is 0)"
             )
+        cells += tail[1](m)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _difference_table(summary, summary["reference"]), "", _against_rows_table(summary)]
     lines += ["", _share_table(summary)]
     lines += [
         "",
         "Worst and std (across tasks) are mean ± sd over seeds. Differences are paired (same questions, "
-        "same bootstrap draws); * marks an interval that excludes 0. Trainable parameters are not matched "
-        "across methods unless a row says so.",
+        f"same bootstrap draws); * marks an interval that excludes 0. {note or parameters_note(summary)}",
     ]
     return "\n".join(lines)
 
@@ -372,10 +455,7 @@ def _seed_table(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     seeds = summary.get("seeds")
     lines.append("")
-    lines.append(
-        f"Scores in %, mean ± sd over seeds {seeds}. Trainable parameters are not matched across methods "
-        "(the params column gives each method's count at the same rank)."
-    )
+    lines.append(f"Scores in %, mean ± sd over seeds {seeds}. {parameters_note(summary)}")
     return "\n".join(lines)
 
 

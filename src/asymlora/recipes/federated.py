@@ -23,7 +23,9 @@ Everything lands in one run folder::
     server.safetensors   the server's final state (FLoRA: the merged update; FlexLoRA: the
                          global dense update; zeropad: the global adapter at the largest rank)
     clients.json         per client: tasks, rank, examples, final scores, bytes per round
-    results.json         method, scores per client, average, global scores, communication
+    predictions.json     the last evaluated round's per-question predictions of every client
+    results.json         method, scores per client, average, global scores, communication, and
+                         (``client_results``) those predictions, from which comparisons draw intervals
     results.md           the same as a table
     plots/               score per client, score vs round, bytes vs score (PNG)
     tensorboard/         loss, bytes and scores per round (with the tensorboard extra)
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -50,6 +53,7 @@ from ..data.clients import ClientData, build_clients
 from ..data.task import Task
 from ..engines.local import LocalSimulator, engine_client, find_checkpoint
 from ..errors import InputError
+from ..eval.report import TaskResult
 from ..eval.runner import evaluate_task
 from ..fedconfig import FederatedConfig, load_config, save_config
 from ..models import load_model, resolve_device
@@ -61,8 +65,9 @@ from ..train.loop import tensorboard_writer
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-def task_score(model, tokenizer, task: Task, cfg: FederatedConfig) -> float:
-    """The model's primary score on the first ``eval.limit`` examples of the task's test split."""
+def task_result(model, tokenizer, task: Task, cfg: FederatedConfig) -> TaskResult:
+    """The model on the first ``eval.limit`` examples of the task's test split, with the per-question
+    predictions that the comparison's intervals are drawn from."""
     return evaluate_task(
         model,
         tokenizer,
@@ -71,19 +76,42 @@ def task_score(model, tokenizer, task: Task, cfg: FederatedConfig) -> float:
         seed=cfg.clients.split_seed,
         batch_size=cfg.eval.batch_size,
         max_length=cfg.eval.max_length,
-    ).score
+    )
 
 
-def personalised_scores(
+def task_score(model, tokenizer, task: Task, cfg: FederatedConfig) -> float:
+    """The model's primary score on the task's test questions (see ``task_result``)."""
+    return task_result(model, tokenizer, task, cfg).score
+
+
+ClientResults = dict[str, list[TaskResult]]
+"""client name -> its model's result on each of its tasks (in the client's task order)."""
+
+
+def personalised_results(
     sim: LocalSimulator, tokenizer, clients: list[ClientData], cfg: FederatedConfig
-) -> dict[str, float]:
-    """Each client's own model on its own tasks (share-weighted), as the paper evaluates."""
-    scores = {}
+) -> ClientResults:
+    """Each client's own model on its own tasks, as the paper evaluates."""
+    results = {}
     for i, client in enumerate(clients):
         model = sim.load_client(i)
-        per_task = [task_score(model, tokenizer, t, cfg) for t in client.tasks]
-        scores[client.name] = sum(s * w for s, w in zip(per_task, client.shares, strict=True))
-    return scores
+        results[client.name] = [task_result(model, tokenizer, t, cfg) for t in client.tasks]
+    return results
+
+
+def share_weighted(results: ClientResults, clients: list[ClientData]) -> dict[str, float]:
+    """Each client's score: its tasks' scores weighted by the client's shares of them."""
+    return {c.name: sum(r.score * w for r, w in zip(results[c.name], c.shares, strict=True)) for c in clients}
+
+
+def save_predictions(path: Path, rnd: int, results: ClientResults) -> None:
+    """The evaluated round's per-question predictions (``PREDICTIONS``), replaced atomically at each
+    evaluated round, so a finished or resumed run's results.json can carry the last ones."""
+    content = {"round": rnd, "clients": {name: [asdict(r) for r in rs] for name, rs in results.items()}}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content) + "\n"))
+
+
+PREDICTIONS = "predictions.json"
 
 
 def global_scores(
@@ -242,8 +270,10 @@ def federate(
             for name, why in record[kind].items():
                 log(f"round {rnd}: {kind} client {name}: {why}")
         if should_evaluate(rnd, cfg):
+            personal = personalised_results(sim, tokenizer, clients, cfg)
+            save_predictions(out / PREDICTIONS, rnd, personal)
             record |= scores_record(
-                personalised_scores(sim, tokenizer, clients, cfg), global_scores(sim, tokenizer, clients, cfg)
+                share_weighted(personal, clients), global_scores(sim, tokenizer, clients, cfg)
             )
         records.append(record)
         write_rounds(out / "rounds.jsonl", records)
@@ -255,7 +285,7 @@ def federate(
         writer.close()
 
     save_adapters(sim, clients, out)
-    results = summarize(cfg, sim, clients, records)
+    results = summarize(cfg, sim, clients, records, last_predictions(out / PREDICTIONS, records))
     (out / "clients.json").write_text(json.dumps(results["clients"], indent=2) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(results) + "\n")
@@ -340,10 +370,25 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
 
 
 # --- results ------------------------------------------------------------------------------------
+def last_predictions(path: Path, records: list[dict]) -> dict[str, list[dict]] | None:
+    """The per-question predictions of the last evaluated round, if ``path`` holds that round's."""
+    last = next(r for r in reversed(records) if "scores" in r)
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["clients"] if saved.get("round") == last["round"] else None
+
+
 def summarize(
-    cfg: FederatedConfig, sim: LocalSimulator, clients: list[ClientData], records: list[dict]
+    cfg: FederatedConfig,
+    sim: LocalSimulator,
+    clients: list[ClientData],
+    records: list[dict],
+    predictions: dict[str, list[dict]] | None = None,
 ) -> dict[str, Any]:
-    """results.json from the rounds' records; its ``clients`` list is clients.json."""
+    """results.json from the rounds' records; its ``clients`` list is clients.json. ``predictions``:
+    the last evaluated round's per-client task results (with per-question predictions), kept under
+    ``client_results`` for the comparison's intervals."""
     last = next(r for r in reversed(records) if "scores" in r)
     detail = []
     for i, c in enumerate(clients):
@@ -381,6 +426,7 @@ def summarize(
         "bytes_down_per_client_round": fmean(r["bytes_down"] for r in records),
         "total_bytes": sum(c["bytes_up"] + c["bytes_down"] for r in records for c in r["comm"].values()),
         "clients": detail,
+        "client_results": predictions,
     }
 
 
