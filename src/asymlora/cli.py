@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from asymlora.config import Override
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import (
     SUITES,
@@ -234,9 +235,6 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps, default 100)")
     p.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
-
-
-Override = tuple[tuple[str, ...], object]  # asymlora.config.Override, without importing it here
 
 
 def _shortcuts(args: argparse.Namespace, data: str) -> list[Override]:
