@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import Override, field_type, is_list_type, parse_value
-from ..federation import FederatedConfig, load_config
+from ...fedconfig import FederatedConfig, load_config
 
 CONFIG_FILE = "config"
 

@@ -24,10 +24,10 @@ from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
+from ...fedconfig import FederatedConfig
 from ...federated.common import Tensors
 from ...federated.registry import rank_problem
 from ...federated.validate import Spec, UploadLimits, check_upload
-from ..federation import FederatedConfig
 from ..round import Member, Server
 from .config import AppSettings, federated_config
 from .dp import with_central_dp
