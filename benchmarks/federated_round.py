@@ -24,7 +24,17 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+CLOCK = {"now": time.perf_counter}  # --cpu-time: time.process_time (this process's CPU seconds)
+
+
+def now() -> float:
+    """The benchmark's clock: wall seconds, or with --cpu-time the process's CPU seconds (with
+    one torch thread, robust to other jobs on a shared machine)."""
+    return CLOCK["now"]()
 
 
 def relative_error(got: dict, want: dict) -> tuple[float, float]:
@@ -38,11 +48,12 @@ def relative_error(got: dict, want: dict) -> tuple[float, float]:
 def simulator(cfg, method: str):
     from dataclasses import replace
 
+    from asymlora.data.clients import build_clients
     from asymlora.models import load_model
     from asymlora.recipes import federated as fed
 
     cfg = replace(cfg, federation=replace(cfg.federation, method=method))
-    clients = fed.build_clients(cfg.clients)
+    clients = build_clients(cfg.clients)
     base, tokenizer = load_model(cfg.model)
     return fed.make_simulator(cfg, clients, base, tokenizer)
 
@@ -51,7 +62,7 @@ def wire_errors(cfg, method: str) -> dict:
     """One round; its float32 uploads aggregated after each wire dtype, against float32."""
     import torch
 
-    from asymlora.engines.round import WIRE_DTYPES, from_wire, to_wire
+    from asymlora.federated.comm import WIRE_DTYPES, from_wire, to_wire
 
     sim = simulator(cfg, method)
     server0 = dict(sim.server)
@@ -77,33 +88,42 @@ def wire_errors(cfg, method: str) -> dict:
     return out
 
 
+@contextmanager
+def timed(module, name: str) -> Iterator[dict[str, float]]:
+    """Inside, ``module.name`` (a module's function or a class's method) is a wrapper adding its
+    wall time to the yielded ``{"s": ...}``."""
+    saved, original, total = vars(module)[name], getattr(module, name), {"s": 0.0}
+
+    def wrapper(*args, **kwargs):
+        start = now()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            total["s"] += now() - start
+
+    setattr(module, name, wrapper)
+    try:
+        yield total
+    finally:
+        setattr(module, name, saved)
+
+
 def overhead(cfg, method: str, rounds: int, out: Path) -> dict:
     """Per round: the local training time, and the rest of the round and of the checkpoint."""
     import asymlora.engines.local as local
 
     sim = simulator(cfg, method)
-    trained = {"s": 0.0}
-    original = local.train_locally
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            trained["s"] += time.perf_counter() - start
-
-    local.train_locally = timed
     rows = []
     records: list[dict] = []
-    try:
+    with timed(local, "train_locally") as trained:
         for _ in range(rounds):
             trained["s"] = 0.0
-            start = time.perf_counter()
+            start = now()
             records.append(sim.aggregator.record(sim.run_round(), records))
-            round_s = time.perf_counter() - start
-            start = time.perf_counter()
+            round_s = now() - start
+            start = now()
             sim.save(out / "checkpoint", {"rounds": records})
-            checkpoint_s = time.perf_counter() - start
+            checkpoint_s = now() - start
             rows.append(
                 {
                     "training_s": trained["s"],
@@ -112,8 +132,6 @@ def overhead(cfg, method: str, rounds: int, out: Path) -> dict:
                     "checkpoint_s": checkpoint_s,
                 }
             )
-    finally:
-        local.train_locally = original
     return {"rounds": rows, "clients": len(sim.clients)}
 
 
@@ -150,22 +168,34 @@ def small_tasks(folder: Path, n: int = 8, size: int = 20) -> list[str]:
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def round_arguments(doc: str, methods: str, rounds: int) -> argparse.ArgumentParser:
+    """The flags both round benchmarks take."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", default="configs/fed-nlp-smollm2.yaml")
-    parser.add_argument("--methods", default="fedalora,fedit,flexlora")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--methods", default=methods)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--steps", type=int, default=1, help="local steps per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cpu-time", action="store_true", help="time in process CPU seconds, not wall")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--small-tasks", action="store_true", help="8 short local tasks instead of the suite")
-    args = parser.parse_args()
+    return parser
 
+
+def setup(args: argparse.Namespace) -> None:
+    """Torch's threads and the clock as the flags say."""
     import torch
 
+    torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK["now"] = time.process_time
+
+
+def main() -> None:
+    args = round_arguments(__doc__, "fedalora,fedit,flexlora", 2).parse_args()
+    setup(args)
     import asymlora.recipes.federated as fed
 
-    torch.set_num_threads(args.threads)
     fed.LocalSimulator = record_uploads(fed.LocalSimulator)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [(("train", "steps"), args.steps)]
@@ -176,6 +206,7 @@ def main() -> None:
             "model": cfg.model,
             "steps": args.steps,
             "threads": args.threads,
+            "clock": "process CPU time" if args.cpu_time else "wall",
             "tasks": "8 small local tasks" if args.small_tasks else cfg.clients.suite,
         }
         result |= {"batch_size": cfg.train.batch_size, "methods": {}}

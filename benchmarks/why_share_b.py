@@ -33,7 +33,8 @@ import torch
 
 from asymlora import analysis
 from asymlora.adapters import AdapterConfig, save_adapter, wrap
-from asymlora.analysis.sharing import GradientExperiment, run_gradient_experiment, task_examples
+from asymlora.analysis.sharing import GradientExperiment, run_gradient_experiment
+from asymlora.data import training_examples
 from asymlora.data.registry import get_task
 from asymlora.models import load_model
 from asymlora.train import TrainConfig, train
@@ -59,7 +60,7 @@ def train_single(args, task: str, seed: int, run: Path) -> None:
     if (run / "adapter").is_dir():
         print(f"  {run.name}: done, skipped")
         return
-    examples = task_examples([get_task(task)])
+    examples = training_examples([get_task(task)])
     base, tokenizer = load_model(args.model)
     config = AdapterConfig(method="lora", r=args.r, alpha=2 * args.r, target_modules=args.targets, seed=seed)
     model = wrap(base, config)

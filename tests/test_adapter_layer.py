@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from asymlora.adapters import AdapterConfig, FactoredLoraLinear, MultiLoraLinear
-from asymlora.adapters.layer import RoutingState
+from asymlora.adapters.layer import RoutingState, kaiming_uniform, module_generator
 
 D_IN, D_OUT, R, K = 12, 10, 3, 3
 
@@ -168,3 +168,28 @@ def test_factored_layer_matches_its_formula(conv):
             torch.testing.assert_close(layer(x)[b, t], expected, rtol=1e-10, atol=1e-10)
     assert not layer.lora_B_base.requires_grad and layer.lora_B2.requires_grad
     assert layer.lora_A.shape == (R, D_IN) and layer.lora_M.shape == (5, R) and layer.lora_B1.shape == (R, 5)
+
+
+def test_factored_layer_draws_a_then_m_then_b1_from_its_module_seed():
+    """The initial values are the module generator's draws in the order A, M, B1 (changing the
+    order would change every Fed-ALoRA-het run); B2 and B_base start at zero."""
+    base = nn.Linear(D_IN, D_OUT)
+    cfg = AdapterConfig(method="factored", r=R, d_m=5, seed=7)
+    layer = FactoredLoraLinear(base, cfg, "blocks.0.proj", RoutingState())
+    gen = module_generator(7, "blocks.0.proj")
+    for name, shape in [("lora_A", (R, D_IN)), ("lora_M", (5, R)), ("lora_B1", (R, 5))]:
+        torch.testing.assert_close(getattr(layer, name).detach(), kaiming_uniform(shape, gen).float())
+    assert not layer.lora_B2.any() and not layer.lora_B_base.any()
+    assert layer.lora_B2.shape == (D_OUT, R) and layer.lora_B_base.shape == (D_OUT, 5)
+
+
+@pytest.mark.parametrize(
+    ("method", "router"),
+    [("lora", None), ("alora", "softmax"), ("hydralora", "task"), ("mola", "topk"), ("factored", None)],
+)
+def test_planned_parameters_are_the_numbers_the_layer_allocates(method, router):
+    cfg = AdapterConfig(method=method, r=R, d_m=5, num_experts=1 if method == "lora" else K, router=router)
+    kind = FactoredLoraLinear if method == "factored" else MultiLoraLinear
+    layer = kind(nn.Linear(D_IN, D_OUT), cfg, "blocks.0.proj", RoutingState())
+    allocated = sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("base_layer"))
+    assert kind.planned_parameters(cfg, D_IN, D_OUT) == allocated

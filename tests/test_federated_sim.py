@@ -13,11 +13,13 @@ import torch
 from peft import PeftModel
 
 from asymlora.adapters import AdapterConfig, load_adapter, read_tensors
+from asymlora.adapters.targets import layer_dims
 from asymlora.config import ConfigError
+from asymlora.data.clients import ClientsConfig, build_clients
 from asymlora.data.partition import dirichlet_split
 from asymlora.engines import Client, LocalSimulator, participants
 from asymlora.federated import METHODS, count, get_method
-from asymlora.federated.comm import module_dims, per_client
+from asymlora.federated.comm import per_client
 from asymlora.federated.common import BASE_DELTA, A, B, part, select
 from asymlora.models import load_model
 from asymlora.recipes import federated as fed
@@ -157,7 +159,7 @@ def test_round_comm_is_what_the_dicts_hold_and_the_shape_formula(method, monkeyp
     monkeypatch.setattr(type(sim.method), "aggregate", recording)
     log = sim.run_round()
     uploads, downloads = sent[0]
-    dims = {name: module_dims(m) for name, m in sim.base_layers.items()}
+    dims = {name: layer_dims(m) for name, m in sim.base_layers.items()}
     formula = per_client(sim.method, dims, ranks, d_m=4)
     for j, comm in enumerate(log.comm):
         (pu, bu), (pd, bd) = count(uploads[j]), count(downloads[j])
@@ -430,8 +432,8 @@ def test_dirichlet_split_is_seeded_disjoint_and_skewed_by_alpha():
 
 
 def test_dirichlet_clients_hold_every_training_example_once(task_files):
-    clients = fed.build_clients(
-        fed.ClientsConfig(tasks=task_files, partition="dirichlet", num_clients=4, dirichlet_alpha=0.5)
+    clients = build_clients(
+        ClientsConfig(tasks=task_files, partition="dirichlet", num_clients=4, dirichlet_alpha=0.5)
     )
     assert len(clients) == 4
     assert sum(len(e) for c in clients for e in c.examples) == 24

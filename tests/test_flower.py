@@ -36,6 +36,7 @@ pytest.importorskip("flwr")
 from flwr.common.config import flatten_dict  # noqa: E402
 
 from asymlora.adapters import read_tensors  # noqa: E402
+from asymlora.data.clients import build_clients  # noqa: E402
 from asymlora.engines.flower import ROUNDS_FILE, SERVER_FILE, federated_config  # noqa: E402
 from asymlora.models import load_model  # noqa: E402
 from asymlora.recipes import federated as fed  # noqa: E402
@@ -155,7 +156,7 @@ def simulate(config: dict[str, object]) -> tuple[dict[str, torch.Tensor], list[d
     torch.set_num_threads(1)
     try:
         base, tokenizer = load_model(cfg.model)
-        clients = fed.build_clients(cfg.clients)
+        clients = build_clients(cfg.clients)
         sim = fed.make_simulator(cfg, clients, base, tokenizer)
         records: list[dict] = []
         for _ in range(ROUNDS):

@@ -28,6 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from asymlora.adapters import read_tensors  # noqa: E402
 from asymlora.adapters.io import WEIGHTS_FILE  # noqa: E402
+from asymlora.data.clients import build_clients  # noqa: E402
 from asymlora.engines import flower as app  # noqa: E402
 from asymlora.engines.local import LocalSimulator  # noqa: E402
 from asymlora.errors import RunFolderError  # noqa: E402
@@ -103,7 +104,7 @@ def simulate(config: dict, drop: tuple[int, int]) -> LocalSimulator:
     """The simulator for ``config``, where client ``drop[0]``'s training raises in round ``drop[1]``."""
     cfg = app.federated_config(config)
     base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    clients = fed.build_clients(cfg.clients)
+    clients = build_clients(cfg.clients)
     sim = fed.make_simulator(cfg, clients, base, tokenizer)
     train = sim.train_client
 
@@ -209,7 +210,7 @@ def test_a_node_outside_the_run_sits_it_out(tmp_path: Path) -> None:
     assert [kind for node, kind, _ in grid.sent if node == 103] == ["query.init"]
     cfg = app.federated_config(config)
     base, tokenizer = load_model(cfg.model)
-    sim = fed.make_simulator(cfg, fed.build_clients(cfg.clients), base, tokenizer)
+    sim = fed.make_simulator(cfg, build_clients(cfg.clients), base, tokenizer)
     sim.run_round()
     got = read_tensors(tmp_path / "out" / app.SERVER_FILE)
     for k, v in sim.server.items():
@@ -323,7 +324,7 @@ def test_the_client_app_trains_on_the_base_in_the_configs_dtype(tmp_path: Path) 
     serve(config, grid)
     cfg = app.federated_config(config)
     base, tokenizer = load_model(cfg.model, dtype=torch.bfloat16)
-    sim = fed.make_simulator(cfg, fed.build_clients(cfg.clients), base, tokenizer)
+    sim = fed.make_simulator(cfg, build_clients(cfg.clients), base, tokenizer)
     sim.run_round()
     got = read_tensors(tmp_path / "out" / app.SERVER_FILE)
     for k, v in sim.server.items():

@@ -489,6 +489,11 @@ def test_non_finite_and_out_of_range_config_values(tmp_path, capsys, tasks, sett
         (["federate", "--tasks", ","], "--tasks: expected comma-separated names"),
         (["federate", "--seeds", " , ", "--out", "{out}"], "--seeds: expected comma-separated"),
         (["compare", "--methods", ","], "--methods: expected comma-separated names"),
+        (["federate", "--ranks", "8,x"], "--ranks: expected comma-separated integers, got '8,x'"),
+        # shortcut values reach the config as they were typed (no text round trip: JSON's
+        # escaped surrogate pair for a character outside the BMP is not TOML)
+        (["federate", "--model", "tiny-llama", "--tasks", "gone-\U0001f600.jsonl", "--out", "{out}"], "gone-\U0001f600.jsonl"),
+        (["train", "--model", "tiny-llama", "--tasks", "gone-\U0001f600.jsonl", "--out", "{out}"], "gone-\U0001f600.jsonl"),
     ],
 )  # fmt: skip
 def test_number_and_list_flags(tmp_path, capsys, tasks, argv, says, monkeypatch):

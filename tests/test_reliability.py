@@ -22,9 +22,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from asymlora import fedconfig
 from asymlora.adapters import AdapterConfig, load_adapter, read_tensors, save_adapter, wrap
 from asymlora.adapters.io import CONFIG_FILE, WEIGHTS_FILE
 from asymlora.config import ConfigError, from_dict
+from asymlora.data.clients import ClientsConfig
 from asymlora.engines import Client, LocalSimulator, RoundError
 from asymlora.federated import get_method
 from asymlora.federated.common import A, B, Tensors
@@ -428,7 +430,13 @@ FEDERATED = st.dictionaries(
     st.sampled_from([f.name for f in fields(fed.FederatedConfig)]) | st.text(max_size=6),
     JSON
     | st.sampled_from(
-        [fed.FederationConfig, fed.ClientAdapterConfig, fed.ClientsConfig, fed.FedEvalConfig, TrainConfig]
+        [
+            fedconfig.FederationConfig,
+            fedconfig.ClientAdapterConfig,
+            ClientsConfig,
+            fedconfig.FedEvalConfig,
+            TrainConfig,
+        ]
     ).flatmap(section),
     max_size=5,
 )

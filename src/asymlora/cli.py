@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from asymlora.config import Override
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import (
     SUITES,
@@ -239,26 +240,26 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
 
 
-def _run_config_overrides(args: argparse.Namespace) -> list[str]:
-    """The shortcut flags as ``section.key=value`` overrides (applied before --set)."""
-    out = []
+def _shortcuts(args: argparse.Namespace, data: str) -> list[Override]:
+    """The shortcut flags every run command has, as typed ``(path, value)`` overrides (applied
+    before --set); ``data`` is the config section that holds the tasks."""
+    out: list[Override] = []
     if args.model:
-        out.append(f"model={json.dumps(args.model)}")
+        out.append((("model",), args.model))
     if args.suite:
-        out += [f"data.suite={json.dumps(args.suite)}", "data.tasks=[]"]
+        out += [((data, "suite"), args.suite), ((data, "tasks"), [])]
     if args.tasks:
-        out.append(f"data.tasks={json.dumps(_names(args.tasks, '--tasks'))}")
-    if args.steps is not None:
-        out.append(f"train.steps={args.steps}")
+        out.append(((data, "tasks"), _names(args.tasks, "--tasks")))
     if args.out:
-        out.append(f"output_dir={json.dumps(str(args.out))}")
+        out.append((("output_dir",), str(args.out)))
     return out
 
 
-def _load_multitask_config(args: argparse.Namespace, extra: list[str] | None = None):
+def _load_multitask_config(args: argparse.Namespace, extra: Sequence[Override] = ()):
     from asymlora.recipes.multitask import load_config
 
-    return load_config(args.config, [*_run_config_overrides(args), *(extra or []), *args.overrides])
+    steps = [(("train", "steps"), args.steps)] if args.steps is not None else []
+    return load_config(args.config, [*_shortcuts(args, "data"), *steps, *extra, *args.overrides])
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -278,7 +279,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from asymlora.recipes.multitask import run
 
-    cfg = _load_multitask_config(args, [f"adapter.method={json.dumps(args.method)}"] if args.method else [])
+    cfg = _load_multitask_config(args, [(("adapter", "method"), args.method)] if args.method else [])
     run(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -299,10 +300,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from asymlora.recipes.compare import compare
 
     cfg = _load_multitask_config(args)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    seeds = _ints(args.seeds, "--seeds")
     methods = _names(args.methods, "--methods")
     out = args.out or Path("runs") / "compare"
     compare(cfg, methods, seeds, out, single_task_baseline=args.single_task_baseline)
@@ -369,24 +367,16 @@ def run_federate(args: argparse.Namespace) -> int:
     from asymlora.recipes.fed_compare import fed_compare
     from asymlora.recipes.federated import load_config, run
 
-    shortcuts = []
-    if args.model:
-        shortcuts.append(f"model={json.dumps(args.model)}")
+    shortcuts = _shortcuts(args, "clients")
     methods = _names(args.methods, "--methods") if args.methods is not None else []
     if args.method and methods:
         raise UsageError("give --method (one run) or --methods (one run per method), not both")
     if args.method or methods:  # with --methods the config is checked against the first of them
-        shortcuts.append(f"federation.method={json.dumps(args.method or methods[0])}")
-    if args.suite:
-        shortcuts += [f"clients.suite={json.dumps(args.suite)}", "clients.tasks=[]"]
-    if args.tasks:
-        shortcuts.append(f"clients.tasks={json.dumps(_names(args.tasks, '--tasks'))}")
+        shortcuts.append((("federation", "method"), args.method or methods[0]))
     if args.ranks:
-        shortcuts.append(f"adapter.ranks=[{_int_list(args.ranks, '--ranks')}]")
+        shortcuts.append((("adapter", "ranks"), _ints(args.ranks, "--ranks")))
     if args.rounds is not None:
-        shortcuts.append(f"federation.rounds={args.rounds}")
-    if args.out:
-        shortcuts.append(f"output_dir={json.dumps(str(args.out))}")
+        shortcuts.append((("federation", "rounds"), args.rounds))
     cfg = load_config(args.config, [*shortcuts, *args.overrides])
     if args.methods is None and args.seeds is None:
         run(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -394,16 +384,20 @@ def run_federate(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
     methods = methods or [cfg.federation.method]
-    seeds = [int(s) for s in _int_list(args.seeds, "--seeds").split(",")] if args.seeds else [cfg.seed]
+    seeds = _ints(args.seeds, "--seeds") if args.seeds else [cfg.seed]
     fed_compare(cfg, methods, seeds, args.out)  # finished cells are skipped, others resumed
     return 0
 
 
-def _int_list(text: str, flag: str) -> str:
+def _ints(text: str, flag: str) -> list[int]:
+    """The comma-separated integers of a flag (``--ranks 8,4``), refused when there is none."""
     try:
-        return ",".join(str(int(v)) for v in _names(text, flag))
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        values = []
+    if not values:
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}")
+    return values
 
 
 def _names(text: str, flag: str) -> list[str]:
@@ -483,7 +477,7 @@ def add_comm(sub: argparse._SubParsersAction) -> None:
 def run_comm(args: argparse.Namespace) -> int:
     from asymlora.federated.comm import comm_table, format_table, to_json
 
-    ranks = [int(v) for v in _int_list(args.ranks, "--ranks").split(",")] if args.ranks else None
+    ranks = _ints(args.ranks, "--ranks") if args.ranks else None
     targets = _names(args.targets, "--targets")
     try:
         table = comm_table(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .config import AdapterConfig
+from .targets import is_conv1d, layer_dims, weight_layout
 
 
 class RoutingState:
@@ -57,18 +58,6 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     for the matmul (a (rank, d) cast, not a (tokens, d) one), as autocast does; their gradients
     arrive in float32."""
     return F.linear(x, weight.to(x.dtype))
-
-
-def is_conv1d(layer: nn.Module) -> bool:
-    """GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)."""
-    return type(layer).__name__ == "Conv1D"
-
-
-def layer_dims(base_layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an ``nn.Linear`` (weight (d_out, d_in)) or a ``Conv1D``."""
-    shape = base_layer.weight.shape
-    d_in, d_out = shape if is_conv1d(base_layer) else shape[::-1]
-    return int(d_in), int(d_out)
 
 
 class AdapterLayer(nn.Module):
@@ -110,8 +99,7 @@ class AdapterLayer(nn.Module):
     def delta_weight(self, task: int | None = None) -> Tensor:
         """scale * B_t A_t in the base layer's weight layout."""
         a, b = self.lora_pair(task)
-        delta = self.scale * (b @ a)
-        return delta.T if self.fan_in_fan_out else delta
+        return weight_layout(self.base_layer, self.scale * (b @ a))
 
 
 class MultiLoraLinear(AdapterLayer):
@@ -217,14 +205,29 @@ class MultiLoraLinear(AdapterLayer):
         )
 
 
+FACTORED_DRAWN = ("lora_A", "lora_M", "lora_B1")  # seeded kaiming-uniform, in this order; the rest zeros
+FACTORED_FROZEN = "lora_B_base"  # the server's shared B_base: not trained
+
+
+def factored_shapes(d_in: int, d_out: int, r: int, d_m: int) -> dict[str, tuple[int, int]]:
+    """The factored layer's tensors at one module, by name."""
+    return {
+        "lora_A": (r, d_in),
+        "lora_M": (d_m, r),
+        "lora_B1": (r, d_m),
+        "lora_B2": (d_out, r),
+        "lora_B_base": (d_out, d_m),
+    }
+
+
 class FactoredLoraLinear(AdapterLayer):
     """Fed-ALoRA-het's client adapter: a rank-r client whose up-projection is a frozen shared
     B_base (d_out, d_m) plus its own low-rank correction B2 B1, behind a private M A:
 
         dW x = s (B_base + B2 B1) M A x
 
-    lora_A (r, d_in), lora_M (d_m, r), lora_B1 (r, d_m): seeded kaiming-uniform; lora_B2 (d_out, r)
-    and lora_B_base (d_out, d_m): zeros, so the model starts equal to its base. B_base is not
+    Its tensors are ``factored_shapes``: lora_A, lora_M and lora_B1 seeded kaiming-uniform,
+    lora_B2 and lora_B_base zeros, so the model starts equal to its base. B_base is not
     trained (the server sends it)."""
 
     def __init__(
@@ -233,22 +236,15 @@ class FactoredLoraLinear(AdapterLayer):
         super().__init__(base_layer, config, routing)
         self.d_m = config.d_m
         gen = module_generator(config.seed, module_name)
-        r, d_m = self.r, self.d_m
-
-        def param(tensor: Tensor, trainable: bool = True) -> nn.Parameter:
-            return nn.Parameter(tensor.to(**self.factory), requires_grad=trainable)
-
-        self.lora_A = param(kaiming_uniform((r, self.d_in), gen))  # (r, d_in)
-        self.lora_M = param(kaiming_uniform((d_m, r), gen))  # (d_m, r)
-        self.lora_B1 = param(kaiming_uniform((r, d_m), gen))  # (r, d_m)
-        self.lora_B2 = param(torch.zeros(self.d_out, r))  # (d_out, r)
-        self.lora_B_base = param(torch.zeros(self.d_out, d_m), trainable=False)  # (d_out, d_m)
+        for name, shape in factored_shapes(self.d_in, self.d_out, self.r, self.d_m).items():
+            tensor = kaiming_uniform(shape, gen) if name in FACTORED_DRAWN else torch.zeros(shape)
+            param = nn.Parameter(tensor.to(**self.factory), requires_grad=name != FACTORED_FROZEN)
+            setattr(self, name, param)
 
     @staticmethod
     def planned_parameters(config: AdapterConfig, d_in: int, d_out: int) -> int:
-        """lora_A (r, d_in), lora_M (d_m, r), lora_B1 (r, d_m), lora_B2 (d_out, r), B_base (d_out, d_m)."""
-        r, d_m = config.r, config.d_m
-        return r * d_in + 2 * d_m * r + d_out * r + d_out * d_m
+        """The numbers in ``factored_shapes``."""
+        return sum(math.prod(s) for s in factored_shapes(d_in, d_out, config.r, config.d_m).values())
 
     def delta(self, x: Tensor) -> Tensor:
         u = linear(linear(self.dropout(x), self.lora_A), self.lora_M) * self.scale  # (..., d_m)

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .config import AdapterConfig
-from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState, layer_dims
-from .targets import find_target_modules
+from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState
+from .targets import find_target_modules, layer_dims
 
 
 @dataclass(frozen=True)

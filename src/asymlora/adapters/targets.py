@@ -6,16 +6,33 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import InputError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``, which stores its weight as (d_in, d_out), not ``nn.Linear``'s (d_out, d_in)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_adaptable(module: nn.Module) -> bool:
-    """A module we know how to wrap: ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """A module we know how to wrap: ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an adaptable module (shapes only: works on the meta device)."""
+    shape = module.weight.shape
+    d_in, d_out = shape if is_conv1d(module) else shape[::-1]
+    return int(d_in), int(d_out)
+
+
+def weight_layout(module: nn.Module, delta: Tensor) -> Tensor:
+    """An update ``delta`` (d_out, d_in) in the layout of ``module``'s weight."""
+    return delta.T if is_conv1d(module) else delta
 
 
 def layer_index(name: str) -> int | None:

@@ -15,9 +15,9 @@ from typing import Any
 
 from ..adapters import AdapterConfig, wrap
 from ..adapters.model import check_ranks_fit
-from ..data.task import Task
+from ..data.task import Example, Task, training_examples
 from ..errors import InputError
-from ..train import Example, TrainConfig, train
+from ..train import TrainConfig, train
 from .gradients import SHARES, gradient_conflicts, make_batches
 from .metrics import mean
 
@@ -111,13 +111,6 @@ def pool_snapshots(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def task_examples(tasks: Sequence[Task], split_seed: int = 0) -> list[list[Example]]:
-    """Each task's training split as examples routed to its index."""
-    from ..recipes.multitask import DataConfig, training_examples
-
-    return training_examples(list(tasks), DataConfig(tasks=[t.name for t in tasks], split_seed=split_seed))
-
-
 def run_gradient_experiment(
     tasks: Sequence[Task],
     share: str,
@@ -163,7 +156,7 @@ class GradientRun:
             raise InputError(f"gradient conflicts need at least 2 tasks, got {len(tasks)}")
         if load is None:
             from ..models import load_model as load
-        examples = task_examples(tasks, exp.split_seed)
+        examples = training_examples(tasks, exp.split_seed)
         base, tokenizer = load(exp.model)
         run = cls(list(tasks), exp, examples, base, tokenizer)
         for share in shares:

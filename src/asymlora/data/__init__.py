@@ -7,6 +7,7 @@ from asymlora.data.registry import SUITES, TASKS, get_suite, get_task, list_suit
 from asymlora.data.task import (
     KINDS,
     DataFormatError,
+    Example,
     Kind,
     PromptTemplate,
     Task,
@@ -15,6 +16,7 @@ from asymlora.data.task import (
     mc_record,
     split_dataset,
     target_record,
+    training_examples,
 )
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "TASKS",
     "BigBenchUnavailableError",
     "DataFormatError",
+    "Example",
     "Kind",
     "PromptTemplate",
     "Task",
@@ -38,4 +41,5 @@ __all__ = [
     "mc_record",
     "split_dataset",
     "target_record",
+    "training_examples",
 ]

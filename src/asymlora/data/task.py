@@ -100,6 +100,16 @@ def continuation(answer: str) -> str:
 
 
 @dataclass(frozen=True)
+class Example:
+    """A training example: the rendered prompt, the text to learn after it, and the task it
+    belongs to (an adapter routed by task trains expert ``task_id`` on it)."""
+
+    prompt: str
+    target: str
+    task_id: int = 0
+
+
+@dataclass(frozen=True)
 class Task:
     """A named task. ``load`` returns canonical records (see ``mc_record``, ``target_record``)."""
 
@@ -143,6 +153,19 @@ class Task:
     def target(self, example: Mapping[str, Any]) -> str:
         """The training target: the correct choice or the first reference answer."""
         return example["targets"][0]
+
+    def train_examples(self, seed: int = 0, limit: int | None = None, task_id: int = 0) -> list[Example]:
+        """The train split of ``splits(seed)`` as (prompt, continuation) examples, the first
+        ``limit`` of them (None: all)."""
+        split = self.splits(seed)["train"]
+        if limit is not None:
+            split = split.select(range(min(limit, len(split))))
+        return [Example(self.prompt(ex), continuation(self.target(ex)), task_id) for ex in split]
+
+
+def training_examples(tasks: Sequence[Task], seed: int = 0, limit: int | None = None) -> list[list[Example]]:
+    """One list per task, its ``train_examples``, with task id = the task's position."""
+    return [task.train_examples(seed, limit, task_id) for task_id, task in enumerate(tasks)]
 
 
 def unique_records(

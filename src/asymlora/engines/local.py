@@ -43,11 +43,13 @@ from torch import Tensor, nn
 
 from ..adapters import AdapterConfig, AsymLoraModel, find_target_modules, read_tensors, wrap
 from ..adapters.io import complete_folder, write_folder_atomically, write_tensors
+from ..adapters.targets import weight_layout
+from ..data.clients import ClientData
 from ..errors import InputError
 from ..federated import FederatedMethod
 from ..federated.common import BASE_DELTA, A, Tensors, module_of, part, select
 from ..federated.validate import UploadLimits
-from ..train import TrainConfig, local_train
+from ..train import TrainConfig, encode_tasks, local_train
 from ..train.batches import Encoded, hash_seed
 from .round import Member, RoundError, RoundLog, Server, from_wire, to_wire
 
@@ -78,6 +80,12 @@ class Client:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+def engine_client(data: ClientData, rank: int, alpha: float, tokenizer, max_length: int) -> Client:
+    """A client as an engine sees it: its examples tokenized (cut to ``max_length`` tokens), its
+    rank and alpha."""
+    return Client(data.name, encode_tasks(tokenizer, data.examples, max_length), rank, alpha)
 
 
 def client_seed(seed: int, client: int) -> int:
@@ -121,11 +129,10 @@ def mean_loss(history: Sequence[Mapping[str, Any]]) -> float:
 @torch.no_grad()
 def add_to_weights(layers: Mapping[str, nn.Module], deltas: Mapping[str, Tensor]) -> None:
     """W += delta at every module named in ``deltas`` (keys ``<module>.<part>``, delta
-    (d_out, d_in); GPT-2's ``Conv1D`` stores its weight transposed)."""
+    (d_out, d_in), added in the layer's weight layout)."""
     for key, delta in deltas.items():
         layer = layers[module_of(key)]
-        weight = layer.weight
-        weight.add_((delta.T if _fan_in_fan_out(layer) else delta).to(weight))  # its dtype and device
+        layer.weight.add_(weight_layout(layer, delta).to(layer.weight))  # its dtype and device
 
 
 class LocalSimulator:
@@ -377,11 +384,6 @@ def _read_state(path: Path) -> dict[str, Any]:
 def _shape_of(config: AdapterConfig) -> tuple:
     """The fields that decide an adapter's tensors and scale (not its initial values)."""
     return (config.method, config.r, config.alpha, config.num_experts, config.router, config.d_m)
-
-
-def _fan_in_fan_out(layer: nn.Module) -> bool:
-    """GPT-2's ``Conv1D`` stores its weight as (d_in, d_out)."""
-    return type(layer).__name__ == "Conv1D"
 
 
 def _to(tensors: Mapping[str, Tensor], device: torch.device) -> Tensors:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import AsymloraError
 from ..federated import FederatedMethod
-from ..federated.comm import round_counts
+from ..federated.comm import from_wire, round_counts, to_wire
 from ..federated.common import Tensors
 from ..federated.registry import rank_problem
 from ..federated.validate import UploadLimits, expected_upload, validate_uploads
@@ -90,19 +90,6 @@ def participants(num_clients: int, fraction: float, seed: int, rnd: int) -> list
         return list(range(num_clients))
     gen = torch.Generator().manual_seed(hash_seed(seed, rnd))
     return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
-
-
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> Tensors:
-    """``tensors`` as they travel: cast to the wire dtype (the same objects for float32)."""
-    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
-
-
-def from_wire(tensors: Mapping[str, Tensor]) -> Tensors:
-    """Received tensors back in float32 (or wider), the dtype clients and the server compute in."""
-    return {k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in tensors.items()}
 
 
 class Server:

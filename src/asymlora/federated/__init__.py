@@ -17,10 +17,11 @@ from .fedsa import FedSALoRA
 from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
-from .registry import METHODS, get_method
+from .registry import BASELINE, METHODS, get_method
 from .zeropad import ZeroPad
 
 __all__ = [
+    "BASELINE",
     "METHODS",
     "AverageUploads",
     "FLoRA",

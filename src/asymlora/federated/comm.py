@@ -79,21 +79,13 @@ def meta_model(config: Any) -> nn.Module:
             return AutoModel.from_config(config)
 
 
-def module_dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an adaptable module (``nn.Linear``, or GPT-2's ``Conv1D`` storing (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    d_in, d_out = module.weight.shape
-    return int(d_in), int(d_out)
-
-
 def target_dims(
     model: nn.Module, targets: str | Sequence[str], layers: Sequence[int] | None = None
 ) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of every target module of ``model``, by name."""
-    from ..adapters.targets import find_target_modules
+    from ..adapters.targets import find_target_modules, layer_dims
 
-    return {name: module_dims(m) for name, m in find_target_modules(model, targets, layers).items()}
+    return {name: layer_dims(m) for name, m in find_target_modules(model, targets, layers).items()}
 
 
 def per_client(
@@ -208,6 +200,19 @@ def format_table(table: Mapping[str, Any]) -> str:
 def to_json(table: Mapping[str, Any]) -> str:
     """:func:`comm_table`'s result as indented JSON."""
     return json.dumps(table, indent=2)
+
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_wire(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> Tensors:
+    """``tensors`` as they travel: cast to the wire dtype (the same objects for float32)."""
+    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
+
+
+def from_wire(tensors: Mapping[str, Tensor]) -> Tensors:
+    """Received tensors back in float32 (or wider), the dtype clients and the server compute in."""
+    return {k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in tensors.items()}
 
 
 def round_counts(uploads: Sequence[Tensors], downloads: Sequence[Tensors]) -> list[dict[str, int]]:

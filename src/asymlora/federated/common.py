@@ -19,7 +19,7 @@ Tensors = dict[str, Tensor]
 
 # Part names of the adapter tensors (the adapter layer's names).
 A, B = "lora_A", "lora_B"  # A: (r, d_in), B: (d_out, r)
-# Fed-ALoRA-het: M (d_m, r), B1 (r, d_m), B2 (d_out, r), B_base (d_out, d_m).
+# Fed-ALoRA-het's factored layer (shapes: adapters.layer.factored_shapes).
 M, B1, B2, B_BASE = "lora_M", "lora_B1", "lora_B2", "lora_B_base"
 # A client-side dense update to add to the frozen base weight W0 (d_out, d_in); FLoRA merges into it.
 BASE_DELTA = "base_delta"

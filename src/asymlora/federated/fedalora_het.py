@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..adapters.layer import factored_shapes
 from .base import FederatedMethod
 from .common import (
     B1,
@@ -98,4 +99,4 @@ class FedALoRAHet(FederatedMethod):
         return rank * (d_m + d_out), d_out * d_m
 
     def state_shapes(self, d_in: int, d_out: int, rank: int, d_m: int) -> dict[str, tuple[int, ...]]:
-        return {A: (rank, d_in), M: (d_m, rank), B1: (rank, d_m), B2: (d_out, rank), B_BASE: (d_out, d_m)}
+        return factored_shapes(d_in, d_out, rank, d_m)

@@ -28,6 +28,7 @@ METHODS: dict[str, type[FederatedMethod]] = {
     "fedalora-het": FedALoRAHet,
 }
 DEFAULT = "fedalora"  # the paper's method, what a config without federation.method runs
+BASELINE = "fedit"  # the reference of comparisons: plain LoRA, federated by averaging
 
 
 def get_method(name: str, **options: object) -> FederatedMethod:

@@ -8,7 +8,7 @@ bar chart of each client's personalised score, with each method's communication 
 
 Where every client has one task (the task partition), the table gives 95 % intervals by bootstrap
 over each client's test questions (seeds pooled), paired differences against the reference method
-(``fedit`` by default), and two reference rows: the base model and the majority answer. Clients
+(the registry's ``BASELINE``, FedIT), and two reference rows: the base model and the majority answer. Clients
 with a mix of tasks (the Dirichlet partition) get mean ± sd over seeds only.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 from ..config import to_dict
 from ..eval.report import TaskResult, summarize
 from ..eval.runner import majority_result
-from ..federated import METHODS
+from ..federated import BASELINE, METHODS
 from ..models import load_model, resolve_device
 from . import compare
 from .compare import BASE_ROW, MAJORITY_ROW, plus_minus, stored_result, summarize_cells
@@ -93,7 +93,7 @@ def fed_compare(
     methods: list[str],
     seeds: list[int],
     out: str | Path,
-    reference: str = "fedit",
+    reference: str = BASELINE,
     log=print,
 ) -> dict[str, Any]:
     compare.check_grid(methods, seeds, METHODS)

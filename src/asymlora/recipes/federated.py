@@ -49,27 +49,13 @@ from ..adapters import (
 from ..adapters.io import atomic_write, write_tensors
 from ..adapters.model import check_ranks_fit
 from ..config import ConfigError, read_json
+from ..data.clients import ClientData, build_clients
 from ..data.task import Task
-from ..engines.federation import (  # noqa: F401  (re-exported: the recipe's config)
-    METHOD_OPTIONS,
-    PARTITIONS,
-    ClientAdapterConfig,
-    ClientData,
-    ClientsConfig,
-    FederatedConfig,
-    FederationConfig,
-    FedEvalConfig,
-    adapter_template,
-    build_clients,
-    engine_client,
-    load_config,
-    save_config,
-    task_examples,
-)
-from ..engines.local import LocalSimulator, find_checkpoint
+from ..engines.local import LocalSimulator, engine_client, find_checkpoint
 from ..errors import InputError, MissingFileError
 from ..eval.report import TaskResult
 from ..eval.runner import evaluate_task
+from ..fedconfig import FederatedConfig, load_config, save_config
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
 from ..runfolder import RunFolder, folder_lock, write_jsonl
@@ -161,8 +147,11 @@ def scores_record(personal: dict[str, float], glob: dict[str, float] | None) -> 
 def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokenizer) -> LocalSimulator:
     """The simulator for this config: one engine client per data client, at its rank."""
     ranks = cfg.adapter.ranks_for(len(clients))
-    engine_clients = [engine_client(cfg, c, r, tokenizer) for c, r in zip(clients, ranks, strict=True)]
-    template = adapter_template(cfg)
+    engine_clients = [
+        engine_client(c, r, cfg.adapter.alpha_for(r), tokenizer, cfg.train.max_length)
+        for c, r in zip(clients, ranks, strict=True)
+    ]
+    template = cfg.adapter.template()
     method = cfg.federation.make_method()
     return LocalSimulator(
         base,
@@ -227,7 +216,7 @@ def check_ranks(cfg: FederatedConfig, base, n_clients: int, log: Callable[[str],
         keys["adapter.d_m"] = cfg.adapter.d_m
         if cfg.adapter.d_m > max(ranks):
             log(f"note: adapter.d_m={cfg.adapter.d_m} exceeds every client's rank (largest {max(ranks)})")
-    check_ranks_fit(base, adapter_template(cfg), keys)
+    check_ranks_fit(base, cfg.adapter.template(), keys)
 
 
 def restore_rounds(sim: LocalSimulator, cfg: FederatedConfig, resume: bool, log) -> list[dict]:

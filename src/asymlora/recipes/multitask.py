@@ -30,14 +30,15 @@ from ..adapters.io import peft_export_problem
 from ..adapters.model import check_ranks_fit
 from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, read_json, to_dict
 from ..data.registry import get_suite, get_tasks
-from ..data.task import Task, continuation
+from ..data.task import Task, training_examples
 from ..errors import InputError, MissingFileError
+from ..eval.config import EvalConfig
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
 from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
 from ..runfolder import RunFolder, folder_lock
 from ..threads import use_threads
-from ..train import Example, TrainConfig, train
+from ..train import TrainConfig, train
 from ..train.loop import resume_point, tensorboard_writer
 
 
@@ -61,21 +62,6 @@ class DataConfig:
             raise ConfigError("data: give data.suite or data.tasks")
         if self.max_train_per_task is not None and self.max_train_per_task < 1:
             raise ConfigError(f"data.max_train_per_task={self.max_train_per_task} must be >= 1")
-
-
-@dataclass
-class EvalConfig:
-    limit: int | None = field(default=200, metadata={"help": "test examples per task (None: all)"})
-    batch_size: int = 16
-    max_length: int = field(
-        default=1024, metadata={"help": "context tokens at evaluation (prompt kept from the right)"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"eval.limit={self.limit} must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1")
 
 
 @dataclass
@@ -121,17 +107,6 @@ def select_tasks(data: DataConfig) -> list[Task]:
     return tasks if data.group_splits else [replace(t, group=None) for t in tasks]
 
 
-def training_examples(tasks: list[Task], data: DataConfig) -> list[list[Example]]:
-    """One list per task: the task's train split as (prompt, continuation, task id)."""
-    per_task = []
-    for task_id, task in enumerate(tasks):
-        split = task.splits(data.split_seed)["train"]
-        if data.max_train_per_task is not None:
-            split = split.select(range(min(data.max_train_per_task, len(split))))
-        per_task.append([Example(task.prompt(ex), continuation(task.target(ex)), task_id) for ex in split])
-    return per_task
-
-
 def check_routing(cfg: MultitaskConfig, n_tasks: int) -> None:
     a = cfg.adapter
     if a.router == "task" and a.num_experts != n_tasks:
@@ -156,7 +131,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool =
         use_threads(cfg.train.threads, log)
         tasks = select_tasks(cfg.data)
         check_routing(cfg, len(tasks))
-        examples = training_examples(tasks, cfg.data)
+        examples = training_examples(tasks, cfg.data.split_seed, cfg.data.max_train_per_task)
         base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
         ranks = {"adapter.r": cfg.adapter.r} | (
             {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}

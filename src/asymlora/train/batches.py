@@ -10,16 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.task import Example
 from ..errors import InputError
 
 IGNORE = -100  # label of tokens that carry no loss (the prompt, the padding)
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    target: str
-    task_id: int = 0
 
 
 @dataclass(frozen=True)

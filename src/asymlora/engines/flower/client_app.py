@@ -30,12 +30,21 @@ from torch import Tensor
 
 from ...adapters import AdapterConfig, AsymLoraModel, save_adapter, wrap
 from ...adapters.io import write_tensors
+from ...data.clients import build_clients
+from ...fedconfig import FederatedConfig
 from ...federated import FederatedMethod
 from ...federated.common import BASE_DELTA, Tensors, part, select
 from ...models import load_model, resolve_device
 from ...train import pad_id_of
-from ..federation import FederatedConfig, adapter_template, build_clients, engine_client
-from ..local import Client, add_to_weights, client_config, mean_loss, set_trainable, train_locally
+from ..local import (
+    Client,
+    add_to_weights,
+    client_config,
+    engine_client,
+    mean_loss,
+    set_trainable,
+    train_locally,
+)
 from ..round import from_wire, to_wire
 from .config import AppSettings, federated_config
 from .dp import REFERENCE, check_local_dp, needs_reference, noise_std, privacy
@@ -143,8 +152,10 @@ class Node:
             torch.set_num_threads(threads)
         rank = cfg.adapter.ranks_for(len(data))[index]
         tokenizer = base_model(base_key(cfg.model, cfg.dtype, cfg.device))[1]
-        client = engine_client(cfg, data[index], rank, tokenizer)
-        config = client_config(adapter_template(cfg), method, client, cfg.seed, index)
+        client = engine_client(
+            data[index], rank, cfg.adapter.alpha_for(rank), tokenizer, cfg.train.max_length
+        )
+        config = client_config(cfg.adapter.template(), method, client, cfg.seed, index)
         return cls(cfg, method, index, client, config, dp)
 
     def model(self, state: Mapping[str, Tensor]) -> AsymLoraModel:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import ConfigError, Override, field_type, is_list_type, parse_value
-from ..federation import FederatedConfig, load_config
+from ...fedconfig import FederatedConfig, load_config
 
 CONFIG_FILE = "config"
 

@@ -34,9 +34,9 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from ...fedconfig import FederationConfig
 from ...federated import FederatedMethod
 from ...federated.registry import averaging, known
-from ..federation import FederationConfig
 from .config import federated_config
 from .protocol import UPLOAD, from_record, to_record
 

@@ -31,11 +31,11 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from ...errors import AsymloraError, one_line
+from ...fedconfig import FederatedConfig, save_config
 from ...federated.common import Tensors
 from ...federated.registry import rank_problem
 from ...federated.validate import Spec, UploadLimits, check_upload
 from ...runfolder import RunFolder, folder_lock
-from ..federation import FederatedConfig, save_config
 from ..round import Member, Server
 from .config import AppSettings, federated_config
 from .dp import with_central_dp

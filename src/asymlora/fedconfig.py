@@ -1,34 +1,33 @@
-"""The federation's configuration and its clients' data: what ``asymlora federate`` (the recipe)
-and every engine (the in-process simulator, Flower) read, so that an engine never imports a
-recipe. ``FederatedConfig`` is the whole of ``asymlora federate``'s config; ``build_clients`` turns
-its ``clients`` section into each client's examples; ``adapter_template`` and ``engine_client``
-are how every engine builds a client's adapter and training data from them."""
+"""``asymlora federate``'s typed configuration: what the recipe and every engine (the in-process
+simulator, Flower) read, so that neither rests on the other.
+
+``FederatedConfig`` composes the sections each layer owns (``train``: ``TrainConfig``,
+``clients``: ``data.clients.ClientsConfig``, ``eval``: an ``EvalConfig``) with the federation's
+own: the method and its round (``federation``) and the clients' adapters (``adapter``)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from ..adapters import AdapterConfig
-from ..config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, to_dict
-from ..data.partition import dirichlet_split
-from ..data.registry import SUITES, get_suite, get_tasks
-from ..data.task import Task, continuation
-from ..federated import FederatedMethod
-from ..federated.registry import DEFAULT, METHODS, averaging, get_method, known, options_of, rank_problem
-from ..federated.validate import NORMS, UploadLimits
-from ..models import DTYPE_CHOICES, check_base_settings
-from ..train import Example, TrainConfig, encode_tasks
-from .local import Client
-from .round import WIRE_DTYPES
+from .adapters import AdapterConfig
+from .config import ConfigError, Override, apply_overrides, from_dict, merge, read_file, to_dict
+from .data.clients import ClientsConfig
+from .eval.config import EvalConfig
+from .federated import FederatedMethod
+from .federated.comm import WIRE_DTYPES
+from .federated.registry import DEFAULT, METHODS, averaging, get_method, known, options_of, rank_problem
+from .federated.validate import NORMS, UploadLimits
+from .models import DTYPE_CHOICES, check_base_settings
+from .train import TrainConfig
 
-PARTITIONS = ("task", "dirichlet")
+_EVAL_FIELDS = {f.name: f for f in fields(EvalConfig)}
 METHOD_OPTIONS = ("reset_a_each_round", "client_a_init", "dense_download", "aggregation", "trim")
 CENTRAL_DP = ("off", "server", "client")
 
@@ -207,64 +206,29 @@ class ClientAdapterConfig:
     def alpha_for(self, rank: int) -> float:
         return self.alpha if self.alpha is not None else 2.0 * rank
 
-
-@dataclass
-class ClientsConfig:
-    suite: str = field(default="fed-nlp", metadata={"help": "a named suite: one client per task"})
-    tasks: list[str] = field(
-        default_factory=list,
-        metadata={"help": "task names or .json/.jsonl files; when given, used instead of the suite"},
-    )
-    partition: str = field(
-        default="task",
-        metadata={"help": "task (one task per client) | dirichlet (split of the pooled tasks)"},
-    )
-    num_clients: int | None = field(default=None, metadata={"help": "dirichlet only: how many clients"})
-    dirichlet_alpha: float = field(default=0.5, metadata={"help": "dirichlet only: small = more skewed"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the train/test splits and the partition"})
-    max_train_per_task: int | None = field(
-        default=None, metadata={"help": "cap on training examples per task"}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.tasks and self.suite not in SUITES:
-            raise ConfigError(f"clients.suite={self.suite!r} is not one of {', '.join(SUITES)}")
-        if self.partition not in PARTITIONS:
-            raise ConfigError(f"clients.partition={self.partition!r} must be one of {', '.join(PARTITIONS)}")
-        if self.partition == "dirichlet" and (self.num_clients is None or self.num_clients < 1):
-            raise ConfigError("clients.num_clients must be set (>= 1) for clients.partition='dirichlet'")
-        if self.partition == "task" and self.num_clients is not None:
-            raise ConfigError(
-                "clients.num_clients is for the dirichlet partition; 'task' has one client per task"
-            )
-        if self.dirichlet_alpha <= 0:
-            raise ConfigError(f"clients.dirichlet_alpha={self.dirichlet_alpha} must be > 0")
-        if self.max_train_per_task is not None and self.max_train_per_task < 1:
-            raise ConfigError(f"clients.max_train_per_task={self.max_train_per_task} must be >= 1")
-
-    def task_names(self) -> list[str]:
-        return list(self.tasks) if self.tasks else list(SUITES[self.suite])
-
-    def count(self) -> int:
-        """The number of clients, known without loading any data."""
-        return self.num_clients if self.partition == "dirichlet" else len(self.task_names())
+    def template(self) -> AdapterConfig:
+        """Every client's adapter before its layer kind, rank, alpha and seed (an engine's
+        ``client_config`` sets them)."""
+        return AdapterConfig(
+            method="lora",
+            dropout=self.dropout,
+            target_modules=self.target_modules,
+            layers=self.layers,
+            d_m=self.d_m,
+        )
 
 
 @dataclass
-class FedEvalConfig:
-    limit: int | None = field(default=50, metadata={"help": "test examples per task (None: all)"})
-    batch_size: int = 16
-    max_length: int = field(
-        default=1024, metadata={"help": "context tokens at evaluation (prompt kept from the right)"}
-    )
+class FedEvalConfig(EvalConfig):
+    """``EvalConfig`` with fewer test examples by default (every client's tasks are scored on
+    every evaluated round), plus when to evaluate and whether to score the global model."""
+
+    limit: int | None = field(default=50, metadata=_EVAL_FIELDS["limit"].metadata)
     every: int = field(default=1, metadata={"help": "evaluate every N rounds (0: only after the last)"})
     global_model: bool = field(default=True, metadata={"help": "also evaluate the global model, if any"})
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"eval.limit={self.limit} must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1")
+        super().__post_init__()
         if self.every < 0:
             raise ConfigError(f"eval.every={self.every} must be >= 0")
 
@@ -326,58 +290,3 @@ def load_config(
 
 def save_config(cfg: FederatedConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-# --- clients' data ------------------------------------------------------------------------------
-@dataclass
-class ClientData:
-    """One client's data: the tasks it holds examples of, the share of its training examples
-    from each (the weights of its score), and the examples, one list per task."""
-
-    name: str
-    tasks: list[Task]
-    shares: list[float]
-    examples: list[list[Example]]
-
-
-def task_examples(task: Task, clients: ClientsConfig) -> list[Example]:
-    """A task's train split as (prompt, continuation) examples, capped at max_train_per_task."""
-    split = task.splits(clients.split_seed)["train"]
-    if clients.max_train_per_task is not None:
-        split = split.select(range(min(clients.max_train_per_task, len(split))))
-    return [Example(task.prompt(ex), continuation(task.target(ex)), 0) for ex in split]
-
-
-def build_clients(clients: ClientsConfig) -> list[ClientData]:
-    """The federation's clients: one per task, or a Dirichlet split of the pooled tasks."""
-    tasks = get_tasks(clients.tasks) if clients.tasks else get_suite(clients.suite)
-    pools = [task_examples(task, clients) for task in tasks]
-    if clients.partition == "task":  # one client per task, named after it (names are unique)
-        return [ClientData(t.name, [t], [1.0], [p]) for t, p in zip(tasks, pools, strict=True)]
-    labels = [t for t, pool in enumerate(pools) for _ in pool]
-    flat = [ex for pool in pools for ex in pool]
-    parts = dirichlet_split(labels, clients.num_clients, clients.dirichlet_alpha, clients.split_seed)
-    out = []
-    for i, indices in enumerate(parts):
-        held = sorted({labels[j] for j in indices})
-        examples = [
-            [replace(flat[j], task_id=k) for j in indices if labels[j] == t] for k, t in enumerate(held)
-        ]
-        shares = [len(e) / len(indices) for e in examples]
-        out.append(ClientData(f"client-{i}", [tasks[t] for t in held], shares, examples))
-    return out
-
-
-# --- what every engine builds from them ---------------------------------------------------------
-def adapter_template(cfg: FederatedConfig) -> AdapterConfig:
-    """Every client's adapter before its method, rank, alpha and seed (``client_config`` sets them)."""
-    a = cfg.adapter
-    return AdapterConfig(
-        method="lora", dropout=a.dropout, target_modules=a.target_modules, layers=a.layers, d_m=a.d_m
-    )
-
-
-def engine_client(cfg: FederatedConfig, data: ClientData, rank: int, tokenizer) -> Client:
-    """A client as an engine sees it: its examples tokenized, its rank and alpha."""
-    encoded = encode_tasks(tokenizer, data.examples, cfg.train.max_length)
-    return Client(data.name, encoded, rank, cfg.adapter.alpha_for(rank))
