@@ -147,3 +147,18 @@ def test_grid_table_has_intervals_paired_differences_and_reference_rows(tmp_path
         table.startswith("In one line") and "| *base model* |" in table and "| *majority answer* |" in table
     )
     assert "fedalora - fedit:" in table.splitlines()[0] and "MB up + down" in table
+
+
+def test_a_damaged_predictions_file_is_named_not_a_traceback(tmp_path: Path, capsys) -> None:
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=20)
+    run = tmp_path / "run"
+    assert federate(run, tasks) == 0
+    kept = json.loads((run / "predictions.json").read_text())
+    assert kept["round"] == 1 and set(kept["clients"]) == set(
+        json.loads((run / "results.json").read_text())["scores"]
+    )
+    (run / "predictions.json").write_text("[1, 2")
+    capsys.readouterr()
+    assert federate(run, tasks, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "predictions.json: not valid JSON" in err and "Traceback" not in err

@@ -382,7 +382,12 @@ def last_predictions(path: Path, records: list[dict]) -> dict[str, list[dict]] |
     last = next(r for r in reversed(records) if "scores" in r)
     if not path.exists():
         return None
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("clients"), dict):
+        raise InputError(
+            f"{path} is not a predictions file of this run",
+            hint="delete it: the run's results then carry no per-question predictions",
+        )
     return saved["clients"] if saved.get("round") == last["round"] else None
 
 
