@@ -19,7 +19,7 @@ malformed upload, so where a wrapper sits between, ``ScreenUploads`` is put oute
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import fmean
 
@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from torch import Tensor
 
 from ...adapters.io import atomic_write, write_tensors
 from ...federated.common import BASE_DELTA, Tensors, select
@@ -40,30 +39,33 @@ from .protocol import (
     SETUP,
     UPLOAD,
     Pending,
+    as_record,
     from_record,
     loss_of,
     message,
     sort_replies,
-    to_record,
     upload_of,
 )
-
-
-def arrays_of(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    """Tensors as the strategy loop's ArrayRecord, in sorted key order (the order a DP wrapper
-    pairs them with the replies' arrays in)."""
-    return to_record({k: tensors[k] for k in sorted(tensors)})
 
 
 class FederatedStrategy(Strategy):
     """The federation's rounds as a Flower strategy: ``server`` (the round's server side, set
     up), ``nodes[i]`` client i's node id, ``setups[i]`` its round-0 state, ``out`` the run
     folder (``server.safetensors`` and ``rounds.jsonl``, written after every round), ``timeout``
-    the seconds the loop waits for replies."""
+    the seconds the loop waits for replies, ``for_flower`` whether a Flower wrapper reads the
+    loop's arrays (then they are Flower's own, one per tensor)."""
 
-    def __init__(self, server: Server, nodes: list[int], setups: list[Tensors], out: Path, timeout: float):
+    def __init__(
+        self,
+        server: Server,
+        nodes: list[int],
+        setups: list[Tensors],
+        out: Path,
+        timeout: float,
+        for_flower: bool = False,
+    ):
         self.server, self.method, self.nodes, self.setups = server, server.method, nodes, setups
-        self.out, self.timeout = out, timeout
+        self.out, self.timeout, self.for_flower = out, timeout, for_flower
         self.averaging = self.method.not_an_average is None
         # what each client is due next: setup's parts, then the download of its last round
         self.pending: dict[int, Pending] = {i: (SETUP, s, 0) for i, s in enumerate(setups)}
@@ -78,7 +80,8 @@ class FederatedStrategy(Strategy):
     def initial_arrays(self) -> ArrayRecord:
         """The arrays the loop starts from: the uploaded parts' common starting point for an
         averaging method, the server state after setup otherwise."""
-        return arrays_of(self.method.upload(self.setups[0]) if self.averaging else self.server.state)
+        start = self.method.upload(self.setups[0]) if self.averaging else self.server.state
+        return as_record(start, self.for_flower)
 
     # --- Flower's Strategy ------------------------------------------------------------------
     def configure_train(
@@ -123,7 +126,7 @@ class FederatedStrategy(Strategy):
             f"round {server_round}: {record['bytes_up']:,.0f} B up / {record['bytes_down']:,.0f} B down "
             f"per client, {time.monotonic() - self.started:.2f} s"
         )
-        return arrays_of(self.server.state), MetricRecord({"loss": fmean(log.loss)})
+        return as_record(self.server.state, self.for_flower), MetricRecord({"loss": fmean(log.loss)})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
