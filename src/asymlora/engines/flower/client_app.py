@@ -21,7 +21,7 @@ only by float rounding ((W0 + d1) + d2 against W0 + (d1 + d2)).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +95,13 @@ def base_model(key: BaseKey) -> tuple[Any, Any]:
 
 
 def wrapped(key: BaseKey, config: AdapterConfig, fresh: bool = False) -> AsymLoraModel:
-    """The process's base model of ``key`` wrapped with adapters of ``config`` (re-wrapped when
-    it differs, or with ``fresh``: new draws from the config's seed)."""
+    """The process's base model of ``key`` wrapped with adapters of ``config``: re-wrapped when
+    the config differs in more than its seed, or with ``fresh`` (new draws from the config's
+    seed). The seed decides only the initial draws, which the state loaded next replaces, so
+    the nodes of one process (one client each) share the wrapping as the simulator's clients do."""
     current = _WRAPPED.get(key)
-    if current is not None and current.adapter_config == config and not fresh:
+    if current is not None and not fresh and replace(current.adapter_config, seed=config.seed) == config:
+        current.adapter_config = config
         return current
     base = current.unload() if current is not None else base_model(key)[0]
     _WRAPPED[key] = wrap(base, config)

@@ -190,8 +190,8 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
         equal_weights=cfg.federation.central_dp != "off",  # the wrappers' noise is for a plain mean
         wire=cfg.federation.wire(),
     )
-    setups, for_flower = server.setup(inits), wrapper_reads_arrays(cfg.federation)
-    core = FederatedStrategy(server, nodes, setups, folder.path, settings.timeout_s, for_flower)
+    setups, wrapped = server.setup(inits), wrapper_reads_arrays(cfg.federation)
+    core = FederatedStrategy(server, nodes, setups, folder.path, settings.timeout_s, wrapped)
     info(f"init: {n} clients joined in {time.monotonic() - started:.1f} s")
     strategy = with_central_dp(core, cfg.federation, len(server.participants(1)))
     if strategy is not core:  # validation before any wrapper sees the replies
