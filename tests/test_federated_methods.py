@@ -374,6 +374,32 @@ def test_a_method_declares_what_engines_need(name):
         assert len(method.not_an_average) > 20
 
 
+def with_every_switch(name):
+    """The method ``name`` as it is, and with each of its on/off options switched on."""
+    from dataclasses import fields
+
+    switches = [f.name for f in fields(METHODS[name]) if f.type in (bool, "bool")]
+    return [get_method(name)] + [get_method(name, **{s: True}) for s in switches]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_round0_parts_a_method_declares_are_all_apply_download_reads(name):
+    """An engine keeps only ``init_parts`` of a client's round-0 state (Flower: in the node's
+    context): two rounds given only those parts end exactly as with the whole round-0 state,
+    for every method and each of its switches."""
+    for method in with_every_switch(name):
+        server, states, inits = start(method, registry_states(method))
+        kept = [{k: v for k, v in i.items() if k.rsplit(".", 1)[1] in method.init_parts} for i in inits]
+        (whole, server_whole), (part, server_part) = (states, server), (states, server)
+        for rnd in range(2):
+            _, server_whole, _, whole = run_round(method, train(method, whole, rnd), inits, server_whole)
+            _, server_part, _, part = run_round(method, train(method, part, rnd), kept, server_part)
+            for full, lean in zip(whole, part, strict=True):
+                assert full.keys() == lean.keys()
+                for key in full:
+                    assert torch.equal(full[key], lean[key]), f"{method}: {key} needs the round-0 state"
+
+
 def test_engines_and_recipes_never_name_a_method():
     """Method knowledge lives in federated/: no method name appears as a string literal in the
     engines, the recipes or federate's config (the registry and the methods' declarations answer

@@ -60,9 +60,10 @@ class RecordingGrid(Grid):
         return replies
 
 
-def run(tmp_path: Path, where: str, noise: float) -> RecordingGrid:
+def run(tmp_path: Path, where: str, noise: float, model: str = "tiny-llama") -> RecordingGrid:
     tasks = write_choice_tasks(tmp_path / "tasks", NODES, 6)
     config = run_config("fedalora", tasks, tmp_path / "out") | {
+        "model": model,
         "federation.rounds": 2,
         "federation.central_dp": where,
         "federation.dp_clipping_norm": CLIP,
@@ -83,9 +84,29 @@ def mean(uploads: list[dict]) -> dict:
     return {k: sum(u[k].double() for u in uploads) / len(uploads) for k in uploads[0]}
 
 
-def test_server_side_clipping_clips_each_update_and_noises_the_mean(tmp_path: Path) -> None:
+def deep_model(folder: Path) -> str:
+    """A saved tiny llama of 12 layers: its modules' order (layers.2 before layers.10) is not
+    the sorted order of their names (layers.10 before layers.2)."""
+    from transformers import LlamaForCausalLM
+
+    from asymlora.models import tiny_config, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config("tiny-llama", len(tokenizer))
+    config.num_hidden_layers = 12
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_server_side_clipping_clips_each_update_and_noises_the_mean(tmp_path: Path, deep: bool) -> None:
+    """Also with 12 layers: the wrapper pairs each upload's arrays with the global arrays by
+    position, so both must come in one order."""
     z = 2.0
-    grid = run(tmp_path, "server", z)
+    model = deep_model(tmp_path / "deep") if deep else "tiny-llama"
+    grid = run(tmp_path, "server", z, model)
     nodes = sorted(grid.contexts)
     for rnd in (1, 2):
         sent = [grid.uploads[rnd][n] for n in nodes]

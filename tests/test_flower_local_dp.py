@@ -94,13 +94,15 @@ def fedalora_tensors(seed: int) -> dict:
 
 
 def test_flowers_mod_clips_the_update_from_the_download_and_adds_its_noise() -> None:
-    """Flower's LocalDpMod on a train message carrying a fedalora download and a reply carrying
-    its upload: upload' = download + clip(upload - download) + noise, keys unchanged."""
+    """Flower's LocalDpMod on a fedalora download, in the message ``app.privacy`` hands it (one
+    ArrayRecord of Flower's arrays: the train message carries its tensors packed, which Flower's
+    mods cannot read), and a reply carrying the upload: upload' = download + clip(upload -
+    download) + noise, keys unchanged."""
     download = fedalora_tensors(0)
     step = fedalora_tensors(1)  # the update, norm about 27
     upload = {k: download[k] + step[k] for k in download}
     mod = LocalDpMod(clipping_norm=1.0, sensitivity=1.0, epsilon=2.0, delta=1e-5)
-    msg = train_message(download)
+    msg = Message(RecordDict({"reference": app.to_record(download)}), reply_to=train_message(download))
     np.random.seed(7)
     out = mod(msg, Context(1, 100, {}, RecordDict(), {}), lambda m, c: upload_reply(m, upload))
     assert not out.has_error()

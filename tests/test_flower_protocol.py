@@ -30,6 +30,8 @@ from asymlora.adapters import read_tensors  # noqa: E402
 from asymlora.adapters.io import WEIGHTS_FILE  # noqa: E402
 from asymlora.data.clients import build_clients  # noqa: E402
 from asymlora.engines import flower as app  # noqa: E402
+from asymlora.engines.flower.client_app import ROUND0  # noqa: E402
+from asymlora.engines.flower.protocol import upload_of  # noqa: E402
 from asymlora.engines.local import LocalSimulator  # noqa: E402
 from asymlora.errors import RunFolderError  # noqa: E402
 from asymlora.models import load_model  # noqa: E402
@@ -195,6 +197,78 @@ def test_partial_participation_matches_the_simulator(tmp_path: Path, method: str
         state = app.from_record(grid.contexts[100 + i].state[app.STATE])
         for k, v in sim.states[i].items():
             torch.testing.assert_close(state[k], v, atol=tolerance, rtol=0)
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def test_a_packed_record_keeps_every_tensor_bit_for_bit() -> None:
+    """``packed`` (how tensors travel and stay in a node's Context): names, order, dtypes,
+    shapes and every bit (-0.0, NaN payloads, bfloat16) come back, in tensors of their own."""
+    tensors = {
+        "layers.10.q_proj.lora_A": torch.randn(3, 5),
+        "layers.2.q_proj.lora_A": torch.tensor([-0.0, float("nan"), float("inf")]),
+        "bf16": torch.randn(4, 3).to(torch.bfloat16),
+        "half": torch.randn(3).half(),  # 6 bytes: the next tensor starts unaligned in the buffer
+        "double": torch.randn(2, 2).double(),
+        "ints": torch.arange(5),
+        "mask": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(4, 3).t(),
+    }
+    record = app.packed(tensors)
+    assert len(record) == 1  # one Array, one buffer
+    got = app.from_record(record)
+    assert list(got) == list(tensors)
+    for k, v in tensors.items():
+        assert (got[k].dtype, got[k].shape, raw_bytes(got[k])) == (v.dtype, v.shape, raw_bytes(v)), k
+    got["scalar"].add_(1)  # writable, and not shared with the record or another tensor
+    assert float(app.from_record(record)["scalar"]) == 2.5
+
+
+def garbled(how: str) -> object:
+    """A packed record whose buffer ``how`` says is damaged."""
+    from flwr.app import Array, ArrayRecord
+
+    record = app.packed({"a.lora_B": torch.ones(2, 3), "b.lora_B": torch.ones(4)})
+    data = next(iter(record.values())).data
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if how == "short":
+        data = data[:-4]
+    elif how == "long":
+        data = data + b"\0" * 4
+    else:
+        header[0][1:] = {"dtype": ["load", [2, 3]], "shape": ["float32", [2, -3]]}[how]
+        head = json.dumps(header).encode()
+        data = len(head).to_bytes(8, "little") + head + data[8 + size :]
+    return ArrayRecord({app.PACKED: Array(dtype="uint8", shape=(len(data),), stype=app.PACKED, data=data)})
+
+
+@pytest.mark.parametrize("how", ["short", "long", "dtype", "shape"])
+def test_a_damaged_packed_upload_is_a_refused_upload_not_a_crash(how: str) -> None:
+    with pytest.raises(ValueError, match="packed record"):
+        app.from_record(garbled(how))
+    reply = Message(RecordDict({app.UPLOAD: garbled(how)}), reply_to=app.message(100, "train", 1))
+    assert upload_of(reply) is None  # what the server's validation rejects
+
+
+def test_a_node_keeps_only_the_round0_parts_its_method_reads(tmp_path: Path) -> None:
+    """After a run, a fedalora node's Context holds no round-0 tensors (its download replaces
+    B, and A is its own); a FLoRA node's holds its round-0 A and B (it restarts from them)."""
+    for method, ranks, parts in (("fedalora", "", set()), ("flora", "4,2", {"lora_A", "lora_B"})):
+        tasks = write_choice_tasks(tmp_path / method / "tasks", 2, 6)
+        config = run_config(method, tasks, tmp_path / method / "out", ranks) | {"federation.rounds": 1}
+        grid = Grid(config, 2, {})
+        app.server_main(
+            grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+        )
+        for context in grid.contexts.values():
+            kept = app.from_record(context.state[ROUND0])
+            assert {k.rpartition(".")[2] for k in kept} == parts
+            assert app.TRAINED not in context.state  # the finish answered the last training
 
 
 def test_a_node_outside_the_run_sits_it_out(tmp_path: Path) -> None:

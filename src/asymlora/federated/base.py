@@ -27,7 +27,8 @@ privacy or a robust mean apply).
 
 Methods hold no tensors: the server's state is a dict passed in and returned, and a client's
 round-0 state (``init``) is kept by the client, which lets methods that restart adapters each
-round (FLoRA, and the reference's A reset) do so without randomness of their own.
+round (FLoRA, and the reference's A reset) do so without randomness of their own;
+``init_parts`` says which parts of it ``apply_download`` reads (an engine keeps only those).
 
 Clients that sit out a round simply get no download that round (the paper runs with all
 clients in every round).
@@ -91,6 +92,13 @@ class FederatedMethod(ABC):
         """Whether a download merges a dense update (``<module>.base_delta``) into the client's
         base weights, so that an engine must add it to W0."""
         return BASE_DELTA in self.local
+
+    @property
+    def init_parts(self) -> frozenset[str]:
+        """The parts of a client's round-0 state that ``apply_download`` reads (``init``): an
+        engine that keeps the round-0 state between messages needs to keep only these.
+        Default: none (the download and the client's own state are all it uses)."""
+        return frozenset()
 
     def trainable(self, key: str) -> bool:
         """Whether the client trains the tensor ``key`` (``"<module>.lora_B"``)."""

@@ -55,12 +55,15 @@ class FedALoRA(AverageUploads):
         common_a = self.client_a_init == "common" or self.reset_a_each_round
         return {}, broadcast(states, {A, B} if common_a else {B})
 
+    @property
+    def init_parts(self) -> frozenset[str]:
+        return frozenset({A}) if self.reset_a_each_round else frozenset()
+
     def apply_download(
         self, state: Mapping[str, Tensor], download: Mapping[str, Tensor], init: Mapping[str, Tensor]
     ) -> Tensors:
         new = super().apply_download(state, download, init)
-        if self.reset_a_each_round:
-            new.update({k: v.clone() for k, v in select(init, {A}).items()})
+        new.update({k: v.clone() for k, v in select(init, self.init_parts).items()})
         return new
 
     def combined_adapter(

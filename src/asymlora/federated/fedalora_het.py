@@ -83,12 +83,15 @@ class FedALoRAHet(FederatedMethod):
         down = select(new_server, {B_BASE})
         return new_server, [down] * len(uploads)
 
+    @property
+    def init_parts(self) -> frozenset[str]:
+        return frozenset({A, M, B1}) if self.reset_a_each_round else frozenset()
+
     def apply_download(
         self, state: Mapping[str, Tensor], download: Mapping[str, Tensor], init: Mapping[str, Tensor]
     ) -> Tensors:
         new = {**state, **{k: v.clone() for k, v in download.items()}}
-        if self.reset_a_each_round:
-            new.update({k: v.clone() for k, v in select(init, {A, M, B1}).items()})
+        new.update({k: v.clone() for k, v in select(init, self.init_parts).items()})
         for mod in modules(state, B2):
             new[f"{mod}.{B2}"] = state[f"{mod}.{B2}"].new_zeros(state[f"{mod}.{B2}"].shape)
         return new

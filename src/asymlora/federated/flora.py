@@ -87,10 +87,14 @@ class FLoRA(FederatedMethod):
             new_server[key] = server[key] + delta if key in server else delta
         return new_server, [down] * len(uploads)
 
+    @property
+    def init_parts(self) -> frozenset[str]:
+        return frozenset({A, B})  # the adapter restarts from its round-0 state each round
+
     def apply_download(
         self, state: Mapping[str, Tensor], download: Mapping[str, Tensor], init: Mapping[str, Tensor]
     ) -> Tensors:
-        fresh = {k: v.clone() for k, v in select(init, {A, B}).items()}
+        fresh = {k: v.clone() for k, v in select(init, self.init_parts).items()}
         new = {**state, **fresh}
         for mod in modules(state, A):
             key = f"{mod}.{BASE_DELTA}"

@@ -18,12 +18,24 @@ The app is declared in pyproject.toml (``[tool.flwr.app]``): ``serverapp =
 from .client_app import STATE, TRAINED, Node, base_key, base_model, client_app, client_app_with
 from .config import AppSettings, federated_config
 from .dp import REFERENCE, local_dp_mod, noise_std, privacy
-from .protocol import DOWNLOAD, ROUNDS_FILE, SERVER_FILE, SETUP, UPLOAD, from_record, message, to_record
+from .protocol import (
+    DOWNLOAD,
+    PACKED,
+    ROUNDS_FILE,
+    SERVER_FILE,
+    SETUP,
+    UPLOAD,
+    from_record,
+    message,
+    packed,
+    to_record,
+)
 from .server_app import server_app, server_main
 from .strategy import FederatedStrategy, ScreenUploads
 
 __all__ = [
     "DOWNLOAD",
+    "PACKED",
     "REFERENCE",
     "ROUNDS_FILE",
     "SERVER_FILE",
@@ -44,6 +56,7 @@ __all__ = [
     "local_dp_mod",
     "message",
     "noise_std",
+    "packed",
     "privacy",
     "server_app",
     "server_main",

@@ -1,9 +1,11 @@
 """The ClientApp: one SuperNode is one client of the federation (``--node-config
 "partition-id=i"``: client ``i`` of the recipe's client list).
 
-State: a client's adapter tensors (A, M, B1, B2, ...; FLoRA's merged ``base_delta``), its
-round-0 state and its last trained state live in ``context.state``, which the SuperNode keeps
-across Flower's short-lived ClientApp processes. What depends only on the run and the node (the
+State: a client's adapter tensors (A, M, B1, B2, ...; FLoRA's merged ``base_delta``), the
+parts of its round-0 state its method reads again (``init_parts``; often none) and, until the
+server's answer comes, what its last training changed live in ``context.state``, which the
+SuperNode keeps across Flower's short-lived ClientApp processes; each as one packed buffer
+(``protocol.packed``), as are the tensors of every message but those a Flower DP piece reads. What depends only on the run and the node (the
 config, the method, the client's tokenized data, the base model, the tokenizer) is cached per
 process, so a process that serves several messages (the simulation engine, the in-process
 tests) builds it once; under Flower's process launchers each message is a fresh process (or a
@@ -19,7 +21,7 @@ only by float rounding ((W0 + d1) + d2 against W0 + (d1 + d2)).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ from ..local import (
 )
 from ..round import from_wire, to_wire
 from .config import AppSettings, federated_config
-from .dp import REFERENCE, check_local_dp, needs_reference, noise_std, privacy
+from .dp import REFERENCE, check_local_dp, needs_reference, noise_std, privacy, wrapper_reads_arrays
 from .protocol import (
     ANSWERS,
     BASE_DELTA_FILE,
@@ -56,11 +58,14 @@ from .protocol import (
     SETUP,
     TENSORS,
     UPLOAD,
+    as_record,
     from_record,
-    to_record,
+    packed,
 )
 
-STATE, ROUND0, TRAINED = "asymlora-state", "asymlora-init", "asymlora-trained"  # context.state keys
+# context.state keys: the state, the round-0 parts the method reads again, and what the last
+# training changed (the trained state is the state updated with it)
+STATE, ROUND0, TRAINED = "asymlora-state", "asymlora-init", "asymlora-trained"
 APPLIED = "asymlora-applied"  # context.state: the last download round applied
 MERGED = "asymlora-merged"  # context.state (FLoRA): the last missed round's merge applied
 
@@ -90,10 +95,13 @@ def base_model(key: BaseKey) -> tuple[Any, Any]:
 
 
 def wrapped(key: BaseKey, config: AdapterConfig, fresh: bool = False) -> AsymLoraModel:
-    """The process's base model of ``key`` wrapped with adapters of ``config`` (re-wrapped when
-    it differs, or with ``fresh``: new draws from the config's seed)."""
+    """The process's base model of ``key`` wrapped with adapters of ``config``: re-wrapped when
+    the config differs in more than its seed, or with ``fresh`` (new draws from the config's
+    seed). The seed decides only the initial draws, which the state loaded next replaces, so
+    the nodes of one process (one client each) share the wrapping as the simulator's clients do."""
     current = _WRAPPED.get(key)
-    if current is not None and current.adapter_config == config and not fresh:
+    if current is not None and not fresh and replace(current.adapter_config, seed=config.seed) == config:
+        current.adapter_config = config
         return current
     base = current.unload() if current is not None else base_model(key)[0]
     _WRAPPED[key] = wrap(base, config)
@@ -183,7 +191,7 @@ def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
     message that carried it got no reply (a timeout: the node may or may not have applied it);
     one of a round this node has applied already is ignored."""
     state = from_record(context.state[STATE])
-    trained = from_record(context.state[TRAINED]) if TRAINED in context.state else None
+    trained = state | from_record(context.state[TRAINED]) if TRAINED in context.state else None
     if TRAINED in context.state:
         del context.state[TRAINED]
     applied = int(context.state[APPLIED]["round"]) if APPLIED in context.state else -1
@@ -191,7 +199,7 @@ def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
     fresh = answers > applied  # not a download applied before (resent), and not none at all
     if fresh and SETUP in content:
         state |= from_record(content[SETUP])
-        context.state[ROUND0] = to_record(state)
+        context.state[ROUND0] = packed(select(state, node.method.init_parts))
     elif fresh and DOWNLOAD in content:
         if trained is None:
             raise RuntimeError("a download arrived, but this node has no trained state waiting for it")
@@ -200,7 +208,7 @@ def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
     if SETUP in content or DOWNLOAD in content:
         context.state[APPLIED] = ConfigRecord({"round": max(applied, answers)})
     state = receive_merges(context, content, state)
-    context.state[STATE] = to_record(state)
+    context.state[STATE] = packed(state)
     return state
 
 
@@ -225,7 +233,7 @@ def client_init(msg: Message, context: Context) -> Message:
     node = Node.from_context(context)
     model = wrapped(node.base, node.config, fresh=True)  # draws from the client's seed
     state = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
-    context.state[STATE] = to_record(state)
+    context.state[STATE] = packed(state)
     parts = node.method.uploads | node.method.shared_init
     meta = {"index": node.index, "name": node.client.name, "rank": node.client.rank}
     meta |= {"examples": node.client.n_examples, "scale": node.client.scale}
@@ -233,7 +241,7 @@ def client_init(msg: Message, context: Context) -> Message:
         meta |= {"dp-clip": node.local_dp.clipping_norm, "dp-std": noise_std(node.local_dp)}
     content = {
         "meta": ConfigRecord(meta),
-        TENSORS: to_record({k: v for k, v in state.items() if part(k) in parts}),
+        TENSORS: packed({k: v for k, v in state.items() if part(k) in parts}),
     }
     return Message(RecordDict(content), reply_to=msg)
 
@@ -245,11 +253,12 @@ def client_train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["config"]["round"])
     state = receive(node, context, msg.content)
     if needs_reference(msg, context):  # the point DP measures the update from (see dp.privacy)
-        context.state[REFERENCE] = to_record(node.method.upload(state))
+        context.state[REFERENCE] = packed(node.method.upload(state))
     new, loss = node.train(state, rnd)
-    context.state[TRAINED] = to_record(new)
+    context.state[TRAINED] = packed({k: v for k, v in new.items() if v is not state.get(k)})
     upload = to_wire(node.method.upload(new), node.cfg.federation.wire())
-    content = {UPLOAD: to_record(upload), "metrics": MetricRecord({"loss": loss})}
+    record = as_record(upload, wrapper_reads_arrays(node.cfg.federation))
+    content = {UPLOAD: record, "metrics": MetricRecord({"loss": loss})}
     return Message(RecordDict(content), reply_to=msg)
 
 

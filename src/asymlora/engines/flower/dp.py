@@ -190,15 +190,23 @@ def needs_reference(msg: Message, context: Context) -> bool:
 
 
 # --- central DP: Flower's strategy wrappers ---------------------------------------------------------
+CENTRAL_DP_WRAPPERS = {
+    "server": DifferentialPrivacyServerSideFixedClipping,
+    "client": DifferentialPrivacyClientSideFixedClipping,
+}
+
+
+def wrapper_reads_arrays(federation: FederationConfig) -> bool:
+    """Whether a central-DP wrapper reads the run's arrays (the strategy loop's and the
+    uploads), which must then be Flower's own, one per tensor (``protocol.to_record``)."""
+    return federation.central_dp in CENTRAL_DP_WRAPPERS
+
+
 def with_central_dp(strategy: Strategy, federation: FederationConfig, per_round: int) -> Strategy:
     """``strategy`` wrapped in Flower's fixed-clipping DP wrapper ``federation.central_dp``
     names (itself when off); ``per_round``: the clients sampled per round. The config has
     refused the methods it does not fit."""
-    wrappers = {
-        "server": DifferentialPrivacyServerSideFixedClipping,
-        "client": DifferentialPrivacyClientSideFixedClipping,
-    }
-    if federation.central_dp not in wrappers:
+    if not wrapper_reads_arrays(federation):
         return strategy
-    wrapper = wrappers[federation.central_dp]
+    wrapper = CENTRAL_DP_WRAPPERS[federation.central_dp]
     return wrapper(strategy, federation.dp_noise_multiplier, federation.dp_clipping_norm, per_round)

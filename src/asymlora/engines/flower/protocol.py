@@ -16,9 +16,12 @@ of a round gets that round's merge (``merge-<round>``) with its next message.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from torch import Tensor
@@ -35,17 +38,47 @@ Pending = tuple[str, Tensors, int]  # (SETUP or DOWNLOAD, tensors, the round it 
 
 
 BF16_BITS = "torch.bfloat16.bits"  # an Array's stype: bfloat16 values as raw bytes (numpy has no bfloat16)
+PACKED = "asymlora.packed"  # an Array's stype: a whole dict of tensors in one buffer (``packed``)
 
 
 def to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    """Tensors as an ArrayRecord: numpy arrays, except bfloat16, sent as its raw 2-byte values."""
+    """Tensors as an ArrayRecord of Flower's own arrays, one per tensor, the form Flower's mods
+    and DP wrappers read: numpy arrays, except bfloat16, sent as its raw 2-byte values."""
     return ArrayRecord(
         {k: _array(v.detach().contiguous().cpu()) for k, v in tensors.items()}, keep_input=True
     )
 
 
+def packed(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    """Tensors as an ArrayRecord of one Array that holds them all: an 8-byte little-endian
+    header length, the header (JSON: each tensor's name, dtype and shape, in order), then every
+    tensor's raw bytes in that order. Exact for every dtype, and one buffer to copy and hash
+    where ``to_record`` runs ``np.save`` per tensor; Flower's mods cannot read it."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()]
+    head = json.dumps(header).encode()
+    body = [v.reshape(-1).view(torch.uint8).numpy().data for v in tensors.values() if v.numel()]
+    data = b"".join([len(head).to_bytes(8, "little"), head, *body])
+    return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(data),), stype=PACKED, data=data)})
+
+
+def as_record(tensors: Mapping[str, Tensor], for_flower: bool) -> ArrayRecord:
+    """``packed(tensors)``, or where a Flower wrapper reads the record (``for_flower``)
+    ``to_record`` of them in sorted key order: a wrapper pairs the arrays of two records by
+    position (an upload with the arrays it was sent), so both must be in one order."""
+    return to_record(dict(sorted(tensors.items()))) if for_flower else packed(tensors)
+
+
 def from_record(record: ArrayRecord) -> Tensors:
-    return {k: _tensor(array) for k, array in record.items()}
+    """The tensors of a record of either form (``to_record``'s or ``packed``'s); raises
+    ValueError (or another error) on a malformed one."""
+    tensors: Tensors = {}
+    for k, array in record.items():
+        if array.stype == PACKED:
+            tensors |= _unpacked(array.data)
+        else:
+            tensors[k] = _tensor(array)
+    return tensors
 
 
 def _array(t: Tensor) -> Array:
@@ -61,6 +94,33 @@ def _tensor(array: Array) -> Tensor:
         bits = torch.frombuffer(bytearray(array.data), dtype=torch.int16)
         return bits.view(torch.bfloat16).reshape(array.shape).clone()
     return torch.from_numpy(array.numpy()).clone()
+
+
+def _unpacked(data: bytes) -> Tensors:
+    """``packed``'s tensors, each a copy that owns its memory."""
+    size = int.from_bytes(data[:8], "little")
+    raw = np.frombuffer(data, dtype=np.uint8, offset=8 + size)
+    tensors: Tensors = {}
+    start = 0
+    for name, dtype_name, shape in json.loads(bytes(data[8 : 8 + size])):
+        dtype = getattr(torch, str(dtype_name), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"a packed record names an unknown dtype {dtype_name!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"a packed record gives {name!r} the shape {shape!r}")
+        end = start + math.prod(shape) * dtype.itemsize
+        if end > len(raw):
+            raise ValueError("a packed record is shorter than its header says")
+        chunk = raw[start:end]
+        tensors[str(name)] = (
+            torch.from_numpy(chunk.copy()).view(dtype).reshape(shape)
+            if chunk.size
+            else torch.empty(shape, dtype=dtype)
+        )
+        start = end
+    if start != len(raw):
+        raise ValueError("a packed record is longer than its header says")
+    return tensors
 
 
 def message(
@@ -79,9 +139,9 @@ def message(
     if pending is not None:
         name, tensors, answers = pending
         settings[ANSWERS] = answers
-        records[name] = to_record(tensors)
+        records[name] = packed(tensors)
     for r, tensors in sorted((merges or {}).items()):
-        records[f"{MERGE}-{r}"] = to_record(tensors)
+        records[f"{MERGE}-{r}"] = packed(tensors)
     content = RecordDict({"config": ConfigRecord(settings), **records})
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 

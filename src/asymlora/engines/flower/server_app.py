@@ -38,7 +38,7 @@ from ...federated.validate import Spec, UploadLimits, check_upload
 from ...runfolder import RunFolder, folder_lock
 from ..round import Member, Server
 from .config import AppSettings, federated_config
-from .dp import with_central_dp
+from .dp import with_central_dp, wrapper_reads_arrays
 from .protocol import FINISH, INIT, TENSORS, from_record, message, sort_replies
 from .strategy import FederatedStrategy, ScreenUploads
 
@@ -190,7 +190,8 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
         equal_weights=cfg.federation.central_dp != "off",  # the wrappers' noise is for a plain mean
         wire=cfg.federation.wire(),
     )
-    core = FederatedStrategy(server, nodes, server.setup(inits), folder.path, settings.timeout_s)
+    setups, wrapped = server.setup(inits), wrapper_reads_arrays(cfg.federation)
+    core = FederatedStrategy(server, nodes, setups, folder.path, settings.timeout_s, wrapped)
     info(f"init: {n} clients joined in {time.monotonic() - started:.1f} s")
     strategy = with_central_dp(core, cfg.federation, len(server.participants(1)))
     if strategy is not core:  # validation before any wrapper sees the replies

@@ -19,7 +19,7 @@ malformed upload, so where a wrapper sits between, ``ScreenUploads`` is put oute
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import fmean
 
@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from torch import Tensor
 
 from ...adapters.io import atomic_write, write_tensors
 from ...federated.common import BASE_DELTA, Tensors, select
@@ -40,30 +39,34 @@ from .protocol import (
     SETUP,
     UPLOAD,
     Pending,
+    as_record,
     from_record,
     loss_of,
     message,
     sort_replies,
-    to_record,
     upload_of,
 )
-
-
-def arrays_of(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    """Tensors as the strategy loop's ArrayRecord, in sorted key order (the order a DP wrapper
-    pairs them with the replies' arrays in)."""
-    return to_record({k: tensors[k] for k in sorted(tensors)})
 
 
 class FederatedStrategy(Strategy):
     """The federation's rounds as a Flower strategy: ``server`` (the round's server side, set
     up), ``nodes[i]`` client i's node id, ``setups[i]`` its round-0 state, ``out`` the run
     folder (``server.safetensors`` and ``rounds.jsonl``, written after every round), ``timeout``
-    the seconds the loop waits for replies."""
+    the seconds the loop waits for replies, ``wrapped`` whether a Flower wrapper sits around
+    it (one reads and may change the loop's arrays and the replies: then the arrays are Flower's
+    own, one per tensor, and what the wrapper hands on is read back)."""
 
-    def __init__(self, server: Server, nodes: list[int], setups: list[Tensors], out: Path, timeout: float):
+    def __init__(
+        self,
+        server: Server,
+        nodes: list[int],
+        setups: list[Tensors],
+        out: Path,
+        timeout: float,
+        wrapped: bool = False,
+    ):
         self.server, self.method, self.nodes, self.setups = server, server.method, nodes, setups
-        self.out, self.timeout = out, timeout
+        self.out, self.timeout, self.wrapped = out, timeout, wrapped
         self.averaging = self.method.not_an_average is None
         # what each client is due next: setup's parts, then the download of its last round
         self.pending: dict[int, Pending] = {i: (SETUP, s, 0) for i, s in enumerate(setups)}
@@ -73,12 +76,14 @@ class FederatedStrategy(Strategy):
         self.records: list[dict] = []
         self.sent: dict[int, Pending | None] = {}  # this round's participants and what they got
         self.log: RoundLog | None = None  # this round's accepted clients, once screened
+        self.accepted: list[Tensors] = []  # and their uploads, as screened
         self.started = time.monotonic()
 
     def initial_arrays(self) -> ArrayRecord:
         """The arrays the loop starts from: the uploaded parts' common starting point for an
         averaging method, the server state after setup otherwise."""
-        return arrays_of(self.method.upload(self.setups[0]) if self.averaging else self.server.state)
+        start = self.method.upload(self.setups[0]) if self.averaging else self.server.state
+        return as_record(start, self.wrapped)
 
     # --- Flower's Strategy ------------------------------------------------------------------
     def configure_train(
@@ -102,10 +107,12 @@ class FederatedStrategy(Strategy):
         """The method's aggregation of the accepted uploads (as the replies carry them now,
         after any wrapper's clipping); records the round and writes the run folder's files."""
         replies = list(replies)
-        if self.log is None or self.log.round != server_round:
-            replies = self.screen(server_round, replies)
-        by_node = {r.metadata.src_node_id: r for r in replies}
-        uploads = [from_record(by_node[self.nodes[i]].content[UPLOAD]) for i in self.log.participants]
+        if self.log is None or self.log.round != server_round:  # no wrapper screened them first
+            self.screen(server_round, replies)
+            uploads = self.accepted
+        else:  # as the wrapper left them
+            by_node = {r.metadata.src_node_id: r for r in replies}
+            uploads = [from_record(by_node[self.nodes[i]].content[UPLOAD]) for i in self.log.participants]
         log = self.server.combine(self.log, uploads)
         self.pending |= {
             i: (DOWNLOAD, d, server_round) for i, d in zip(log.participants, log.downloads, strict=True)
@@ -123,7 +130,7 @@ class FederatedStrategy(Strategy):
             f"round {server_round}: {record['bytes_up']:,.0f} B up / {record['bytes_down']:,.0f} B down "
             f"per client, {time.monotonic() - self.started:.2f} s"
         )
-        return arrays_of(self.server.state), MetricRecord({"loss": fmean(log.loss)})
+        return as_record(self.server.state, self.wrapped), MetricRecord({"loss": fmean(log.loss)})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -151,13 +158,13 @@ class FederatedStrategy(Strategy):
                 self.merges[i] = {}
         uploads = [(i, upload_of(reply)) for i, reply in got.items()]
         losses = {i: loss_of(reply) for i, reply in got.items()}
-        self.log, _ = self.server.accept(server_round, uploads, losses, sorted(failed.items()))
+        self.log, self.accepted = self.server.accept(server_round, uploads, losses, sorted(failed.items()))
         return [got[i] for i in self.log.participants]
 
     def take(self, arrays: ArrayRecord, answered: int) -> None:
         """An averaging method's server state and round ``answered``'s downloads are the loop's
-        arrays (the aggregate, as the wrappers left it)."""
-        if not self.averaging or answered < 1:
+        arrays (the aggregate, as the wrappers left it; without a wrapper they are both already)."""
+        if not self.averaging or answered < 1 or not self.wrapped:
             return
         state = from_record(arrays)
         self.server.state = state
