@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM
 
 from asymlora.adapters import find_target_modules
 from asymlora.federated.comm import load_config
-from asymlora.models import BASE_DTYPES, base_dtype, resolve_device, tiny_config
+from asymlora.models import BASE_DTYPES, DEVICES, base_dtype, resolve_device, tiny_config
 from asymlora.train.activations import set_activation_checkpointing
 
 DROPOUT = 0.05  # the paper's
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT", help="override config fields")
     ap.add_argument("--dtype", default="bfloat16", choices=list(BASE_DTYPES))
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=list(DEVICES))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (0: memory only)")

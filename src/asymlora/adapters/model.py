@@ -62,7 +62,7 @@ class AsymLoraModel(nn.Module):
         self.adapted: dict[str, AdapterLayer] = {}
         targets = find_target_modules(model, config.target_modules, config.layers)
         layer_class = layer_class_of(config)
-        check_adapter_size(model, config, targets, layer_class)
+        check_adapter_size(model, config, targets)
         for name, module in targets.items():
             layer = layer_class(module, config, name, self.routing).train(module.training)
             _set_submodule(model, name, layer)
@@ -143,29 +143,32 @@ def layer_class_of(config: AdapterConfig) -> type[AdapterLayer]:
     return FactoredLoraLinear if config.method == "factored" else MultiLoraLinear
 
 
-def planned_size(model: nn.Module, config: AdapterConfig) -> int:
-    """The numbers ``config``'s adapter would hold on ``model``, known before anything is
-    allocated: its trainable parameters (and the factored layer's fixed B_base)."""
-    targets = find_target_modules(model, config.target_modules, config.layers)
+def planned_on(config: AdapterConfig, targets: Mapping[str, nn.Module]) -> int:
+    """The numbers ``config``'s adapter would hold on these target modules, known before anything
+    is allocated: its trainable parameters (and the factored layer's fixed B_base)."""
     layer_class = layer_class_of(config)
     return sum(layer_class.planned_parameters(config, *layer_dims(m)) for m in targets.values())
+
+
+def planned_size(model: nn.Module, config: AdapterConfig) -> int:
+    """``planned_on`` the modules ``config`` targets in ``model``."""
+    return planned_on(config, find_target_modules(model, config.target_modules, config.layers))
 
 
 def matching_rank(model: nn.Module, config: AdapterConfig, other: AdapterConfig) -> int:
     """The smallest rank at which ``config``'s adapter holds at least as many numbers on ``model``
     as ``other``'s (a parameter-matched baseline: e.g. LoRA raised to ALoRA's trainable size)."""
     goal, rank = planned_size(model, other), 1
-    while planned_size(model, replace(config, r=rank)) < goal:
+    targets = find_target_modules(model, config.target_modules, config.layers)
+    while planned_on(replace(config, r=rank), targets) < goal:
         rank += 1
     return rank
 
 
-def check_adapter_size(
-    model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], layer_class: type[AdapterLayer]
-) -> None:
+def check_adapter_size(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module]) -> None:
     """Refuse, before anything is allocated, an adapter with more numbers than the base model it
     adapts (an adapter is a small addition; r = 10^8 or 10^5 experts would ask for ~100 GB)."""
-    planned = sum(layer_class.planned_parameters(config, *layer_dims(m)) for m in targets.values())
+    planned = planned_on(config, targets)
     base = sum(p.numel() for p in model.parameters())
     if planned > base:
         raise InputError(

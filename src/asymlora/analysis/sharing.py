@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters import AdapterConfig, wrap
-from ..adapters.model import check_ranks_fit
+from ..adapters import AdapterConfig, find_target_modules, wrap
+from ..adapters.model import check_adapter_size, check_ranks_fit
 from ..data.task import Example, Task, training_examples
 from ..errors import InputError
 from ..train import TrainConfig, train
@@ -160,8 +160,10 @@ class GradientRun:
         base, tokenizer = load(exp.model)
         run = cls(list(tasks), exp, examples, base, tokenizer)
         for share in shares:
-            check_ranks_fit(base, run.adapter_config(share), {"r": exp.r})
-            wrap(base, run.adapter_config(share)).unload()  # refuses an adapter larger than the base
+            config = run.adapter_config(share)
+            check_ranks_fit(base, config, {"r": exp.r})
+            targets = find_target_modules(base, config.target_modules, config.layers)
+            check_adapter_size(base, config, targets)  # an adapter larger than the base, before allocating
         return run
 
     def adapter_config(self, share: str) -> AdapterConfig:

@@ -94,14 +94,13 @@ class Report:
                 r.task: np.array(question_scores(asdict(r))) for r in self.majority.results
             }
         table = Table(names, models)
+        ci = table.intervals()
         out = {
-            "intervals": {k: iv.as_dict() for k, iv in table.intervals()["model"].items()},
+            "intervals": {k: iv.as_dict() for k, iv in ci["model"].items()},
             "top_answer_share": {e["task"]: most_frequent_answer_share(e) for e in entries},
         }
         if self.majority is not None:
-            out["majority_answer"] = {
-                k: iv.as_dict() for k, iv in table.intervals()["majority answer"].items()
-            }
+            out["majority_answer"] = {k: iv.as_dict() for k, iv in ci["majority answer"].items()}
             diffs = table.differences("majority answer")["model"]
             out["difference_vs_majority"] = {k: iv.as_difference() for k, iv in diffs.items()}
         return out

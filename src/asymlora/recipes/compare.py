@@ -21,6 +21,7 @@ import numpy as np
 from ..adapters import METHODS
 from ..adapters.model import matching_rank, planned_size
 from ..config import ConfigError, to_dict
+from ..data.task import Task
 from ..eval.report import delta_m, most_frequent_answer_share, question_scores
 from ..eval.runner import majority_report
 from ..eval.stats import Table, interval_text
@@ -111,7 +112,10 @@ def compare(
     references = (
         single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
     )
-    rows = {BASE_ROW: base_model_result(base, out / "base", log), MAJORITY_ROW: majority_answers(base)}
+    rows = {
+        BASE_ROW: base_model_result(base, tasks, out / "base", log),
+        MAJORITY_ROW: majority_answers(base, tasks),
+    }
     summary = summarize_cells(
         cells, task_names, references, rows, reference if reference in cells else methods[0]
     )
@@ -132,10 +136,8 @@ def matched_ranks(base: MultitaskConfig, methods: list[str], log=print) -> dict[
         method, other = spec.split(MATCHED, 1)
         mine, theirs = (cell_config(base, m, 0, Path()).adapter for m in (method, other))
         ranks[spec] = matching_rank(model, mine, theirs)
-        size = planned_size(model, replace(mine, r=ranks[spec]))
-        log(
-            f"{spec}: {method} at r={ranks[spec]}: {size:,} trainable parameters, {other} {planned_size(model, theirs):,}"
-        )
+        size, goal = planned_size(model, replace(mine, r=ranks[spec])), planned_size(model, theirs)
+        log(f"{spec}: {method} at r={ranks[spec]}: {size:,} trainable parameters, {other} {goal:,}")
     return ranks
 
 
@@ -148,7 +150,7 @@ def _counted(bar, result: dict[str, Any]) -> dict[str, Any]:
 BASE_ROW, MAJORITY_ROW = "base model", "majority answer"
 
 
-def base_model_result(cfg: MultitaskConfig, folder: Path, log=print) -> dict[str, Any]:
+def base_model_result(cfg: MultitaskConfig, tasks: list[Task], folder: Path, log=print) -> dict[str, Any]:
     """The base model (no adapter) scored on the cells' test questions; kept in ``folder`` and
     reused while the model, its dtype, the data and the evaluation settings stay the same. Loaded
     as the cells load it (dtype, device), so the base row is scored the way the adapters are."""
@@ -157,7 +159,7 @@ def base_model_result(cfg: MultitaskConfig, folder: Path, log=print) -> dict[str
     def score() -> dict[str, Any]:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
         model.to(resolve_device(cfg.device))
-        return evaluate(model, tokenizer, select_tasks(cfg.data), cfg, log=log).to_dict()
+        return evaluate(model, tokenizer, tasks, cfg, log=log).to_dict()
 
     return stored_result(folder, key, score, "the base model, no adapter", log)
 
@@ -180,9 +182,9 @@ def stored_result(
         return result
 
 
-def majority_answers(cfg: MultitaskConfig) -> dict[str, Any]:
+def majority_answers(cfg: MultitaskConfig, tasks: list[Task]) -> dict[str, Any]:
     """Every task's most frequent training answer, scored on the same test questions."""
-    return majority_report(select_tasks(cfg.data), seed=cfg.data.split_seed, limit=cfg.eval.limit).to_dict()
+    return majority_report(tasks, seed=cfg.data.split_seed, limit=cfg.eval.limit).to_dict()
 
 
 def write_summary(summary: dict[str, Any], out: Path, markdown: Callable, log=print) -> dict[str, Any]:

@@ -213,11 +213,11 @@ def optimizer_step(
     n_tokens = sum(len(e.input_ids) for e in items) * proc.world_size  # processed (not padded) tokens
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(cfg, step)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(
-            f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {float(grad_norm):.4g} "
+            f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {grad_norm:.4g} "
             "(not finite); the step was not applied"
         )
     optimizer.step()
@@ -226,7 +226,7 @@ def optimizer_step(
         "step": step + 1,
         "loss": loss,
         "lr": optimizer.param_groups[0]["lr"],
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
         "tokens": n_tokens,
     }
 

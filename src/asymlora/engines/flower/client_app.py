@@ -150,7 +150,7 @@ class Node:
     def build(cls, context: Context) -> Node:
         cfg = federated_config(context.run_config)
         method = cfg.federation.make_method()
-        dp = check_local_dp(context, method)
+        dp = check_local_dp(context, cfg.federation)
         index = int(context.node_config["partition-id"])
         data = build_clients(cfg.clients)
         if not 0 <= index < len(data):
@@ -191,9 +191,9 @@ def receive(node: Node, context: Context, content: RecordDict) -> Tensors:
     message that carried it got no reply (a timeout: the node may or may not have applied it);
     one of a round this node has applied already is ignored."""
     state = from_record(context.state[STATE])
-    trained = state | from_record(context.state[TRAINED]) if TRAINED in context.state else None
+    trained = None
     if TRAINED in context.state:
-        del context.state[TRAINED]
+        trained = state | from_record(context.state.pop(TRAINED))
     applied = int(context.state[APPLIED]["round"]) if APPLIED in context.state else -1
     answers = int(content["config"].get(ANSWERS, -1)) if "config" in content else -1
     fresh = answers > applied  # not a download applied before (resent), and not none at all

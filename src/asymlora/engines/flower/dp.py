@@ -99,12 +99,12 @@ def local_dp_unfit(method: FederatedMethod) -> str | None:
     )
 
 
-def check_local_dp(context: Context, method: FederatedMethod) -> LocalDpMod | None:
+def check_local_dp(context: Context, federation: FederationConfig) -> LocalDpMod | None:
     """The node's LocalDpMod (None when off); raises ValueError when its parameters are bad or
-    the run's method does not fit."""
+    the run's method (``federation``: the run config's federation section) does not fit."""
     mod = local_dp_mod(context.node_config)
-    reason = local_dp_unfit(method) if mod is not None else None
-    wire = federated_config(context.run_config).federation.wire_dtype
+    reason = local_dp_unfit(federation.make_method()) if mod is not None else None
+    wire = federation.wire_dtype
     if mod is not None and reason is None and wire != "float32":
         reason = f"local DP needs federation.wire_dtype='float32' (Flower's LocalDpMod computes in numpy), not {wire!r}"
     if reason is not None:
@@ -135,7 +135,7 @@ def privacy(msg: Message, context: Context, call_next: Callable[[Message, Contex
     if norm is None and not local:
         return call_next(msg, context)  # off: the run config is not even read here
     try:
-        mod = check_local_dp(context, federated_config(context.run_config).federation.make_method())
+        mod = check_local_dp(context, federated_config(context.run_config).federation)
     except ValueError as err:
         flwr_log(logging.ERROR, str(err))
         return _error(msg, str(err))

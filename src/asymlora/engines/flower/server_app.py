@@ -33,7 +33,6 @@ from torch import Tensor
 from ...errors import AsymloraError, one_line
 from ...fedconfig import FederatedConfig, save_config
 from ...federated.common import Tensors
-from ...federated.registry import rank_problem
 from ...federated.validate import Spec, UploadLimits, check_upload
 from ...runfolder import RunFolder, folder_lock
 from ..round import Member, Server
@@ -106,10 +105,9 @@ def join(
         )
         inits[i] = from_record(reply.content[TENSORS])
         if "dp-clip" in meta:
-            flwr_log(
-                logging.INFO,
+            info(
                 f"init: client {members[i].label} uploads under local DP: update clipped to "
-                f"{float(meta['dp-clip']):g}, noise std {float(meta['dp-std']):.4g} per value",
+                f"{float(meta['dp-clip']):g}, noise std {float(meta['dp-std']):.4g} per value"
             )
         if members[i].rank != ranks[i]:
             raise RuntimeError(
@@ -172,10 +170,7 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
     ``config.yaml`` once the clients have joined and the server is set up, then
     ``server.safetensors`` and ``rounds.jsonl`` after every round."""
     method = cfg.federation.make_method()
-    n = cfg.clients.count()
-    problem = rank_problem(method.name, cfg.adapter.ranks_for(n))
-    if problem is not None:
-        raise ValueError(problem)
+    n = cfg.clients.count()  # the ranks were checked with the config (FederatedConfig)
 
     started = time.monotonic()
     members, nodes, inits = join(grid, wait_for_nodes(grid, n, settings.timeout_s), cfg, settings.timeout_s)

@@ -118,10 +118,9 @@ class FederatedStrategy(Strategy):
             i: (DOWNLOAD, d, server_round) for i, d in zip(log.participants, log.downloads, strict=True)
         }
         if self.method.merges_into_base:
+            download = from_wire(log.downloads[0])  # one download, the same for every client
             for i in set(range(len(self.nodes))) - set(log.participants):
-                merged = self.method.apply_download(
-                    self.setups[i], from_wire(log.downloads[0]), self.setups[i]
-                )
+                merged = self.method.apply_download(self.setups[i], download, self.setups[i])
                 self.merges[i][server_round] = select(merged, {BASE_DELTA})
         self.records.append(self.server.record(log, self.records))
         self.write()
