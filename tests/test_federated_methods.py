@@ -474,3 +474,41 @@ def test_fedalora_common_a_init_starts_every_client_from_one_a_and_keeps_trainin
     assert not torch.equal(states[0]["layers.0.q_proj.lora_A"], original[0]["layers.0.q_proj.lora_A"])
     with pytest.raises(ValueError, match="client_a_init"):
         get_method("fedalora", client_a_init="shared")
+
+
+def test_fedalora_het_common_init_gives_each_rank_the_leading_slice_of_the_top_ranks_draw():
+    """``client_a_init='common'`` for Fed-ALoRA-het: the clients' A, M and B1 start as their
+    rank's leading rows (A, B1) or columns (M, rescaled to its own fan-in) of the highest-rank
+    client's; B2 and B_base as before; a kaiming draw sliced so is distributed as a fresh one."""
+    from asymlora.adapters.layer import kaiming_leading, kaiming_uniform
+
+    ranks = [2, 4, 4, 1]
+    original = het_states(ranks)
+    server, states, _ = start(get_method("fedalora-het", client_a_init="common"), original)
+    top = original[1]  # the first client of rank 4
+    for i, r in enumerate(ranks):
+        for mod in MODS:
+            key = f"{mod}.lora_"
+            assert torch.equal(states[i][key + "A"], top[key + "A"][:r])
+            assert torch.equal(states[i][key + "B1"], top[key + "B1"][:r])
+            assert torch.allclose(states[i][key + "M"], top[key + "M"][:, :r] * (4 / r) ** 0.5)
+            assert torch.equal(states[i][key + "B2"], original[i][key + "B2"])
+            assert torch.equal(states[i][key + "B_base"], original[0][key + "B_base"])
+    assert torch.equal(states[1][f"{next(iter(MODS))}.lora_M"], states[2][f"{next(iter(MODS))}.lora_M"])
+    draw = kaiming_uniform((64, 4096), torch.Generator().manual_seed(0))
+    columns = kaiming_leading(draw, 1, 16)
+    assert columns.abs().max() <= 1 / 16**0.5 and columns.abs().max() > 0.99 / 16**0.5
+    assert torch.equal(kaiming_leading(draw, 0, 16), draw[:16])
+    with pytest.raises(ValueError, match="client_a_init"):
+        get_method("fedalora-het", client_a_init="shared")
+
+
+def test_a_common_start_is_the_default_draw_when_every_rank_is_equal():
+    """For equal ranks the het method's common start is client 0's draw for everyone, as in
+    Fed-ALoRA's."""
+    original = het_states([3, 3, 3])
+    _, states, _ = start(get_method("fedalora-het", client_a_init="common"), original)
+    for state in states:
+        for key, value in state.items():
+            if key.rsplit(".", 1)[1] in ("lora_A", "lora_M", "lora_B1"):
+                assert torch.equal(value, original[0][key])

@@ -255,6 +255,22 @@ def test_heterogeneous_ranks_keep_each_clients_rank(method):
             assert model.adapter_config.r == max(HET_RANKS)
 
 
+def test_fedalora_het_common_start_on_a_real_model_is_one_draw_sliced_by_rank():
+    """On a real (tiny) model the common start's A of every client is its rank's leading rows of
+    the rank-4 client's draw, and training then moves each client's A on its own (from round 2:
+    in round 1, B_base and B2 are zero, so A gets no gradient)."""
+    sim = simulator("fedalora-het", HET_RANKS, client_a_init="common")
+    first = [select(s, {A}) for s in sim.states]
+    for state, rank in zip(first, HET_RANKS, strict=True):
+        for key, a in state.items():
+            assert torch.equal(a, first[0][key][:rank])
+    sim.run_round()
+    sim.run_round()
+    for i, state in enumerate(sim.states):
+        for key, a in select(state, {A}).items():
+            assert not torch.equal(a, first[i][key])
+
+
 def test_homogeneous_method_refuses_unequal_ranks():
     with pytest.raises(ValueError, match="same rank"):
         simulator("fedalora", HET_RANKS)

@@ -45,6 +45,14 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
+def kaiming_leading(draw: Tensor, dim: int, size: int) -> Tensor:
+    """The leading ``size`` rows (``dim`` 0) or columns (``dim`` 1) of a ``kaiming_uniform``
+    draw, distributed as a draw of the smaller shape would be: rows are kept as drawn; columns are
+    the fan-in, so they are rescaled from the bound 1/sqrt(full) to 1/sqrt(size)."""
+    kept = draw.narrow(dim, 0, size).clone()
+    return kept * math.sqrt(draw.shape[1] / size) if dim == 1 else kept
+
+
 def adapter_dtype(setting: str, base: torch.dtype) -> torch.dtype:
     """The adapter parameters' dtype: the base's for ``base``; for ``float32``, float32 (float64
     over a float64 base, for exact gradient checks)."""
@@ -207,6 +215,7 @@ class MultiLoraLinear(AdapterLayer):
 
 FACTORED_DRAWN = ("lora_A", "lora_M", "lora_B1")  # seeded kaiming-uniform, in this order; the rest zeros
 FACTORED_FROZEN = "lora_B_base"  # the server's shared B_base: not trained
+FACTORED_RANK_DIM = {"lora_A": 0, "lora_M": 1, "lora_B1": 0, "lora_B2": 1}  # where each holds r
 
 
 def factored_shapes(d_in: int, d_out: int, r: int, d_m: int) -> dict[str, tuple[int, int]]:

@@ -141,6 +141,14 @@ def broadcast(states: Sequence[Mapping[str, Tensor]], parts: Iterable[str]) -> l
     return out
 
 
+A_INITS = ("independent", "common")  # client_a_init: each client's own draw, or one for all
+
+
+def check_a_init(value: str) -> None:
+    if value not in A_INITS:
+        raise ValueError(f"client_a_init={value!r} must be one of {', '.join(A_INITS)}")
+
+
 def lora_shapes(d_in: int, d_out: int, rank: int, d_m: int) -> dict[str, tuple[int, ...]]:
     """Plain LoRA's tensors at one module (``d_m`` unused)."""
     return {A: (rank, d_in), B: (d_out, rank)}

@@ -23,13 +23,10 @@ import torch
 from torch import Tensor
 
 from .base import AverageUploads
-from .common import A, B, Tensors, broadcast, module_of, select
+from .common import A, B, Tensors, broadcast, check_a_init, module_of, select
 
 if TYPE_CHECKING:
     from ..adapters import AdapterConfig
-
-
-A_INITS = ("independent", "common")
 
 
 @dataclass(frozen=True)
@@ -47,8 +44,7 @@ class FedALoRA(AverageUploads):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.client_a_init not in A_INITS:
-            raise ValueError(f"client_a_init={self.client_a_init!r} must be one of {', '.join(A_INITS)}")
+        check_a_init(self.client_a_init)
 
     def setup(self, states: Sequence[Mapping[str, Tensor]]) -> tuple[Tensors, list[Tensors]]:
         # B starts common (zeros); A starts common only when asked (the reset needs one common A)

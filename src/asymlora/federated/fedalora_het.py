@@ -18,6 +18,14 @@ keeping B2_i B1_i on top would count it twice. B1_i is kept (not re-drawn) so th
 round's B2_i gets a non-zero gradient, as after LoRA's B = 0 start. A_i and M_i never leave the
 client. d_m caps the rank of the shared part (the reference hard-codes 16 and alpha = 2 r_i).
 
+``client_a_init``: ``independent`` (default) keeps each client's own draw of A_i, M_i and B1_i;
+``common`` starts them from one draw, the highest-rank client's: client i takes its leading r_i
+rows of A and B1 and its leading r_i columns of M (rescaled to the kaiming bound of its own
+fan-in r_i, so every client's start is distributed as its own draw would be). Clients of equal
+rank then start identical, as in Fed-ALoRA's ``common``; clients of lower rank start in a
+subspace of the top rank's, so the d_m-dimensional code M_i A_i x that B_base reads is partly
+shared.
+
 ``reset_a_each_round=True`` reproduces the reference scripts, which build every client afresh
 each round (same seed): A_i, M_i and B1_i go back to the client's round-0 values.
 The scales s_i are not used by the server: they multiply B_base and B2_i B1_i alike.
@@ -30,7 +38,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..adapters.layer import factored_shapes
+from ..adapters.layer import FACTORED_DRAWN, FACTORED_RANK_DIM, factored_shapes, kaiming_leading
 from .base import FederatedMethod
 from .common import (
     B1,
@@ -40,7 +48,9 @@ from .common import (
     M,
     Tensors,
     broadcast,
+    check_a_init,
     modules,
+    part,
     select,
     weighted_sum,
 )
@@ -61,9 +71,15 @@ class FedALoRAHet(FederatedMethod):
     )
 
     reset_a_each_round: bool = False  # the reference's per-round rebuild, only on request
+    client_a_init: str = "independent"
+
+    def __post_init__(self) -> None:
+        check_a_init(self.client_a_init)
 
     def setup(self, states: Sequence[Mapping[str, Tensor]]) -> tuple[Tensors, list[Tensors]]:
         states = broadcast(states, {B_BASE})
+        if self.client_a_init == "common":
+            states = leading_of_top_rank(states)
         return {k: v.clone() for k, v in select(states[0], {B_BASE}).items()}, states
 
     def combine(
@@ -103,3 +119,17 @@ class FedALoRAHet(FederatedMethod):
 
     def state_shapes(self, d_in: int, d_out: int, rank: int, d_m: int) -> dict[str, tuple[int, ...]]:
         return factored_shapes(d_in, d_out, rank, d_m)
+
+
+def leading_of_top_rank(states: Sequence[Mapping[str, Tensor]]) -> list[Tensors]:
+    """Every client's drawn parts (A, M, B1) replaced by its rank's leading slice of the
+    highest-rank client's (the first such client's)."""
+    top = max(states, key=lambda state: next(v.shape[0] for k, v in state.items() if part(k) == A))
+    out = []
+    for state in states:
+        new = dict(state)
+        for key, draw in select(top, set(FACTORED_DRAWN)).items():
+            dim = FACTORED_RANK_DIM[part(key)]
+            new[key] = kaiming_leading(draw, dim, state[key].shape[dim])
+        out.append(new)
+    return out
