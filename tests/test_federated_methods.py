@@ -136,16 +136,21 @@ def test_fedalora_keeps_each_a_across_rounds():
     assert not torch.equal(states[0]["layers.0.q_proj.lora_A"], states[1]["layers.0.q_proj.lora_A"])
 
 
-def test_fedalora_reset_option_puts_every_a_back_to_one_common_init():
-    method = get_method("fedalora", reset_a_each_round=True)
+@pytest.mark.parametrize("a_init", ["common", "independent"])
+def test_fedalora_reset_option_puts_every_a_back_to_its_round0_value(a_init):
+    """The 2 x 2 of the A ablation's reset column: with a common start (the reference) every
+    client's A goes back to client 0's draw each round; with an independent start, to its own."""
+    method = get_method("fedalora", reset_a_each_round=True, client_a_init=a_init)
     original = lora_states([3, 3, 3])
     server, states, inits = start(method, original)
     for _ in range(2):
         trained = train(method, states)
         _, server, _, states = run_round(method, trained, inits, server)
         for i in range(3):
+            source = original[0] if a_init == "common" else original[i]
             for mod in MODS:
-                assert torch.equal(states[i][f"{mod}.lora_A"], original[0][f"{mod}.lora_A"])
+                assert torch.equal(states[i][f"{mod}.lora_A"], source[f"{mod}.lora_A"])
+                assert not torch.equal(states[i][f"{mod}.lora_B"], original[i][f"{mod}.lora_B"])
 
 
 def test_weights_are_example_counts():

@@ -45,7 +45,8 @@ class FederationConfig:
     reset_a_each_round: bool = field(
         default=False,
         metadata={
-            "help": f"the reference's per-round reset of A, a defect ({_taking('reset_a_each_round')})"
+            "help": "put A back to its round-0 value every round; with client_a_init=common, the "
+            f"reference's defect ({_taking('reset_a_each_round')})"
         },
     )
     client_a_init: str = field(

@@ -9,8 +9,10 @@ and client (task-id) routing. Communication: d_out r each way, half of FedIT's.
 ``common`` starts every client from one A (client 0's draw), as the reference does. A common start
 puts the clients' A's in one subspace, so the B they average reads the same directions.
 
-``reset_a_each_round=True`` reproduces the reference scripts' defect: every client's A is put
-back to that common initial A at every round, so A never accumulates training. Off by default.
+``reset_a_each_round=True`` puts every client's A back to its round-0 value at every round, so A
+never accumulates training: with ``client_a_init=common`` that is the reference scripts' defect
+(every client back to one common A); with ``independent``, each client back to its own draw. Off
+by default. The two switches make the 2 x 2 ablation of the A initialisation.
 """
 
 from __future__ import annotations
@@ -47,9 +49,8 @@ class FedALoRA(AverageUploads):
         check_a_init(self.client_a_init)
 
     def setup(self, states: Sequence[Mapping[str, Tensor]]) -> tuple[Tensors, list[Tensors]]:
-        # B starts common (zeros); A starts common only when asked (the reset needs one common A)
-        common_a = self.client_a_init == "common" or self.reset_a_each_round
-        return {}, broadcast(states, {A, B} if common_a else {B})
+        # B starts common (zeros); A starts common only when asked
+        return {}, broadcast(states, {A, B} if self.client_a_init == "common" else {B})
 
     @property
     def init_parts(self) -> frozenset[str]:
