@@ -200,3 +200,15 @@ def test_compare_runs_a_parameter_matched_lora(tmp_path, task_files):
     assert f"lora@alora is lora at r={rank}, the smallest rank" in (out / "results.md").read_text()
     args[args.index("alora,lora@alora")] = "lora@nope"
     assert main(args) == 2
+
+
+def test_compare_without_out_writes_beside_what_train_writes_in_the_configs_output_dir(tmp_path, task_files):
+    """No --out: the cells go to <output_dir>/compare, so a ``train`` run of the same config in
+    output_dir keeps its own results.json."""
+    home = tmp_path / "mine"
+    args = ["compare", "--model", "tiny-llama", "--tasks", ",".join(task_files), "--steps", "1",
+            "--set", f"output_dir={home}", "--methods", "lora", "--seeds", "0", *TINY]  # fmt: skip
+    assert main(args) == 0
+    assert (home / "compare" / "results.json").exists()
+    assert (home / "compare" / "lora" / "seed-0" / "results.json").exists()
+    assert not (home / "results.json").exists()

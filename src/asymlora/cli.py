@@ -223,7 +223,7 @@ def _slug(text: str) -> str:
 # asymlora train / compare / generate
 
 
-def _add_run_config(p: argparse.ArgumentParser) -> None:
+def _add_run_config(p: argparse.ArgumentParser, out_default: str = "the config's output_dir") -> None:
     """Flags shared by train and compare: a config file, overrides, and the common shortcuts."""
     p.add_argument("--config", type=Path, help="TOML or YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -237,7 +237,7 @@ def _add_run_config(p: argparse.ArgumentParser) -> None:
         "--tasks", help="comma-separated task names, bigbench:<task>, hf:<dataset>?... or .jsonl files"
     )
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps, default 100)")
-    p.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
+    p.add_argument("--out", type=Path, help=f"output folder (default: {out_default})")
 
 
 def _shortcuts(args: argparse.Namespace, data: str) -> list[Override]:
@@ -289,7 +289,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
         "asymlora compare --config configs/demo.yaml --methods lora,alora --seeds 0 --out runs/demo",
         "asymlora compare --config configs/commonsense-smollm2.yaml --single-task-baseline --out runs/cs",
     ])  # fmt: skip
-    _add_run_config(p)
+    _add_run_config(p, out_default="<the config's output_dir>/compare")
     p.add_argument("--methods", default="lora,alora,hydralora,mola", help="comma-separated methods")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--single-task-baseline", action="store_true",
@@ -302,7 +302,7 @@ def run_compare(args: argparse.Namespace) -> int:
     cfg = _load_multitask_config(args)
     seeds = _ints(args.seeds, "--seeds")
     methods = _names(args.methods, "--methods")
-    out = args.out or Path("runs") / "compare"
+    out = args.out or Path(cfg.output_dir) / "compare"  # beside, not over, what train writes there
     compare(cfg, methods, seeds, out, single_task_baseline=args.single_task_baseline)
     return 0
 
