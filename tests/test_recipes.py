@@ -212,3 +212,45 @@ def test_compare_without_out_writes_beside_what_train_writes_in_the_configs_outp
     assert (home / "compare" / "results.json").exists()
     assert (home / "compare" / "lora" / "seed-0" / "results.json").exists()
     assert not (home / "results.json").exists()
+
+
+def test_compare_leaves_a_cell_another_process_runs_for_last(tmp_path, task_files):
+    """Two workers on one grid share it: a cell whose folder another process holds is left until
+    the other cells are done, then waited for (not queued behind at its turn)."""
+    import threading
+    import time
+
+    from asymlora.recipes.compare import compare
+    from asymlora.runfolder import folder_lock
+
+    out = tmp_path / "grid"
+    cfg = load_config(
+        None,
+        ["model=tiny-llama", f"data.tasks={task_files}", "train.steps=1", *TINY[1::2]],
+    )
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker() -> None:
+        with folder_lock(out / "lora" / "seed-0", log=lambda _: None):
+            held.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=other_worker)
+    holder.start()
+    held.wait(30)
+    lines: list[str] = []
+    worker = threading.Thread(
+        target=compare, args=(cfg, ["lora", "alora"], [0], out), kwargs={"log": lines.append}
+    )
+    worker.start()
+    deadline = time.monotonic() + 150
+    while not (out / "alora" / "seed-0" / "results.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "alora" / "seed-0" / "results.json").exists(), lines
+    assert not (out / "lora" / "seed-0" / "results.json").exists()
+    assert any(line.startswith("later (another process is running it)") for line in lines)
+    release.set()
+    holder.join()
+    worker.join(300)
+    assert (out / "lora" / "seed-0" / "results.json").exists()
+    assert set(json.loads((out / "results.json").read_text())["methods"]) >= {"lora", "alora"}

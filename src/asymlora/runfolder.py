@@ -84,6 +84,22 @@ def folder_lock(folder: Path, log: Callable[[str], None] = print, wait: bool = T
             _release(key)
 
 
+def folder_busy(folder: Path) -> bool:
+    """Whether another process holds ``folder_lock(folder)`` right now (a glance: it may be taken
+    or let go the moment after). A folder this thread holds is not busy."""
+    path = Path(folder).resolve()
+    lock = path.parent / f".{path.name}.lock"
+    if fcntl is None or (threading.get_ident(), path) in _held or not lock.exists():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def check_is_folder(path: Path) -> None:
     """Refuse a path that is a file or lies below one (before anything is made there)."""
     existing = next(p for p in (path, *path.parents) if p.exists())

@@ -27,7 +27,7 @@ from ..eval.runner import majority_report
 from ..eval.stats import Table, interval_text
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
-from ..runfolder import check_same_config, folder_lock
+from ..runfolder import check_same_config, folder_busy, folder_lock
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 MATCHED = "@"
@@ -73,6 +73,25 @@ def run_cell(cfg: Any, log=print, save: Callable = save_config, runner: Callable
         return json.loads(done.read_text())
 
 
+def run_grid(
+    configs: Sequence[Any], run_one: Callable[[Any], dict[str, Any]], log=print
+) -> list[dict[str, Any]]:
+    """``run_one(cfg)`` for every cell, cells that another process is running left until the
+    others are done (then waited for): several workers started on one grid share its cells
+    instead of queueing behind each other. Results come back in the order of ``configs``."""
+    results: dict[int, dict[str, Any]] = {}
+    busy = []
+    for i, cfg in enumerate(configs):
+        if folder_busy(Path(cfg.output_dir)):
+            log(f"later (another process is running it): {cfg.output_dir}")
+            busy.append(i)
+        else:
+            results[i] = run_one(cfg)
+    for i in busy:
+        results[i] = run_one(configs[i])
+    return [results[i] for i in range(len(configs))]
+
+
 def check_grid(methods: list[str], seeds: list[int], known: Sequence[str], matched: bool = False) -> None:
     """Refuse an unknown method (``matched``: also ``m@other`` of two known ones) or an empty seed
     list, naming the flag."""
@@ -99,16 +118,11 @@ def compare(
     ranks = matched_ranks(base, methods, log)
     task_names = [t.name for t in tasks]
     specs = base.data.tasks or task_names  # how each task is named in a config (a name or a file)
-    with progress_bar(total=len(methods) * len(seeds), desc="compare", unit="cell") as bar:
-        cells = {
-            m: [
-                _counted(
-                    bar, run_cell(cell_config(base, m, s, out / m / f"seed-{s}", rank=ranks.get(m)), log)
-                )
-                for s in seeds
-            ]
-            for m in methods
-        }
+    grid = [(m, s) for m in methods for s in seeds]
+    configs = [cell_config(base, m, s, out / m / f"seed-{s}", rank=ranks.get(m)) for m, s in grid]
+    with progress_bar(total=len(grid), desc="compare", unit="cell") as bar:
+        results = run_grid(configs, lambda cfg: _counted(bar, run_cell(cfg, log)), log)
+    cells = {m: [r for (mm, _), r in zip(grid, results, strict=True) if mm == m] for m in methods}
     references = (
         single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
     )
@@ -188,11 +202,13 @@ def majority_answers(cfg: MultitaskConfig, tasks: list[Task]) -> dict[str, Any]:
 
 
 def write_summary(summary: dict[str, Any], out: Path, markdown: Callable, log=print) -> dict[str, Any]:
-    """results.json, results.md (``markdown(summary)``) and results.png in ``out``; prints the table."""
+    """results.json, results.md (``markdown(summary)``) and results.png in ``out``; prints the table.
+    Written under ``out``'s lock: workers that share a grid finish it together."""
     table = markdown(summary)
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
-    plot(summary, out / "results.png")
+    with folder_lock(out, log):
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "results.md").write_text(table + "\n")
+        plot(summary, out / "results.png")
     log(table)
     log(f"table: {out / 'results.md'}\nplot:  {out / 'results.png'}\njson:  {out / 'results.json'}")
     return summary

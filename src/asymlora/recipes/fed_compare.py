@@ -98,9 +98,10 @@ def fed_compare(
 ) -> dict[str, Any]:
     compare.check_grid(methods, seeds, METHODS)
     out = Path(out)
-    results = {
-        m: [run_cell(cell_config(base, m, s, out / m / f"seed-{s}"), log) for s in seeds] for m in methods
-    }
+    grid = [(m, s) for m in methods for s in seeds]
+    configs = [cell_config(base, m, s, out / m / f"seed-{s}") for m, s in grid]
+    done = compare.run_grid(configs, lambda cfg: run_cell(cfg, log), log)
+    results = {m: [r for (mm, _), r in zip(grid, done, strict=True) if mm == m] for m in methods}
     clients = list(results[methods[0]][0]["scores"])
     cells = {m: [as_task_cell(r) for r in rs] for m, rs in results.items()}
     rows = reference_rows(base, out, log)
