@@ -162,3 +162,29 @@ def test_a_damaged_predictions_file_is_named_not_a_traceback(tmp_path: Path, cap
     assert federate(run, tasks, "--resume") == 2
     err = capsys.readouterr().err
     assert "predictions.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_runs_in_different_folders_are_tabulated_paired_against_one(tmp_path: Path) -> None:
+    """benchmarks/fed_runs_table.py: finished federate runs of an ablation, kept in their own
+    folders, in one table; a run paired against itself differs by exactly 0, another setting's
+    run gets its own row and a paired difference."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fed_runs_table import main as table
+
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
+    first, common = tmp_path / "independent", tmp_path / "common"
+    assert federate(first, tasks, "--method", "fedalora") == 0
+    assert federate(common, tasks, "--method", "fedalora", "--set", "federation.client_a_init=common") == 0
+    out = tmp_path / "table"
+    runs = ["--run", f"independent={first}", "--run", f"again={first}", "--run", f"common={common}"]
+    assert table(["--out", str(out), *runs]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["methods"]) == ["independent", "again", "common"]
+    same = summary["method_statistics"]["again"]["differences"]["independent"]["average"]
+    assert (same["value"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert "independent" in summary["method_statistics"]["common"]["differences"]
+    assert "| common |" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="no finished run"):
+        table(["--out", str(out), "--run", f"x={tmp_path / 'nothing'}"])

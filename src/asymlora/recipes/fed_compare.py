@@ -102,10 +102,20 @@ def fed_compare(
     configs = [cell_config(base, m, s, out / m / f"seed-{s}") for m, s in grid]
     done = compare.run_grid(configs, lambda cfg: run_cell(cfg, log), log)
     results = {m: [r for (mm, _), r in zip(grid, done, strict=True) if mm == m] for m in methods}
-    clients = list(results[methods[0]][0]["scores"])
+    return summarize_runs(results, base, out, reference if reference in methods else methods[0], log)
+
+
+def summarize_runs(
+    results: dict[str, list[dict[str, Any]]], base: FederatedConfig, out: Path, reference: str, log=print
+) -> dict[str, Any]:
+    """The comparison table, JSON and plot in ``out`` of finished federate runs (``results``: a
+    label -> the runs' results.json, one per seed), with paired differences against the runs
+    labelled ``reference`` and the base model and majority rows of ``base``'s clients."""
+    seeds = [r["seed"] for r in next(iter(results.values()))]
+    clients = list(next(iter(results.values()))[0]["scores"])
     cells = {m: [as_task_cell(r) for r in rs] for m, rs in results.items()}
     rows = reference_rows(base, out, log)
-    summary = summarize_cells(cells, clients, None, rows, reference if reference in methods else methods[0])
+    summary = summarize_cells(cells, clients, None, rows, reference)
     for method, runs in results.items():
         entry = summary["methods"][method]
         entry["ranks"] = runs[0]["ranks"]
