@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from asymlora import AdapterConfig, export_peft, load_adapter, save_adapter, wrap
 from asymlora.adapters import MultiLoraLinear
 from asymlora.adapters.io import CONFIG_FILE
+from asymlora.errors import InputError
 from tiny_models import TARGETS, batch, randomize_adapters, tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
@@ -39,9 +40,12 @@ def test_wrap_starts_equal_to_base_freezes_it_and_unloads(arch):
     )
     randomize_adapters(wrapped)
     assert not torch.equal(logits(wrapped, ids), before)
+    with pytest.raises(InputError, match="earlier wrap; call .unload"):
+        wrap(base, method="lora", r=4, target_modules=TARGETS[arch])  # base still holds the layers
     restored = wrapped.unload()
     assert not any(isinstance(m, MultiLoraLinear) for m in restored.modules())
     torch.testing.assert_close(logits(restored, ids), before, rtol=0, atol=0)
+    wrap(restored, method="lora", r=4, target_modules=TARGETS[arch]).unload()  # unloaded: wraps again
 
 
 def test_trainable_count_matches_formula():

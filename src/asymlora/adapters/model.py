@@ -48,6 +48,11 @@ class AsymLoraModel(nn.Module):
         super().__init__()
         if isinstance(model, AsymLoraModel):
             raise InputError("this model already has asymlora adapters; call .unload() first")
+        if any(isinstance(m, AdapterLayer) for m in model.modules()):
+            raise InputError(
+                "this model still holds the adapter layers of an earlier wrap; call .unload() on "
+                "that wrapped model first"
+            )
         if config.model_type is None:
             config.model_type = _model_type(model)
         if config.base_model_name_or_path is None:
