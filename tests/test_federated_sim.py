@@ -473,3 +473,24 @@ def test_partial_train_section_keeps_the_federated_training_defaults(task_files,
         overrides=["train.steps=3"],
     )
     assert (cfg.train.steps, cfg.train.lr, cfg.train.schedule) == (3, 5e-4, "constant")
+
+
+@pytest.mark.parametrize(("schedule", "factors"), [("constant", [1, 1, 1, 1]), ("linear", [1, 0.75, 0.5, 0.25]),
+                                                   ("cosine", [1, 0.853553, 0.5, 0.146447])])  # fmt: skip
+def test_round_schedule_gives_each_round_its_lr(schedule, factors, task_files, tmp_path):
+    """Round t of R trains at train.lr x schedule((t - 1) / R): what the simulator's clients
+    really step with, read from their training history."""
+    cfg = run_config(tmp_path, task_files, federation={"rounds": 4, "round_schedule": schedule},
+                     train={"steps": 1, "batch_size": 2, "lr": 1e-2})  # fmt: skip
+    got = [cfg.federation.train_for_round(cfg.train, t).lr / 1e-2 for t in (1, 2, 3, 4)]
+    assert got == pytest.approx(factors, abs=1e-6)
+    base, tokenizer = load_model("tiny-llama")
+    sim = fed.make_simulator(cfg, build_clients(cfg.clients), base, tokenizer)
+    seen: dict[int, set] = {}
+
+    def lr_of(rnd: int, _i: int, history: list) -> None:
+        seen.setdefault(rnd, set()).update(round(h["lr"] / 1e-2, 6) for h in history)
+
+    for _ in range(2):
+        sim.run_round(on_client=lr_of)
+    assert seen == {1: {round(got[0], 6)}, 2: {round(got[1], 6)}}

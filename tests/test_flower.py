@@ -50,7 +50,12 @@ BAD = f"task{HONEST}"  # the name of client 3
 # method -> (ranks of the 4 clients, what client 3 does in rounds 1 and 2, extra overrides,
 #            what the server must say about it in each round)
 RUNS = {
-    "fedalora": ("", "nan,raise", {}, [("rejected", "NaN"), ("dropped", "raises in round 2")]),
+    "fedalora": (  # with an lr falling over the rounds: both engines must train round 2 at lr / 2
+        "",
+        "nan,raise",
+        {"federation.round_schedule": "linear"},
+        [("rejected", "NaN"), ("dropped", "raises in round 2")],
+    ),
     "fedalora-het": (
         "4,2,2,2",
         "extra-name,shape",

@@ -28,6 +28,7 @@ from asymlora.cli import main
 from asymlora.config import ConfigError, apply_overrides, parse_override
 from asymlora.data.formats import file_task
 from asymlora.data.task import DataFormatError
+from asymlora.fedconfig import load_config as fed_load_config
 from tiny_models import tiny_model, write_choice_tasks
 
 TINY = ["--model", "tiny-llama", "--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']",
@@ -745,3 +746,14 @@ def test_set_values_are_read_as_toml_and_deep_nesting_is_refused():
         from asymlora.recipes.multitask import load_config
 
         load_config(None, ["train.lr=nan"])
+
+
+def test_a_resume_may_not_add_rounds_under_a_round_schedule(tmp_path, capsys, tasks):
+    """With the lr spread over the rounds (``federation.round_schedule``), more rounds would change
+    the lr of the rounds still to run: refused, naming the key; the run goes on as it was made."""
+    out = tmp_path / "sched"
+    args = fed_args(out, tasks, "--set", "federation.round_schedule=linear")
+    assert main(args) == 0
+    refused(capsys, [*args, "--resume", "--rounds", "2"], "federation.rounds", out)
+    with pytest.raises(ConfigError, match="federation.round_schedule='weekly' must be one of constant"):
+        fed_load_config(None, ["federation.round_schedule=weekly"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .federated.registry import DEFAULT, METHODS, averaging, get_method, known, 
 from .federated.validate import NORMS, UploadLimits
 from .models import DTYPE_CHOICES, check_base_settings
 from .train import TrainConfig
+from .train.loop import SCHEDULES, decay
 
 _EVAL_FIELDS = {f.name: f for f in fields(EvalConfig)}
 METHOD_OPTIONS = ("reset_a_each_round", "client_a_init", "dense_download", "aggregation", "trim")
@@ -87,6 +88,13 @@ class FederationConfig:
             "help": "uploads and downloads travel as float32 | bfloat16 | float16 (aggregated in float32)"
         },
     )
+    round_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "the clients' lr over the rounds: constant | linear | cosine (round t of R "
+            "trains at train.lr x the schedule at (t - 1) / R; train.schedule acts within a round)"
+        },
+    )
     central_dp: str = field(
         default="off",
         metadata={
@@ -115,6 +123,10 @@ class FederationConfig:
         if self.upload_norm not in NORMS:
             raise ConfigError(
                 f"federation.upload_norm={self.upload_norm!r} must be one of {', '.join(NORMS)}"
+            )
+        if self.round_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"federation.round_schedule={self.round_schedule!r} must be one of {', '.join(SCHEDULES)}"
             )
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(
@@ -173,6 +185,10 @@ class FederationConfig:
         """The options the chosen method takes, for ``get_method``."""
         accepted = options_of(self.method)
         return {option: getattr(self, option) for option in METHOD_OPTIONS if option in accepted}
+
+    def train_for_round(self, train: TrainConfig, rnd: int) -> TrainConfig:
+        """Round ``rnd``'s local training: ``train`` at this round's lr (``round_schedule``)."""
+        return replace(train, lr=train.lr * decay(self.round_schedule, (rnd - 1) / self.rounds))
 
     def make_method(self) -> FederatedMethod:
         """The chosen method with its options (checked when the config was built)."""

@@ -156,6 +156,7 @@ class LocalSimulator:
         min_clients: int = 1,
         limits: UploadLimits | None = None,
         wire: torch.dtype = torch.float32,
+        round_train: Callable[[int], TrainConfig] | None = None,
     ) -> None:
         members = [Member(c.name, c.rank, c.n_examples, c.scale) for c in clients]
         self.aggregator = Server(
@@ -163,6 +164,7 @@ class LocalSimulator:
         )
         self.base, self.method, self.clients = base, method, list(clients)
         self.train_cfg, self.seed, self.pad_id = train, seed, pad_id
+        self.round_train = round_train  # round -> its local training (an lr over rounds), else train
         self.template = replace(adapter, method=method.adapter_kind)
         self.base_layers = find_target_modules(base, adapter.target_modules, adapter.layers)
         self.model: AsymLoraModel | None = None
@@ -218,9 +220,8 @@ class LocalSimulator:
     def train_client(self, rnd: int, i: int) -> tuple[Tensors, list[dict]]:
         """Client ``i``'s side of round ``rnd``: local training on the shared model; returns its
         new state and the training history (the upload is ``method.upload`` of the state)."""
-        return train_locally(
-            self.load_client(i), self.clients[i], self.train_cfg, self.seed, rnd, i, self.pad_id
-        )
+        train = self.round_train(rnd) if self.round_train is not None else self.train_cfg
+        return train_locally(self.load_client(i), self.clients[i], train, self.seed, rnd, i, self.pad_id)
 
     def client_upload(self, rnd: int, i: int) -> Tensors:
         """What client ``i`` sends in round ``rnd``, in the wire dtype (a hook: tests replace it

@@ -165,11 +165,14 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
         min_clients=cfg.federation.min_clients,
         limits=cfg.federation.limits(),
         wire=cfg.federation.wire(),
+        round_train=lambda rnd: cfg.federation.train_for_round(cfg.train, rnd),
     )
 
 
-# What a --resume may change: evaluation, the device, and more rounds (no schedule depends on them).
+# What a --resume may change: evaluation, the device, and more rounds (unless a round_schedule
+# spreads the lr over them).
 RESUMABLE = ("eval", "device", "federation.rounds", "train.threads")
+ROUNDS = "federation.rounds"  # not resumable under a round schedule: the lr of every round depends on it
 
 
 def run(
@@ -192,7 +195,12 @@ def run(
         )
     out = Path(cfg.output_dir)
     with folder_lock(out, log, wait=False):
-        folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
+        resumable = (
+            RESUMABLE
+            if cfg.federation.round_schedule == "constant"
+            else tuple(key for key in RESUMABLE if key != ROUNDS)
+        )
+        folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=resumable)
         use_threads(cfg.train.threads, log)
         clients = build_clients(cfg.clients)
         base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)

@@ -122,13 +122,17 @@ def init_process() -> Process:
     return Process(dist.get_rank(), dist.get_world_size())
 
 
+def decay(schedule: str, progress: float) -> float:
+    """The lr factor of ``schedule`` (one of SCHEDULES) at ``progress`` in [0, 1]."""
+    if schedule == "constant":
+        return 1.0
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return decay(cfg.schedule, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):

@@ -176,8 +176,9 @@ class Node:
     def train(self, state: Mapping[str, Tensor], rnd: int) -> tuple[Tensors, float]:
         """One local round from ``state``, seeded as the simulator seeds client ``index``."""
         pad = pad_id_of(base_model(self.base)[1])
+        train = self.cfg.federation.train_for_round(self.cfg.train, rnd)
         new, history = train_locally(
-            self.model(state), self.client, self.cfg.train, self.cfg.seed, rnd, self.index, pad
+            self.model(state), self.client, train, self.cfg.seed, rnd, self.index, pad
         )
         return new | select(state, {BASE_DELTA}), mean_loss(history)
 
