@@ -66,7 +66,7 @@ def folder_lock(folder: Path, log: Callable[[str], None] = print, wait: bool = T
             _release(key)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as handle:
+    with open(_lock_file(path), "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -88,7 +88,7 @@ def folder_busy(folder: Path) -> bool:
     """Whether another process holds ``folder_lock(folder)`` right now (a glance: it may be taken
     or let go the moment after). A folder this thread holds is not busy."""
     path = Path(folder).resolve()
-    lock = path.parent / f".{path.name}.lock"
+    lock = _lock_file(path)
     if fcntl is None or (threading.get_ident(), path) in _held or not lock.exists():
         return False
     with open(lock) as handle:
@@ -98,6 +98,11 @@ def folder_busy(folder: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+
+def _lock_file(path: Path) -> Path:
+    """Where ``folder_lock`` of the resolved folder ``path`` keeps its lock: beside the folder."""
+    return path.parent / f".{path.name}.lock"
 
 
 def check_is_folder(path: Path) -> None:

@@ -164,7 +164,8 @@ class LocalSimulator:
         )
         self.base, self.method, self.clients = base, method, list(clients)
         self.train_cfg, self.seed, self.pad_id = train, seed, pad_id
-        self.round_train = round_train  # round -> its local training (an lr over rounds), else train
+        # round -> its local training (an lr over the rounds); by default train, every round
+        self.round_train = round_train or (lambda rnd: self.train_cfg)
         self.template = replace(adapter, method=method.adapter_kind)
         self.base_layers = find_target_modules(base, adapter.target_modules, adapter.layers)
         self.model: AsymLoraModel | None = None
@@ -220,7 +221,7 @@ class LocalSimulator:
     def train_client(self, rnd: int, i: int) -> tuple[Tensors, list[dict]]:
         """Client ``i``'s side of round ``rnd``: local training on the shared model; returns its
         new state and the training history (the upload is ``method.upload`` of the state)."""
-        train = self.round_train(rnd) if self.round_train is not None else self.train_cfg
+        train = self.round_train(rnd)
         return train_locally(self.load_client(i), self.clients[i], train, self.seed, rnd, i, self.pad_id)
 
     def client_upload(self, rnd: int, i: int) -> Tensors:

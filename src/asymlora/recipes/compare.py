@@ -74,22 +74,28 @@ def run_cell(cfg: Any, log=print, save: Callable = save_config, runner: Callable
 
 
 def run_grid(
-    configs: Sequence[Any], run_one: Callable[[Any], dict[str, Any]], log=print
-) -> list[dict[str, Any]]:
-    """``run_one(cfg)`` for every cell, cells that another process is running left until the
-    others are done (then waited for): several workers started on one grid share its cells
-    instead of queueing behind each other. Results come back in the order of ``configs``."""
-    results: dict[int, dict[str, Any]] = {}
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    cell: Callable[[str, int], Any],
+    run_one: Callable[[Any], dict[str, Any]],
+    log=print,
+) -> dict[str, list[dict[str, Any]]]:
+    """method -> its cells' results, one per seed: ``run_one(cell(method, seed))`` for every
+    cell, cells that another process is running left until the others are done (then waited
+    for), so several workers started on one grid share its cells instead of queueing behind
+    each other."""
+    configs = {(m, s): cell(m, s) for m in methods for s in seeds}
+    results: dict[tuple[str, int], dict[str, Any]] = {}
     busy = []
-    for i, cfg in enumerate(configs):
+    for key, cfg in configs.items():
         if folder_busy(Path(cfg.output_dir)):
             log(f"later (another process is running it): {cfg.output_dir}")
-            busy.append(i)
+            busy.append(key)
         else:
-            results[i] = run_one(cfg)
-    for i in busy:
-        results[i] = run_one(configs[i])
-    return [results[i] for i in range(len(configs))]
+            results[key] = run_one(cfg)
+    for key in busy:
+        results[key] = run_one(configs[key])
+    return {m: [results[m, s] for s in seeds] for m in methods}
 
 
 def check_grid(methods: list[str], seeds: list[int], known: Sequence[str], matched: bool = False) -> None:
@@ -118,11 +124,14 @@ def compare(
     ranks = matched_ranks(base, methods, log)
     task_names = [t.name for t in tasks]
     specs = base.data.tasks or task_names  # how each task is named in a config (a name or a file)
-    grid = [(m, s) for m in methods for s in seeds]
-    configs = [cell_config(base, m, s, out / m / f"seed-{s}", rank=ranks.get(m)) for m, s in grid]
-    with progress_bar(total=len(grid), desc="compare", unit="cell") as bar:
-        results = run_grid(configs, lambda cfg: _counted(bar, run_cell(cfg, log)), log)
-    cells = {m: [r for (mm, _), r in zip(grid, results, strict=True) if mm == m] for m in methods}
+    with progress_bar(total=len(methods) * len(seeds), desc="compare", unit="cell") as bar:
+        cells = run_grid(
+            methods,
+            seeds,
+            lambda m, s: cell_config(base, m, s, out / m / f"seed-{s}", rank=ranks.get(m)),
+            lambda cfg: _counted(bar, run_cell(cfg, log)),
+            log,
+        )
     references = (
         single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
     )

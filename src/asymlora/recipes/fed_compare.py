@@ -98,10 +98,13 @@ def fed_compare(
 ) -> dict[str, Any]:
     compare.check_grid(methods, seeds, METHODS)
     out = Path(out)
-    grid = [(m, s) for m in methods for s in seeds]
-    configs = [cell_config(base, m, s, out / m / f"seed-{s}") for m, s in grid]
-    done = compare.run_grid(configs, lambda cfg: run_cell(cfg, log), log)
-    results = {m: [r for (mm, _), r in zip(grid, done, strict=True) if mm == m] for m in methods}
+    results = compare.run_grid(
+        methods,
+        seeds,
+        lambda m, s: cell_config(base, m, s, out / m / f"seed-{s}"),
+        lambda c: run_cell(c, log),
+        log,
+    )
     return summarize_runs(results, base, out, reference if reference in methods else methods[0], log)
 
 

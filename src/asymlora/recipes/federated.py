@@ -170,9 +170,14 @@ def make_simulator(cfg: FederatedConfig, clients: list[ClientData], base, tokeni
 
 
 # What a --resume may change: evaluation, the device, and more rounds (unless a round_schedule
-# spreads the lr over them).
+# spreads the lr over them: then the lr of every round depends on their number).
 RESUMABLE = ("eval", "device", "federation.rounds", "train.threads")
-ROUNDS = "federation.rounds"  # not resumable under a round schedule: the lr of every round depends on it
+
+
+def resumable(cfg: FederatedConfig) -> tuple[str, ...]:
+    """The settings a --resume of ``cfg``'s run may change."""
+    fixed = () if cfg.federation.round_schedule == "constant" else ("federation.rounds",)
+    return tuple(key for key in RESUMABLE if key not in fixed)
 
 
 def run(
@@ -195,12 +200,9 @@ def run(
         )
     out = Path(cfg.output_dir)
     with folder_lock(out, log, wait=False):
-        resumable = (
-            RESUMABLE
-            if cfg.federation.round_schedule == "constant"
-            else tuple(key for key in RESUMABLE if key != ROUNDS)
+        folder = RunFolder.open(
+            cfg, save_config, resume=resume, overwrite=overwrite, may_change=resumable(cfg)
         )
-        folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=resumable)
         use_threads(cfg.train.threads, log)
         clients = build_clients(cfg.clients)
         base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
