@@ -4,14 +4,14 @@ ablation: the same method with one setting changed), paired against one of them.
 Each ``--run LABEL=FOLDER`` is a federate run folder (or several, comma-separated, one per seed);
 the table, JSON and plot go to ``--out`` with the same statistics as ``federate --methods``: 95 %
 intervals by bootstrap over each client's test questions, paired differences against the runs
-labelled ``--reference``, and the base model and majority rows (the base model scored once into
-OUT/base, or read from there). Every run must have scored the same test questions (the statistics
+labelled by ``--against`` (the first run, unless given), and the base model and majority rows (the
+base model scored once into OUT/base, or read from there). Every run must have scored the same test questions (the statistics
 refuse otherwise).
 
     python benchmarks/fed_runs_table.py --out runs/fed-mc/wire \\
         --run float32=runs/fed-mc/homogeneous/fedalora/seed-0 \\
         --run bfloat16=runs/fed-mc/wire-bfloat16/fedalora/seed-0 \\
-        --run float16=runs/fed-mc/wire-float16/fedalora/seed-0 --reference float32
+        --run float16=runs/fed-mc/wire-float16/fedalora/seed-0 --against float32
 """
 
 from __future__ import annotations
@@ -40,19 +40,22 @@ def parse_run(text: str) -> tuple[str, list[Path]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", action="append", required=True, help="LABEL=FOLDER[,FOLDER...] (repeatable)")
-    ap.add_argument("--reference", help="the label the others are paired against (default: the first)")
+    ap.add_argument(
+        "--against", help="comma-separated labels the others are paired against (default: the first)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     runs = dict(parse_run(text) for text in args.run)
-    reference = args.reference or next(iter(runs))
-    if reference not in runs:
-        raise SystemExit(f"--reference {reference!r} is not a label of --run ({', '.join(runs)})")
+    against = args.against.split(",") if args.against else [next(iter(runs))]
+    unknown = [a for a in against if a not in runs]
+    if unknown:
+        raise SystemExit(f"--against {', '.join(unknown)}: not a label of --run ({', '.join(runs)})")
     results = {
         label: [json.loads((p / "results.json").read_text()) for p in paths] for label, paths in runs.items()
     }
-    base = load_config(runs[reference][0] / CONFIG_FILE)
+    base = load_config(runs[against[0]][0] / CONFIG_FILE)
     args.out.mkdir(parents=True, exist_ok=True)
-    summarize_runs(results, base, args.out, reference)
+    summarize_runs(results, base, args.out, against)
     return 0
 
 

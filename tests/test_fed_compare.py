@@ -71,6 +71,9 @@ def test_grid_needs_an_output_folder_and_known_methods(tmp_path: Path) -> None:
     assert main(["federate", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--methods", "fedit"]) != 0
     assert federate(tmp_path / "g", tasks, "--methods", "fedit,nope") != 0
     assert federate(tmp_path / "g", tasks, "--methods", "fedit", "--method", "ffa") == 2
+    assert federate(tmp_path / "g", tasks, "--methods", "fedit", "--against", "ffa") == 2
+    assert main(["federate", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--against", "fedit"]) == 2
+    assert not (tmp_path / "g").exists()
 
 
 def test_a_cell_another_process_is_running_is_waited_for_then_read(tmp_path: Path) -> None:

@@ -202,6 +202,63 @@ def test_compare_runs_a_parameter_matched_lora(tmp_path, task_files):
     assert main(args) == 2
 
 
+def test_compare_pairs_every_method_against_each_of_against(tmp_path, task_files, capsys):
+    """``--against lora,alora``: a paired table against each, the first in the headline; a paired
+    difference against B is minus B's against A on the same questions."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", "tiny-llama", "--tasks", ",".join(task_files), "--steps", "2", "--out", str(out),
+            "--methods", "lora,alora,mola", "--seeds", "0", "--against", "lora,alora", *TINY]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["reference"] == "lora" and summary["also_against"] == ["alora"]
+    stats = summary["method_statistics"]
+    for key in ("colors", "double", "average"):
+        there, back = stats["alora"]["differences"]["lora"][key], stats["lora"]["differences"]["alora"][key]
+        assert there["value"] == pytest.approx(-back["value"])
+    assert "alora" in stats["mola"]["differences"] and "lora" in stats["mola"]["differences"]
+    table = (out / "results.md").read_text()
+    assert "Paired difference against lora (points):" in table
+    assert "Paired difference against alora (points):" in table
+    assert "mola - lora: " in table.splitlines()[0]
+    capsys.readouterr()
+    args[args.index("lora,alora")] = "hydralora"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--against: hydralora is not among --methods" in err and "Traceback" not in err
+
+
+def test_single_task_baseline_share_trains_each_task_for_its_share_of_the_mix(tmp_path, task_files, capsys):
+    """``--single-task-baseline share``: each task's LoRA trains round(steps x p_t) steps, p_t the
+    task's mixing probability (proportional to its training examples), with the warm-up cut
+    alike; delta-m is computed against those runs."""
+    from asymlora.data.registry import get_tasks
+
+    short = tmp_path / "short.jsonl"
+    with short.open("w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"Item {i} is big. Its size:", "choices": ["big", "small"], "answer": 0}))
+            f.write("\n")
+    files = [task_files[0], str(short)]
+    sizes = [len(t.splits(0)["train"]) for t in get_tasks(files)]
+    assert sizes[0] != sizes[1]
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", "tiny-llama", "--tasks", ",".join(files), "--steps", "8", "--out", str(out),
+            "--methods", "lora", "--seeds", "0", "--single-task-baseline", "share",
+            "--set", "train.warmup_steps=4", *TINY]  # fmt: skip
+    assert main(args) == 0
+    for name, n in zip(["colors", "short"], sizes, strict=True):
+        steps = max(1, round(8 * n / sum(sizes)))
+        cell = load_config(out / "single-task-share" / name / "seed-0" / "config.yaml")
+        assert (cell.train.steps, cell.train.warmup_steps) == (steps, 4 * steps // 8)
+        assert cell.data.tasks == [files[0] if name == "colors" else files[1]]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["single_task_budget"] == "share" and summary["methods"]["lora"]["delta_m"] is not None
+    capsys.readouterr()
+    args[args.index("share")] = "half"
+    assert main(args) == 2
+    assert "--single-task-baseline 'half': choose same or share" in capsys.readouterr().err
+
+
 def test_compare_without_out_writes_beside_what_train_writes_in_the_configs_output_dir(tmp_path, task_files):
     """No --out: the cells go to <output_dir>/compare, so a ``train`` run of the same config in
     output_dir keeps its own results.json."""

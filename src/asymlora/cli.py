@@ -292,8 +292,11 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     _add_run_config(p, out_default="<the config's output_dir>/compare")
     p.add_argument("--methods", default="lora,alora,hydralora,mola", help="comma-separated methods")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--single-task-baseline", action="store_true",
-                   help="also train single-task LoRA per task and report delta-m %% against it")  # fmt: skip
+    p.add_argument("--single-task-baseline", nargs="?", const="same", metavar="same|share",
+                   help="also train one LoRA per task and report delta-m %% against it: for train.steps "
+                        "(same, the default) or for the task's share of the mix's steps (share)")  # fmt: skip
+    p.add_argument("--against", help="comma-separated methods every other is paired against "
+                                     "(default lora; the first is the headline's)")  # fmt: skip
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -303,7 +306,8 @@ def run_compare(args: argparse.Namespace) -> int:
     seeds = _ints(args.seeds, "--seeds")
     methods = _names(args.methods, "--methods")
     out = args.out or Path(cfg.output_dir) / "compare"  # beside, not over, what train writes there
-    compare(cfg, methods, seeds, out, single_task_baseline=args.single_task_baseline)
+    against = _names(args.against, "--against") if args.against else None
+    compare(cfg, methods, seeds, out, single_task_baseline=args.single_task_baseline, against=against)
     return 0
 
 
@@ -361,6 +365,8 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
         "--methods", help="compare: comma-separated methods, one run per method and seed (needs --out)"
     )
     p.add_argument("--seeds", help="compare: comma-separated seeds (default: the config's seed)")
+    p.add_argument("--against", help="compare: comma-separated methods every other is paired against "
+                                     "(default fedit; the first is the headline's)")  # fmt: skip
 
 
 def run_federate(args: argparse.Namespace) -> int:
@@ -379,13 +385,16 @@ def run_federate(args: argparse.Namespace) -> int:
         shortcuts.append((("federation", "rounds"), args.rounds))
     cfg = load_config(args.config, [*shortcuts, *args.overrides])
     if args.methods is None and args.seeds is None:
+        if args.against:
+            raise UsageError("--against pairs the methods of a comparison: give --methods too")
         run(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
     if args.out is None:
         raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
     methods = methods or [cfg.federation.method]
     seeds = _ints(args.seeds, "--seeds") if args.seeds else [cfg.seed]
-    fed_compare(cfg, methods, seeds, args.out)  # finished cells are skipped, others resumed
+    against = _names(args.against, "--against") if args.against else None
+    fed_compare(cfg, methods, seeds, args.out, against)  # finished cells are skipped, others resumed
     return 0
 
 

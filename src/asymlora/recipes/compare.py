@@ -21,13 +21,14 @@ import numpy as np
 from ..adapters import METHODS
 from ..adapters.model import matching_rank, planned_size
 from ..config import ConfigError, to_dict
-from ..data.task import Task
+from ..data.task import Task, training_examples
 from ..eval.report import delta_m, most_frequent_answer_share, question_scores
 from ..eval.runner import majority_report
 from ..eval.stats import Table, interval_text
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
 from ..runfolder import check_same_config, folder_busy, folder_lock
+from ..train.batches import task_probabilities
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 MATCHED = "@"
@@ -109,16 +110,36 @@ def check_grid(methods: list[str], seeds: list[int], known: Sequence[str], match
         raise ConfigError("--seeds: give at least one seed")
 
 
+def resolve_against(methods: Sequence[str], against: Sequence[str] | None, default: str) -> list[str]:
+    """The methods every other is paired against, the first one in the headline: ``against`` as
+    given (each must be one of ``methods``), or else ``default`` when it is compared, else the first
+    method."""
+    if against:
+        missing = [a for a in against if a not in methods]
+        if missing:
+            raise ConfigError(
+                f"--against: {', '.join(missing)} is not among --methods ({', '.join(methods)}); "
+                "add it to --methods or leave it out"
+            )
+        return list(dict.fromkeys(against))
+    return [default if default in methods else methods[0]]
+
+
 def compare(
     base: MultitaskConfig,
     methods: list[str],
     seeds: list[int],
     out: str | Path,
-    single_task_baseline: bool = False,
-    reference: str = "lora",
+    single_task_baseline: str | None = None,
+    against: Sequence[str] | None = None,
     log=print,
 ) -> dict[str, Any]:
+    """Every (method, seed) cell of ``base``'s budget, then the table. ``single_task_baseline``
+    (``same`` or ``share``, see ``SINGLE_TASK_BUDGETS``) also trains one LoRA per task for delta-m;
+    ``against``: the methods every other is paired against (default lora)."""
     check_grid(methods, seeds, METHODS, matched=True)
+    check_single_task_budget(single_task_baseline)
+    against = resolve_against(methods, against, "lora")
     out = Path(out)
     tasks = select_tasks(base.data)
     ranks = matched_ranks(base, methods, log)
@@ -133,16 +154,17 @@ def compare(
             log,
         )
     references = (
-        single_task_references(base, task_names, specs, seeds, out, log) if single_task_baseline else None
+        single_task_references(base, tasks, specs, seeds, out, single_task_baseline, log)
+        if single_task_baseline
+        else None
     )
     rows = {
         BASE_ROW: base_model_result(base, tasks, out / "base", log),
         MAJORITY_ROW: majority_answers(base, tasks),
     }
-    summary = summarize_cells(
-        cells, task_names, references, rows, reference if reference in cells else methods[0]
-    )
+    summary = summarize_cells(cells, task_names, references, rows, against)
     summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
+    summary["single_task_budget"] = single_task_baseline
     summary["matched_ranks"] = ranks
     return write_summary(summary, out, to_markdown, log)
 
@@ -223,17 +245,54 @@ def write_summary(summary: dict[str, Any], out: Path, markdown: Callable, log=pr
     return summary
 
 
+SINGLE_TASK_BUDGETS = {
+    "same": "each task's LoRA trains for train.steps, as the multi-task run",
+    "share": "each task's LoRA trains for its share of the multi-task mix's steps (the examples it gets there)",
+}
+
+
+def check_single_task_budget(budget: str | None) -> None:
+    if budget is not None and budget not in SINGLE_TASK_BUDGETS:
+        raise ConfigError(
+            f"--single-task-baseline {budget!r}: choose {' or '.join(SINGLE_TASK_BUDGETS)} "
+            f"({'; '.join(f'{k}: {v}' for k, v in SINGLE_TASK_BUDGETS.items())})"
+        )
+
+
+def single_task_train(base: MultitaskConfig, tasks: list[Task], budget: str) -> list[Any]:
+    """Each task's training settings for its single-task LoRA: ``base.train`` (``same``), or its
+    steps and warm-up cut to the task's mixing probability (``share``; at least one step)."""
+    if budget == "same":
+        return [base.train] * len(tasks)
+    examples = training_examples(tasks, base.data.split_seed, base.data.max_train_per_task)
+    probs = task_probabilities([len(e) for e in examples], base.train.mixing_temperature)
+    shares = [max(1, round(base.train.steps * p)) for p in probs]
+    return [
+        replace(base.train, steps=n, warmup_steps=base.train.warmup_steps * n // base.train.steps)
+        for n in shares
+    ]
+
+
 def single_task_references(
-    base: MultitaskConfig, names: list[str], specs: list[str], seeds: list[int], out: Path, log=print
+    base: MultitaskConfig,
+    tasks: list[Task],
+    specs: list[str],
+    seeds: list[int],
+    out: Path,
+    budget: str = "same",
+    log=print,
 ) -> dict[str, float]:
-    """Each task's score under a LoRA trained on that task alone (same budget), mean over seeds."""
+    """Each task's score under a LoRA trained on that task alone (budget: see
+    ``SINGLE_TASK_BUDGETS``), mean over seeds."""
+    folder = out / ("single-task" if budget == "same" else f"single-task-{budget}")
     references = {}
-    for name, spec in zip(names, specs, strict=True):
+    for task, spec, train_cfg in zip(tasks, specs, single_task_train(base, tasks, budget), strict=True):
+        one = replace(base, train=train_cfg)
         runs = [
-            run_cell(cell_config(base, "lora", s, out / "single-task" / name / f"seed-{s}", [spec]), log)
+            run_cell(cell_config(one, "lora", s, folder / task.name / f"seed-{s}", [spec]), log)
             for s in seeds
         ]
-        references[name] = statistics.fmean(r["tasks"][0]["score"] for r in runs)  # its one task
+        references[task.name] = statistics.fmean(r["tasks"][0]["score"] for r in runs)  # its one task
     return references
 
 
@@ -254,12 +313,12 @@ def summarize_cells(
     tasks: list[str],
     references: dict[str, float] | None,
     rows: dict[str, dict] | None = None,
-    reference: str | None = None,
+    against: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Per method: each task's mean and sd over seeds; the per-seed average, worst task, std across
     tasks and delta-m, each as mean and sd over seeds. Where the cells hold per-question predictions:
     95 % intervals (bootstrap over questions, seeds pooled), the paired difference of every method
-    against ``reference`` and against each reference row (``rows``: base model, majority answer),
+    against each method of ``against`` (default: the first) and against each reference row (``rows``: base model, majority answer),
     and the share of each task's most frequent answer."""
     methods = {}
     for method, results in cells.items():
@@ -277,7 +336,7 @@ def summarize_cells(
         methods[method] = entry
     summary = {"tasks": tasks, "methods": methods, "single_task_reference": references}
     if rows is not None and all("predictions" in t for rs in cells.values() for r in rs for t in r["tasks"]):
-        summary.update(intervals(cells, tasks, rows, reference or next(iter(cells))))
+        summary.update(intervals(cells, tasks, rows, against or [next(iter(cells))]))
     return summary
 
 
@@ -293,27 +352,30 @@ def _answer_shares(results: list[dict], tasks: list[str]) -> dict[str, float]:
     return {name: statistics.fmean(most_frequent_answer_share(r[name]) for r in by_task) for name in tasks}
 
 
-def intervals(cells: dict[str, list[dict]], tasks: list[str], rows: dict[str, dict], reference: str) -> dict:
+def intervals(
+    cells: dict[str, list[dict]], tasks: list[str], rows: dict[str, dict], against: Sequence[str]
+) -> dict:
     """The statistics part of a summary (see ``summarize_cells``): one entry per reference row and
-    per method."""
+    per method; ``reference`` is the first of ``against``, ``also_against`` the others."""
     runs = {**{name: [result] for name, result in rows.items()}, **cells}
     table = Table(tasks, {name: _per_question(results, tasks) for name, results in runs.items()})
     ci = table.intervals()
-    against = {ref: table.differences(ref) for ref in [reference, *rows]}
+    differences = {ref: table.differences(ref) for ref in [*against, *rows]}
     entries = {
         name: {
             "intervals": {key: iv.as_dict() for key, iv in ci[name].items()},
             "top_answer_share": _answer_shares(results, tasks),
             "differences": {
                 ref: {key: iv.as_difference() for key, iv in diffs[name].items()}
-                for ref, diffs in against.items()
+                for ref, diffs in differences.items()
                 if name in diffs
             },
         }
         for name, results in runs.items()
     }
     return {
-        "reference": reference,
+        "reference": against[0],
+        "also_against": list(against[1:]),
         "reference_rows": {name: entries[name] for name in rows},
         "interval_level": 0.95,
         "method_statistics": {name: entries[name] for name in cells},
@@ -388,7 +450,9 @@ def to_markdown(
             )
         cells += tail[1](m)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _difference_table(summary, summary["reference"]), "", _against_rows_table(summary)]
+    for reference in [summary["reference"], *summary.get("also_against", [])]:
+        lines += ["", _difference_table(summary, reference)]
+    lines += ["", _against_rows_table(summary)]
     lines += ["", _share_table(summary)]
     lines += [
         "",

@@ -14,6 +14,7 @@ with a mix of tasks (the Dirichlet partition) get mean ± sd over seeds only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from statistics import fmean
@@ -93,10 +94,11 @@ def fed_compare(
     methods: list[str],
     seeds: list[int],
     out: str | Path,
-    reference: str = BASELINE,
+    against: Sequence[str] | None = None,
     log=print,
 ) -> dict[str, Any]:
     compare.check_grid(methods, seeds, METHODS)
+    against = compare.resolve_against(methods, against, BASELINE)
     out = Path(out)
     results = compare.run_grid(
         methods,
@@ -105,20 +107,24 @@ def fed_compare(
         lambda c: run_cell(c, log),
         log,
     )
-    return summarize_runs(results, base, out, reference if reference in methods else methods[0], log)
+    return summarize_runs(results, base, out, against, log)
 
 
 def summarize_runs(
-    results: dict[str, list[dict[str, Any]]], base: FederatedConfig, out: Path, reference: str, log=print
+    results: dict[str, list[dict[str, Any]]],
+    base: FederatedConfig,
+    out: Path,
+    against: Sequence[str],
+    log=print,
 ) -> dict[str, Any]:
     """The comparison table, JSON and plot in ``out`` of finished federate runs (``results``: a
     label -> the runs' results.json, one per seed), with paired differences against the runs
-    labelled ``reference`` and the base model and majority rows of ``base``'s clients."""
+    labelled by each of ``against`` and the base model and majority rows of ``base``'s clients."""
     seeds = [r["seed"] for r in next(iter(results.values()))]
     clients = list(next(iter(results.values()))[0]["scores"])
     cells = {m: [as_task_cell(r) for r in rs] for m, rs in results.items()}
     rows = reference_rows(base, out, log)
-    summary = summarize_cells(cells, clients, None, rows, reference)
+    summary = summarize_cells(cells, clients, None, rows, against)
     for method, runs in results.items():
         entry = summary["methods"][method]
         entry["ranks"] = runs[0]["ranks"]
