@@ -236,7 +236,11 @@ def test_single_task_baseline_share_trains_each_task_for_its_share_of_the_mix(tm
     short = tmp_path / "short.jsonl"
     with short.open("w") as f:
         for i in range(8):
-            f.write(json.dumps({"prompt": f"Item {i} is big. Its size:", "choices": ["big", "small"], "answer": 0}))
+            f.write(
+                json.dumps(
+                    {"prompt": f"Item {i} is big. Its size:", "choices": ["big", "small"], "answer": 0}
+                )
+            )
             f.write("\n")
     files = [task_files[0], str(short)]
     sizes = [len(t.splits(0)["train"]) for t in get_tasks(files)]
