@@ -285,15 +285,17 @@ def single_task_references(
     """Each task's score under a LoRA trained on that task alone (budget: see
     ``SINGLE_TASK_BUDGETS``), mean over seeds."""
     folder = out / ("single-task" if budget == "same" else f"single-task-{budget}")
-    references = {}
-    for task, spec, train_cfg in zip(tasks, specs, single_task_train(base, tasks, budget), strict=True):
-        one = replace(base, train=train_cfg)
-        runs = [
-            run_cell(cell_config(one, "lora", s, folder / task.name / f"seed-{s}", [spec]), log)
-            for s in seeds
-        ]
-        references[task.name] = statistics.fmean(r["tasks"][0]["score"] for r in runs)  # its one task
-    return references
+    alone = {
+        task.name: (replace(base, train=train_cfg), spec)
+        for task, spec, train_cfg in zip(tasks, specs, single_task_train(base, tasks, budget), strict=True)
+    }
+
+    def cell(name: str, seed: int) -> MultitaskConfig:
+        one, spec = alone[name]
+        return cell_config(one, "lora", seed, folder / name / f"seed-{seed}", [spec])
+
+    runs = run_grid(list(alone), seeds, cell, lambda cfg: run_cell(cfg, log), log)
+    return {name: statistics.fmean(r["tasks"][0]["score"] for r in results) for name, results in runs.items()}
 
 
 def _scores(result: dict[str, Any]) -> dict[str, float]:
