@@ -116,6 +116,10 @@ def test_grid_table_has_intervals_paired_differences_and_reference_rows(tmp_path
     out = tmp_path / "grid"
     assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0,1", "--set", "eval.limit=4") == 0
     summary = json.loads((out / "results.json").read_text())
+    for method in ("fedit", "fedalora"):  # each cell's CPU time, from its runs' results.json
+        runs = [json.loads((out / method / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+        minutes = [sum(r["cpu_seconds"].values()) / 60 for r in runs]
+        assert summary["methods"][method]["cpu_minutes"]["mean"] == pytest.approx(fmean(minutes))
     assert summary["reference"] == "fedit" and set(summary["reference_rows"]) == {
         "base model",
         "majority answer",

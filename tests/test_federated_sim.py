@@ -370,7 +370,52 @@ def test_resume_after_a_crash_mid_round_ends_bit_for_bit_equal(method, request, 
         read_tensors(straight / "server.safetensors"),
     )
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert (tmp_path / "resumed" / "rounds.jsonl").read_text() == (straight / "rounds.jsonl").read_text()
+    resumed, whole = (rounds_without_cpu(run / "rounds.jsonl") for run in (tmp_path / "resumed", straight))
+    assert resumed == whole
+
+
+CPU_KEYS = ("cpu_seconds", "eval_cpu_seconds")
+
+
+def rounds_without_cpu(path: Path) -> list[dict]:
+    """A run's round records with the CPU time each round took (which no two runs share) left out."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(r["cpu_seconds"] > 0 for r in records)
+    return [{k: v for k, v in r.items() if k not in CPU_KEYS} for r in records]
+
+
+def test_a_run_counts_its_cpu_time_per_round_and_across_a_resume(task_files, tmp_path):
+    """Each round records the CPU seconds its training (and its evaluation) took; results.json
+    sums them. A round written before rounds counted CPU time leaves the sum uncounted (None),
+    said so in results.md, not silently short."""
+    cfg = run_config(tmp_path / "run", task_files, "fedit")
+    results = fed.run(cfg, log=lambda _: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert results["cpu_seconds"]["rounds"] == pytest.approx(sum(r["cpu_seconds"] for r in records))
+    evaluated = [r for r in records if "scores" in r]
+    assert results["cpu_seconds"]["evaluation"] == pytest.approx(
+        sum(r["eval_cpu_seconds"] for r in evaluated)
+    )
+    assert all(r["cpu_seconds"] > 0 for r in records) and results["cpu_seconds"]["evaluation"] > 0
+    assert "CPU time: rounds " in (tmp_path / "run" / "results.md").read_text()
+
+    def crash(rnd, client, _):
+        if (rnd, client) == (2, 0):
+            raise Crash
+
+    old = run_config(tmp_path / "old", task_files, "fedit")
+    with pytest.raises(Crash):
+        fed.run(old, log=lambda _: None, on_client=crash)
+    state_file = tmp_path / "old" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    (counted,) = state["record"]["rounds"]
+    state["record"]["rounds"] = [
+        {k: v for k, v in counted.items() if k != "cpu_seconds"}
+    ]  # training uncounted
+    state_file.write_text(json.dumps(state))
+    resumed = fed.run(old, resume=True, log=lambda _: None)
+    assert resumed["cpu_seconds"]["rounds"] is None and resumed["cpu_seconds"]["evaluation"] > 0
+    assert "CPU time: rounds not counted, evaluation " in (tmp_path / "old" / "results.md").read_text()
 
 
 def test_combined_alora_reproduces_every_client(fedalora_run):

@@ -104,6 +104,28 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, task_files):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_run_counts_its_cpu_time_across_resumes(tmp_path, task_files):
+    """results.json holds the CPU seconds of training (carried by the checkpoint across a resume)
+    and of evaluation; a checkpoint written before runs counted it leaves training uncounted
+    (None, and "not counted" in results.md), never a partial sum shown as the whole."""
+    out = tmp_path / "run"
+    assert train(out, task_files, "--method", "lora") == 0
+    first = json.loads((out / "results.json").read_text())["cpu_seconds"]
+    assert first["train"] > 0 and first["evaluation"] > 0
+    assert "CPU time: train " in (out / "results.md").read_text()
+    state_file = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["cpu_seconds"] == pytest.approx(first["train"], abs=0.5)  # saved after the last step
+    state_file.write_text(json.dumps({**state, "cpu_seconds": 1000.0}))
+    assert train(out, task_files, "--method", "lora", "--resume") == 0
+    resumed = json.loads((out / "results.json").read_text())["cpu_seconds"]
+    assert 1000.0 <= resumed["train"] < 1000.0 + first["train"]  # no step left to run: the count carried
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "cpu_seconds"}))
+    assert train(out, task_files, "--method", "lora", "--resume") == 0
+    assert json.loads((out / "results.json").read_text())["cpu_seconds"]["train"] is None
+    assert "CPU time: train not counted, evaluation " in (out / "results.md").read_text()
+
+
 def test_a_bfloat16_base_with_activation_checkpointing_trains_float32_task_adapters(tmp_path, task_files):
     out = tmp_path / "run"
     settings = ["dtype='bfloat16'", "train.activation_checkpointing=true", "adapter.router='task'",
@@ -150,6 +172,14 @@ def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files
     assert table.startswith("In one line (average over tasks, points): lora - base model: ")
     assert "alora - lora: " in table.splitlines()[0]
     assert "Paired difference against lora" in table and "Share of the most frequent answer" in table
+    cells = {
+        m: [json.loads((out / m / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+        for m in ("lora", "alora")
+    }
+    for method, runs in cells.items():
+        minutes = [sum(r["cpu_seconds"].values()) / 60 for r in runs]
+        assert summary["methods"][method]["cpu_minutes"]["mean"] == pytest.approx(sum(minutes) / 2)
+    assert "CPU time per cell (training and evaluation, one process; mean ± sd over seeds): lora " in table
     stats = summary["method_statistics"]["alora"]
     for key in ("colors", "double", "average"):
         iv = stats["intervals"][key]

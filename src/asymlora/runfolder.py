@@ -9,6 +9,7 @@
   until ``RunFolder.start``, which the recipe calls once all its checks have passed.
 - ``json_line`` / ``repair_jsonl``: JSON lines without NaN or Infinity tokens, and logs whose last
   line a crash cut short repaired on resume.
+- ``cpu_text``: a run's CPU time (results.json's ``cpu_seconds``) in one line.
 """
 
 from __future__ import annotations
@@ -286,3 +287,13 @@ def _keeps(line: str, keep: Callable[[dict], bool]) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(record, dict) and keep(record)
+
+
+def cpu_text(cpu: dict[str, float | None]) -> str:
+    """``{"train": 5376.0, "evaluation": 612.0}`` -> "CPU time: train 89.6 min, evaluation 10.2 min;
+    99.8 min in all (this process, all its threads)". A part not counted (None: it ran before runs
+    counted it) is named so, and then no total is given."""
+    parts = [f"{k} {v / 60:.1f} min" if v is not None else f"{k} not counted" for k, v in cpu.items()]
+    known = [v for v in cpu.values() if v is not None]
+    total = f"; {sum(known) / 60:.1f} min in all" if len(known) == len(cpu) else ""
+    return f"CPU time: {', '.join(parts)}{total} (this process, all its threads)"

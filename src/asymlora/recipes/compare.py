@@ -332,6 +332,7 @@ def summarize_cells(
             "average": mean_sd([p["average"] for p in per_seed]),
             "worst": mean_sd([p["worst"] for p in per_seed]),
             "std_across_tasks": mean_sd([p["std"] for p in per_seed]),
+            "cpu_minutes": _cpu_minutes(results),
         }
         if references:
             entry["delta_m"] = _delta_m_over_seeds(scores, references)
@@ -340,6 +341,18 @@ def summarize_cells(
     if rows is not None and all("predictions" in t for rs in cells.values() for r in rs for t in r["tasks"]):
         summary.update(intervals(cells, tasks, rows, against or [next(iter(cells))]))
     return summary
+
+
+def _cpu_minutes(results: list[dict]) -> dict[str, float] | None:
+    """A cell's CPU time in minutes (all its parts), mean and sd over seeds; None unless every
+    seed's run counted all of it."""
+    totals = []
+    for result in results:
+        parts = list((result.get("cpu_seconds") or {}).values())
+        if not parts or None in parts:
+            return None
+        totals.append(sum(parts) / 60)
+    return mean_sd(totals)
 
 
 def _per_question(results: list[dict], tasks: list[str]) -> dict[str, np.ndarray]:
@@ -461,7 +474,19 @@ def to_markdown(
         "Worst and std (across tasks) are mean ± sd over seeds. Differences are paired (same questions, "
         f"same bootstrap draws); * marks an interval that excludes 0. {note or parameters_note(summary)}",
     ]
-    return "\n".join(lines)
+    return "\n".join([*lines, *cpu_note(methods)])
+
+
+def cpu_note(methods: dict[str, Any]) -> list[str]:
+    """The lines saying what each cell cost in CPU time (none when no cell counted it)."""
+    spent = {name: m.get("cpu_minutes") for name, m in methods.items()}
+    if not any(spent.values()):
+        return []
+    parts = [f"{name} {plus_minus(c)} min" if c else f"{name} not counted" for name, c in spent.items()]
+    return [
+        "",
+        f"CPU time per cell (training and evaluation, one process; mean ± sd over seeds): {', '.join(parts)}.",
+    ]
 
 
 def headline(summary: dict[str, Any]) -> str:

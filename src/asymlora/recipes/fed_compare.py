@@ -52,7 +52,12 @@ def as_task_cell(result: dict[str, Any]) -> dict[str, Any]:
         tasks.append(
             {**kept[0], "task": name, "score": score} if len(kept) == 1 else {"task": name, "score": score}
         )
-    return {"tasks": tasks, "summary": summarize(scores), "trainable_parameters": None}
+    return {
+        "tasks": tasks,
+        "summary": summarize(scores),
+        "trainable_parameters": None,
+        "cpu_seconds": result.get("cpu_seconds"),
+    }
 
 
 def as_clients(results: dict[str, TaskResult]) -> dict[str, Any]:

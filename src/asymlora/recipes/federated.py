@@ -34,6 +34,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -58,10 +59,10 @@ from ..eval.runner import evaluate_task
 from ..fedconfig import FederatedConfig, load_config, save_config
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
-from ..runfolder import RunFolder, folder_lock, write_jsonl
+from ..runfolder import RunFolder, cpu_text, folder_lock, write_jsonl
 from ..threads import use_threads
 from ..train import pad_id_of
-from ..train.loop import tensorboard_writer
+from ..train.loop import counted_cpu, tensorboard_writer
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -270,16 +271,20 @@ def federate(
         with progress_bar(
             total=total, desc=f"round {rnd}/{cfg.federation.rounds}", unit="client", leave=False
         ) as bar:
+            cpu = time.process_time()
             record = sim.aggregator.record(sim.run_round(_advancing(bar, clients, on_client)), records)
+            record["cpu_seconds"] = time.process_time() - cpu
         for kind in ("dropped", "rejected"):
             for name, why in record[kind].items():
                 log(f"round {rnd}: {kind} client {name}: {why}")
         if should_evaluate(rnd, cfg):
+            cpu = time.process_time()
             personal = personalised_results(sim, tokenizer, clients, cfg)
             save_predictions(out / PREDICTIONS, rnd, personal)
             record |= scores_record(
                 share_weighted(personal, clients), global_scores(sim, tokenizer, clients, cfg)
             )
+            record["eval_cpu_seconds"] = time.process_time() - cpu
         records.append(record)
         write_jsonl(out / "rounds.jsonl", records)
         sim.save(out / "checkpoint", {"rounds": records})
@@ -447,9 +452,22 @@ def summarize(
         "bytes_up_per_client_round": fmean(r["bytes_up"] for r in records),
         "bytes_down_per_client_round": fmean(r["bytes_down"] for r in records),
         "total_bytes": sum(c["bytes_up"] + c["bytes_down"] for r in records for c in r["comm"].values()),
+        "cpu_seconds": {
+            "rounds": _summed(records, "cpu_seconds"),
+            "evaluation": _summed(records, "eval_cpu_seconds"),
+        },
         "clients": detail,
         "client_results": predictions,
     }
+
+
+def _summed(records: list[dict], key: str) -> float | None:
+    """The CPU seconds ``key`` summed over the rounds that spent them (every round for training,
+    the evaluated ones for evaluation); None when one of them was not counted (it ran before runs
+    counted CPU time, or holds no valid count) or there is none."""
+    spent = [r for r in records if key == "cpu_seconds" or "scores" in r]
+    values = [counted_cpu(r.get(key)) for r in spent]
+    return None if not values or None in values else sum(values)
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -473,6 +491,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"| **average** | | **{results['average']:.2f}** | {g_avg} "
         f"| {results['bytes_up_per_client_round']:,.0f} | {results['bytes_down_per_client_round']:,.0f} |"
     )
+    if "cpu_seconds" in results:  # results.json files written before runs counted CPU time have none
+        lines += ["", cpu_text(results["cpu_seconds"])]
     return "\n".join(lines)
 
 

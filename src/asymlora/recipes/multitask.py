@@ -18,6 +18,7 @@ Everything lands in one run folder::
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..eval.config import EvalConfig
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
 from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
-from ..runfolder import RunFolder, folder_lock
+from ..runfolder import RunFolder, cpu_text, folder_lock
 from ..threads import use_threads
 from ..train import TrainConfig, train
 from ..train.loop import resume_point, tensorboard_writer
@@ -149,11 +150,12 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
     out = Path(cfg.output_dir)
     if not (out / "adapter_init").exists():
         save_adapter(model, out / "adapter_init")
-    train(model, tokenizer, examples, cfg.train, out, resume=resume)
+    train_cpu = train(model, tokenizer, examples, cfg.train, out, resume=resume)["cpu_seconds"]
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.adapter.method} on {cfg.model}")
     log(f"evaluating on {len(tasks)} test splits (up to {cfg.eval.limit or 'all'} examples each)")
     save_adapter(model, out / "adapter")
 
+    eval_start = time.process_time()
     report = evaluate(model, tokenizer, tasks, cfg, {t.name: i for i, t in enumerate(tasks)}, log)
     report.majority = majority_report(tasks, seed=cfg.data.split_seed, limit=cfg.eval.limit)
     scores = [{"task": r.task, "metric": r.metric, "score": r.score, "n": r.n} for r in report.results]
@@ -166,11 +168,13 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
         trainable_parameters=model.trainable_parameters().trainable,
         peft_exports=exported,
         no_peft_export=no_export,
+        cpu_seconds={"train": train_cpu, "evaluation": time.process_time() - eval_start},
     )
     report.save(out / "results.json")
-    (out / "results.md").write_text(report.to_markdown() + "\n")
+    (out / "results.md").write_text(f"{report.to_markdown()}\n\n{cpu_text(report.info['cpu_seconds'])}\n")
     log_scores(out, scores, cfg.train.steps)
     log(report.to_markdown())
+    log(cpu_text(report.info["cpu_seconds"]))
     log(f"results: {out / 'results.json'}")
     log(
         f"PEFT LoRA folders: {out / 'peft'} ({', '.join(exported)})"

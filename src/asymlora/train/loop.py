@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -264,7 +265,9 @@ def train(
     """Train ``model``'s adapters on the tasks' examples (one list per task id) for ``cfg.steps``.
 
     Writes ``metrics.jsonl`` and ``checkpoint/`` under ``run_dir``. With ``resume`` it continues
-    from the checkpoint there and ends with the weights an uninterrupted run would have."""
+    from the checkpoint there and ends with the weights an uninterrupted run would have. Returns the
+    last step's metrics and ``cpu_seconds``: this process's CPU time for all the steps, carried
+    across resumes by the checkpoints (None where a checkpoint written before it was counted)."""
     proc = init_process()
     run_dir = Path(run_dir)
     encoded = encode_tasks(tokenizer, examples, cfg.max_length)
@@ -276,11 +279,12 @@ def train(
             f"the per-process batch {local_batch} is not divisible by train.grad_accum={cfg.grad_accum}"
         )
 
-    start = 0
+    start, cpu_before = 0, 0.0
     checkpoint = find_checkpoint(run_dir / "checkpoint") if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
         start, mixer.counts = check_resumable(state, cfg, len(encoded), checkpoint)
+        cpu_before = counted_cpu(state.get("cpu_seconds"))
     elif resume and proc.main:
         print(f"no checkpoint in {run_dir}: starting from step 0")
     metrics_path = run_dir / "metrics.jsonl"
@@ -296,7 +300,7 @@ def train(
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
     last = {}
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, tokens_seen, cpu0 = time.perf_counter(), 0, time.process_time()
     saved = start if checkpoint is not None else None
     try:  # the bar and the writer are closed on an error too, before it is printed
         for step in range(start, cfg.steps):
@@ -322,8 +326,12 @@ def train(
                         for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                             writer.add_scalar(f"train/{key}", last[key], done)
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                    cpu = _cpu_total(cpu_before, cpu0)
                     save_checkpoint(
-                        run_dir / "checkpoint", model, optimizer, {"step": done, "mixer_counts": mixer.counts}
+                        run_dir / "checkpoint",
+                        model,
+                        optimizer,
+                        {"step": done, "mixer_counts": mixer.counts, "cpu_seconds": cpu},
                     )
                     saved = done
             if on_step is not None:
@@ -335,7 +343,19 @@ def train(
     if proc.world_size > 1:
         dist.barrier()
     model.eval()
-    return last
+    return {**last, "cpu_seconds": _cpu_total(cpu_before, cpu0)}
+
+
+def counted_cpu(value: Any) -> float | None:
+    """A count of CPU seconds read from a file (a checkpoint's, a round record's): a finite number
+    >= 0, or None (not counted: written before runs counted it, or not a valid count)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
+def _cpu_total(before: float | None, since: float) -> float | None:
+    return None if before is None else before + time.process_time() - since
 
 
 def tensorboard_writer(run_dir: Path):
