@@ -21,7 +21,9 @@ import json
 import sys
 from pathlib import Path
 
+from asymlora.config import ConfigError
 from asymlora.fedconfig import load_config
+from asymlora.recipes.compare import resolve_against
 from asymlora.recipes.fed_compare import summarize_runs
 from asymlora.runfolder import CONFIG_FILE
 
@@ -46,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     runs = dict(parse_run(text) for text in args.run)
-    against = args.against.split(",") if args.against else [next(iter(runs))]
-    unknown = [a for a in against if a not in runs]
-    if unknown:
-        raise SystemExit(f"--against {', '.join(unknown)}: not a label of --run ({', '.join(runs)})")
+    asked = [a.strip() for a in args.against.split(",") if a.strip()] if args.against else None
+    try:
+        against = resolve_against(list(runs), asked, next(iter(runs)))
+    except ConfigError as err:
+        raise SystemExit(str(err).replace("--methods", "the --run labels")) from None
     results = {
         label: [json.loads((p / "results.json").read_text()) for p in paths] for label, paths in runs.items()
     }

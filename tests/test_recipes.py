@@ -126,6 +126,27 @@ def test_a_run_counts_its_cpu_time_across_resumes(tmp_path, task_files):
     assert "CPU time: train not counted, evaluation " in (out / "results.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("cpu", "minutes"),
+    [
+        ({"train": 60.0, "evaluation": 30.0}, 1.5),
+        ({"train": None, "evaluation": 30.0}, None),  # a part not counted: no total
+        ({"train": "x", "evaluation": 30.0}, None),
+        ({"train": float("nan"), "evaluation": 30.0}, None),
+        ({"train": True, "evaluation": 30.0}, None),
+        ({"train": -5.0, "evaluation": 30.0}, None),
+        (5, None),
+        ([1, 2], None),
+        (None, None),  # a results.json from before runs counted CPU time
+    ],
+)
+def test_a_cells_cpu_time_is_read_only_when_every_part_is_a_valid_count(cpu, minutes):
+    from asymlora.recipes.compare import _cpu_minutes
+
+    got = _cpu_minutes([{"cpu_seconds": cpu}])
+    assert (got["mean"] if got else None) == minutes
+
+
 def test_a_bfloat16_base_with_activation_checkpointing_trains_float32_task_adapters(tmp_path, task_files):
     out = tmp_path / "run"
     settings = ["dtype='bfloat16'", "train.activation_checkpointing=true", "adapter.router='task'",
@@ -259,8 +280,9 @@ def test_compare_pairs_every_method_against_each_of_against(tmp_path, task_files
 
 def test_single_task_baseline_share_trains_each_task_for_its_share_of_the_mix(tmp_path, task_files, capsys):
     """``--single-task-baseline share``: each task's LoRA trains round(steps x p_t) steps, p_t the
-    task's mixing probability (proportional to its training examples), with the warm-up cut
-    alike; delta-m is computed against those runs."""
+    task's mixing probability (at mixing temperature 2: proportional to the square root of its
+    training examples), with the warm-up cut alike (at least one step); delta-m is computed
+    against those runs, and the table says so."""
     from asymlora.data.registry import get_tasks
 
     short = tmp_path / "short.jsonl"
@@ -278,15 +300,19 @@ def test_single_task_baseline_share_trains_each_task_for_its_share_of_the_mix(tm
     out = tmp_path / "cmp"
     args = ["compare", "--model", "tiny-llama", "--tasks", ",".join(files), "--steps", "8", "--out", str(out),
             "--methods", "lora", "--seeds", "0", "--single-task-baseline", "share",
-            "--set", "train.warmup_steps=4", *TINY]  # fmt: skip
+            "--set", "train.warmup_steps=4", "--set", "train.mixing_temperature=2", *TINY]  # fmt: skip
     assert main(args) == 0
     for name, n in zip(["colors", "short"], sizes, strict=True):
-        steps = max(1, round(8 * n / sum(sizes)))
+        steps = max(1, round(8 * math.sqrt(n) / sum(math.sqrt(m) for m in sizes)))
         cell = load_config(out / "single-task-share" / name / "seed-0" / "config.yaml")
-        assert (cell.train.steps, cell.train.warmup_steps) == (steps, 4 * steps // 8)
+        assert (cell.train.steps, cell.train.warmup_steps) == (steps, max(1, round(4 * steps / 8)))
         assert cell.data.tasks == [files[0] if name == "colors" else files[1]]
     summary = json.loads((out / "results.json").read_text())
     assert summary["single_task_budget"] == "share" and summary["methods"]["lora"]["delta_m"] is not None
+    assert (
+        "delta-m % is against single-task LoRAs: each task's LoRA trains for its share"
+        in (out / "results.md").read_text()
+    )
     capsys.readouterr()
     args[args.index("share")] = "half"
     assert main(args) == 2

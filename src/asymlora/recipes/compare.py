@@ -2,7 +2,8 @@
 folder (finished cells are skipped on a re-run), then one table, one JSON and one bar chart.
 
     OUT/<method>/seed-<s>/        a full multitask run folder per cell
-    OUT/single-task/<task>/seed-<s>/   single-task LoRA baselines (with --single-task-baseline)
+    OUT/single-task/<task>/seed-<s>/   single-task LoRA baselines (--single-task-baseline same)
+    OUT/single-task-share/<task>/seed-<s>/   the same, each for its share of the steps (share)
     OUT/results.json, OUT/results.md, OUT/results.png
 """
 
@@ -29,6 +30,7 @@ from ..models import load_model, resolve_device
 from ..progress import progress_bar
 from ..runfolder import check_same_config, folder_busy, folder_lock
 from ..train.batches import task_probabilities
+from ..train.loop import counted_cpu
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 MATCHED = "@"
@@ -261,14 +263,16 @@ def check_single_task_budget(budget: str | None) -> None:
 
 def single_task_train(base: MultitaskConfig, tasks: list[Task], budget: str) -> list[Any]:
     """Each task's training settings for its single-task LoRA: ``base.train`` (``same``), or its
-    steps and warm-up cut to the task's mixing probability (``share``; at least one step)."""
+    steps and warm-up cut to the task's mixing probability (``share``; at least one step, and at
+    least one warm-up step when the multi-task run warms up)."""
     if budget == "same":
         return [base.train] * len(tasks)
     examples = training_examples(tasks, base.data.split_seed, base.data.max_train_per_task)
     probs = task_probabilities([len(e) for e in examples], base.train.mixing_temperature)
     shares = [max(1, round(base.train.steps * p)) for p in probs]
+    warmup = base.train.warmup_steps
     return [
-        replace(base.train, steps=n, warmup_steps=base.train.warmup_steps * n // base.train.steps)
+        replace(base.train, steps=n, warmup_steps=max(min(warmup, 1), round(warmup * n / base.train.steps)))
         for n in shares
     ]
 
@@ -348,7 +352,8 @@ def _cpu_minutes(results: list[dict]) -> dict[str, float] | None:
     seed's run counted all of it."""
     totals = []
     for result in results:
-        parts = list((result.get("cpu_seconds") or {}).values())
+        cpu = result.get("cpu_seconds")
+        parts = [counted_cpu(v) for v in cpu.values()] if isinstance(cpu, dict) else []
         if not parts or None in parts:
             return None
         totals.append(sum(parts) / 60)
@@ -474,7 +479,14 @@ def to_markdown(
         "Worst and std (across tasks) are mean ± sd over seeds. Differences are paired (same questions, "
         f"same bootstrap draws); * marks an interval that excludes 0. {note or parameters_note(summary)}",
     ]
-    return "\n".join([*lines, *cpu_note(methods)])
+    return "\n".join([*lines, *footer(summary)])
+
+
+def footer(summary: dict[str, Any]) -> list[str]:
+    """The lines under a table: what delta-m is measured against, and what each cell cost."""
+    budget = summary.get("single_task_budget")
+    lines = ["", f"delta-m % is against single-task LoRAs: {SINGLE_TASK_BUDGETS[budget]}."] if budget else []
+    return lines + cpu_note(summary["methods"])
 
 
 def cpu_note(methods: dict[str, Any]) -> list[str]:
@@ -574,7 +586,7 @@ def _seed_table(summary: dict[str, Any]) -> str:
     seeds = summary.get("seeds")
     lines.append("")
     lines.append(f"Scores in %, mean ± sd over seeds {seeds}. {parameters_note(summary)}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *footer(summary)])
 
 
 def plus_minus(v: dict[str, float], signed: bool = False) -> str:

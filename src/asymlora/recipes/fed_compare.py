@@ -180,4 +180,4 @@ def to_markdown(summary: dict[str, Any]) -> str:
         cells += _traffic(m)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Scores in %, mean ± sd over seeds {summary.get('seeds')}. " + _budget(summary)]
-    return "\n".join(lines)
+    return "\n".join([*lines, *compare.footer(summary)])
