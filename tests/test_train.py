@@ -62,7 +62,10 @@ def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
     assert [m["step"] for m in lines] == list(range(1, 31))
     first, final = sum(m["loss"] for m in lines[:5]) / 5, sum(m["loss"] for m in lines[-5:]) / 5
     assert final < first - 0.2, (first, final)
+    cpu = last.pop("cpu_seconds")  # what the steps cost this process; also in the checkpoint
     assert last == lines[-1]
+    saved = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["cpu_seconds"]
+    assert 0 < saved <= cpu < saved + 0.5  # saved after the last step; the return counts to the end
     assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()
     assert not model.training, "the loop hands the model back in eval mode"
 
