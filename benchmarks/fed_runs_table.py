@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = dict(parse_run(text) for text in args.run)
     asked = [a.strip() for a in args.against.split(",") if a.strip()] if args.against else None
     try:
-        against = resolve_against(list(runs), asked, next(iter(runs)))
+        against = resolve_against(list(runs), asked, next(iter(runs)), among="the --run labels")
     except ConfigError as err:
-        raise SystemExit(str(err).replace("--methods", "the --run labels")) from None
+        raise SystemExit(str(err)) from None
     results = {
         label: [json.loads((p / "results.json").read_text()) for p in paths] for label, paths in runs.items()
     }

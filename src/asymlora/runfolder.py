@@ -9,7 +9,8 @@
   until ``RunFolder.start``, which the recipe calls once all its checks have passed.
 - ``json_line`` / ``repair_jsonl``: JSON lines without NaN or Infinity tokens, and logs whose last
   line a crash cut short repaired on resume.
-- ``cpu_text``: a run's CPU time (results.json's ``cpu_seconds``) in one line.
+- ``counted_cpu`` / ``total_cpu`` / ``cpu_text``: a run's CPU time (results.json's
+  ``cpu_seconds``) read back from its files, summed, and said in one line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +288,21 @@ def _keeps(line: str, keep: Callable[[dict], bool]) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(record, dict) and keep(record)
+
+
+def counted_cpu(value: Any) -> float | None:
+    """A count of CPU seconds read from a file (a checkpoint's, a round record's): a finite number
+    >= 0, or None (not counted: written before runs counted it, or not a valid count)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
+def total_cpu(values: Iterable[Any]) -> float | None:
+    """The sum of counts of CPU seconds; None when there is none or one is not counted (a partial
+    sum is never passed off as the whole)."""
+    counts = [counted_cpu(v) for v in values]
+    return None if not counts or None in counts else sum(counts)
 
 
 def cpu_text(cpu: dict[str, float | None]) -> str:

@@ -28,9 +28,8 @@ from ..eval.runner import majority_report
 from ..eval.stats import Table, interval_text
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
-from ..runfolder import check_same_config, folder_busy, folder_lock
+from ..runfolder import check_same_config, folder_busy, folder_lock, total_cpu
 from ..train.batches import task_probabilities
-from ..train.loop import counted_cpu
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 MATCHED = "@"
@@ -112,16 +111,18 @@ def check_grid(methods: list[str], seeds: list[int], known: Sequence[str], match
         raise ConfigError("--seeds: give at least one seed")
 
 
-def resolve_against(methods: Sequence[str], against: Sequence[str] | None, default: str) -> list[str]:
+def resolve_against(
+    methods: Sequence[str], against: Sequence[str] | None, default: str, among: str = "--methods"
+) -> list[str]:
     """The methods every other is paired against, the first one in the headline: ``against`` as
-    given (each must be one of ``methods``), or else ``default`` when it is compared, else the first
-    method."""
+    given (each must be one of ``methods``, which the user gave as ``among``), or else ``default``
+    when it is compared, else the first method."""
     if against:
         missing = [a for a in against if a not in methods]
         if missing:
             raise ConfigError(
-                f"--against: {', '.join(missing)} is not among --methods ({', '.join(methods)}); "
-                "add it to --methods or leave it out"
+                f"--against: {', '.join(missing)} is not among {among} ({', '.join(methods)}); "
+                f"add it to {among} or leave it out"
             )
         return list(dict.fromkeys(against))
     return [default if default in methods else methods[0]]
@@ -318,13 +319,13 @@ def summarize_cells(
     cells: dict[str, list[dict]],
     tasks: list[str],
     references: dict[str, float] | None,
-    rows: dict[str, dict] | None = None,
-    against: Sequence[str] | None = None,
+    rows: dict[str, dict] | None,
+    against: Sequence[str],
 ) -> dict[str, Any]:
     """Per method: each task's mean and sd over seeds; the per-seed average, worst task, std across
     tasks and delta-m, each as mean and sd over seeds. Where the cells hold per-question predictions:
     95 % intervals (bootstrap over questions, seeds pooled), the paired difference of every method
-    against each method of ``against`` (default: the first) and against each reference row (``rows``: base model, majority answer),
+    against each method of ``against`` and against each reference row (``rows``: base model, majority answer),
     and the share of each task's most frequent answer."""
     methods = {}
     for method, results in cells.items():
@@ -343,7 +344,7 @@ def summarize_cells(
         methods[method] = entry
     summary = {"tasks": tasks, "methods": methods, "single_task_reference": references}
     if rows is not None and all("predictions" in t for rs in cells.values() for r in rs for t in r["tasks"]):
-        summary.update(intervals(cells, tasks, rows, against or [next(iter(cells))]))
+        summary.update(intervals(cells, tasks, rows, against))
     return summary
 
 
@@ -353,10 +354,10 @@ def _cpu_minutes(results: list[dict]) -> dict[str, float] | None:
     totals = []
     for result in results:
         cpu = result.get("cpu_seconds")
-        parts = [counted_cpu(v) for v in cpu.values()] if isinstance(cpu, dict) else []
-        if not parts or None in parts:
+        total = total_cpu(cpu.values()) if isinstance(cpu, dict) else None
+        if total is None:
             return None
-        totals.append(sum(parts) / 60)
+        totals.append(total / 60)
     return mean_sd(totals)
 
 

@@ -59,10 +59,10 @@ from ..eval.runner import evaluate_task
 from ..fedconfig import FederatedConfig, load_config, save_config
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
-from ..runfolder import RunFolder, cpu_text, folder_lock, write_jsonl
+from ..runfolder import RunFolder, cpu_text, folder_lock, total_cpu, write_jsonl
 from ..threads import use_threads
 from ..train import pad_id_of
-from ..train.loop import counted_cpu, tensorboard_writer
+from ..train.loop import tensorboard_writer
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -453,21 +453,12 @@ def summarize(
         "bytes_down_per_client_round": fmean(r["bytes_down"] for r in records),
         "total_bytes": sum(c["bytes_up"] + c["bytes_down"] for r in records for c in r["comm"].values()),
         "cpu_seconds": {
-            "rounds": _summed(records, "cpu_seconds"),
-            "evaluation": _summed(records, "eval_cpu_seconds"),
+            "rounds": total_cpu(r.get("cpu_seconds") for r in records),
+            "evaluation": total_cpu(r.get("eval_cpu_seconds") for r in records if "scores" in r),
         },
         "clients": detail,
         "client_results": predictions,
     }
-
-
-def _summed(records: list[dict], key: str) -> float | None:
-    """The CPU seconds ``key`` summed over the rounds that spent them (every round for training,
-    the evaluated ones for evaluation); None when one of them was not counted (it ran before runs
-    counted CPU time, or holds no valid count) or there is none."""
-    spent = [r for r in records if key == "cpu_seconds" or "scores" in r]
-    values = [counted_cpu(r.get(key)) for r in spent]
-    return None if not values or None in values else sum(values)
 
 
 def to_markdown(results: dict[str, Any]) -> str:

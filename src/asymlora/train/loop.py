@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from ..adapters.model import AsymLoraModel
 from ..errors import InputError, TrainingDivergedError
 from ..models import accepts_keyword
-from ..runfolder import json_line, repair_jsonl
+from ..runfolder import counted_cpu, json_line, repair_jsonl
 from .activations import set_activation_checkpointing
 from .batches import (
     IGNORE,
@@ -344,14 +343,6 @@ def train(
         dist.barrier()
     model.eval()
     return {**last, "cpu_seconds": _cpu_total(cpu_before, cpu0)}
-
-
-def counted_cpu(value: Any) -> float | None:
-    """A count of CPU seconds read from a file (a checkpoint's, a round record's): a finite number
-    >= 0, or None (not counted: written before runs counted it, or not a valid count)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-        return float(value)
-    return None
 
 
 def _cpu_total(before: float | None, since: float) -> float | None:
