@@ -11,6 +11,7 @@ from statistics import fmean, stdev
 from types import SimpleNamespace
 
 import pytest
+from tests.locks import held_by_another_process
 from tests.tiny_models import write_choice_tasks
 
 from asymlora.cli import main
@@ -195,3 +196,29 @@ def test_runs_in_different_folders_are_tabulated_paired_against_one(tmp_path: Pa
     assert "| common |" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="no finished run"):
         table(["--out", str(out), "--run", f"x={tmp_path / 'nothing'}"])
+
+
+def test_leave_busy_leaves_a_cell_to_its_process_and_makes_no_table_until_all_are_done(
+    tmp_path: Path, capsys
+) -> None:
+    """``--leave-busy`` (several workers on one grid): a cell another process holds is left to it
+    at once, not waited for; this call runs the others and writes no table; the call that finds
+    every cell finished writes it. Without the flag a single run refuses it, naming the flag."""
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
+    out = tmp_path / "grid"
+    grid = ("--methods", "fedit,fedalora", "--seeds", "0", "--leave-busy")
+    with held_by_another_process(out / "fedit" / "seed-0"):  # a worker running that cell
+        started = time.monotonic()
+        assert federate(out, tasks, *grid) == 0
+        assert time.monotonic() - started < 120
+    printed = capsys.readouterr().out
+    assert f"left (another process is running it): {out / 'fedit' / 'seed-0'}" in printed
+    assert "no table yet" in printed
+    assert (out / "fedalora" / "seed-0" / "results.json").exists()
+    assert not (out / "fedit" / "seed-0" / "results.json").exists()
+    assert not (out / "results.json").exists()
+    assert federate(out, tasks, *grid) == 0  # the lock is gone: this call runs fedit, then the table
+    assert f"skip (finished): {out / 'fedalora' / 'seed-0'}" in capsys.readouterr().out
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["fedit", "fedalora"]
+    assert federate(tmp_path / "one", tasks, "--leave-busy") == 2
+    assert "--leave-busy is for a comparison" in capsys.readouterr().err

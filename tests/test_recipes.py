@@ -331,6 +331,30 @@ def test_compare_without_out_writes_beside_what_train_writes_in_the_configs_outp
     assert not (home / "results.json").exists()
 
 
+def test_compare_leave_busy_runs_the_rest_and_leaves_the_table_to_the_last_call(tmp_path, task_files, capsys):
+    """``compare --leave-busy``: a method cell another process holds is left to it at once; this
+    call still runs every other cell, the single-task ones included, and writes no table; a later
+    call finds them finished (none runs twice) and writes it."""
+    from tests.locks import held_by_another_process
+
+    out = tmp_path / "grid"
+    grid = ["compare", "--model", "tiny-llama", "--tasks", ",".join(task_files), "--steps", "1",
+            "--methods", "lora,alora", "--seeds", "0", "--single-task-baseline", "share",
+            "--out", str(out), "--leave-busy", *TINY]  # fmt: skip
+    with held_by_another_process(out / "lora" / "seed-0"):  # a worker running that cell
+        assert main(grid) == 0
+    printed = capsys.readouterr().out
+    assert f"left (another process is running it): {out / 'lora' / 'seed-0'}" in printed
+    assert "no table yet" in printed and not (out / "results.json").exists()
+    assert not (out / "lora" / "seed-0" / "results.json").exists()
+    done = [out / "alora" / "seed-0"] + sorted((out / "single-task-share").glob("*/seed-0"))
+    assert len(done) == 1 + len(task_files) and all((d / "results.json").exists() for d in done)
+    assert main(grid) == 0
+    printed = capsys.readouterr().out
+    assert all(f"skip (finished): {d}" in printed for d in done)
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"lora", "alora"}
+
+
 def test_compare_leaves_a_cell_another_process_runs_for_last(tmp_path, task_files):
     """Two workers on one grid share it: a cell whose folder another process holds is left until
     the other cells are done, then waited for (not queued behind at its turn)."""

@@ -81,23 +81,33 @@ def run_grid(
     cell: Callable[[str, int], Any],
     run_one: Callable[[Any], dict[str, Any]],
     log=print,
-) -> dict[str, list[dict[str, Any]]]:
+    wait: bool = True,
+) -> dict[str, list[dict[str, Any]]] | None:
     """method -> its cells' results, one per seed: ``run_one(cell(method, seed))`` for every
     cell, cells that another process is running left until the others are done (then waited
     for), so several workers started on one grid share its cells instead of queueing behind
-    each other."""
+    each other. Without ``wait`` those cells are left to that process and None is returned
+    when there were any (the grid is not finished yet)."""
     configs = {(m, s): cell(m, s) for m in methods for s in seeds}
     results: dict[tuple[str, int], dict[str, Any]] = {}
     busy = []
     for key, cfg in configs.items():
         if folder_busy(Path(cfg.output_dir)):
-            log(f"later (another process is running it): {cfg.output_dir}")
+            log(f"{'later' if wait else 'left'} (another process is running it): {cfg.output_dir}")
             busy.append(key)
         else:
             results[key] = run_one(cfg)
+    if busy and not wait:
+        return None
     for key in busy:
         results[key] = run_one(configs[key])
     return {m: [results[m, s] for s in seeds] for m in methods}
+
+
+LEFT_TO_OTHERS = (
+    "cells another process is running were left to it (--leave-busy): no table yet; the call that "
+    "finds every cell finished writes it (run this command again once they are)"
+)
 
 
 def check_grid(methods: list[str], seeds: list[int], known: Sequence[str], matched: bool = False) -> None:
@@ -136,10 +146,12 @@ def compare(
     single_task_baseline: str | None = None,
     against: Sequence[str] | None = None,
     log=print,
-) -> dict[str, Any]:
+    wait: bool = True,
+) -> dict[str, Any] | None:
     """Every (method, seed) cell of ``base``'s budget, then the table. ``single_task_baseline``
     (``same`` or ``share``, see ``SINGLE_TASK_BUDGETS``) also trains one LoRA per task for delta-m;
-    ``against``: the methods every other is paired against (default lora)."""
+    ``against``: the methods every other is paired against (default lora). Without ``wait``,
+    cells another process is running are left to it, and then no table is made (None)."""
     check_grid(methods, seeds, METHODS, matched=True)
     check_single_task_budget(single_task_baseline)
     against = resolve_against(methods, against, "lora")
@@ -155,12 +167,16 @@ def compare(
             lambda m, s: cell_config(base, m, s, out / m / f"seed-{s}", rank=ranks.get(m)),
             lambda cfg: _counted(bar, run_cell(cfg, log)),
             log,
+            wait,
         )
     references = (
-        single_task_references(base, tasks, specs, seeds, out, single_task_baseline, log)
+        single_task_references(base, tasks, specs, seeds, out, single_task_baseline, log, wait)
         if single_task_baseline
         else None
     )
+    if cells is None or (single_task_baseline and references is None):
+        log(LEFT_TO_OTHERS)
+        return None
     rows = {
         BASE_ROW: base_model_result(base, tasks, out / "base", log),
         MAJORITY_ROW: majority_answers(base, tasks),
@@ -286,9 +302,11 @@ def single_task_references(
     out: Path,
     budget: str = "same",
     log=print,
-) -> dict[str, float]:
+    wait: bool = True,
+) -> dict[str, float] | None:
     """Each task's score under a LoRA trained on that task alone (budget: see
-    ``SINGLE_TASK_BUDGETS``), mean over seeds."""
+    ``SINGLE_TASK_BUDGETS``), mean over seeds (None: cells left to another process, see
+    ``run_grid``)."""
     folder = out / ("single-task" if budget == "same" else f"single-task-{budget}")
     alone = {
         task.name: (replace(base, train=train_cfg), spec)
@@ -299,7 +317,9 @@ def single_task_references(
         one, spec = alone[name]
         return cell_config(one, "lora", seed, folder / name / f"seed-{seed}", [spec])
 
-    runs = run_grid(list(alone), seeds, cell, lambda cfg: run_cell(cfg, log), log)
+    runs = run_grid(list(alone), seeds, cell, lambda cfg: run_cell(cfg, log), log, wait)
+    if runs is None:
+        return None
     return {name: statistics.fmean(r["tasks"][0]["score"] for r in results) for name, results in runs.items()}
 
 

@@ -101,7 +101,10 @@ def fed_compare(
     out: str | Path,
     against: Sequence[str] | None = None,
     log=print,
-) -> dict[str, Any]:
+    wait: bool = True,
+) -> dict[str, Any] | None:
+    """Every (method, seed) run of ``base``, then the table (None without ``wait`` when cells
+    were left to another process, see ``compare.run_grid``)."""
     compare.check_grid(methods, seeds, METHODS)
     against = compare.resolve_against(methods, against, BASELINE)
     out = Path(out)
@@ -111,7 +114,11 @@ def fed_compare(
         lambda m, s: cell_config(base, m, s, out / m / f"seed-{s}"),
         lambda c: run_cell(c, log),
         log,
+        wait,
     )
+    if results is None:
+        log(compare.LEFT_TO_OTHERS)
+        return None
     return summarize_runs(results, base, out, against, log)
 
 
