@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "asymlora"
 
 # Top-level module or package -> layer, lowest first (docs/architecture.md lists them top first).
 LAYERS = {
-    **dict.fromkeys(["config", "errors", "progress", "threads"], 0),
+    **dict.fromkeys(["config", "errors", "progress", "threads", "checkpoint_signal"], 0),
     "models": 1,
     "adapters": 2,
     "runfolder": 3,

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from asymlora.checkpoint_signal import checkpoint_requests_noted
 from asymlora.config import Override
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import (
@@ -771,7 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads is not None and args.threads < 0:
             raise UsageError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
         choose_threads(args.threads)
-        return COMMANDS[args.command][1](args)
+        with checkpoint_requests_noted(args.command):
+            return COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
         if debug:
             raise
