@@ -9,7 +9,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 max_wait=${1:-120}
-pids=$(pgrep -f "bin/asymlora (compare|federate)" | tr '\n' ' ')
+pids=$(pgrep -f "${WORKERS_PATTERN:-bin/asymlora (compare|federate)}" | tr '\n' ' ')
 asked=$(date +%s)
 for pid in $pids; do kill -USR1 "$pid" 2>/dev/null; done
 
