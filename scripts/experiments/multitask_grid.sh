@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# The multi-task grid of docs/results.md (issue 12), one worker: every cell of seed 0, then of seed 1,
-# then of seed 2 (`compare` runs method-major within one call, so the seeds are looped here to finish
-# whole seeds first). Two workers may run it at once: cells hold locks, a busy cell is left to the
-# other worker, and a finished one is skipped, so a stopped grid resumes where it stopped.
+# The multi-task grid of docs/results.md (issue 12), one worker. The cells that answer the main
+# question come first: lora and alora for seeds 0, 1 and 2 (ALoRA - LoRA over three seeds), then
+# hydralora, the parameter-matched lora@alora and mola, seed by seed; last, one call over the whole
+# grid runs the single-task LoRAs for delta-m (`share` budget) and writes the table (paired against
+# lora and hydralora). Two workers may run it at once: cells hold locks, a cell the other worker
+# runs is left to it (--leave-busy) and a finished one is skipped, so a stopped grid resumes where
+# it stopped, from each unfinished cell's checkpoint.
 #   scripts/experiments/multitask_grid.sh w1 &   scripts/experiments/multitask_grid.sh w2 &
 set -u
 worker=${1:-w1}
 seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/commonsense-smollm2}
 mkdir -p "$(dirname "$out")"
-for seed in $seeds; do
+
+grid() {  # grid METHODS SEEDS [more flags]
+  local methods=$1 seeds=$2
+  shift 2
   OMP_NUM_THREADS=1 .venv/bin/asymlora compare --config configs/commonsense-smollm2.yaml \
-    --methods lora,alora,lora@alora,hydralora,mola --seeds "$seed" --out "$out" \
-    --against lora,hydralora --single-task-baseline share --threads 1 --leave-busy >> "$out-$worker.log" 2>&1
+    --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 --leave-busy "$@" >> "$out-$worker.log" 2>&1
+}
+
+for methods in lora,alora hydralora lora@alora mola; do
+  for seed in $seeds; do grid "$methods" "$seed"; done
 done
+grid lora,alora,lora@alora,hydralora,mola "$(echo $seeds | tr ' ' ',')" \
+  --against lora,hydralora --single-task-baseline share
