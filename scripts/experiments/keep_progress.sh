@@ -32,6 +32,8 @@ done
 
 [ -n "$pids" ] && kill -STOP $pids
 git add experiments
+# the index then holds exactly the current checkpoint of every unfinished cell, none of a finished one
+git rm -r -q --cached --ignore-unmatch -- ':(glob)experiments/**/checkpoint*/**' > /dev/null
 for ckpt in $(unfinished); do git add -f "$ckpt"; done
 summary=$(for ckpt in $(unfinished); do
   at=$(python3 -c "
