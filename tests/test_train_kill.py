@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_usr1_asks_for_a_checkpoint_after_the_current_step_and_training_goes_on(
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_usr1_outside_training_is_noted_not_fatal(capsys) -> None:
+def test_usr1_outside_training_is_noted_not_fatal(capfd) -> None:
     """The CLI's handler: the signal while no loop trains is noted on stderr and ignored; a
     training loop takes it over and gives it back."""
     from asymlora.checkpoint_signal import CHECKPOINT_SIGNAL, checkpoint_requests, checkpoint_requests_noted
@@ -131,9 +132,30 @@ def test_usr1_outside_training_is_noted_not_fatal(capsys) -> None:
             os.kill(os.getpid(), CHECKPOINT_SIGNAL)
             time.sleep(0.05)
             assert asked() and not asked(), "once per signal"
+            os.kill(os.getpid(), CHECKPOINT_SIGNAL)
+            os.kill(os.getpid(), CHECKPOINT_SIGNAL)
+            time.sleep(0.05)
+            assert asked() and not asked(), "signals that come together: one request"
         os.kill(os.getpid(), CHECKPOINT_SIGNAL)
         time.sleep(0.05)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert (
         err.count("asymlora eval: no training step is running (nothing to checkpoint); signal ignored") == 2
+    )
+
+
+def test_the_cli_survives_usr1_while_a_command_runs() -> None:
+    """``asymlora.cli.main`` notes the signal for every command (here one that sends it to itself
+    where a real one would be evaluating): exit status 0, not death by the signal."""
+    code = (
+        "import os, signal, sys\n"
+        "from asymlora import cli\n"
+        "add, _ = cli.COMMANDS['tasks']\n"
+        "cli.COMMANDS['tasks'] = (add, lambda args: os.kill(os.getpid(), signal.SIGUSR1) or 0)\n"
+        "sys.exit(cli.main(['tasks']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        "asymlora tasks: no training step is running (nothing to checkpoint); signal ignored" in done.stderr
     )

@@ -15,30 +15,43 @@ worker=${1:-w1}
 seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/fed-mc-smollm2}
 config=configs/fed-mc-smollm2.yaml
-het="--set adapter.ranks=[64,64,32,32,16,16,8,8]"
+het=(--set "adapter.ranks=[64,64,32,32,16,16,8,8]")
+common=(--set federation.client_a_init=common)
+reset=(--set federation.reset_a_each_round=true)
 mkdir -p "$out"
 
-cell() {  # cell FOLDER METHODS SEED [--set ...]
-  local folder=$1 methods=$2 seed=$3
+cell() {  # cell FOLDER METHODS SEEDS [flags]: SEEDS comma-separated
+  local folder=$1 methods=$2 seeds=$3
   shift 3
   local against=fedit
   case ",$methods," in *,fedit,*) ;; *) against=${methods%%,*} ;; esac
-  OMP_NUM_THREADS=1 .venv/bin/asymlora federate --config "$config" --methods "$methods" --seeds "$seed" \
-    --out "$out/$folder" --against "$against" --threads 1 --leave-busy "$@" >> "$out-$worker.log" 2>&1
+  # the base model's row is the same in every folder (same clients and questions): score it once
+  if [ "$folder" != homogeneous ] && [ ! -e "$out/$folder/base" ] && [ -f "$out/homogeneous/base/results.json" ]; then
+    mkdir -p "$out/$folder" && ln -s ../homogeneous/base "$out/$folder/base"
+  fi
+  OMP_NUM_THREADS=1 .venv/bin/asymlora federate --config "$config" --methods "$methods" --seeds "$seeds" \
+    --out "$out/$folder" --against "$against" --threads 1 "$@" >> "$out-$worker.log" 2>&1
 }
 
+homogeneous=fedit,fedalora,ffa,fedsa,zeropad,flora,flexlora,fedalora-het
 for seed in $seeds; do
-  cell homogeneous fedit,fedalora "$seed"
-  cell a-common-keep fedalora "$seed" --set federation.client_a_init=common
+  cell homogeneous fedit,fedalora "$seed" --leave-busy
+  cell a-common-keep fedalora "$seed" "${common[@]}" --leave-busy
+done
+for seed in $seeds; do cell homogeneous "$homogeneous" "$seed" --leave-busy; done
+for seed in $seeds; do
+  cell heterogeneous zeropad,flora,flexlora,fedalora-het "$seed" "${het[@]}" --leave-busy
+  cell heterogeneous-common-a fedalora-het "$seed" "${het[@]}" "${common[@]}" --leave-busy
 done
 for seed in $seeds; do
-  cell homogeneous fedit,fedalora,ffa,fedsa,zeropad,flora,flexlora,fedalora-het "$seed"
+  cell a-common-reset fedalora "$seed" "${common[@]}" "${reset[@]}" --leave-busy
+  cell a-independent-reset fedalora "$seed" "${reset[@]}" --leave-busy
 done
-for seed in $seeds; do
-  cell heterogeneous zeropad,flora,flexlora,fedalora-het "$seed" $het
-  cell heterogeneous-common-a fedalora-het "$seed" $het --set federation.client_a_init=common
-done
-for seed in $seeds; do
-  cell a-common-reset fedalora "$seed" --set federation.client_a_init=common --set federation.reset_a_each_round=true
-  cell a-independent-reset fedalora "$seed" --set federation.reset_a_each_round=true
-done
+# the tables over all seeds; these calls wait for what the other worker still runs
+all=$(echo $seeds | tr ' ' ',')
+cell homogeneous "$homogeneous" "$all"
+cell a-common-keep fedalora "$all" "${common[@]}"
+cell heterogeneous zeropad,flora,flexlora,fedalora-het "$all" "${het[@]}"
+cell heterogeneous-common-a fedalora-het "$all" "${het[@]}" "${common[@]}"
+cell a-common-reset fedalora "$all" "${common[@]}" "${reset[@]}"
+cell a-independent-reset fedalora "$all" "${reset[@]}"

@@ -9,7 +9,10 @@
 set -u
 cd "$(dirname "$0")/../.."
 max_wait=${1:-120}
-pids=$(pgrep -f "${WORKERS_PATTERN:-bin/asymlora (compare|federate)}" | tr '\n' ' ')
+# the grid workers of this checkout only: its .venv's python running asymlora compare / federate
+pattern=${WORKERS_PATTERN:-^$(pwd)/\.venv/bin/python[0-9.]* [^ ]*\.venv/bin/asymlora (compare|federate) }
+pids=$(pgrep -f "$pattern" | tr '\n' ' ')
+trap '[ -n "$pids" ] && kill -CONT $pids 2>/dev/null' EXIT  # never leave a worker paused
 asked=$(date +%s)
 for pid in $pids; do kill -USR1 "$pid" 2>/dev/null; done
 
@@ -30,6 +33,11 @@ while [ "$(date +%s)" -lt "$deadline" ] && [ -n "$pids" ]; do
   sleep 2
 done
 
+others=$(git diff --cached --name-only -- . ':(exclude)experiments')
+if [ -n "$others" ]; then  # the commit is the grids' progress alone
+  echo "keep_progress: other changes are staged ($(echo $others)); commit or unstage them first" >&2
+  exit 1
+fi
 [ -n "$pids" ] && kill -STOP $pids
 git add experiments
 # the index then holds exactly the current checkpoint of every unfinished cell, none of a finished one
@@ -46,5 +54,4 @@ print(f'step {json.loads(t.read_text())[\"step\"]}' if t.exists() else f'round {
 done)
 git commit -q -m "experiments: progress kept at $(date -u +%Y-%m-%dT%H:%MZ)" -m "${summary:-no unfinished cell}" \
   && git log --stat -1 | tail -n 25
-[ -n "$pids" ] && kill -CONT $pids
 exit 0

@@ -23,5 +23,9 @@ grid() {  # grid METHODS SEEDS [more flags]
 for methods in lora,alora hydralora lora@alora mola; do
   for seed in $seeds; do grid "$methods" "$seed"; done
 done
-grid lora,alora,lora@alora,hydralora,mola "$(echo $seeds | tr ' ' ',')" \
-  --against lora,hydralora --single-task-baseline share
+all_seeds=$(echo $seeds | tr ' ' ',')
+grid lora,alora,lora@alora,hydralora,mola "$all_seeds" --against lora,hydralora --single-task-baseline share
+# and the whole table: this call waits for what the other worker still runs (no --leave-busy)
+OMP_NUM_THREADS=1 .venv/bin/asymlora compare --config configs/commonsense-smollm2.yaml \
+  --methods lora,alora,lora@alora,hydralora,mola --seeds "$all_seeds" --out "$out" --threads 1 \
+  --against lora,hydralora --single-task-baseline share >> "$out-$worker.log" 2>&1

@@ -1,12 +1,13 @@
 """A checkpoint on request: ``kill -USR1 PID`` (or a batch scheduler's warning before its time
 limit, e.g. Slurm's ``--signal=USR1@120``) asks a training process for a checkpoint after its
 current step, so that a stop loses nothing. Outside a training loop the signal is noted and
-ignored (its default would end the process). No torch here: the CLI installs this at start."""
+ignored (its default would end the process). Under torchrun, signal rank 0's worker, not the
+launcher (which has no handler for it). No torch here: the CLI installs this at start."""
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,22 +18,26 @@ CHECKPOINT_SIGNAL = getattr(signal, "SIGUSR1", None)  # None where the platform 
 @contextmanager
 def checkpoint_requests() -> Iterator[Callable[[], bool]]:
     """While the block runs, ``CHECKPOINT_SIGNAL`` asks for a checkpoint: yields a function that
-    says (once per signal) whether one was asked for since it was last called. The handler is
-    installed only in the main thread and where the platform has the signal (elsewhere nothing
-    is ever asked); the previous handler comes back after the block."""
-    asked = threading.Event()
-    main = threading.current_thread() is threading.main_thread()
-    if CHECKPOINT_SIGNAL is None or not main:
+    says whether one was asked for since it was last called (signals that come together count as
+    one request). The handler is installed only in the main thread and where the platform has the
+    signal (elsewhere nothing is ever asked); the previous handler comes back after the block.
+    The handler only counts (no lock, no I/O): it may run between any two bytecodes of the loop."""
+    if CHECKPOINT_SIGNAL is None or threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    previous = signal.signal(CHECKPOINT_SIGNAL, lambda signum, frame: asked.set())
+    counts = {"signals": 0, "answered": 0}
+
+    def count(signum, frame) -> None:
+        counts["signals"] += 1
 
     def was_asked() -> bool:
-        if asked.is_set():
-            asked.clear()
-            return True
-        return False
+        signals = counts["signals"]  # one read: a signal after it is answered at the next call
+        if signals == counts["answered"]:
+            return False
+        counts["answered"] = signals
+        return True
 
+    previous = signal.signal(CHECKPOINT_SIGNAL, count)
     try:
         yield was_asked
     finally:
@@ -48,9 +53,10 @@ def checkpoint_requests_noted(command: str) -> Iterator[None]:
         yield
         return
 
-    def note(signum, frame) -> None:
-        print(f"asymlora {command}: no training step is running (nothing to checkpoint); signal ignored",
-              file=sys.stderr)  # fmt: skip
+    message = f"asymlora {command}: no training step is running (nothing to checkpoint); signal ignored\n"
+
+    def note(signum, frame) -> None:  # os.write, not print: the signal may come inside a print
+        os.write(2, message.encode())
 
     previous = signal.signal(CHECKPOINT_SIGNAL, note)
     try:
