@@ -222,3 +222,23 @@ def test_leave_busy_leaves_a_cell_to_its_process_and_makes_no_table_until_all_ar
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["fedit", "fedalora"]
     assert federate(tmp_path / "one", tasks, "--leave-busy") == 2
     assert "--leave-busy is for a comparison" in capsys.readouterr().err
+
+
+def test_federate_status_says_how_many_rounds_each_cell_has(tmp_path: Path, capsys) -> None:
+    """``federate --methods ... --status``: a finished cell, one resumable after its last round
+    (rounds and CPU so far from the checkpoint's round records), one not started; runs nothing."""
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=6)
+    out = tmp_path / "grid"
+    assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0") == 0
+    (out / "fedalora" / "seed-0" / "results.json").unlink()  # as if stopped after its last round
+    capsys.readouterr()
+    assert federate(out, tasks, "--methods", "fedit,fedalora", "--seeds", "0,1", "--status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    state = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  ")}
+    assert state["fedit/seed-0"].startswith("finished, ")
+    assert state["fedalora/seed-0"].startswith("resumable (checkpoint at round 1 of 1, ")
+    assert state["fedit/seed-1"] == state["fedalora/seed-1"] == "not started"
+    assert not (out / "fedit" / "seed-1").exists()
+    assert lines[-1] == "1 finished, 0 running, 1 resumable, 2 not started (of 4 cells)"
+    assert federate(tmp_path / "one", tasks, "--status") == 2  # a single run has no grid
+    assert "--status is for a comparison" in capsys.readouterr().err

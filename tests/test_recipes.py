@@ -355,6 +355,40 @@ def test_compare_leave_busy_runs_the_rest_and_leaves_the_table_to_the_last_call(
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"lora", "alora"}
 
 
+def test_compare_status_says_where_each_cell_stands_and_runs_nothing(tmp_path, task_files, capsys):
+    """``compare --status``: finished (with its CPU time), running in another process,
+    resumable from its checkpoint (step and CPU so far) or not started, the single-task cells
+    too; nothing is written into the grid."""
+    from tests.locks import held_by_another_process
+
+    out = tmp_path / "grid"
+    grid = ["compare", "--model", "tiny-llama", "--tasks", ",".join(task_files), "--steps", "2",
+            "--methods", "lora,alora", "--out", str(out), "--set", "train.save_every=1", *TINY]  # fmt: skip
+    assert main([*grid, "--seeds", "0"]) == 0
+    (out / "alora" / "seed-0" / "results.json").unlink()  # as if stopped after its last checkpoint
+    capsys.readouterr()
+
+    def files() -> list[Path]:  # but the lock files beside the folders (the other process's)
+        return sorted(p.relative_to(out) for p in out.rglob("*") if not p.name.endswith(".lock"))
+
+    before = files()
+    with held_by_another_process(out / "lora" / "seed-1"):
+        assert main([*grid, "--seeds", "0,1", "--single-task-baseline", "share", "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    state = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  ")}
+    assert state["lora/seed-0"].startswith("finished, ") and state["lora/seed-0"].endswith(" CPU-hours")
+    assert state["lora/seed-1"] == "running"
+    assert state["alora/seed-0"].startswith("resumable (checkpoint at step 2 of 2, ")
+    assert state["alora/seed-1"] == "not started"
+    singles = [k for k in state if k.startswith("single-task-share/")]
+    assert len(singles) == 2 * len(task_files) and all(state[k] == "not started" for k in singles)
+    assert (
+        lines[-1]
+        == f"1 finished, 1 running, 1 resumable, {1 + len(singles)} not started (of {len(state)} cells)"
+    )
+    assert files() == before, "--status writes nothing"
+
+
 def test_compare_leaves_a_cell_another_process_runs_for_last(tmp_path, task_files):
     """Two workers on one grid share it: a cell whose folder another process holds is left until
     the other cells are done, then waited for (not queued behind at its turn)."""

@@ -298,10 +298,13 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
                         "(same, the default) or for the task's share of the mix's steps (share)")  # fmt: skip
     p.add_argument("--against", help="comma-separated methods every other is paired against "
                                      "(default lora; the first is the headline's)")  # fmt: skip
-    _add_leave_busy(p)
+    _add_grid_flags(p)
 
 
-def _add_leave_busy(p: argparse.ArgumentParser) -> None:
+def _add_grid_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", action="store_true",
+                   help="only say where each cell stands (finished, running, resumable from step or round "
+                        "N, not started) and its CPU time; runs nothing")  # fmt: skip
     p.add_argument("--leave-busy", action="store_true",
                    help="leave cells another process is running to it instead of waiting for them (the "
                         "table is then made by the call that finds every cell finished): for several "
@@ -316,7 +319,16 @@ def run_compare(args: argparse.Namespace) -> int:
     methods = _names(args.methods, "--methods")
     out = args.out or Path(cfg.output_dir) / "compare"  # beside, not over, what train writes there
     against = _names(args.against, "--against") if args.against else None
-    compare(cfg, methods, seeds, out, args.single_task_baseline, against, wait=not args.leave_busy)
+    compare(
+        cfg,
+        methods,
+        seeds,
+        out,
+        args.single_task_baseline,
+        against,
+        wait=not args.leave_busy,
+        status=args.status,
+    )
     return 0
 
 
@@ -376,7 +388,7 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", help="compare: comma-separated seeds (default: the config's seed)")
     p.add_argument("--against", help="compare: comma-separated methods every other is paired against "
                                      "(default fedit; the first is the headline's)")  # fmt: skip
-    _add_leave_busy(p)
+    _add_grid_flags(p)
 
 
 def run_federate(args: argparse.Namespace) -> int:
@@ -395,8 +407,8 @@ def run_federate(args: argparse.Namespace) -> int:
         shortcuts.append((("federation", "rounds"), args.rounds))
     cfg = load_config(args.config, [*shortcuts, *args.overrides])
     if args.methods is None and args.seeds is None:
-        if args.against or args.leave_busy:
-            flag = "--against" if args.against else "--leave-busy"
+        if args.against or args.leave_busy or args.status:
+            flag = "--against" if args.against else "--leave-busy" if args.leave_busy else "--status"
             raise UsageError(f"{flag} is for a comparison (several runs): give --methods too")
         run(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
@@ -405,7 +417,7 @@ def run_federate(args: argparse.Namespace) -> int:
     methods = methods or [cfg.federation.method]
     seeds = _ints(args.seeds, "--seeds") if args.seeds else [cfg.seed]
     against = _names(args.against, "--against") if args.against else None
-    fed_compare(cfg, methods, seeds, args.out, against, wait=not args.leave_busy)  # finished: skipped
+    fed_compare(cfg, methods, seeds, args.out, against, wait=not args.leave_busy, status=args.status)
     return 0
 
 

@@ -49,6 +49,7 @@ from ..errors import InputError
 from ..federated import FederatedMethod
 from ..federated.common import BASE_DELTA, A, Tensors, module_of, part, select
 from ..federated.validate import UploadLimits
+from ..runfolder import total_cpu
 from ..train import TrainConfig, encode_tasks, local_train
 from ..train.batches import Encoded, hash_seed
 from .round import Member, RoundError, RoundLog, Server, from_wire, to_wire
@@ -367,6 +368,21 @@ class LocalSimulator:
 def find_checkpoint(folder: str | Path) -> Path | None:
     """The last complete checkpoint at ``folder`` (or its ``.old`` twin), if any."""
     return complete_folder(folder, (STATE_FILE, SERVER_FILE))
+
+
+def checkpoint_progress(folder: str | Path) -> tuple[int, float | None] | None:
+    """(rounds done, CPU seconds so far) of the last complete federation checkpoint at ``folder``,
+    None without one (a damaged one reads as none: a resume refuses it)."""
+    found = find_checkpoint(folder)
+    if found is None:
+        return None
+    try:
+        state = _read_state(found / STATE_FILE)
+    except InputError:
+        return None
+    rounds = state["record"].get("rounds") if isinstance(state["record"], dict) else None
+    cpu = total_cpu(r.get("cpu_seconds") if isinstance(r, dict) else None for r in rounds or [None])
+    return state["round"], cpu
 
 
 def _read_state(path: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from ..models import load_model, resolve_device
 from ..progress import progress_bar
 from ..runfolder import check_same_config, folder_busy, folder_lock, total_cpu
 from ..train.batches import task_probabilities
+from ..train.checkpoint import checkpoint_progress
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
 
 MATCHED = "@"
@@ -104,6 +105,46 @@ def run_grid(
     return {m: [results[m, s] for s in seeds] for m in methods}
 
 
+Progress = Callable[[Path], tuple[int, float | None] | None]
+"""A checkpoint folder -> (steps or rounds done, CPU seconds so far), None without a checkpoint."""
+STATES = ("finished", "running", "resumable", "not started")
+
+
+def grid_status(
+    cells: Sequence[tuple[str, Path, int]], progress: Progress, unit: str, log=print
+) -> dict[str, int]:
+    """Where each (label, folder, total steps or rounds) cell of a grid stands, one line each:
+    finished (with its CPU time), running in another process, resumable from a checkpoint (and
+    how far it is), or not started; then the counts. Reads the folders only."""
+    counts = dict.fromkeys(STATES, 0)
+    width = max(len(label) for label, _, _ in cells)
+    for label, folder, total in cells:
+        state, detail = _cell_state(folder, progress, total, unit)
+        counts[state] += 1
+        log(f"  {label:<{width}}  {state}{detail}")
+    log(", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(cells)} cells)")
+    return counts
+
+
+def _cell_state(folder: Path, progress: Progress, total: int, unit: str) -> tuple[str, str]:
+    done = folder / "results.json"
+    if done.exists():
+        try:
+            cpu = json.loads(done.read_text()).get("cpu_seconds")
+        except (OSError, ValueError, AttributeError):
+            cpu = None
+        return "finished", _hours(total_cpu(cpu.values()) if isinstance(cpu, dict) else None)
+    at = progress(folder / "checkpoint")
+    state = "running" if folder_busy(folder) else "resumable" if at else "not started"
+    if at is None:
+        return state, ""
+    return state, f" (checkpoint at {unit} {at[0]} of {total}{_hours(at[1], ' so far')})"
+
+
+def _hours(cpu_seconds: float | None, suffix: str = "") -> str:
+    return "" if cpu_seconds is None else f", {cpu_seconds / 3600:.2f} CPU-hours{suffix}"
+
+
 LEFT_TO_OTHERS = (
     "cells another process is running were left to it (--leave-busy): no table yet; the call that "
     "finds every cell finished writes it (run this command again once they are)"
@@ -147,16 +188,33 @@ def compare(
     against: Sequence[str] | None = None,
     log=print,
     wait: bool = True,
+    status: bool = False,
 ) -> dict[str, Any] | None:
     """Every (method, seed) cell of ``base``'s budget, then the table. ``single_task_baseline``
     (``same`` or ``share``, see ``SINGLE_TASK_BUDGETS``) also trains one LoRA per task for delta-m;
     ``against``: the methods every other is paired against (default lora). Without ``wait``,
-    cells another process is running are left to it, and then no table is made (None)."""
+    cells another process is running are left to it, and then no table is made (None).
+    ``status``: only say where each cell stands (``grid_status``), running nothing."""
     check_grid(methods, seeds, METHODS, matched=True)
     check_single_task_budget(single_task_baseline)
     against = resolve_against(methods, against, "lora")
     out = Path(out)
     tasks = select_tasks(base.data)
+    if status:
+        cells = [(f"{m}/seed-{s}", out / m / f"seed-{s}", base.train.steps) for m in methods for s in seeds]
+        if single_task_baseline:
+            folder, budgets = (
+                single_task_folder(out, single_task_baseline),
+                single_task_train(base, tasks, single_task_baseline),
+            )
+            cells += [
+                (f"{folder.name}/{t.name}/seed-{s}", folder / t.name / f"seed-{s}", train.steps)
+                for t, train in zip(tasks, budgets, strict=True)
+                for s in seeds
+            ]
+        log(f"grid {out}:")
+        grid_status(cells, checkpoint_progress, "step", log)
+        return None
     ranks = matched_ranks(base, methods, log)
     task_names = [t.name for t in tasks]
     specs = base.data.tasks or task_names  # how each task is named in a config (a name or a file)
@@ -294,6 +352,10 @@ def single_task_train(base: MultitaskConfig, tasks: list[Task], budget: str) -> 
     ]
 
 
+def single_task_folder(out: Path, budget: str) -> Path:
+    return out / ("single-task" if budget == "same" else f"single-task-{budget}")
+
+
 def single_task_references(
     base: MultitaskConfig,
     tasks: list[Task],
@@ -307,7 +369,7 @@ def single_task_references(
     """Each task's score under a LoRA trained on that task alone (budget: see
     ``SINGLE_TASK_BUDGETS``), mean over seeds (None: cells left to another process, see
     ``run_grid``)."""
-    folder = out / ("single-task" if budget == "same" else f"single-task-{budget}")
+    folder = single_task_folder(out, budget)
     alone = {
         task.name: (replace(base, train=train_cfg), spec)
         for task, spec, train_cfg in zip(tasks, specs, single_task_train(base, tasks, budget), strict=True)

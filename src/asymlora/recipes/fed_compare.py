@@ -21,6 +21,7 @@ from statistics import fmean
 from typing import Any
 
 from ..config import to_dict
+from ..engines.local import checkpoint_progress
 from ..eval.report import TaskResult, summarize
 from ..eval.runner import majority_result
 from ..federated import BASELINE, METHODS
@@ -102,12 +103,21 @@ def fed_compare(
     against: Sequence[str] | None = None,
     log=print,
     wait: bool = True,
+    status: bool = False,
 ) -> dict[str, Any] | None:
     """Every (method, seed) run of ``base``, then the table (None without ``wait`` when cells
-    were left to another process, see ``compare.run_grid``)."""
+    were left to another process, see ``compare.run_grid``). ``status``: only say where each
+    cell stands, running nothing."""
     compare.check_grid(methods, seeds, METHODS)
     against = compare.resolve_against(methods, against, BASELINE)
     out = Path(out)
+    if status:
+        log(f"grid {out}:")
+        cells = [
+            (f"{m}/seed-{s}", out / m / f"seed-{s}", base.federation.rounds) for m in methods for s in seeds
+        ]
+        compare.grid_status(cells, checkpoint_progress, "round", log)
+        return None
     results = compare.run_grid(
         methods,
         seeds,

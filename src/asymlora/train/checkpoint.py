@@ -23,6 +23,7 @@ from ..adapters.io import (
 from ..adapters.model import AsymLoraModel
 from ..config import read_json
 from ..errors import InputError
+from ..runfolder import counted_cpu
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -99,3 +100,16 @@ def load_checkpoint(folder: Path, model: AsymLoraModel, optimizer: torch.optim.O
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise InputError(f"{folder}: not a checkpoint of this run ({err})") from None
     return state
+
+
+def checkpoint_progress(folder: Path) -> tuple[int, float | None] | None:
+    """(step, CPU seconds so far) of the last complete checkpoint at ``folder``, None without one
+    (a status read: a damaged checkpoint reads as none, and ``train`` refuses it when resuming)."""
+    found = find_checkpoint(folder)
+    if found is None:
+        return None
+    try:
+        state = read_state(found)
+    except InputError:
+        return None
+    return state["step"], counted_cpu(state.get("cpu_seconds"))
