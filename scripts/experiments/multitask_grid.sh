@@ -13,19 +13,17 @@ seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/commonsense-smollm2}
 mkdir -p "$(dirname "$out")"
 
-grid() {  # grid METHODS SEEDS [more flags]
+grid() {  # grid METHODS SEEDS [more flags]: SEEDS comma-separated
   local methods=$1 seeds=$2
   shift 2
   OMP_NUM_THREADS=1 .venv/bin/asymlora compare --config configs/commonsense-smollm2.yaml \
-    --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 --leave-busy "$@" >> "$out-$worker.log" 2>&1
+    --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 "$@" >> "$out-$worker.log" 2>&1
 }
 
 for methods in lora,alora hydralora lora@alora mola; do
-  for seed in $seeds; do grid "$methods" "$seed"; done
+  for seed in $seeds; do grid "$methods" "$seed" --leave-busy; done
 done
-all_seeds=$(echo $seeds | tr ' ' ',')
-grid lora,alora,lora@alora,hydralora,mola "$all_seeds" --against lora,hydralora --single-task-baseline share
-# and the whole table: this call waits for what the other worker still runs (no --leave-busy)
-OMP_NUM_THREADS=1 .venv/bin/asymlora compare --config configs/commonsense-smollm2.yaml \
-  --methods lora,alora,lora@alora,hydralora,mola --seeds "$all_seeds" --out "$out" --threads 1 \
-  --against lora,hydralora --single-task-baseline share >> "$out-$worker.log" 2>&1
+whole=(lora,alora,lora@alora,hydralora,mola "$(echo $seeds | tr ' ' ',')" --against lora,hydralora
+       --single-task-baseline share)
+grid "${whole[@]}" --leave-busy
+grid "${whole[@]}"  # the whole table: this call waits for what the other worker still runs

@@ -19,12 +19,8 @@ CHECKPOINT_SIGNAL = getattr(signal, "SIGUSR1", None)  # None where the platform 
 def checkpoint_requests() -> Iterator[Callable[[], bool]]:
     """While the block runs, ``CHECKPOINT_SIGNAL`` asks for a checkpoint: yields a function that
     says whether one was asked for since it was last called (signals that come together count as
-    one request). The handler is installed only in the main thread and where the platform has the
-    signal (elsewhere nothing is ever asked); the previous handler comes back after the block.
-    The handler only counts (no lock, no I/O): it may run between any two bytecodes of the loop."""
-    if CHECKPOINT_SIGNAL is None or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
+    one request). Nothing is ever asked outside the main thread or where the platform has no such
+    signal. The handler only counts (no lock, no I/O): it may run between any two bytecodes."""
     counts = {"signals": 0, "answered": 0}
 
     def count(signum, frame) -> None:
@@ -37,11 +33,8 @@ def checkpoint_requests() -> Iterator[Callable[[], bool]]:
         counts["answered"] = signals
         return True
 
-    previous = signal.signal(CHECKPOINT_SIGNAL, count)
-    try:
+    with _handled(count):
         yield was_asked
-    finally:
-        signal.signal(CHECKPOINT_SIGNAL, previous)
 
 
 @contextmanager
@@ -49,16 +42,24 @@ def checkpoint_requests_noted(command: str) -> Iterator[None]:
     """While a command runs, ``CHECKPOINT_SIGNAL`` outside a training loop (evaluating, loading,
     between a grid's cells) is noted on stderr and ignored, instead of its default, which ends the
     process; ``checkpoint_requests`` takes it over while a loop trains."""
-    if CHECKPOINT_SIGNAL is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     message = f"asymlora {command}: no training step is running (nothing to checkpoint); signal ignored\n"
 
     def note(signum, frame) -> None:  # os.write, not print: the signal may come inside a print
         os.write(2, message.encode())
 
-    previous = signal.signal(CHECKPOINT_SIGNAL, note)
+    with _handled(note):
+        yield
+
+
+@contextmanager
+def _handled(handler: Callable) -> Iterator[None]:
+    """``handler`` for ``CHECKPOINT_SIGNAL`` while the block runs, the previous one back after it;
+    nothing is installed outside the main thread (Python allows handlers only there) or where the
+    platform has no such signal."""
+    if CHECKPOINT_SIGNAL is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(CHECKPOINT_SIGNAL, handler)
     try:
         yield
     finally:

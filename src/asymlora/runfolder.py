@@ -305,6 +305,13 @@ def total_cpu(values: Iterable[Any]) -> float | None:
     return None if not counts or None in counts else sum(counts)
 
 
+def result_cpu(result: Any) -> float | None:
+    """A run's CPU seconds in all, from its results.json content (``cpu_seconds``: one count per
+    part); None when any part, or the whole, was not counted."""
+    cpu = result.get("cpu_seconds") if isinstance(result, dict) else None
+    return total_cpu(cpu.values()) if isinstance(cpu, dict) else None
+
+
 def cpu_text(cpu: dict[str, float | None]) -> str:
     """``{"train": 5376.0, "evaluation": 612.0}`` -> "CPU time: train 89.6 min, evaluation 10.2 min;
     99.8 min in all (this process, all its threads)". A part not counted (None: it ran before runs

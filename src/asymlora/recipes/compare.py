@@ -28,7 +28,7 @@ from ..eval.runner import majority_report
 from ..eval.stats import Table, interval_text
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
-from ..runfolder import check_same_config, folder_busy, folder_lock, total_cpu
+from ..runfolder import check_same_config, folder_busy, folder_lock, result_cpu
 from ..train.batches import task_probabilities
 from ..train.checkpoint import checkpoint_progress
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
@@ -105,6 +105,21 @@ def run_grid(
     return {m: [results[m, s] for s in seeds] for m in methods}
 
 
+def cell_folder(out: Path, name: str, seed: int) -> Path:
+    """Where a grid in ``out`` keeps its (``name``, ``seed``) cell."""
+    return out / name / f"seed-{seed}"
+
+
+def status_cells(
+    out: Path, names: Sequence[str], seeds: Sequence[int], total: int, under: str = ""
+) -> list[tuple[str, Path, int]]:
+    """``grid_status``'s (label, folder, total) for every (name, seed) cell of the grid in ``out``
+    (``under``: a subfolder holding such cells, e.g. the single-task ones), labelled by the
+    cell's folder below ``out``."""
+    folders = [cell_folder(out / under, n, s) for n in names for s in seeds]
+    return [(f.relative_to(out).as_posix(), f, total) for f in folders]
+
+
 Progress = Callable[[Path], tuple[int, float | None] | None]
 """A checkpoint folder -> (steps or rounds done, CPU seconds so far), None without a checkpoint."""
 STATES = ("finished", "running", "resumable", "not started")
@@ -130,10 +145,10 @@ def _cell_state(folder: Path, progress: Progress, total: int, unit: str) -> tupl
     done = folder / "results.json"
     if done.exists():
         try:
-            cpu = json.loads(done.read_text()).get("cpu_seconds")
-        except (OSError, ValueError, AttributeError):
-            cpu = None
-        return "finished", _hours(total_cpu(cpu.values()) if isinstance(cpu, dict) else None)
+            result = json.loads(done.read_text())
+        except (OSError, ValueError):
+            result = None
+        return "finished", _hours(result_cpu(result))
     at = progress(folder / "checkpoint")
     state = "running" if folder_busy(folder) else "resumable" if at else "not started"
     if at is None:
@@ -201,18 +216,12 @@ def compare(
     out = Path(out)
     tasks = select_tasks(base.data)
     if status:
-        cells = [(f"{m}/seed-{s}", out / m / f"seed-{s}", base.train.steps) for m in methods for s in seeds]
-        if single_task_baseline:
-            folder, budgets = (
-                single_task_folder(out, single_task_baseline),
-                single_task_train(base, tasks, single_task_baseline),
-            )
-            cells += [
-                (f"{folder.name}/{t.name}/seed-{s}", folder / t.name / f"seed-{s}", train.steps)
-                for t, train in zip(tasks, budgets, strict=True)
-                for s in seeds
-            ]
         log(f"grid {out}:")
+        cells = status_cells(out, methods, seeds, base.train.steps)
+        if single_task_baseline:
+            under = single_task_folder(out, single_task_baseline).name
+            for task, train in zip(tasks, single_task_train(base, tasks, single_task_baseline), strict=True):
+                cells += status_cells(out, [task.name], seeds, train.steps, under)
         grid_status(cells, checkpoint_progress, "step", log)
         return None
     ranks = matched_ranks(base, methods, log)
@@ -222,7 +231,7 @@ def compare(
         cells = run_grid(
             methods,
             seeds,
-            lambda m, s: cell_config(base, m, s, out / m / f"seed-{s}", rank=ranks.get(m)),
+            lambda m, s: cell_config(base, m, s, cell_folder(out, m, s), rank=ranks.get(m)),
             lambda cfg: _counted(bar, run_cell(cfg, log)),
             log,
             wait,
@@ -377,7 +386,7 @@ def single_task_references(
 
     def cell(name: str, seed: int) -> MultitaskConfig:
         one, spec = alone[name]
-        return cell_config(one, "lora", seed, folder / name / f"seed-{seed}", [spec])
+        return cell_config(one, "lora", seed, cell_folder(folder, name, seed), [spec])
 
     runs = run_grid(list(alone), seeds, cell, lambda cfg: run_cell(cfg, log), log, wait)
     if runs is None:
@@ -435,8 +444,7 @@ def _cpu_minutes(results: list[dict]) -> dict[str, float] | None:
     seed's run counted all of it."""
     totals = []
     for result in results:
-        cpu = result.get("cpu_seconds")
-        total = total_cpu(cpu.values()) if isinstance(cpu, dict) else None
+        total = result_cpu(result)
         if total is None:
             return None
         totals.append(total / 60)

@@ -113,15 +113,13 @@ def fed_compare(
     out = Path(out)
     if status:
         log(f"grid {out}:")
-        cells = [
-            (f"{m}/seed-{s}", out / m / f"seed-{s}", base.federation.rounds) for m in methods for s in seeds
-        ]
+        cells = compare.status_cells(out, methods, seeds, base.federation.rounds)
         compare.grid_status(cells, checkpoint_progress, "round", log)
         return None
     results = compare.run_grid(
         methods,
         seeds,
-        lambda m, s: cell_config(base, m, s, out / m / f"seed-{s}"),
+        lambda m, s: cell_config(base, m, s, compare.cell_folder(out, m, s)),
         lambda c: run_cell(c, log),
         log,
         wait,

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,51 +304,48 @@ def train(
     last = {}
     t0, tokens_seen, cpu0 = time.perf_counter(), 0, time.process_time()
     saved = start if checkpoint is not None else None
-    with checkpoint_requests() as asked:  # kill -USR1: a checkpoint after the current step
-        try:  # the bar and the writer are closed on an error too, before it is printed
-            for step in range(start, cfg.steps):
-                try:
-                    last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
-                except TrainingDivergedError as err:
-                    kept = (
-                        f"{run_dir / 'checkpoint'} keeps step {saved}"
-                        if saved is not None
-                        else "no checkpoint was saved"
+    # the bar and the writer are closed on an error too, before it is printed; kill -USR1 asks
+    # for a checkpoint after the current step
+    with bar, writer or nullcontext(), checkpoint_requests() as asked:
+        for step in range(start, cfg.steps):
+            try:
+                last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
+            except TrainingDivergedError as err:
+                kept = (
+                    f"{run_dir / 'checkpoint'} keeps step {saved}"
+                    if saved is not None
+                    else "no checkpoint was saved"
+                )
+                raise TrainingDivergedError(f"{err}; {kept}") from None
+            tokens_seen += last.pop("tokens")
+            last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+            done = last["step"]
+            if proc.main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    with metrics_path.open("a") as f:
+                        f.write(json_line(last))
+                    if writer is not None:
+                        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                            writer.add_scalar(f"train/{key}", last[key], done)
+                on_request = asked()
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or on_request:
+                    cpu = _cpu_total(cpu_before, cpu0)
+                    save_checkpoint(
+                        run_dir / "checkpoint",
+                        model,
+                        optimizer,
+                        {"step": done, "mixer_counts": mixer.counts, "cpu_seconds": cpu},
                     )
-                    raise TrainingDivergedError(f"{err}; {kept}") from None
-                tokens_seen += last.pop("tokens")
-                last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
-                done = last["step"]
-                if proc.main:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                    if done % cfg.log_every == 0 or done == cfg.steps:
-                        with metrics_path.open("a") as f:
-                            f.write(json_line(last))
-                        if writer is not None:
-                            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                                writer.add_scalar(f"train/{key}", last[key], done)
-                    on_request = asked()
-                    if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or on_request:
-                        cpu = _cpu_total(cpu_before, cpu0)
-                        save_checkpoint(
-                            run_dir / "checkpoint",
-                            model,
-                            optimizer,
-                            {"step": done, "mixer_counts": mixer.counts, "cpu_seconds": cpu},
+                    saved = done
+                    if on_request:
+                        bar.write(
+                            f"checkpoint at step {done} (asked for by a signal): {run_dir / 'checkpoint'}",
+                            file=sys.stderr,  # beside the bar
                         )
-                        saved = done
-                        if on_request:
-                            bar.write(
-                                f"checkpoint at step {done} (asked for by a signal): {run_dir / 'checkpoint'}",
-                                file=sys.stderr,  # beside the bar
-                            )
-                if on_step is not None:
-                    on_step(done, last)
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
+            if on_step is not None:
+                on_step(done, last)
     if proc.world_size > 1:
         dist.barrier()
     model.eval()
