@@ -330,21 +330,30 @@ def ratios(cells: dict) -> dict[str, float]:
 
 
 def cast_profile(base, batch, chosen: dict[str, Variant]) -> dict[str, dict[str, float]]:
-    """Each variant's training step under the profiler: the share of the step's CPU time spent in
-    dtype casts (aten::_to_copy and what it calls), which contention inflates like everything
-    else, so the share is steadier than a difference of step times on a busy machine."""
+    """Each variant's training step under the profiler: the share of the step's time spent in dtype
+    casts (aten::_to_copy and what it calls). On a CPU that is CPU time, which contention inflates
+    like everything else, so the share is steadier than a difference of step times on a busy
+    machine; on a GPU it is the kernels' device time (the CPU only launches them there)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = batch.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    clock = "device" if cuda else "cpu"  # the profiler's fields: self_device_time_total, ...
     out = {}
     for name, variant in chosen.items():
         model = variant.attach(base)
         step_time(model, batch, 1)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             step_time(model, batch, 1)
         events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        casts = sum(e.cpu_time_total for e in events if e.key == "aten::_to_copy")
-        out[name] = {"step_cpu_s": total / 1e6, "cast_s": casts / 1e6, "cast_share": casts / total}
+        total = sum(getattr(e, f"self_{clock}_time_total") for e in events)
+        casts = sum(getattr(e, f"{clock}_time_total") for e in events if e.key == "aten::_to_copy")
+        out[name] = {
+            "clock": clock,
+            "step_s": total / 1e6,
+            "cast_s": casts / 1e6,
+            "cast_share": casts / total,
+        }
         base = variant.detach(model)
     return out
 
@@ -467,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(header))
     cells = measure(base, {n: every[n] for n in names}, checkpointing, args, device)
     out = {**header, "cells": cells, "ratios": ratios(cells)}
+    save(out, args.json)
     for name, cell in cells.items():
         print(f"  {name:<42} {cell['seconds']:8.3f} s   peak +{cell['peak_above_start_gib']:.3f} GiB"
               f" (total {cell['peak_total_gib']:.3f} GiB), saved for backward"
@@ -480,13 +490,19 @@ def main(argv: list[str] | None = None) -> int:
             base, batch, {n: every[n] for n in ("our LoRA", "our LoRA fp32-compute")}
         )
         print("casts:", json.dumps(out["cast_profile"]))
+        save(out, args.json)
     if args.federated:
         out["federated"] = federated_figure(base, args, device)
         print("federated:", json.dumps(out["federated"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        save(out, args.json)
     return 0
+
+
+def save(out: dict, path: str | None) -> None:
+    """Write what is measured so far (each part as it finishes: a later failure keeps it)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_paper_scale_runs_every_variant_with_and_without_checkpointing(tmp_path):
     out = tmp_path / "paper_scale.json"
     args = ["--shape", "tiny", "--set", "num_hidden_layers=2", "--batch", "3", "--tokens", "16", "--rounds", "1",
-            "--steps", "1", "--threads", "1", "--federated", "--json", str(out)]  # fmt: skip
+            "--steps", "1", "--threads", "1", "--federated", "--cast-profile", "--json", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_scale.py"), *args],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -34,6 +34,8 @@ def test_paper_scale_runs_every_variant_with_and_without_checkpointing(tmp_path)
             cells[name + " | checkpointing"]["saved_for_backward_gib"] < cells[name]["saved_for_backward_gib"]
         )
     assert "time our ALoRA / PEFT LoRA | checkpointing" in result["ratios"]
+    for name, casts in result["cast_profile"].items():  # CPU time here; device time on a GPU
+        assert casts["clock"] == "cpu" and 0 < casts["cast_s"] < casts["step_s"], name
     fed = result["federated"]
     assert fed["clients"] == 8 and fed["swap_s"] > 0 and fed["client_state_mib"] > 0
 
