@@ -135,3 +135,17 @@ def test_dtype_and_device_settings_are_checked_where_they_enter():
         federated.load_config(overrides=["dtype='half'"])
     with pytest.raises(ConfigError, match="device='tpu' must be one of auto, cpu, cuda"):
         multitask.load_config(overrides=["device='tpu'"])
+
+
+@pytest.mark.parametrize("command", ["train", "federate"])
+def test_a_run_logs_where_its_base_model_runs_and_in_which_dtype(command, tmp_path, capsys):
+    from asymlora.cli import main
+    from tiny_models import write_choice_tasks
+
+    tasks = ",".join(write_choice_tasks(tmp_path / "tasks", n=2, size=10))
+    small = ["--set", "train.steps=1", "--set", "train.batch_size=2", "--set", "eval.limit=2"]
+    extra = ["--method", "fedalora", "--rounds", "1"] if command == "federate" else []
+    args = [command, "--model", "tiny-llama", "--tasks", tasks, "--out", str(tmp_path / "run"), "--set",
+            "dtype=bfloat16", "--set", "device=cpu", *small, *extra]  # fmt: skip
+    assert main(args) == 0
+    assert "model: tiny-llama on cpu, base weights bfloat16" in capsys.readouterr().out

@@ -88,6 +88,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def placement(model) -> str:
+    """Where ``model``'s weights are and in which dtype, for the run's log: e.g. ``cuda:0 (NVIDIA
+    H200), base weights bfloat16``."""
+    import torch
+
+    weight = next(model.parameters())
+    gpu = f" ({torch.cuda.get_device_name(weight.device)})" if weight.device.type == "cuda" else ""
+    return f"{weight.device}{gpu}, base weights {str(weight.dtype).removeprefix('torch.')}"
+
+
 def check_base_settings(dtype: str, device: str) -> None:
     """Refuse a ``dtype`` or ``device`` setting outside DTYPE_CHOICES / DEVICES, naming the key."""
     if dtype not in DTYPE_CHOICES:

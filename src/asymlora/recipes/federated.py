@@ -57,7 +57,7 @@ from ..errors import InputError, MissingFileError
 from ..eval.report import TaskResult
 from ..eval.runner import evaluate_task
 from ..fedconfig import FederatedConfig, load_config, save_config
-from ..models import load_model, resolve_device
+from ..models import load_model, placement, resolve_device
 from ..progress import progress_bar
 from ..runfolder import RunFolder, cpu_text, folder_lock, total_cpu, write_jsonl
 from ..threads import use_threads
@@ -213,6 +213,7 @@ def run(
         records = restore_rounds(sim, cfg, resume, log)
         folder.start(sim.round, log)
         log(f"run folder: {out}")
+        log(f"model: {cfg.model} on {placement(base)}")
         log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
         return federate(cfg, sim, clients, tokenizer, records, log, on_client)
 

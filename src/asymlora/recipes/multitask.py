@@ -36,7 +36,7 @@ from ..errors import InputError, MissingFileError
 from ..eval.config import EvalConfig
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
-from ..models import DTYPE_CHOICES, check_base_settings, load_model, resolve_device
+from ..models import DTYPE_CHOICES, check_base_settings, load_model, placement, resolve_device
 from ..runfolder import RunFolder, cpu_text, folder_lock
 from ..threads import use_threads
 from ..train import TrainConfig, train
@@ -141,6 +141,7 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool =
         model = wrap(base.to(resolve_device(cfg.device)), cfg.adapter)
         folder.start(resume_point(out, cfg.train, len(tasks)) if resume else 0, log)
         log(f"run folder: {out}")
+        log(f"model: {cfg.model} on {placement(base)}")
         log(f"tasks: {', '.join(t.name for t in tasks)}")
         log(f"{cfg.adapter.method} on {len(model.adapted)} modules; {model.trainable_parameters()}")
         return train_and_report(cfg, model, tokenizer, tasks, examples, resume, log)
