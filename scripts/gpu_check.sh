@@ -57,8 +57,7 @@ diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 print(f"killed and resumed vs once through: {'bit for bit equal' if all(a[k].equal(b[k]) for k in a) else f'max |difference| {diff:.3g}'}")
 EOF2
 step "eval the adapter"
-asymlora eval --model tiny-llama --adapter "$work/train/adapter" --task "$work/cats.jsonl" --route 0 \
-  --limit 12 --out "$work/eval"
+asymlora eval --adapter "$work/train" --task "$work/cats.jsonl" --limit 12 --out "$work/eval"
 step "the PEFT folder that train wrote for one task, scored through PEFT on the CPU"
 "$py" - "$work" <<'EOF'
 import sys
