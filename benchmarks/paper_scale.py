@@ -9,7 +9,8 @@ each reports its median step time and its peak memory:
     (B applied K times), our HydraLoRA, our MoLA; our ALoRA with a task router on a single-task
     batch and on a mixed-task batch (each example its own task, one forward pass); and our LoRA
     computing in float32 (the input cast to float32, as before adapters computed in the input's
-    dtype) to price that cast.
+    dtype) to price that cast, and our LoRA under torch.autocast (bfloat16), the other way to
+    avoid it.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU. On a CPU it is the process's peak
 resident set size (Linux VmHWM, reset through /proc/self/clear_refs before each measurement, with
@@ -108,6 +109,20 @@ def float32_compute(model):
     return model
 
 
+def under_autocast(model):
+    """Our LoRA with every forward under ``torch.autocast`` in bfloat16, as the training loop runs
+    it on a GPU (``train.precision: auto`` or ``bf16``): over a bfloat16 base the layer already
+    computes in bfloat16, so this prices autocast's own dispatch and the ops it runs in float32."""
+    forward, device = model.forward, next(model.parameters()).device.type
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+    return model
+
+
 def unload(model):
     return model.unload()
 
@@ -138,6 +153,7 @@ def variants() -> dict[str, Variant]:
         "task-routed ALoRA single-task": Variant(our("alora", "task"), unload, task_ids(mixed=False)),
         "task-routed ALoRA mixed-task": Variant(our("alora", "task"), unload, task_ids(mixed=True)),
         "our LoRA fp32-compute": Variant(lambda b: float32_compute(our("lora")(b)), unload),
+        "our LoRA autocast": Variant(lambda b: under_autocast(our("lora")(b)), unload),
     }
 
 
@@ -311,6 +327,7 @@ RATIOS = [  # (numerator, denominator): step time and peak memory, in each check
     ("our MoLA", "our ALoRA"),
     ("task-routed ALoRA mixed-task", "task-routed ALoRA single-task"),
     ("our LoRA fp32-compute", "our LoRA"),
+    ("our LoRA autocast", "our LoRA"),
 ]
 
 

@@ -24,7 +24,7 @@ def test_paper_scale_runs_every_variant_with_and_without_checkpointing(tmp_path)
     result = json.loads(out.read_text())
     assert result["layers"] == 2 and result["dtype"] == "bfloat16" and result["device"] == "cpu"
     names = ["PEFT LoRA", "our LoRA", "our ALoRA", "per-expert ALoRA", "our HydraLoRA", "our MoLA",
-             "task-routed ALoRA single-task", "task-routed ALoRA mixed-task", "our LoRA fp32-compute"]  # fmt: skip
+             "task-routed ALoRA single-task", "task-routed ALoRA mixed-task", "our LoRA fp32-compute", "our LoRA autocast"]  # fmt: skip
     cells = result["cells"]
     assert set(cells) == {n + suffix for n in names for suffix in ("", " | checkpointing")}
     for name, cell in cells.items():

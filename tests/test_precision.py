@@ -149,3 +149,37 @@ def test_a_run_logs_where_its_base_model_runs_and_in_which_dtype(command, tmp_pa
             "dtype=bfloat16", "--set", "device=cpu", *small, *extra]  # fmt: skip
     assert main(args) == 0
     assert "model: tiny-llama on cpu, base weights bfloat16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "bf16_supported", "base", "expected"),
+    [
+        ("auto", "cuda", True, torch.float32, True),  # a float32 base on a GPU: autocast pays
+        ("auto", "cuda", True, torch.bfloat16, False),  # a bfloat16 base computes in bfloat16 already
+        ("auto", "cuda", True, torch.float16, False),
+        ("auto", "cuda", False, torch.float32, False),  # no bfloat16 on this GPU
+        ("auto", "cpu", True, torch.float32, False),  # CPUs train in float32 unless asked
+        ("bf16", "cuda", True, torch.bfloat16, True),  # asked for: always
+        ("bf16", "cpu", False, torch.float32, True),
+        ("fp32", "cuda", True, torch.float32, False),
+    ],
+)
+def test_autocast_runs_under_auto_only_over_a_float32_base_on_a_bf16_gpu(
+    precision, device, bf16_supported, base, expected
+):
+    from asymlora.train.loop import wants_autocast
+
+    assert wants_autocast(precision, device, bf16_supported, base) is expected
+
+
+def test_the_training_loop_autocasts_a_float32_base_when_asked_and_a_bfloat16_base_never_under_auto():
+    from asymlora.train.loop import autocast_for
+
+    for dtype, precision, expected in [
+        ("float32", "bf16", True),
+        ("bfloat16", "auto", False),
+        ("float32", "auto", False),
+    ]:
+        model = wrap(load_model("tiny-llama", dtype=dtype)[0], method="lora", r=4)
+        with autocast_for(TrainConfig(precision=precision), torch.device("cpu"), model):
+            assert torch.is_autocast_enabled("cpu") is expected, (dtype, precision)
