@@ -10,8 +10,12 @@
 #      or an independent start.
 # Two workers may run it at once (cells hold locks; a finished cell is skipped), so a stopped grid
 # resumes where it stopped:  scripts/experiments/federated_grid.sh w1 &  ... w2 &
+# ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
+# (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh).
 set -u
 worker=${1:-w1}
+asymlora=${ASYMLORA:-.venv/bin/asymlora}
+read -r -a grid_args <<< "${GRID_ARGS:-}"
 seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/fed-mc-smollm2}
 config=configs/fed-mc-smollm2.yaml
@@ -29,8 +33,8 @@ cell() {  # cell FOLDER METHODS SEEDS [flags]: SEEDS comma-separated
   if [ "$folder" != homogeneous ] && [ ! -e "$out/$folder/base" ] && [ -f "$out/homogeneous/base/results.json" ]; then
     mkdir -p "$out/$folder" && ln -s ../homogeneous/base "$out/$folder/base"
   fi
-  OMP_NUM_THREADS=1 .venv/bin/asymlora federate --config "$config" --methods "$methods" --seeds "$seeds" \
-    --out "$out/$folder" --against "$against" --threads 1 "$@" >> "$out-$worker.log" 2>&1
+  OMP_NUM_THREADS=1 "$asymlora" federate --config "$config" --methods "$methods" --seeds "$seeds" \
+    --out "$out/$folder" --against "$against" --threads 1 "${grid_args[@]}" "$@" >> "$out-$worker.log" 2>&1
 }
 
 homogeneous=fedit,fedalora,ffa,fedsa,zeropad,flora,flexlora,fedalora-het

@@ -7,8 +7,12 @@
 # runs is left to it (--leave-busy) and a finished one is skipped, so a stopped grid resumes where
 # it stopped, from each unfinished cell's checkpoint.
 #   scripts/experiments/multitask_grid.sh w1 &   scripts/experiments/multitask_grid.sh w2 &
+# ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
+# (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh).
 set -u
 worker=${1:-w1}
+asymlora=${ASYMLORA:-.venv/bin/asymlora}
+read -r -a grid_args <<< "${GRID_ARGS:-}"
 seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/commonsense-smollm2}
 mkdir -p "$(dirname "$out")"
@@ -16,8 +20,8 @@ mkdir -p "$(dirname "$out")"
 grid() {  # grid METHODS SEEDS [more flags]: SEEDS comma-separated
   local methods=$1 seeds=$2
   shift 2
-  OMP_NUM_THREADS=1 .venv/bin/asymlora compare --config configs/commonsense-smollm2.yaml \
-    --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 "$@" >> "$out-$worker.log" 2>&1
+  OMP_NUM_THREADS=1 "$asymlora" compare --config configs/commonsense-smollm2.yaml \
+    --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 "${grid_args[@]}" "$@" >> "$out-$worker.log" 2>&1
 }
 
 for methods in lora,alora hydralora lora@alora mola; do
