@@ -363,7 +363,10 @@ def cast_profile(base, batch, chosen: dict[str, Variant]) -> dict[str, dict[str,
         with profile(activities=activities) as prof:
             step_time(model, batch, 1)
         events = prof.key_averages()
-        total = sum(getattr(e, f"self_{clock}_time_total") for e in events)
+        # On a GPU a kernel's time is counted on its own event and again on the op that launched
+        # it: the step's total sums the kernels alone; a cast's time is its op's (what it launched).
+        counted = [e for e in events if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(getattr(e, f"self_{clock}_time_total") for e in counted)
         casts = sum(getattr(e, f"{clock}_time_total") for e in events if e.key == "aten::_to_copy")
         out[name] = {
             "clock": clock,

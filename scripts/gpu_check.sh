@@ -5,7 +5,7 @@
 # adapter, load the PEFT folder it wrote with PEFT on the CPU, run a Fed-ALoRA-het federation, and
 # compare LoRA with ALoRA. Each step must succeed (set -e); the numbers are printed, not judged: the
 # model is random.
-#   scripts/gpu_check.sh [WORKDIR]              # on a CUDA machine
+#   scripts/gpu_check.sh [WORKDIR]              # on a CUDA machine; WORKDIR new or empty
 #   DEVICE=cpu scripts/gpu_check.sh [WORKDIR]   # the same steps on a CPU
 # PYTHON names the interpreter (default python3; this checkout's src/ goes first on its path).
 set -euo pipefail
@@ -14,6 +14,7 @@ work=${1:-$(mktemp -d)}
 py=${PYTHON:-python3}
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -z "$(ls -A "$work" 2>/dev/null)" ] || { echo "gpu_check.sh: $work is not empty; give a new folder" >&2; exit 2; }
 mkdir -p "$work"
 cli=("$py" -c 'import sys; from asymlora.cli import main; sys.exit(main(sys.argv[1:]))')
 asymlora() { "${cli[@]}" "$@"; }
@@ -44,7 +45,8 @@ pid=$!
 until [ "$(cat "$work/killed/metrics.jsonl" 2>/dev/null | wc -l)" -ge $((steps * 55 / 100)) ] || ! kill -0 $pid 2>/dev/null; do
   sleep 0.02
 done
-kill -9 $pid 2>/dev/null && echo "killed at step $(wc -l < "$work/killed/metrics.jsonl")" || echo "the run ended first"
+kill -9 $pid 2>/dev/null || { echo "the run ended before it could be killed: see $work/killed.log" >&2; exit 1; }
+echo "killed at step $(wc -l < "$work/killed/metrics.jsonl")"
 wait $pid || true
 asymlora train --config "$work/killed/config.yaml" --resume
 "$py" - "$work" <<'EOF2'

@@ -7,8 +7,8 @@
 # files into a fresh ASYMLORA_CACHE, then runs WORKERS (default 6) workers of the grid script into
 # its own folder, experiments/<grid>-gpu (GPU cells are a grid of their own: they are not
 # bit-identical to CPU cells; GRID_ARGS defaults to float32 training, the CPU grid's arithmetic).
-# At the deadline (default 480 s) every worker is asked for a checkpoint (kill -USR1), then
-# stopped. The folder, checkpoints of unfinished cells included, goes back as $OUT/grid.tar.gz (cut
+# At the deadline (default 480 s from this script's start, which leaves the device's 600 s per call
+# room to stop and pack) every worker is asked for a checkpoint (kill -USR1), then stopped. The folder, checkpoints of unfinished cells included, goes back as $OUT/grid.tar.gz (cut
 # into 15 MiB parts when larger); on this machine unpack it with
 #   tar -xzf grid.tar.gz  (or: cat grid.tar.gz.part-* | tar -xzf -)
 # and commit it; a later call resumes from it. A second call on the same warm machine skips the
@@ -27,7 +27,7 @@ py=${PYTHON:-python3}
 home=${DEVICE_HOME:-/tmp/asymlora-device}
 back=${OUT:-/tmp/asymlora-device-out}  # the device tool's $OUT: what is written there comes back
 export ASYMLORA_CACHE=$home/cache PYTHONPATH="$PWD/src:$home/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export GRID_ARGS=${GRID_ARGS:---set train.precision=fp32} OUT="$out" ASYMLORA="$home/bin/asymlora"
+export GRID_ARGS=${GRID_ARGS---set train.precision=fp32}  # GRID_ARGS="" keeps the config as it is OUT="$out" ASYMLORA="$home/bin/asymlora"
 
 if [ ! -f "$home/ready" ]; then
   mkdir -p "$(dirname "$home")"
@@ -56,15 +56,16 @@ for i in $(seq 1 "$workers"); do
   sleep 2
 done
 any_alive() { for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return 0; done; return 1; }
-end=$((SECONDS + deadline))
-while [ $SECONDS -lt $end ] && any_alive; do sleep 5; done
-running=$(pgrep -f "asymlora.cli import main" || true)
+while [ $SECONDS -lt "$deadline" ] && any_alive; do sleep 5; done  # SECONDS: since this script started
+# the Python processes of the workers' sessions (USR1 only to them: it would end a bash worker)
+running=$(for pid in "${pids[@]}"; do pgrep -s "$pid" -f "asymlora.cli import main"; done || true)
 if [ -n "$running" ]; then
   echo "deadline: asking $(echo $running | wc -w) processes for a checkpoint, then stopping them"
   kill -USR1 $running 2> /dev/null
   sleep 15
   for pid in "${pids[@]}"; do kill -- -"$pid" 2> /dev/null; done
-  sleep 2
+  for _ in 1 2 3 4 5; do any_alive || break; sleep 2; done
+  for pid in "${pids[@]}"; do kill -KILL -- -"$pid" 2> /dev/null; done
 fi
 if [ "$grid" = multitask ]; then
   "$ASYMLORA" compare --config configs/commonsense-smollm2.yaml --methods lora,alora,lora@alora,hydralora,mola \
@@ -72,7 +73,7 @@ if [ "$grid" = multitask ]; then
 fi
 mkdir -p "$back"
 finished=$(mktemp)  # a finished cell's checkpoint stays behind; an unfinished one's comes back to resume
-find "$out" -name results.json -execdir test -d checkpoint \; -printf '%h/checkpoint\n' > "$finished"
+find "$out" -name results.json -execdir test -d checkpoint \; -printf '%h/checkpoint\n%h/checkpoint.old\n' > "$finished"
 tar -czf "$back/grid.tar.gz" --exclude='*/adapter' --exclude='*/adapter_init' --exclude='*/tensorboard' \
   --exclude='*/plots' --exclude='*/peft' --exclude='*.png' --exclude-from="$finished" "$out" "$out"-gpu*.log
 if [ "$(stat -c %s "$back/grid.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then

@@ -11,7 +11,8 @@
 # Two workers may run it at once (cells hold locks; a finished cell is skipped), so a stopped grid
 # resumes where it stopped:  scripts/experiments/federated_grid.sh w1 &  ... w2 &
 # ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
-# (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh).
+# (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
+# split on spaces, without quotes, so each of its --set values must hold no space. Needs bash >= 4.4.
 set -u
 worker=${1:-w1}
 asymlora=${ASYMLORA:-.venv/bin/asymlora}

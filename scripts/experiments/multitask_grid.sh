@@ -8,7 +8,8 @@
 # it stopped, from each unfinished cell's checkpoint.
 #   scripts/experiments/multitask_grid.sh w1 &   scripts/experiments/multitask_grid.sh w2 &
 # ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
-# (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh).
+# (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
+# split on spaces, without quotes, so each of its --set values must hold no space. Needs bash >= 4.4.
 set -u
 worker=${1:-w1}
 asymlora=${ASYMLORA:-.venv/bin/asymlora}

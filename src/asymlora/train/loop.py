@@ -150,11 +150,15 @@ def wants_autocast(precision: str, device_type: str, bf16_supported: bool, base_
     return precision == "bf16"
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device, model):
+def base_dtype(model) -> torch.dtype:
+    """The dtype the frozen base weights are in (float32 where nothing is frozen)."""
     frozen = next((p for p in model.parameters() if not p.requires_grad), None)
-    base_dtype = frozen.dtype if frozen is not None else torch.float32
+    return frozen.dtype if frozen is not None else torch.float32
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device, model):
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    enabled = wants_autocast(cfg.precision, device.type, bf16, base_dtype)
+    enabled = wants_autocast(cfg.precision, device.type, bf16, base_dtype(model))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
