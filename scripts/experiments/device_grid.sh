@@ -27,7 +27,8 @@ py=${PYTHON:-python3}
 home=${DEVICE_HOME:-/tmp/asymlora-device}
 back=${OUT:-/tmp/asymlora-device-out}  # the device tool's $OUT: what is written there comes back
 export ASYMLORA_CACHE=$home/cache PYTHONPATH="$PWD/src:$home/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export GRID_ARGS=${GRID_ARGS---set train.precision=fp32}  # GRID_ARGS="" keeps the config as it is OUT="$out" ASYMLORA="$home/bin/asymlora"
+# GRID_ARGS unset: float32 training; GRID_ARGS="": the config as it is
+export GRID_ARGS=${GRID_ARGS---set train.precision=fp32} OUT="$out" ASYMLORA="$home/bin/asymlora"
 
 if [ ! -f "$home/ready" ]; then
   mkdir -p "$(dirname "$home")"
