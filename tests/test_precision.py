@@ -175,12 +175,12 @@ def test_autocast_runs_under_auto_only_over_a_float32_base_on_a_bf16_gpu(
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("adapter_dtype", ["float32", "base"])
 def test_the_loop_reads_the_base_dtype_from_the_frozen_weights_not_the_adapters(dtype, adapter_dtype):
-    from asymlora.train.loop import base_dtype
+    from asymlora.models import base_weight
 
     model = wrap(
         load_model("tiny-llama", dtype=dtype)[0], method="alora", num_experts=2, r=4, dtype=adapter_dtype
     )
-    assert base_dtype(model) == getattr(torch, dtype)
+    assert base_weight(model).dtype == getattr(torch, dtype)
 
 
 def test_the_training_loop_autocasts_a_float32_base_when_asked_and_a_bfloat16_base_never_under_auto():

@@ -8,8 +8,9 @@
 # its own folder, experiments/<grid>-gpu (GPU cells are a grid of their own: they are not
 # bit-identical to CPU cells; GRID_ARGS defaults to float32 training, the CPU grid's arithmetic).
 # At the deadline (default 480 s from this script's start, which leaves the device's 600 s per call
-# room to stop and pack) every worker is asked for a checkpoint (kill -USR1), then stopped. The folder, checkpoints of unfinished cells included, goes back as $OUT/grid.tar.gz (cut
-# into 15 MiB parts when larger); on this machine unpack it with
+# room to stop and pack) every worker is asked for a checkpoint (kill -USR1), then stopped. The
+# grid's status is printed, and the folder, checkpoints of unfinished cells included, goes back as
+# $OUT/grid.tar.gz (cut into 15 MiB parts when larger); on this machine unpack it with
 #   tar -xzf grid.tar.gz  (or: cat grid.tar.gz.part-* | tar -xzf -)
 # and commit it; a later call resumes from it. A second call on the same warm machine skips the
 # unpacking and resumes the cells where they are.
@@ -68,10 +69,7 @@ if [ -n "$running" ]; then
   for _ in 1 2 3 4 5; do any_alive || break; sleep 2; done
   for pid in "${pids[@]}"; do kill -KILL -- -"$pid" 2> /dev/null; done
 fi
-if [ "$grid" = multitask ]; then
-  "$ASYMLORA" compare --config configs/commonsense-smollm2.yaml --methods lora,alora,lora@alora,hydralora,mola \
-    --seeds 0,1,2 --out "$out" --single-task-baseline share --status
-fi
+"$script" status
 mkdir -p "$back"
 finished=$(mktemp)  # a finished cell's checkpoint stays behind; an unfinished one's comes back to resume
 find "$out" -name results.json -execdir test -d checkpoint \; -printf '%h/checkpoint\n%h/checkpoint.old\n' > "$finished"

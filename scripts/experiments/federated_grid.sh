@@ -10,6 +10,7 @@
 #      or an independent start.
 # Two workers may run it at once (cells hold locks; a finished cell is skipped), so a stopped grid
 # resumes where it stopped:  scripts/experiments/federated_grid.sh w1 &  ... w2 &
+# Where every cell stands (reads only):  scripts/experiments/federated_grid.sh status
 # ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
 # (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
 # split on spaces, without quotes, so each of its --set values must hold no space. Needs bash >= 4.4.
@@ -19,6 +20,8 @@ asymlora=${ASYMLORA:-.venv/bin/asymlora}
 read -r -a grid_args <<< "${GRID_ARGS:-}"
 seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/fed-mc-smollm2}
+log="$out-$worker.log"
+[ "$worker" = status ] && log=/dev/stdout
 config=configs/fed-mc-smollm2.yaml
 het=(--set "adapter.ranks=[64,64,32,32,16,16,8,8]")
 common=(--set federation.client_a_init=common)
@@ -35,28 +38,37 @@ cell() {  # cell FOLDER METHODS SEEDS [flags]: SEEDS comma-separated
     mkdir -p "$out/$folder" && ln -s ../homogeneous/base "$out/$folder/base"
   fi
   OMP_NUM_THREADS=1 "$asymlora" federate --config "$config" --methods "$methods" --seeds "$seeds" \
-    --out "$out/$folder" --against "$against" --threads 1 "${grid_args[@]}" "$@" >> "$out-$worker.log" 2>&1
+    --out "$out/$folder" --against "$against" --threads 1 "${grid_args[@]}" "$@" >> "$log" 2>&1
 }
 
 homogeneous=fedit,fedalora,ffa,fedsa,zeropad,flora,flexlora,fedalora-het
-for seed in $seeds; do
-  cell homogeneous fedit,fedalora "$seed" --leave-busy
-  cell a-common-keep fedalora "$seed" "${common[@]}" --leave-busy
+setting() {  # setting NAME SEEDS [flags]: the cells of one setting (a folder of the grid)
+  local name=$1 seeds=$2
+  shift 2
+  case $name in
+    homogeneous) cell homogeneous "$homogeneous" "$seeds" "$@" ;;
+    homogeneous-first) cell homogeneous fedit,fedalora "$seeds" "$@" ;;  # the main question first
+    a-common-keep) cell a-common-keep fedalora "$seeds" "${common[@]}" "$@" ;;
+    heterogeneous) cell heterogeneous zeropad,flora,flexlora,fedalora-het "$seeds" "${het[@]}" "$@" ;;
+    heterogeneous-common-a) cell heterogeneous-common-a fedalora-het "$seeds" "${het[@]}" "${common[@]}" "$@" ;;
+    a-common-reset) cell a-common-reset fedalora "$seeds" "${common[@]}" "${reset[@]}" "$@" ;;
+    a-independent-reset) cell a-independent-reset fedalora "$seeds" "${reset[@]}" "$@" ;;
+  esac
+}
+tables() {  # every setting over all seeds: the tables (these calls wait for what others still run)
+  local name
+  for name in homogeneous a-common-keep heterogeneous heterogeneous-common-a a-common-reset \
+    a-independent-reset; do
+    setting "$name" "$(echo $seeds | tr ' ' ',')" "$@"
+  done
+}
+if [ "$worker" = status ]; then tables --status; exit; fi
+
+tiers=("homogeneous-first a-common-keep" homogeneous "heterogeneous heterogeneous-common-a"
+       "a-common-reset a-independent-reset")
+for tier in "${tiers[@]}"; do
+  for seed in $seeds; do
+    for name in $tier; do setting "$name" "$seed" --leave-busy; done
+  done
 done
-for seed in $seeds; do cell homogeneous "$homogeneous" "$seed" --leave-busy; done
-for seed in $seeds; do
-  cell heterogeneous zeropad,flora,flexlora,fedalora-het "$seed" "${het[@]}" --leave-busy
-  cell heterogeneous-common-a fedalora-het "$seed" "${het[@]}" "${common[@]}" --leave-busy
-done
-for seed in $seeds; do
-  cell a-common-reset fedalora "$seed" "${common[@]}" "${reset[@]}" --leave-busy
-  cell a-independent-reset fedalora "$seed" "${reset[@]}" --leave-busy
-done
-# the tables over all seeds; these calls wait for what the other worker still runs
-all=$(echo $seeds | tr ' ' ',')
-cell homogeneous "$homogeneous" "$all"
-cell a-common-keep fedalora "$all" "${common[@]}"
-cell heterogeneous zeropad,flora,flexlora,fedalora-het "$all" "${het[@]}"
-cell heterogeneous-common-a fedalora-het "$all" "${het[@]}" "${common[@]}"
-cell a-common-reset fedalora "$all" "${common[@]}" "${reset[@]}"
-cell a-independent-reset fedalora "$all" "${reset[@]}"
+tables

@@ -7,6 +7,7 @@
 # runs is left to it (--leave-busy) and a finished one is skipped, so a stopped grid resumes where
 # it stopped, from each unfinished cell's checkpoint.
 #   scripts/experiments/multitask_grid.sh w1 &   scripts/experiments/multitask_grid.sh w2 &
+#   scripts/experiments/multitask_grid.sh status  # where every cell stands (reads only)
 # ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
 # (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
 # split on spaces, without quotes, so each of its --set values must hold no space. Needs bash >= 4.4.
@@ -16,19 +17,23 @@ asymlora=${ASYMLORA:-.venv/bin/asymlora}
 read -r -a grid_args <<< "${GRID_ARGS:-}"
 seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/commonsense-smollm2}
+log="$out-$worker.log"
+[ "$worker" = status ] && log=/dev/stdout
 mkdir -p "$(dirname "$out")"
 
 grid() {  # grid METHODS SEEDS [more flags]: SEEDS comma-separated
   local methods=$1 seeds=$2
   shift 2
   OMP_NUM_THREADS=1 "$asymlora" compare --config configs/commonsense-smollm2.yaml \
-    --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 "${grid_args[@]}" "$@" >> "$out-$worker.log" 2>&1
+    --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 "${grid_args[@]}" "$@" >> "$log" 2>&1
 }
+
+whole=(lora,alora,lora@alora,hydralora,mola "$(echo $seeds | tr ' ' ',')" --against lora,hydralora
+       --single-task-baseline share)
+if [ "$worker" = status ]; then grid "${whole[@]}" --status; exit; fi
 
 for methods in lora,alora hydralora lora@alora mola; do
   for seed in $seeds; do grid "$methods" "$seed" --leave-busy; done
 done
-whole=(lora,alora,lora@alora,hydralora,mola "$(echo $seeds | tr ' ' ',')" --against lora,hydralora
-       --single-task-baseline share)
 grid "${whole[@]}" --leave-busy
 grid "${whole[@]}"  # the whole table: this call waits for what the other worker still runs

@@ -88,12 +88,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def base_weight(model) -> torch.Tensor:
+    """A weight of ``model``'s base: its first frozen parameter (the adapters' are trainable), or
+    its first parameter where nothing is frozen. Its device and dtype are the base's."""
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    return frozen if frozen is not None else next(model.parameters())
+
+
 def placement(model) -> str:
-    """Where ``model``'s weights are and in which dtype, for the run's log: e.g. ``cuda:0 (NVIDIA
-    H200), base weights bfloat16``."""
+    """Where ``model``'s base weights are and in which dtype, for the run's log: e.g. ``cuda:0
+    (NVIDIA H200), base weights bfloat16``."""
     import torch
 
-    weight = next(model.parameters())
+    weight = base_weight(model)
     gpu = f" ({torch.cuda.get_device_name(weight.device)})" if weight.device.type == "cuda" else ""
     return f"{weight.device}{gpu}, base weights {str(weight.dtype).removeprefix('torch.')}"
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..adapters.model import AsymLoraModel
 from ..checkpoint_signal import checkpoint_requests
 from ..errors import InputError, TrainingDivergedError
-from ..models import accepts_keyword
+from ..models import accepts_keyword, base_weight
 from ..runfolder import counted_cpu, json_line, repair_jsonl
 from .activations import set_activation_checkpointing
 from .batches import (
@@ -150,15 +150,9 @@ def wants_autocast(precision: str, device_type: str, bf16_supported: bool, base_
     return precision == "bf16"
 
 
-def base_dtype(model) -> torch.dtype:
-    """The dtype the frozen base weights are in (float32 where nothing is frozen)."""
-    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
-    return frozen.dtype if frozen is not None else torch.float32
-
-
 def autocast_for(cfg: TrainConfig, device: torch.device, model):
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    enabled = wants_autocast(cfg.precision, device.type, bf16, base_dtype(model))
+    enabled = wants_autocast(cfg.precision, device.type, bf16, base_weight(model).dtype)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
