@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from asymlora.cli import main
 from asymlora.data import (
     SUITES,
     TASKS,
@@ -16,6 +18,7 @@ from asymlora.data import (
     PromptTemplate,
     Task,
     UnknownTaskError,
+    bigbench,
     client_tasks,
     continuation,
     ensure_bigbench,
@@ -25,7 +28,12 @@ from asymlora.data import (
     mc_record,
     target_record,
 )
-from asymlora.data.bigbench import BigBenchUnavailableError, read_task_json, records_from_task
+from asymlora.data.bigbench import (
+    BigBenchUnavailableError,
+    ensure_bigbench_tree,
+    read_task_json,
+    records_from_task,
+)
 
 # --- fixtures in the real formats -----------------------------------------------------------------
 
@@ -155,6 +163,68 @@ def test_bigbench_missing_task_is_named(sdist: Path, cache: Path, monkeypatch) -
     monkeypatch.setenv("ASYMLORA_BIGBENCH_SOURCE", str(sdist))
     with pytest.raises(BigBenchUnavailableError, match="no task.json for: nope"):
         ensure_bigbench(["toy_mc", "nope"], cache)
+
+
+def test_bigbench_reads_a_zip_of_the_repository_with_subtasks(
+    tmp_path: Path, cache: Path, monkeypatch
+) -> None:
+    """GitHub's "Download ZIP" of google/BIG-bench: one top folder, then the source tree."""
+    archive = tmp_path / "BIG-bench-main.zip"
+    base = "BIG-bench-main/bigbench/benchmark_tasks"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr(f"{base}/toy_mc/", "")  # a folder entry, as GitHub's archives have
+        zipped.writestr(f"{base}/toy_mc/task.json", json.dumps(MC_TASK))
+        zipped.writestr(f"{base}/arith/task.json", json.dumps({"name": "arith", "examples": []}))
+        zipped.writestr(f"{base}/arith/add/task.json", json.dumps(NUMERIC_TASK))
+        zipped.writestr(f"{base}/arith/add/README.md", "not a task")
+    monkeypatch.setenv("ASYMLORA_BIGBENCH_SOURCE", str(archive))
+    root = ensure_bigbench(["toy_mc"], cache)
+    assert json.loads((root / "toy_mc/task.json").read_text()) == MC_TASK
+    assert ensure_bigbench_tree("arith", cache) == ["arith/add"]
+    assert json.loads((root / "arith/add/task.json").read_text()) == NUMERIC_TASK
+
+
+def test_bigbench_bad_sources_are_named_and_leave_no_files(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    damaged = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(damaged, "w:gz") as tar:
+        _add(tar, "bigbench-1.0.0/bigbench/benchmark_tasks/toy_mc/task.json", MC_TASK)
+    damaged.write_bytes(damaged.read_bytes()[:-40])  # a download cut short
+    for source, why in [
+        (damaged, "is damaged"),
+        (tmp_path / "gone.zip", "does not exist; get the task files another way"),
+        (write_jsonl(tmp_path / "notes.txt", ["hello"]), "neither a folder nor a .tar.gz or .zip"),
+    ]:
+        monkeypatch.setenv("ASYMLORA_BIGBENCH_SOURCE", str(source))
+        with pytest.raises(BigBenchUnavailableError, match=why):
+            ensure_bigbench(["toy_mc"], cache)
+    assert not list(cache.rglob("task.json"))
+
+
+def test_a_failed_download_is_tried_once_per_process(
+    tmp_path: Path, cache: Path, monkeypatch, capsys
+) -> None:
+    """Real pip, offline: an index-less pip cannot find the sdist. Every task of a suite asks for
+    the files; pip must run once, not once per task (with a network timeout each run can take
+    minutes), and `asymlora tasks` says why once and exits 1 (so that `make demo` stops there)."""
+    monkeypatch.delenv("ASYMLORA_BIGBENCH_SOURCE", raising=False)
+    monkeypatch.setattr(bigbench, "_failed_downloads", {})
+    for name, value in {
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(tmp_path),
+        "PIP_CONFIG_FILE": "/dev/null",
+    }.items():
+        monkeypatch.setenv(name, value)
+    attempts: list[str] = []
+    for _ in range(2):
+        with pytest.raises(
+            BigBenchUnavailableError, match="could not download bigbench==1.0.0.*google/BIG-bench"
+        ):
+            ensure_bigbench(["toy_mc"], cache, log=attempts.append)
+    assert len(attempts) == 1
+    assert main(["tasks", "--suite", "commonsense"]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("unavailable (1, below)") == 8 and "(2" not in out
+    assert err.count("could not download bigbench==1.0.0") == 1 and "fetching" not in err
 
 
 def test_bigbench_multiple_choice_records_use_the_task_template(tmp_path: Path) -> None:

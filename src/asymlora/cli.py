@@ -88,24 +88,29 @@ def run_tasks(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: give a split seed >= 0")
     suites = [args.suite] if args.suite else list(SUITES)
+    reasons: list[str] = []  # why tasks are unavailable, each once: the lines refer to them by number
     for suite in suites:
         tasks = get_suite(suite)
         print(f"{suite} ({len(tasks)} tasks)")
         print(f"  {'task':44} {'kind':16} {'train':>6} {'test':>6}  source")
         for task in tasks:
-            print("  " + _task_line(task, seed=args.seed, offline=args.offline))
+            print("  " + _task_line(task, seed=args.seed, offline=args.offline, reasons=reasons))
         print()
-    return 0
+    for number, reason in enumerate(reasons, 1):
+        print(f"asymlora tasks: unavailable ({number}): {reason}", file=sys.stderr)
+    return 1 if reasons else 0
 
 
-def _task_line(task: Task, *, seed: int, offline: bool) -> str:
+def _task_line(task: Task, *, seed: int, offline: bool, reasons: list[str]) -> str:
     head = f"{task.name:44} {task.kind:16}"
     if offline and not is_downloaded(task):
         return f"{head} {'-':>6} {'-':>6}  {task.source} (not downloaded)"
     try:
         sizes = split_counts(task, seed, compute=not (offline and is_generated(task)))
     except (BigBenchUnavailableError, ImportError) as err:
-        return f"{head} {'-':>6} {'-':>6}  unavailable: {err}"
+        if str(err) not in reasons:
+            reasons.append(str(err))
+        return f"{head} {'-':>6} {'-':>6}  unavailable ({reasons.index(str(err)) + 1}, below)"
     if sizes is None:
         return f"{head} {'-':>6} {'-':>6}  {task.source} (generated on first use)"
     return f"{head} {sizes['train']:6d} {sizes['test']:6d}  {task.source}"

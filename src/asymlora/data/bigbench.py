@@ -4,7 +4,9 @@ The package cannot be installed (its metadata declares a direct-URL dependency, 
 but its sdist holds every JSON task. We let pip download and unpack it into a private temporary
 folder (pip stops with an error after unpacking; that is expected), copy the ``task.json`` files we
 use into the cache, and delete the rest. A local copy can be used instead: set
-``ASYMLORA_BIGBENCH_SOURCE`` to the ``bigbench-1.0.0.tar.gz`` file or to an unpacked source tree.
+``ASYMLORA_BIGBENCH_SOURCE`` to the ``bigbench-1.0.0.tar.gz`` file, to an archive of the BIG-bench
+repository (``.tar.gz`` or ``.zip``, as GitHub serves it) or to an unpacked source tree. (On
+2026-12-05 PyPI listed only ``bigbench`` 0.0.1, which holds no tasks; the local copy is then the way.)
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,11 @@ BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 SOURCE_ENV = "ASYMLORA_BIGBENCH_SOURCE"
 TASKS_PATH = "bigbench/benchmark_tasks"
 TREE_MARKER = ".asymlora-complete"  # in a task's cache folder: every subtask of it is extracted
+HOW_TO_GET = (
+    f"get the task files another way (the bigbench-1.0.0.tar.gz sdist, or an archive or clone of "
+    f"https://github.com/google/BIG-bench) and set {SOURCE_ENV} to that file or folder"
+)
+_failed_downloads: dict[str, str] = {}  # requirement -> why pip failed: tried once per process
 
 
 class BigBenchUnavailableError(AsymloraError, RuntimeError):
@@ -77,11 +85,17 @@ def _fetch(paths: Sequence[str], root: Path, *, subtasks: bool, log: Callable[[s
     if source:
         extract_tasks(Path(source), paths, root, subtasks=subtasks)
         return
+    if BIGBENCH_REQUIREMENT in _failed_downloads:  # one failed download (maybe a long timeout) is enough
+        raise BigBenchUnavailableError(_failed_downloads[BIGBENCH_REQUIREMENT])
     log(
         f"fetching {len(paths)} BIG-bench task(s) from the {BIGBENCH_REQUIREMENT} sdist "
         "(one-time download of ~360 MB)..."
     )
-    download_tasks(paths, root, subtasks=subtasks)
+    try:
+        download_tasks(paths, root, subtasks=subtasks)
+    except BigBenchUnavailableError as err:
+        _failed_downloads[BIGBENCH_REQUIREMENT] = str(err)
+        raise
 
 
 def download_tasks(paths: Sequence[str], root: Path, *, subtasks: bool = False) -> None:
@@ -96,8 +110,7 @@ def download_tasks(paths: Sequence[str], root: Path, *, subtasks: bool = False) 
         if not sources:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise BigBenchUnavailableError(
-                f"could not download {BIGBENCH_REQUIREMENT} with pip ({tail[0]}); download the sdist "
-                f"yourself and set {SOURCE_ENV}=/path/to/bigbench-1.0.0.tar.gz"
+                f"could not download {BIGBENCH_REQUIREMENT} with pip ({tail[0]}); {HOW_TO_GET}"
             )
         extract_tasks(sources[0], paths, root, subtasks=subtasks)
 
@@ -116,28 +129,48 @@ def _wanted(member: str, paths: Sequence[str], subtasks: bool) -> str | None:
 
 def extract_tasks(source: Path, paths: Sequence[str], root: Path, *, subtasks: bool = False) -> None:
     """Copy ``<path>/task.json`` for each path (with ``subtasks``, also ``<path>/<subtask>/task.json``)
-    from an sdist ``.tar.gz`` or an unpacked tree."""
+    from an unpacked tree, or from a ``.tar.gz`` / ``.zip`` archive (the sdist, or the repository)."""
     found: dict[str, bytes] = {}
-    if source.is_dir():
-        tasks_dir = source if source.name == "benchmark_tasks" else _find_tasks_dir(source)
-        for path in paths:
-            for file in [tasks_dir / path / "task.json", *(tasks_dir / path).glob("*/task.json")]:
-                member = file.relative_to(tasks_dir).as_posix()
-                if file.is_file() and _wanted(member, paths, subtasks):
-                    found[_wanted(member, paths, subtasks)] = file.read_bytes()
-    elif tarfile.is_tarfile(source):
-        with tarfile.open(source) as tar:
-            for info in tar:
-                _, sep, member = info.name.partition(f"{TASKS_PATH}/")
-                if sep and info.isfile() and _wanted(member, paths, subtasks):
-                    found[_wanted(member, paths, subtasks)] = tar.extractfile(info).read()
-    else:
-        raise BigBenchUnavailableError(f"{source} is neither a folder nor a .tar.gz BIG-bench sdist")
+    try:
+        for member, read in _task_files(source, paths):
+            wanted = _wanted(member, paths, subtasks)
+            if wanted:
+                found[wanted] = read()
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise BigBenchUnavailableError(f"{source} is damaged ({err}); download it again") from err
     absent = [p for p in paths if p not in found and not any(f.startswith(p + "/") for f in found)]
     if absent:
         raise BigBenchUnavailableError(f"{source} has no task.json for: {', '.join(absent)}")
     for path, data in found.items():
         _write_atomic(root / path / "task.json", data)
+
+
+def _task_files(source: Path, paths: Sequence[str]) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """``(path under benchmark_tasks, reader)`` for the files of ``source`` that may be wanted."""
+    if source.is_dir():
+        tasks_dir = source if source.name == "benchmark_tasks" else _find_tasks_dir(source)
+        for path in paths:
+            for file in [tasks_dir / path / "task.json", *(tasks_dir / path).glob("*/task.json")]:
+                if file.is_file():
+                    yield file.relative_to(tasks_dir).as_posix(), file.read_bytes
+    elif not source.is_file():
+        raise BigBenchUnavailableError(f"{SOURCE_ENV}: {source} does not exist; {HOW_TO_GET}")
+    elif tarfile.is_tarfile(source):
+        with tarfile.open(source) as tar:
+            for info in tar:
+                _, sep, member = info.name.partition(f"{TASKS_PATH}/")
+                if sep and info.isfile():
+                    yield member, lambda info=info: tar.extractfile(info).read()
+    elif zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            for info in archive.infolist():
+                _, sep, member = info.filename.partition(f"{TASKS_PATH}/")
+                if sep and not info.is_dir():
+                    yield member, lambda info=info: archive.read(info)
+    else:
+        raise BigBenchUnavailableError(
+            f"{source} is neither a folder nor a .tar.gz or .zip archive of BIG-bench"
+        )
 
 
 def _find_tasks_dir(tree: Path) -> Path:
