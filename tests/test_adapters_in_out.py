@@ -132,6 +132,7 @@ def test_eval_scores_peft_native_and_run_folders_like_the_run_itself(tmp_path, t
         "peft": ["--adapter", str(run / "peft" / "double"), "--task", double],
         "run": ["--adapter", str(run), "--task", colors, "--task", double],
         "native": ["--adapter", str(run / "adapter"), "--route", "1", "--task", double],
+        "native-in-run": ["--adapter", str(run / "adapter"), "--task", colors, "--task", double],
     }
     for name, args in cases.items():
         capsys.readouterr()
@@ -146,10 +147,17 @@ def test_eval_scores_peft_native_and_run_folders_like_the_run_itself(tmp_path, t
         err = capsys.readouterr().err
         assert "of the test split" in err and "4 questions" in err
         assert ("routed to adapter task" in err) == (name != "peft")
-    assert json.loads((tmp_path / "eval-run" / "results.json").read_text())["routes"] == {
-        "colors": 0,
-        "double": 1,
-    }
+    for name in ("run", "native-in-run"):  # an adapter folder inside its run is routed by the run's names
+        assert json.loads((tmp_path / f"eval-{name}" / "results.json").read_text())["routes"] == {
+            "colors": 0,
+            "double": 1,
+        }
+    shutil.copytree(run / "adapter", tmp_path / "moved")  # away from its run: the names are gone
+    assert (
+        main(["eval", "--adapter", str(tmp_path / "moved"), "--task", double, "--out", str(tmp_path / "e")])
+        == 2
+    )
+    assert "no task named double (its tasks: ids 0..1, unnamed)" in capsys.readouterr().err
 
 
 def test_eval_explains_adapter_mistakes_in_one_line(tmp_path, task_files, capsys) -> None:

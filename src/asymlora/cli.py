@@ -137,7 +137,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--task", action="append", help="a task name, bigbench:<task>, hf:<dataset>?<columns>, "
                       "or a .json/.jsonl file (repeatable); with a task-routed adapter also its route")  # fmt: skip
     p.add_argument("--route", help="task-routed adapters: the adapter task (name or index) for every question "
-                   "(default: the task of the same name)")  # fmt: skip
+                   "(default: the task of the same name, as the run that trained the adapter names them)")  # fmt: skip
     p.add_argument("--split", choices=["test", "all"], default="test",
                    help="score each task's test split (20%% of its examples, held out from training) or all of them")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")

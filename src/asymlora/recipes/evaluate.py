@@ -41,7 +41,7 @@ def adapter_kind(path: Path) -> str:
         raise ConfigError(
             f"--adapter {path}: a federate run holds one adapter per client; pass {path}/adapters/<client>"
         )
-    if (path / "config.yaml").is_file() and (path / "adapter").is_dir():
+    if is_run_folder(path):
         return "run"
     kind = folder_format(path)
     if kind is None:
@@ -50,6 +50,11 @@ def adapter_kind(path: Path) -> str:
             "and not a run folder (config.yaml and adapter/)"
         )
     return kind
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder of asymlora train: its config.yaml and its adapter/."""
+    return (path / "config.yaml").is_file() and (path / "adapter").is_dir()
 
 
 def recorded_base(path: Path, kind: str) -> str | None:
@@ -74,7 +79,7 @@ def load_for_eval(model_name: str | None, adapter: Path | None) -> LoadedModel:
     folder holds none)."""
     from ..adapters import load_adapter
     from ..models import load_model
-    from .multitask import load_run
+    from .multitask import load_run, run_task_names
 
     if _is_adapter_folder(model_name):
         raise ConfigError(
@@ -97,7 +102,10 @@ def load_for_eval(model_name: str | None, adapter: Path | None) -> LoadedModel:
     wrapped = load_adapter(model, adapter).eval()
     cfg = wrapped.adapter_config
     what = "PEFT LoRA" if kind == "peft" else f"{cfg.method} adapter"
-    return LoadedModel(wrapped, tokenizer, base, f"{what} {adapter} on {base}", cfg.router)
+    names = None  # an adapter folder of a run (adapter/, checkpoint/): the run names its tasks
+    if cfg.router == "task" and is_run_folder(adapter.parent):
+        names = run_task_names(adapter.parent)
+    return LoadedModel(wrapped, tokenizer, base, f"{what} {adapter} on {base}", cfg.router, names)
 
 
 def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> dict[str, int] | None:
@@ -114,10 +122,11 @@ def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> di
         return {t.name: task_id for t in tasks}
     unknown = [t.name for t in tasks if t.name not in names]
     if unknown:
-        known = ", ".join(loaded.task_names) if loaded.task_names else f"ids 0..{num_experts - 1}"
+        known = ", ".join(loaded.task_names) if loaded.task_names else f"ids 0..{num_experts - 1}, unnamed"
+        where = "" if loaded.task_names else " (or pass the run folder that trained it: it names its tasks)"
         raise ConfigError(
             f"--route: this adapter routes by task and has no task named {', '.join(unknown)} "
-            f"(its tasks: {known}); give --route NAME_OR_INDEX"
+            f"(its tasks: {known}); give --route NAME_OR_INDEX{where}"
         )
     return {t.name: names.index(t.name) for t in tasks}
 

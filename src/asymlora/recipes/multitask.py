@@ -283,6 +283,12 @@ def load_run(run_dir: str | Path, model: str | None = None):
     cfg = load_config(run_dir / "config.yaml")
     base, tokenizer = load_model(model or cfg.model, dtype=cfg.dtype)
     model = load_adapter(base.to(resolve_device(cfg.device)), run_dir / "adapter").eval()
+    return model, tokenizer, cfg, run_task_names(run_dir, cfg)
+
+
+def run_task_names(run_dir: Path, cfg: MultitaskConfig | None = None) -> list[str]:
+    """The tasks of a run folder in task-id order: those its results name, else its config's."""
     scores = run_scores(run_dir)
-    names = [s["task"] for s in scores] if scores else [t.name for t in select_tasks(cfg.data)]
-    return model, tokenizer, cfg, names
+    if scores:
+        return [s["task"] for s in scores]
+    return [t.name for t in select_tasks((cfg or load_config(run_dir / "config.yaml")).data)]
