@@ -14,7 +14,8 @@ cache=${ASYMLORA_CACHE:-$HOME/.cache/asymlora}
 bundle=.device-bundle
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-[ -d "$cache/bigbench" ] || { echo "no BIG-bench files in $cache: run asymlora tasks --suite commonsense first" >&2; exit 2; }
+find "$cache/bigbench" -name task.json -print -quit 2>/dev/null | grep -q . \
+  || { echo "no BIG-bench files in $cache: run asymlora tasks --suite commonsense first" >&2; exit 2; }
 
 version() { "$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 mkdir -p "$stage/wheels"
