@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,32 @@ def test_compare_writes_table_plot_and_skips_finished_cells(tmp_path, task_files
     assert (
         capsys.readouterr().out.count("skip (finished)") == 4 + 4 + 1
     )  # 2 methods x 2 seeds + 2 tasks x 2 seeds + the base model
+
+
+def test_compare_refuses_to_pair_cells_scored_on_different_questions(tmp_path, task_files, capsys):
+    """A task file edited between two calls (or BIG-bench files of another revision): the finished
+    cells keep the old questions, a new cell is scored on the new ones, same count. The table must
+    not pair them question by question; it names two runs instead."""
+    out = tmp_path / "cmp"
+    grid = ["compare", "--model", "tiny-llama", "--tasks", ",".join(task_files), "--steps", "1",
+            "--out", str(out), *TINY]  # fmt: skip
+    assert main([*grid, "--methods", "lora", "--seeds", "0"]) == 0
+    digest = json.loads((out / "lora" / "seed-0" / "results.json").read_text())["tasks"][0]["questions"]
+    assert len(digest) == 16
+    colors = Path(task_files[0])
+    colors.write_text(colors.read_text().replace(". Its color:", ". What color is it?"))
+    capsys.readouterr()
+    assert main([*grid, "--methods", "lora,alora", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "task 'colors': " in err and "were scored on different questions" in err
+    assert err.split("task 'colors': ")[1].split(" were ")[0] == "base model and lora"  # base: rescored
+    new = json.loads((out / "alora" / "seed-0" / "results.json").read_text())["tasks"][0]
+    assert new["questions"] != digest and new["n"] == 4
+    assert (
+        json.loads((out / "base" / "results.json").read_text())["tasks"][0]["questions"] == new["questions"]
+    )
+    shutil.rmtree(out / "lora")  # the fix the message gives: the cell scored on the old data runs again
+    assert main([*grid, "--methods", "lora,alora", "--seeds", "0"]) == 0
 
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class TaskResult:
     n: int
     metrics: dict[str, float] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    questions: str = ""  # digest of the scored questions, in order (``questions_digest``); "" if unknown
 
 
 def delta_m(scores: Mapping[str, float], references: Mapping[str, float]) -> float:
@@ -159,6 +161,29 @@ def _span(interval: Mapping[str, float]) -> str:
 
 def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def questions_digest(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A short digest of the questions a task was scored on, in order (their every field: prompt
+    text, choices, answer or targets). Two runs are compared question by question only when their
+    digests agree: a count alone would pair the questions of two different test splits."""
+    text = json.dumps(list(rows), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_same_questions(entries: Mapping[str, Mapping[str, Any]]) -> None:
+    """``entries``: a label (``lora, seed 1``) -> one task's entry of a results.json. Refuse,
+    naming two of them, entries scored on different questions; entries written before digests
+    were kept (no ``questions``) are compared by their number of questions only."""
+    known = {label: e["questions"] for label, e in entries.items() if e.get("questions")}
+    first = next(iter(known), None)
+    for label, digest in known.items():
+        if digest != known[first]:
+            raise InputError(
+                f"task {entries[label]['task']!r}: {first} and {label} were scored on different questions "
+                "(the task's data or its split changed between them); restore the data they were scored on, or "
+                "remove the folders of the runs scored on the old data so that they run again"
+            )
 
 
 def question_scores(task: Mapping[str, Any]) -> list[float]:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from asymlora.data.task import Task, continuation
 from asymlora.errors import check_at_least
 from asymlora.eval.metrics import accuracy, extract_number, mc_picks, numbers_equal, rouge
-from asymlora.eval.report import Report, TaskResult
+from asymlora.eval.report import Report, TaskResult, questions_digest
 from asymlora.eval.scoring import ForwardKwargs, continuation_logprobs, greedy_generate
 from asymlora.progress import progress_bar as make_bar
 
@@ -128,7 +128,8 @@ def choice_result(task: Task, examples: Dataset, raw: list[int], norm: list[int]
         {"pick": r, "pick_norm": p, "answer": a, "choice": choices[r]}
         for r, p, a, choices in zip(raw, norm, answers, examples["choices"], strict=True)
     ]
-    return TaskResult(task.name, task.kind, "acc", metrics["acc"], len(examples), metrics, predictions)
+    return TaskResult(task.name, task.kind, "acc", metrics["acc"], len(examples), metrics, predictions,
+                      questions_digest(examples.to_list()))  # fmt: skip
 
 
 def _generate(
@@ -154,9 +155,8 @@ def numeric_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskRes
         correct = any(numbers_equal(number, t) for t in targets)
         predictions.append({"output": out, "extracted": number, "targets": targets, "correct": correct})
     score = 100 * statistics.fmean(p["correct"] for p in predictions)
-    return TaskResult(
-        task.name, task.kind, "exact_match", score, len(examples), {"exact_match": score}, predictions
-    )
+    return TaskResult(task.name, task.kind, "exact_match", score, len(examples), {"exact_match": score},
+                      predictions, questions_digest(examples.to_list()))  # fmt: skip
 
 
 def _score_text(
@@ -172,7 +172,8 @@ def text_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult
     predictions = [
         {"output": o, "targets": t, **s} for o, t, s in zip(outputs, examples["targets"], scores, strict=True)
     ]
-    return TaskResult(task.name, task.kind, "rougeL", metrics["rougeL"], len(examples), metrics, predictions)
+    return TaskResult(task.name, task.kind, "rougeL", metrics["rougeL"], len(examples), metrics, predictions,
+                      questions_digest(examples.to_list()))  # fmt: skip
 
 
 def majority_result(

@@ -23,8 +23,14 @@ from ..adapters import METHODS
 from ..adapters.model import matching_rank, planned_size
 from ..config import ConfigError, to_dict
 from ..data.task import Task, training_examples
-from ..eval.report import delta_m, most_frequent_answer_share, question_scores
-from ..eval.runner import majority_report
+from ..eval.report import (
+    check_same_questions,
+    delta_m,
+    most_frequent_answer_share,
+    question_scores,
+    questions_digest,
+)
+from ..eval.runner import majority_report, test_examples
 from ..eval.stats import Table, interval_text
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
@@ -285,7 +291,8 @@ def base_model_result(cfg: MultitaskConfig, tasks: list[Task], folder: Path, log
     """The base model (no adapter) scored on the cells' test questions; kept in ``folder`` and
     reused while the model, its dtype, the data and the evaluation settings stay the same. Loaded
     as the cells load it (dtype, device), so the base row is scored the way the adapters are."""
-    key = {"model": cfg.model, "dtype": cfg.dtype, "data": to_dict(cfg.data), "eval": to_dict(cfg.eval)}
+    key = {"model": cfg.model, "dtype": cfg.dtype, "data": to_dict(cfg.data), "eval": to_dict(cfg.eval),
+           "questions": {t.name: scored_questions_digest(t, cfg.data.split_seed, cfg.eval.limit) for t in tasks}}  # fmt: skip
 
     def score() -> dict[str, Any]:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
@@ -293,6 +300,12 @@ def base_model_result(cfg: MultitaskConfig, tasks: list[Task], folder: Path, log
         return evaluate(model, tokenizer, tasks, cfg, log=log).to_dict()
 
     return stored_result(folder, key, score, "the base model, no adapter", log)
+
+
+def scored_questions_digest(task: Task, split_seed: int, limit: int | None) -> str:
+    """The digest of the test questions an evaluation scores (no model needed), for the keys of
+    stored base rows: a base row is scored again when a task's data changes under the same name."""
+    return questions_digest(test_examples(task, seed=split_seed, limit=limit).to_list())
 
 
 def stored_result(
@@ -451,6 +464,18 @@ def _cpu_minutes(results: list[dict]) -> dict[str, float] | None:
     return mean_sd(totals)
 
 
+def _check_same_questions(runs: dict[str, list[dict]], tasks: list[str]) -> None:
+    """Every run and seed of a table must have been scored on the same questions of each task."""
+    for name in tasks:
+        check_same_questions({
+            f"{run}, seed {result.get('seed', i)}" if len(results) > 1 else run: entry
+            for run, results in runs.items()
+            for i, result in enumerate(results)
+            for entry in result["tasks"]
+            if entry["task"] == name
+        })  # fmt: skip
+
+
 def _per_question(results: list[dict], tasks: list[str]) -> dict[str, np.ndarray]:
     """task -> per-question scores, (seeds, questions)."""
     by_task = [{t["task"]: t for t in r["tasks"]} for r in results]
@@ -469,6 +494,7 @@ def intervals(
     """The statistics part of a summary (see ``summarize_cells``): one entry per reference row and
     per method; ``reference`` is the first of ``against``, ``also_against`` the others."""
     runs = {**{name: [result] for name, result in rows.items()}, **cells}
+    _check_same_questions(runs, tasks)
     table = Table(tasks, {name: _per_question(results, tasks) for name, results in runs.items()})
     ci = table.intervals()
     differences = {ref: table.differences(ref) for ref in [*against, *rows]}

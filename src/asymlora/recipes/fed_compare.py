@@ -27,7 +27,14 @@ from ..eval.runner import majority_result
 from ..federated import BASELINE, METHODS
 from ..models import load_model, resolve_device
 from . import compare
-from .compare import BASE_ROW, MAJORITY_ROW, plus_minus, stored_result, summarize_cells
+from .compare import (
+    BASE_ROW,
+    MAJORITY_ROW,
+    plus_minus,
+    scored_questions_digest,
+    stored_result,
+    summarize_cells,
+)
 from .federated import ClientData, FederatedConfig, build_clients, run, save_config, task_result
 
 
@@ -75,7 +82,9 @@ def reference_rows(base: FederatedConfig, out: Path, log=print) -> dict[str, dic
         return None
     ev = base.eval
     key = {"model": base.model, "dtype": base.dtype, "clients": to_dict(base.clients),
-           "eval": {"limit": ev.limit, "batch_size": ev.batch_size, "max_length": ev.max_length}}  # fmt: skip
+           "eval": {"limit": ev.limit, "batch_size": ev.batch_size, "max_length": ev.max_length},
+           "questions": {c.name: scored_questions_digest(c.tasks[0], base.clients.split_seed, ev.limit)
+                         for c in clients}}  # fmt: skip
 
     def score() -> dict[str, Any]:
         model, tokenizer = load_model(base.model, dtype=base.dtype)
