@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from asymlora import wrap
+from asymlora.errors import InputError
 from asymlora.train import Example, TaskMixer, TrainConfig, encode, task_probabilities, train
 from asymlora.train.batches import IGNORE
 from tiny_models import tiny_model, tiny_tokenizer
@@ -101,6 +102,31 @@ def test_resume_after_a_crash_ends_bit_for_bit_equal(tmp_path):
         json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == list(range(1, 7)), "no step is logged twice after a resume"
+
+
+def test_a_resume_on_other_training_data_is_refused(tmp_path):
+    """A checkpoint records a digest of the tokenized training examples: a resume after a task's
+    examples changed (same count, so the mixer counts still fit) stops before any step, and a
+    checkpoint written before the digest existed still resumes."""
+
+    def crash_at_3(step, _):
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(fresh(), tiny_tokenizer(), TASKS, cfg(save_every=2), tmp_path, on_step=crash_at_3)
+    state_file = tmp_path / "checkpoint" / "trainer_state.json"
+    assert len(json.loads(state_file.read_text())["data"]) == 16
+    edited = [TASKS[0], [Example(e.prompt.replace("Say", "Shout"), e.target, 1) for e in TASKS[1]]]
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(InputError, match="step 2\\) was written while training on other data"):
+        train(fresh(), tiny_tokenizer(), edited, cfg(save_every=2), tmp_path, resume=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics, "refused before anything is written"
+    with pytest.raises(InputError, match="other data"):  # max_length changes the tokens trained on
+        train(fresh(), tiny_tokenizer(), TASKS, cfg(save_every=2, max_length=6), tmp_path, resume=True)
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "data"}))  # an older checkpoint
+    train(fresh(), tiny_tokenizer(), edited, cfg(save_every=2), tmp_path, resume=True)
 
 
 @pytest.mark.parametrize(

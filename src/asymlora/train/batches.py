@@ -5,6 +5,8 @@ exactly the batches an uninterrupted single-process run would."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +23,16 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     task_id: int
+
+
+def encoded_digest(encoded: Sequence[Sequence[Encoded]]) -> str:
+    """A digest of every task's tokenized training examples, in order. A checkpoint records it, so
+    that a resume on other data (the examples, the tokenizer or ``max_length`` changed) is refused
+    instead of training the rest of the run on something else."""
+    digest = hashlib.sha256()
+    for task in encoded:
+        digest.update(json.dumps([[e.input_ids, e.labels] for e in task]).encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def encode(tokenizer, example: Example, max_length: int) -> Encoded:

@@ -30,6 +30,7 @@ from .batches import (
     TaskMixer,
     collate,
     encode,
+    encoded_digest,
     hash_seed,
     labelled_tail,
     length_groups,
@@ -296,7 +297,7 @@ def train(
     checkpoint = find_checkpoint(run_dir / "checkpoint") if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        start, mixer.counts = check_resumable(state, cfg, len(encoded), checkpoint)
+        start, mixer.counts = check_resumable(state, cfg, len(encoded), checkpoint, encoded_digest(encoded))
         cpu_before = counted_cpu(state.get("cpu_seconds"))
     elif resume and proc.main:
         print(f"no checkpoint in {run_dir}: starting from step 0")
@@ -308,7 +309,7 @@ def train(
         )
     writer = tensorboard_writer(run_dir) if proc.main else None
 
-    pad_id = pad_id_of(tokenizer)
+    pad_id, data = pad_id_of(tokenizer), encoded_digest(encoded)
     model.train()
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
@@ -347,7 +348,7 @@ def train(
                         run_dir / "checkpoint",
                         model,
                         optimizer,
-                        {"step": done, "mixer_counts": mixer.counts, "cpu_seconds": cpu},
+                        {"step": done, "mixer_counts": mixer.counts, "cpu_seconds": cpu, "data": data},
                     )
                     saved = done
                     if on_request:
@@ -413,10 +414,19 @@ def resume_point(run_dir: str | Path, cfg: TrainConfig, n_tasks: int) -> int:
     return check_resumable(read_state(checkpoint), cfg, n_tasks, checkpoint)[0]
 
 
-def check_resumable(state: dict, cfg: TrainConfig, n_tasks: int, folder: Path) -> tuple[int, list[int]]:
+def check_resumable(
+    state: dict, cfg: TrainConfig, n_tasks: int, folder: Path, data: str | None = None
+) -> tuple[int, list[int]]:
     """(step, mixer counts) of a checkpoint's state, refused unless this run could have written
-    it: a step within ``cfg.steps``, one count per task, ``step * batch_size`` examples drawn."""
+    it: a step within ``cfg.steps``, one count per task, ``step * batch_size`` examples drawn, and
+    (where both are known) the same training data (``data``: ``encoded_digest``)."""
     step, counts = state["step"], state["mixer_counts"]
+    if data is not None and state.get("data") not in (None, data):
+        raise InputError(
+            f"{folder}: this checkpoint (step {step}) was written while training on other data: the tasks' "
+            "examples, the tokenizer or train.max_length changed since",
+            hint="restore the data the run started with, or give --overwrite to start again",
+        )
     if step > cfg.steps or len(counts) != n_tasks or sum(counts) != step * cfg.batch_size:
         raise InputError(
             f"{folder}: a checkpoint at step {step} with {len(counts)} task(s) and {sum(counts)} examples "
