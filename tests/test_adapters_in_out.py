@@ -152,6 +152,12 @@ def test_eval_scores_peft_native_and_run_folders_like_the_run_itself(tmp_path, t
             "colors": 0,
             "double": 1,
         }
+    unfinished = tmp_path / "unfinished"  # a run still training: its checkpoint/, no adapter/ yet
+    shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("adapter", "results.json"))
+    out = tmp_path / "eval-checkpoint"
+    assert main(["eval", "--adapter", str(unfinished / "checkpoint"), "--task", colors, "--task", double,
+                 "--limit", "4", "--batch-size", "4", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["routes"] == {"colors": 0, "double": 1}
     shutil.copytree(run / "adapter", tmp_path / "moved")  # away from its run: the names are gone
     assert (
         main(["eval", "--adapter", str(tmp_path / "moved"), "--task", double, "--out", str(tmp_path / "e")])

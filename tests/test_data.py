@@ -189,8 +189,13 @@ def test_bigbench_bad_sources_are_named_and_leave_no_files(tmp_path: Path, cache
     with tarfile.open(damaged, "w:gz") as tar:
         _add(tar, "bigbench-1.0.0/bigbench/benchmark_tasks/toy_mc/task.json", MC_TASK)
     damaged.write_bytes(damaged.read_bytes()[:-40])  # a download cut short
+    cut_zip = tmp_path / "BIG-bench-main.zip"
+    with zipfile.ZipFile(cut_zip, "w") as zipped:
+        zipped.writestr("BIG-bench-main/bigbench/benchmark_tasks/toy_mc/task.json", json.dumps(MC_TASK))
+    cut_zip.write_bytes(cut_zip.read_bytes()[:-30])  # its central directory is lost
     for source, why in [
         (damaged, "is damaged"),
+        (cut_zip, "is damaged"),
         (tmp_path / "gone.zip", "does not exist; get the task files another way"),
         (write_jsonl(tmp_path / "notes.txt", ["hello"]), "neither a folder nor a .tar.gz or .zip"),
     ]:

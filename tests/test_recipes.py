@@ -238,7 +238,9 @@ def test_compare_refuses_to_pair_cells_scored_on_different_questions(tmp_path, t
     assert main([*grid, "--methods", "lora,alora", "--seeds", "0"]) == 2
     err = capsys.readouterr().err
     assert "task 'colors': " in err and "were scored on different questions" in err
-    assert err.split("task 'colors': ")[1].split(" were ")[0] == "base model and lora"  # base: rescored
+    assert (
+        err.split("task 'colors': ")[1].split(" were ")[0] == "base model and lora, seed 0"
+    )  # base: rescored
     new = json.loads((out / "alora" / "seed-0" / "results.json").read_text())["tasks"][0]
     assert new["questions"] != digest and new["n"] == 4
     assert (

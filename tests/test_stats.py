@@ -91,3 +91,30 @@ def test_an_eval_report_shows_intervals_the_majority_answer_and_the_paired_diffe
     assert stats["top_answer_share"]["t"] == 75.0
     table = report.to_markdown()
     assert "| t | multiple_choice | 40 | acc | 100.00 | [100.0, 100.0] | 75 | 75.00 | +25.0* [" in table
+
+
+def test_the_digests_that_pair_runs_and_guard_resumes_are_fixed_values():
+    """Pinned: results.json files and checkpoints written on one machine are checked on another,
+    so a digest must not depend on the process, the platform or a library's iteration order."""
+    from asymlora.errors import InputError
+    from asymlora.eval.report import check_same_questions, questions_digest
+    from asymlora.train.batches import Encoded, encoded_digest
+
+    row = {
+        "input": "Is ice cold?",
+        "choices": ["yes", "no"],
+        "answer": 0,
+        "targets": ["yes"],
+        "prompt": "Q: Is ice cold?\nA:",
+    }
+    assert questions_digest([row]) == "64b2f673d69927f8"
+    assert (
+        questions_digest([dict(reversed(list(row.items())))]) == "64b2f673d69927f8"
+    )  # key order is irrelevant
+    assert (
+        encoded_digest([[Encoded([1, 2, 3], [-100, 2, 3], 0)], [Encoded([7], [7], 1)]]) == "89d4783f3741741e"
+    )
+    old, new = {"task": "t", "n": 4}, {"task": "t", "n": 4, "questions": "64b2f673d69927f8"}
+    check_same_questions({"old": old, "new": new})  # no digest on one side: the counts agree
+    with pytest.raises(InputError, match="task 't': old and fewer were scored on different questions"):
+        check_same_questions({"old": old, "fewer": {"task": "t", "n": 3}})

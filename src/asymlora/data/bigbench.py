@@ -161,7 +161,7 @@ def _task_files(source: Path, paths: Sequence[str]) -> Iterator[tuple[str, Calla
                 _, sep, member = info.name.partition(f"{TASKS_PATH}/")
                 if sep and info.isfile():
                     yield member, lambda info=info: tar.extractfile(info).read()
-    elif zipfile.is_zipfile(source):
+    elif zipfile.is_zipfile(source) or source.suffix.lower() == ".zip":  # a cut-off .zip is no zipfile
         with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
                 _, sep, member = info.filename.partition(f"{TASKS_PATH}/")

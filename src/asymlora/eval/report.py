@@ -164,23 +164,25 @@ def _fmt(value: float) -> str:
 
 
 def questions_digest(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A short digest of the questions a task was scored on, in order (their every field: prompt
-    text, choices, answer or targets). Two runs are compared question by question only when their
-    digests agree: a count alone would pair the questions of two different test splits."""
+    """A short digest of the questions a task was scored on, in order (every field of each row:
+    for a scored task, the prompt as the model reads it, choices, answer or targets). Two runs are
+    compared question by question only when their digests agree: a count alone would pair the
+    questions of two different test splits."""
     text = json.dumps(list(rows), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def check_same_questions(entries: Mapping[str, Mapping[str, Any]]) -> None:
     """``entries``: a label (``lora, seed 1``) -> one task's entry of a results.json. Refuse,
-    naming two of them, entries scored on different questions; entries written before digests
-    were kept (no ``questions``) are compared by their number of questions only."""
-    known = {label: e["questions"] for label, e in entries.items() if e.get("questions")}
-    first = next(iter(known), None)
-    for label, digest in known.items():
-        if digest != known[first]:
+    naming two of them, entries scored on different questions: different digests, or (entries
+    written before digests were kept) different numbers of questions."""
+    labels = list(entries)
+    for label in labels[1:]:
+        a, b = entries[labels[0]], entries[label]
+        both_digests = a.get("questions") and b.get("questions")
+        if (a["questions"] != b["questions"]) if both_digests else a.get("n") != b.get("n"):
             raise InputError(
-                f"task {entries[label]['task']!r}: {first} and {label} were scored on different questions "
+                f"task {b['task']!r}: {labels[0]} and {label} were scored on different questions "
                 "(the task's data or its split changed between them); restore the data they were scored on, or "
                 "remove the folders of the runs scored on the old data so that they run again"
             )

@@ -56,6 +56,12 @@ def test_examples(task: Task, *, split: str = "test", seed: int = 0, limit: int 
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
+def scored_questions(task: Task, examples: Dataset) -> str:
+    """The digest of the questions ``examples`` pose, each with its prompt as the model reads it
+    (the task's template included), for pairing runs only on the same questions."""
+    return questions_digest([{**row, "prompt": task.prompt(row)} for row in examples.to_list()])
+
+
 def check_eval_options(limit: int | None, batch_size: int, max_length: int) -> None:
     """Refuse a limit, batch size or context length below 1."""
     check_at_least("batch_size", batch_size, 1)
@@ -129,7 +135,7 @@ def choice_result(task: Task, examples: Dataset, raw: list[int], norm: list[int]
         for r, p, a, choices in zip(raw, norm, answers, examples["choices"], strict=True)
     ]
     return TaskResult(task.name, task.kind, "acc", metrics["acc"], len(examples), metrics, predictions,
-                      questions_digest(examples.to_list()))  # fmt: skip
+                      scored_questions(task, examples))  # fmt: skip
 
 
 def _generate(
@@ -156,7 +162,7 @@ def numeric_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskRes
         predictions.append({"output": out, "extracted": number, "targets": targets, "correct": correct})
     score = 100 * statistics.fmean(p["correct"] for p in predictions)
     return TaskResult(task.name, task.kind, "exact_match", score, len(examples), {"exact_match": score},
-                      predictions, questions_digest(examples.to_list()))  # fmt: skip
+                      predictions, scored_questions(task, examples))  # fmt: skip
 
 
 def _score_text(
@@ -173,7 +179,7 @@ def text_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult
         {"output": o, "targets": t, **s} for o, t, s in zip(outputs, examples["targets"], scores, strict=True)
     ]
     return TaskResult(task.name, task.kind, "rougeL", metrics["rougeL"], len(examples), metrics, predictions,
-                      questions_digest(examples.to_list()))  # fmt: skip
+                      scored_questions(task, examples))  # fmt: skip
 
 
 def majority_result(

@@ -28,9 +28,8 @@ from ..eval.report import (
     delta_m,
     most_frequent_answer_share,
     question_scores,
-    questions_digest,
 )
-from ..eval.runner import majority_report, test_examples
+from ..eval.runner import majority_report, scored_questions, test_examples
 from ..eval.stats import Table, interval_text
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
@@ -250,6 +249,7 @@ def compare(
     if cells is None or (single_task_baseline and references is None):
         log(LEFT_TO_OTHERS)
         return None
+    cells = {m: [{**r, "seed": s} for r, s in zip(rs, seeds, strict=True)] for m, rs in cells.items()}
     rows = {
         BASE_ROW: base_model_result(base, tasks, out / "base", log),
         MAJORITY_ROW: majority_answers(base, tasks),
@@ -305,7 +305,7 @@ def base_model_result(cfg: MultitaskConfig, tasks: list[Task], folder: Path, log
 def scored_questions_digest(task: Task, split_seed: int, limit: int | None) -> str:
     """The digest of the test questions an evaluation scores (no model needed), for the keys of
     stored base rows: a base row is scored again when a task's data changes under the same name."""
-    return questions_digest(test_examples(task, seed=split_seed, limit=limit).to_list())
+    return scored_questions(task, test_examples(task, seed=split_seed, limit=limit))
 
 
 def stored_result(
@@ -468,12 +468,19 @@ def _check_same_questions(runs: dict[str, list[dict]], tasks: list[str]) -> None
     """Every run and seed of a table must have been scored on the same questions of each task."""
     for name in tasks:
         check_same_questions({
-            f"{run}, seed {result.get('seed', i)}" if len(results) > 1 else run: entry
+            _label(run, result, i, len(results)): entry
             for run, results in runs.items()
             for i, result in enumerate(results)
             for entry in result["tasks"]
             if entry["task"] == name
         })  # fmt: skip
+
+
+def _label(run: str, result: dict, index: int, count: int) -> str:
+    """``lora, seed 2`` (a cell), ``base model`` (a reference row)."""
+    if result.get("seed") is not None:
+        return f"{run}, seed {result['seed']}"
+    return run if count == 1 else f"{run}, run {index + 1}"
 
 
 def _per_question(results: list[dict], tasks: list[str]) -> dict[str, np.ndarray]:

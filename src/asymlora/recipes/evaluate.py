@@ -18,7 +18,7 @@ from ..adapters.io import (
 )
 from ..config import ConfigError, read_json
 from ..data.task import Task
-from ..errors import MissingFileError, RunFolderError
+from ..errors import AsymloraError, MissingFileError, RunFolderError
 from ..runfolder import RUN_FILES, check_is_folder
 from .generate import resolve_task
 
@@ -79,7 +79,7 @@ def load_for_eval(model_name: str | None, adapter: Path | None) -> LoadedModel:
     folder holds none)."""
     from ..adapters import load_adapter
     from ..models import load_model
-    from .multitask import load_run, run_task_names
+    from .multitask import load_run
 
     if _is_adapter_folder(model_name):
         raise ConfigError(
@@ -102,10 +102,22 @@ def load_for_eval(model_name: str | None, adapter: Path | None) -> LoadedModel:
     wrapped = load_adapter(model, adapter).eval()
     cfg = wrapped.adapter_config
     what = "PEFT LoRA" if kind == "peft" else f"{cfg.method} adapter"
-    names = None  # an adapter folder of a run (adapter/, checkpoint/): the run names its tasks
-    if cfg.router == "task" and is_run_folder(adapter.parent):
-        names = run_task_names(adapter.parent)
+    names = _names_from_run(adapter.parent) if cfg.router == "task" else None
     return LoadedModel(wrapped, tokenizer, base, f"{what} {adapter} on {base}", cfg.router, names)
+
+
+def _names_from_run(folder: Path) -> list[str] | None:
+    """The task names of the train run an adapter folder lies in (its adapter/, or the checkpoint/
+    of a run still training), or None: not in a run, or its names cannot be read (its task files
+    moved: ``--route`` still works then)."""
+    from .multitask import run_task_names
+
+    if not (folder / "config.yaml").is_file():
+        return None
+    try:
+        return run_task_names(folder)
+    except AsymloraError:
+        return None
 
 
 def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> dict[str, int] | None:

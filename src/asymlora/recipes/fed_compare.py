@@ -65,6 +65,7 @@ def as_task_cell(result: dict[str, Any]) -> dict[str, Any]:
         "summary": summarize(scores),
         "trainable_parameters": None,
         "cpu_seconds": result.get("cpu_seconds"),
+        "seed": result.get("seed"),
     }
 
 

@@ -129,15 +129,27 @@ class TaskMixer:
             self._orders[key] = torch.randperm(self.sizes[task], generator=gen).tolist()
         return self._orders[key]
 
-    def batch(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+    def _tasks(self, step: int, batch_size: int) -> list[int]:
         gen = torch.Generator().manual_seed(hash_seed(self.seed, -1, step))
         probs = torch.tensor(self.probs, dtype=torch.float64)
+        return torch.multinomial(probs, batch_size, replacement=True, generator=gen).tolist()
+
+    def batch(self, step: int, batch_size: int) -> list[tuple[int, int]]:
         picks = []
-        for task in torch.multinomial(probs, batch_size, replacement=True, generator=gen).tolist():
+        for task in self._tasks(step, batch_size):
             epoch, position = divmod(self.counts[task], self.sizes[task])
             picks.append((task, self._order(task, epoch)[position]))
             self.counts[task] += 1
         return picks
+
+    def counts_after(self, steps: int, batch_size: int) -> list[int]:
+        """The per-task counts of the first ``steps`` batches (what a checkpoint at ``steps``
+        holds when it was written on data of these task sizes)."""
+        counts = [0] * len(self.sizes)
+        for step in range(steps):
+            for task in self._tasks(step, batch_size):
+                counts[task] += 1
+        return counts
 
 
 def hash_seed(*parts: int) -> int:

@@ -297,7 +297,9 @@ def train(
     checkpoint = find_checkpoint(run_dir / "checkpoint") if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
-        start, mixer.counts = check_resumable(state, cfg, len(encoded), checkpoint, encoded_digest(encoded))
+        start, mixer.counts = check_resumable(
+            state, cfg, len(encoded), checkpoint, encoded_digest(encoded), mixer
+        )
         cpu_before = counted_cpu(state.get("cpu_seconds"))
     elif resume and proc.main:
         print(f"no checkpoint in {run_dir}: starting from step 0")
@@ -415,13 +417,22 @@ def resume_point(run_dir: str | Path, cfg: TrainConfig, n_tasks: int) -> int:
 
 
 def check_resumable(
-    state: dict, cfg: TrainConfig, n_tasks: int, folder: Path, data: str | None = None
+    state: dict,
+    cfg: TrainConfig,
+    n_tasks: int,
+    folder: Path,
+    data: str | None = None,
+    mixer: TaskMixer | None = None,
 ) -> tuple[int, list[int]]:
     """(step, mixer counts) of a checkpoint's state, refused unless this run could have written
     it: a step within ``cfg.steps``, one count per task, ``step * batch_size`` examples drawn, and
-    (where both are known) the same training data (``data``: ``encoded_digest``)."""
+    the same training data: the same ``encoded_digest`` (``data``, where the checkpoint has one)
+    and the counts that ``mixer``'s task sizes draw in that many steps (checkpoints of any age)."""
     step, counts = state["step"], state["mixer_counts"]
-    if data is not None and state.get("data") not in (None, data):
+    other_data = data is not None and state.get("data") not in (None, data)
+    if not other_data and mixer is not None and step <= cfg.steps and len(counts) == n_tasks:
+        other_data = mixer.counts_after(step, cfg.batch_size) != list(counts)
+    if other_data:
         raise InputError(
             f"{folder}: this checkpoint (step {step}) was written while training on other data: the tasks' "
             "examples, the tokenizer or train.max_length changed since",
