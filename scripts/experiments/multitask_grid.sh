@@ -8,6 +8,8 @@
 # it stopped, from each unfinished cell's checkpoint.
 #   scripts/experiments/multitask_grid.sh w1 &   scripts/experiments/multitask_grid.sh w2 &
 #   scripts/experiments/multitask_grid.sh status  # where every cell stands (reads only)
+# CONFIG and OUT choose another grid of the same shape, e.g. the reasoning suite's:
+#   CONFIG=configs/reasoning-smollm2.yaml OUT=experiments/reasoning-smollm2 scripts/experiments/multitask_grid.sh w1
 # ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
 # (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
 # split on spaces, without quotes, so each of its --set values must hold no space. Needs bash >= 4.4.
@@ -16,6 +18,7 @@ worker=${1:-w1}
 asymlora=${ASYMLORA:-.venv/bin/asymlora}
 read -r -a grid_args <<< "${GRID_ARGS:-}"
 seeds=${SEEDS:-0 1 2}
+config=${CONFIG:-configs/commonsense-smollm2.yaml}
 out=${OUT:-experiments/commonsense-smollm2}
 log="$out-$worker.log"
 [ "$worker" = status ] && log=/dev/stdout
@@ -24,7 +27,7 @@ mkdir -p "$(dirname "$out")"
 grid() {  # grid METHODS SEEDS [more flags]: SEEDS comma-separated
   local methods=$1 seeds=$2
   shift 2
-  OMP_NUM_THREADS=1 "$asymlora" compare --config configs/commonsense-smollm2.yaml \
+  OMP_NUM_THREADS=1 "$asymlora" compare --config "$config" \
     --methods "$methods" --seeds "$seeds" --out "$out" --threads 1 "${grid_args[@]}" "$@" >> "$log" 2>&1
 }
 

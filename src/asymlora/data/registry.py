@@ -9,6 +9,9 @@ Suites:
   question generation, classification, ...), scored with ROUGE-L, like the paper's FLAN suite.
 - ``fed-nlp``: 8 natural-instructions tasks from 8 different source datasets, one per client, in the
   spirit of the FedDPA split (which is built from FLAN and is not available offline).
+- ``reasoning``: 4 reasoning-gym tasks whose answers come from a small closed set, scored as
+  multiple choice over that set. Generated offline by the installed reasoning-gym package, so they
+  need no download (the demo's tasks).
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from asymlora.data.bigbench import (
     records_from_task,
 )
 from asymlora.data.formats import file_task
-from asymlora.data.task import VERBATIM_TEMPLATE, Kind, PromptTemplate, Task, UnknownTaskError, target_record
+from asymlora.data.task import (
+    VERBATIM_TEMPLATE,
+    Kind,
+    PromptTemplate,
+    Task,
+    UnknownTaskError,
+    mc_record,
+    target_record,
+)
 from asymlora.errors import UsageError
 from asymlora.models import cache_dir
 
@@ -38,6 +49,8 @@ HF_PREFIX = "hf:"
 
 GSM_SIZE = 1000
 GSM_DATA_SEED = 0  # which problems are generated; the train/test split has its own seed
+RG_SIZE, RG_DATA_SEED = 1000, 0  # the same for the reasoning suite's tasks
+REASONING = ("family_relationships", "color_cube_rotation", "syllogism", "aiw")
 
 
 def _bigbench_loader(paths: Sequence[str], kind: Kind) -> Callable[[], list[dict[str, Any]]]:
@@ -85,13 +98,40 @@ def _bigbench(name: str, kind: Kind, paths: Sequence[str] | None = None, **optio
     return Task(name, kind, _bigbench_loader(paths, kind), VERBATIM_TEMPLATE, source, **options)
 
 
-def _load_gsm_symbolic() -> list[dict[str, Any]]:
+def _generate(dataset: str, size: int, seed: int) -> list[dict[str, Any]]:
+    """``size`` problems of a reasoning-gym dataset, a pure function of ``seed`` (and its version)."""
     try:
         import reasoning_gym
     except ImportError:
-        raise ImportError("the gsm_symbolic task needs reasoning-gym: pip install reasoning-gym") from None
-    data = reasoning_gym.create_dataset("gsm_symbolic", size=GSM_SIZE, seed=GSM_DATA_SEED)
+        raise ImportError(f"the {dataset} task needs reasoning-gym: pip install reasoning-gym") from None
+    return list(reasoning_gym.create_dataset(dataset, size=size, seed=seed))
+
+
+def _load_gsm_symbolic() -> list[dict[str, Any]]:
+    data = _generate("gsm_symbolic", GSM_SIZE, GSM_DATA_SEED)
     return [target_record(item["question"], str(item["answer"])) for item in data]
+
+
+def closed_set_records(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Multiple-choice records from problems whose answers come from a small closed set: every
+    question's choices are the whole set (shortest first, then alphabetical), the same on every
+    question, so the model must pick the answer and not spot it among a few candidates."""
+    answers = [str(item["answer"]).strip() for item in items]
+    choices = sorted(set(answers), key=lambda a: (len(a), a))
+    return [
+        mc_record(item["question"].strip(), choices, choices.index(a))
+        for item, a in zip(items, answers, strict=True)
+    ]
+
+
+def _reasoning(dataset: str) -> Task:
+    return Task(
+        dataset,
+        "multiple_choice",
+        lambda: closed_set_records(_generate(dataset, RG_SIZE, RG_DATA_SEED)),
+        PromptTemplate(input_prefix="Question: ", output_prefix="\nAnswer:"),
+        f"reasoning-gym {dataset} ({RG_SIZE} problems, seed {RG_DATA_SEED}; the answer set as choices)",
+    )
 
 
 _BIGBENCH_PATHS: list[str] = []
@@ -172,6 +212,7 @@ def _build_tasks() -> dict[str, Task]:
             answer_position="last",
         ),
         *(_ni(sub) for sub in [*_NLP_MULTITASK.values(), *_FED_NLP]),
+        *(_reasoning(name) for name in REASONING),
     ]
     return {task.name: task for task in tasks}
 
@@ -193,6 +234,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "math": ("elementary_math_qa", "arithmetic", "gsm_symbolic"),
     "nlp-multitask": tuple(_ni_name(s) for s in _NLP_MULTITASK.values()),
     "fed-nlp": tuple(_ni_name(s) for s in _FED_NLP),
+    "reasoning": REASONING,
 }
 
 
