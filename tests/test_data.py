@@ -396,8 +396,9 @@ def test_instruction_without_output_names_the_line(tmp_path: Path) -> None:
 
 def test_suites_have_the_promised_shape() -> None:
     sizes = {name: len(get_suite(name)) for name in SUITES}
-    assert sizes == {"commonsense": 8, "math": 3, "nlp-multitask": 8, "fed-nlp": 8}
+    assert sizes == {"commonsense": 8, "math": 3, "nlp-multitask": 8, "fed-nlp": 8, "reasoning": 4}
     assert {t.kind for t in get_suite("commonsense")} == {"multiple_choice"}
+    assert {t.kind for t in get_suite("reasoning")} == {"multiple_choice"}
     assert {t.kind for t in get_suite("fed-nlp")} == {"text"}
     assert {t.kind for t in get_suite("math")} == {"multiple_choice", "numeric"}
 
@@ -422,6 +423,30 @@ def test_gsm_symbolic_is_generated_offline_and_deterministically() -> None:
     assert len(records) == 1000 and records == task.load()
     assert all(float(r["targets"][0]) == float(r["targets"][0]) for r in records[:50])
     assert task.kind == "numeric" and task.answer_position == "last"
+
+
+def test_a_closed_answer_set_becomes_the_choices_of_every_question() -> None:
+    from asymlora.data.registry import closed_set_records
+
+    items = [{"question": " Who? ", "answer": "son"}, {"question": "Q2", "answer": "wife"},
+             {"question": "Q3", "answer": 3}, {"question": "Q4", "answer": "son "}]  # fmt: skip
+    records = closed_set_records(items)
+    assert [r["choices"] for r in records] == [["3", "son", "wife"]] * 4  # shortest first, then alphabetical
+    assert [r["answer"] for r in records] == [1, 2, 0, 1] and records[0]["input"] == "Who?"
+    assert [r["targets"] for r in records] == [["son"], ["wife"], ["3"], ["son"]]
+
+
+def test_the_reasoning_suite_is_generated_offline_and_deterministically(cache) -> None:
+    pytest.importorskip("reasoning_gym")
+    for task in get_suite("reasoning"):
+        records = task.load()
+        assert len(records) == 1000 and records == task.load(), task.name
+        assert 2 <= len(records[0]["choices"]) <= 16 and all(
+            r["choices"] == records[0]["choices"] for r in records
+        )
+        prompt = task.prompt(records[0])
+        assert prompt.startswith("Question: ") and prompt.endswith("\nAnswer:")
+    assert not list(cache.rglob("*")), "nothing is downloaded or written"
 
 
 @pytest.mark.real_data
