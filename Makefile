@@ -32,9 +32,8 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 # Two workers, one torch thread each, share runs/demo: the cells hold locks, so one trains LoRA while
 # the other trains ALoRA; this one shows its progress and prints the table, the other logs to
-# runs/demo-worker.log. The task data is fetched first so that the two do not both download it.
+# runs/demo-worker.log. The tasks (reasoning-gym) are generated offline, nothing is downloaded.
 demo: setup
-	$(VENV)/bin/asymlora tasks --suite commonsense > /dev/null
 	@mkdir -p runs
 	$(VENV)/bin/asymlora compare --config configs/demo.yaml --methods alora,lora --seeds 0 --out runs/demo \
 	  --threads 1 > runs/demo-worker.log 2>&1 & \

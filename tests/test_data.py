@@ -210,7 +210,7 @@ def test_a_failed_download_is_tried_once_per_process(
 ) -> None:
     """Real pip, offline: an index-less pip cannot find the sdist. Every task of a suite asks for
     the files; pip must run once, not once per task (with a network timeout each run can take
-    minutes), and `asymlora tasks` says why once and exits 1 (so that `make demo` stops there)."""
+    minutes), and `asymlora tasks` says why once and exits 1 (so that a script can stop there)."""
     monkeypatch.delenv("ASYMLORA_BIGBENCH_SOURCE", raising=False)
     monkeypatch.setattr(bigbench, "_failed_downloads", {})
     for name, value in {
