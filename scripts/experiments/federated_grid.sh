@@ -11,6 +11,10 @@
 # Two workers may run it at once (cells hold locks; a finished cell is skipped), so a stopped grid
 # resumes where it stopped:  scripts/experiments/federated_grid.sh w1 &  ... w2 &
 # Where every cell stands (reads only):  scripts/experiments/federated_grid.sh status
+# CONFIG and OUT choose another federation of the same shape, HET_RANKS its heterogeneous ranks (one
+# per client), e.g. the reasoning suite's 4 clients:
+#   CONFIG=configs/fed-reasoning-smollm2.yaml OUT=experiments/fed-reasoning-smollm2 HET_RANKS=64,32,16,8 \
+#     scripts/experiments/federated_grid.sh w1
 # ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
 # (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
 # split on spaces, without quotes, so each of its --set values must hold no space. Needs bash >= 4.4.
@@ -22,8 +26,8 @@ seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/fed-mc-smollm2}
 log="$out-$worker.log"
 [ "$worker" = status ] && log=/dev/stdout
-config=configs/fed-mc-smollm2.yaml
-het=(--set "adapter.ranks=[64,64,32,32,16,16,8,8]")
+config=${CONFIG:-configs/fed-mc-smollm2.yaml}
+het=(--set "adapter.ranks=[${HET_RANKS:-64,64,32,32,16,16,8,8}]")
 common=(--set federation.client_a_init=common)
 reset=(--set federation.reset_a_each_round=true)
 mkdir -p "$out"
