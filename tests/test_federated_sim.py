@@ -18,6 +18,7 @@ from asymlora.config import ConfigError
 from asymlora.data.clients import ClientsConfig, build_clients
 from asymlora.data.partition import dirichlet_split
 from asymlora.engines import Client, LocalSimulator, participants
+from asymlora.errors import InputError
 from asymlora.federated import METHODS, count, get_method
 from asymlora.federated.comm import per_client
 from asymlora.federated.common import BASE_DELTA, A, B, part, select
@@ -372,6 +373,31 @@ def test_resume_after_a_crash_mid_round_ends_bit_for_bit_equal(method, request, 
     assert all(torch.equal(got[k], want[k]) for k in want)
     resumed, whole = (rounds_without_cpu(run / "rounds.jsonl") for run in (tmp_path / "resumed", straight))
     assert resumed == whole
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path):
+    """A checkpoint records a digest of the clients' training examples: a resume after a task
+    file changed is refused with one clear error (not a run whose rounds trained on two datasets);
+    a checkpoint from before the digest was kept resumes as it did."""
+    tasks = write_tasks(tmp_path / "tasks")
+    cfg = run_config(tmp_path / "run", tasks, "fedit")
+
+    def crash(rnd, client, _):
+        if (rnd, client) == (2, 0):
+            raise Crash
+
+    with pytest.raises(Crash):
+        fed.run(cfg, log=lambda _: None, on_client=crash)
+    original = Path(tasks[1]).read_text()
+    Path(tasks[1]).write_text(original.replace('"answer": 0', '"answer": 1', 1))
+    with pytest.raises(InputError, match="round 1\\) was written while training on other data"):
+        fed.run(cfg, resume=True, log=lambda _: None)
+    Path(tasks[1]).write_text(original)
+    state_file = tmp_path / "run" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert len(state["record"].pop("data")) == 16
+    state_file.write_text(json.dumps(state))
+    assert fed.run(cfg, resume=True, log=lambda _: None)["rounds"] == 2
 
 
 CPU_KEYS = ("cpu_seconds", "eval_cpu_seconds")

@@ -96,6 +96,8 @@ def test_an_eval_report_shows_intervals_the_majority_answer_and_the_paired_diffe
 def test_the_digests_that_pair_runs_and_guard_resumes_are_fixed_values():
     """Pinned: results.json files and checkpoints written on one machine are checked on another,
     so a digest must not depend on the process, the platform or a library's iteration order."""
+    from asymlora.data.clients import ClientData, clients_digest
+    from asymlora.data.task import Example
     from asymlora.errors import InputError
     from asymlora.eval.report import check_same_questions, questions_digest
     from asymlora.train.batches import Encoded, encoded_digest
@@ -114,6 +116,8 @@ def test_the_digests_that_pair_runs_and_guard_resumes_are_fixed_values():
     assert (
         encoded_digest([[Encoded([1, 2, 3], [-100, 2, 3], 0)], [Encoded([7], [7], 1)]]) == "89d4783f3741741e"
     )
+    client = ClientData("c0", [], [1.0], [[Example("Q: 1+1=", " 2", 0)]])
+    assert clients_digest([client]) == "1dcff6cbbb65f7d3"
     old, new = {"task": "t", "n": 4}, {"task": "t", "n": 4, "questions": "64b2f673d69927f8"}
     check_same_questions({"old": old, "new": new})  # no digest on one side: the counts agree
     with pytest.raises(InputError, match="task 't': old and fewer were scored on different questions"):

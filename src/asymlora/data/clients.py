@@ -5,6 +5,8 @@ mix-weighted average of its model's scores on those tasks' test splits."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 
 from asymlora.config import ConfigError
@@ -86,3 +88,14 @@ def build_clients(clients: ClientsConfig) -> list[ClientData]:
         shares = [len(e) / len(indices) for e in examples]
         out.append(ClientData(f"client-{i}", [tasks[t] for t in held], shares, examples))
     return out
+
+
+def clients_digest(clients: list[ClientData]) -> str:
+    """A digest of every client's training examples, in order (with its name and task shares).
+    A federation's checkpoint records it, so that a resume after the data changed (a task file
+    edited, another split) is refused instead of mixing rounds trained on two datasets."""
+    digest = hashlib.sha256()
+    for c in clients:
+        examples = [[[e.prompt, e.target, e.task_id] for e in task] for task in c.examples]
+        digest.update(json.dumps([c.name, c.shares, examples]).encode() + b"\n")
+    return digest.hexdigest()[:16]

@@ -50,7 +50,7 @@ from ..adapters import (
 from ..adapters.io import atomic_write, write_tensors
 from ..adapters.model import check_ranks_fit
 from ..config import ConfigError, read_json
-from ..data.clients import ClientData, build_clients
+from ..data.clients import ClientData, build_clients, clients_digest
 from ..data.task import Task
 from ..engines.local import LocalSimulator, engine_client, find_checkpoint
 from ..errors import InputError, MissingFileError
@@ -210,7 +210,7 @@ def run(
         check_ranks(cfg, base, len(clients), log)
         base.to(resolve_device(cfg.device))
         sim = make_simulator(cfg, clients, base, tokenizer)
-        records = restore_rounds(sim, cfg, resume, log)
+        records = restore_rounds(sim, cfg, resume, log, clients_digest(clients))
         folder.start(sim.round, log)
         log(f"run folder: {out}")
         log(f"model: {cfg.model} on {placement(base)}")
@@ -231,15 +231,24 @@ def check_ranks(cfg: FederatedConfig, base, n_clients: int, log: Callable[[str],
     check_ranks_fit(base, cfg.adapter.template(), keys)
 
 
-def restore_rounds(sim: LocalSimulator, cfg: FederatedConfig, resume: bool, log) -> list[dict]:
-    """The per-round records of the checkpoint a resume continues from (none without one)."""
+def restore_rounds(sim: LocalSimulator, cfg: FederatedConfig, resume: bool, log, data: str) -> list[dict]:
+    """The per-round records of the checkpoint a resume continues from (none without one),
+    refused where it was written on other data than ``data`` (``clients_digest``; a checkpoint
+    from before the digest was kept is taken as it is)."""
     out = Path(cfg.output_dir)
     checkpoint = find_checkpoint(out / "checkpoint") if resume else None
     if checkpoint is None:
         if resume:
             log(f"no checkpoint in {out}: starting from round 1")
         return []
-    records = sim.restore(checkpoint).get("rounds")
+    state = sim.restore(checkpoint)
+    if state.get("data") not in (None, data):
+        raise InputError(
+            f"{checkpoint}: this checkpoint (round {sim.round}) was written while training on other data: "
+            "the clients' examples changed since (a task file, the suite or the split)",
+            hint="restore the data the run started with, or give --overwrite to start again",
+        )
+    records = state.get("rounds")
     if not isinstance(records, list) or len(records) != sim.round or sim.round > cfg.federation.rounds:
         raise InputError(
             f"{checkpoint}: a checkpoint after round {sim.round} with {_count(records)} round records "
@@ -264,7 +273,7 @@ def federate(
     on_client: Callable[[int, int, list[dict]], None] | None,
 ) -> dict[str, Any]:
     """The rounds after those in ``records``, then the final adapters and results."""
-    out = Path(cfg.output_dir)
+    out, data = Path(cfg.output_dir), clients_digest(clients)
     write_jsonl(out / "rounds.jsonl", records)
     writer = tensorboard_writer(out)
     for rnd in range(sim.round + 1, cfg.federation.rounds + 1):
@@ -288,7 +297,7 @@ def federate(
             record["eval_cpu_seconds"] = time.process_time() - cpu
         records.append(record)
         write_jsonl(out / "rounds.jsonl", records)
-        sim.save(out / "checkpoint", {"rounds": records})
+        sim.save(out / "checkpoint", {"rounds": records, "data": data})
         log(round_line(record))
         if writer is not None:
             log_round(writer, record)
