@@ -11,6 +11,7 @@
 # Two workers may run it at once (cells hold locks; a finished cell is skipped), so a stopped grid
 # resumes where it stopped:  scripts/experiments/federated_grid.sh w1 &  ... w2 &
 # Where every cell stands (reads only):  scripts/experiments/federated_grid.sh status
+# The ablation tables from the finished cells (also written after the last tables):  ... ablation
 # CONFIG and OUT choose another federation of the same shape, HET_RANKS its heterogeneous ranks (one
 # per client), e.g. the reasoning suite's 4 clients:
 #   CONFIG=configs/fed-reasoning-smollm2.yaml OUT=experiments/fed-reasoning-smollm2 HET_RANKS=64,32,16,8 \
@@ -66,7 +67,39 @@ tables() {  # every setting over all seeds: the tables (these calls wait for wha
     setting "$name" "$(echo $seeds | tr ' ' ',')" "$@"
   done
 }
+# The ablation tables: one method with one setting changed, kept in different folders of the grid,
+# paired on the same questions (benchmarks/fed_runs_table.py). A setting is left out until all of
+# its seeds have finished (pooled seeds must match for the paired differences).
+python=${PYTHON:-.venv/bin/python}
+ablation_table() {  # ablation_table NAME AGAINST LABEL=FOLDER/METHOD ...
+  local name=$1 against=$2 spec label where seed folders runs=() missing
+  shift 2
+  for spec in "$@"; do
+    label=${spec%%=*} where=${spec#*=} folders="" missing=""
+    for seed in $seeds; do
+      if [ -f "$out/$where/seed-$seed/results.json" ]; then folders+="${folders:+,}$out/$where/seed-$seed"
+      else missing+=" $seed"; fi
+    done
+    if [ -n "$missing" ]; then echo "$name: $label left out (seeds$missing not finished)"
+    else runs+=(--run "$label=$folders"); fi
+  done
+  case " ${runs[*]} " in *" $against="*) ;; *) echo "$name: $against has not finished; no table"; return ;; esac
+  if [ ! -e "$out/$name/base" ] && [ -f "$out/homogeneous/base/results.json" ]; then
+    mkdir -p "$out/$name" && ln -s ../homogeneous/base "$out/$name/base"
+  fi
+  OMP_NUM_THREADS=1 "$python" benchmarks/fed_runs_table.py --out "$out/$name" --against "$against" "${runs[@]}" \
+    && echo "$name: $out/$name/results.md"
+}
+ablations() {
+  ablation_table ablation fedalora fedit=homogeneous/fedit fedalora=homogeneous/fedalora \
+    fedalora-common-a=a-common-keep/fedalora fedalora-reset=a-independent-reset/fedalora \
+    fedalora-common-a-reset=a-common-reset/fedalora
+  ablation_table ablation-het fedalora-het fedalora-het=heterogeneous/fedalora-het \
+    fedalora-het-common-a=heterogeneous-common-a/fedalora-het zeropad=heterogeneous/zeropad \
+    flora=heterogeneous/flora flexlora=heterogeneous/flexlora
+}
 if [ "$worker" = status ]; then tables --status; exit; fi
+if [ "$worker" = ablation ]; then ablations; exit; fi
 
 tiers=("homogeneous-first a-common-keep" homogeneous "heterogeneous heterogeneous-common-a"
        "a-common-reset a-independent-reset")
@@ -76,3 +109,4 @@ for tier in "${tiers[@]}"; do
   done
 done
 tables
+ablations
