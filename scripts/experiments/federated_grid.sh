@@ -16,12 +16,14 @@
 # per client), e.g. the reasoning suite's 4 clients:
 #   CONFIG=configs/fed-reasoning-smollm2.yaml OUT=experiments/fed-reasoning-smollm2 HET_RANKS=64,32,16,8 \
 #     scripts/experiments/federated_grid.sh w1
-# ASYMLORA names the command (default .venv/bin/asymlora); GRID_ARGS adds arguments to every call
+# ASYMLORA names the command (default .venv/bin/asymlora), PYTHON the interpreter of the ablation
+# tables (default .venv/bin/python); GRID_ARGS adds arguments to every call
 # (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
 # split on spaces, without quotes, so each of its --set values must hold no space. Needs bash >= 4.4.
 set -u
 worker=${1:-w1}
 asymlora=${ASYMLORA:-.venv/bin/asymlora}
+python=${PYTHON:-.venv/bin/python}
 read -r -a grid_args <<< "${GRID_ARGS:-}"
 seeds=${SEEDS:-0 1 2}
 out=${OUT:-experiments/fed-mc-smollm2}
@@ -33,15 +35,20 @@ common=(--set federation.client_a_init=common)
 reset=(--set federation.reset_a_each_round=true)
 mkdir -p "$out"
 
+link_base() {  # link_base FOLDER: the base model's row is the same in every folder (same clients
+  # and questions), so it is scored once, in homogeneous/, and linked from the others
+  local folder=$1
+  if [ "$folder" != homogeneous ] && [ ! -e "$out/$folder/base" ] && [ -f "$out/homogeneous/base/results.json" ]; then
+    mkdir -p "$out/$folder" && ln -s ../homogeneous/base "$out/$folder/base"
+  fi
+}
+
 cell() {  # cell FOLDER METHODS SEEDS [flags]: SEEDS comma-separated
   local folder=$1 methods=$2 seeds=$3
   shift 3
   local against=fedit
   case ",$methods," in *,fedit,*) ;; *) against=${methods%%,*} ;; esac
-  # the base model's row is the same in every folder (same clients and questions): score it once
-  if [ "$folder" != homogeneous ] && [ ! -e "$out/$folder/base" ] && [ -f "$out/homogeneous/base/results.json" ]; then
-    mkdir -p "$out/$folder" && ln -s ../homogeneous/base "$out/$folder/base"
-  fi
+  link_base "$folder"
   OMP_NUM_THREADS=1 "$asymlora" federate --config "$config" --methods "$methods" --seeds "$seeds" \
     --out "$out/$folder" --against "$against" --threads 1 "${grid_args[@]}" "$@" >> "$log" 2>&1
 }
@@ -70,7 +77,6 @@ tables() {  # every setting over all seeds: the tables (these calls wait for wha
 # The ablation tables: one method with one setting changed, kept in different folders of the grid,
 # paired on the same questions (benchmarks/fed_runs_table.py). A setting is left out until all of
 # its seeds have finished (pooled seeds must match for the paired differences).
-python=${PYTHON:-.venv/bin/python}
 ablation_table() {  # ablation_table NAME AGAINST LABEL=FOLDER/METHOD ...
   local name=$1 against=$2 spec label where seed folders runs=() missing
   shift 2
@@ -84,9 +90,7 @@ ablation_table() {  # ablation_table NAME AGAINST LABEL=FOLDER/METHOD ...
     else runs+=(--run "$label=$folders"); fi
   done
   case " ${runs[*]} " in *" $against="*) ;; *) echo "$name: $against has not finished; no table"; return ;; esac
-  if [ ! -e "$out/$name/base" ] && [ -f "$out/homogeneous/base/results.json" ]; then
-    mkdir -p "$out/$name" && ln -s ../homogeneous/base "$out/$name/base"
-  fi
+  link_base "$name"
   OMP_NUM_THREADS=1 "$python" benchmarks/fed_runs_table.py --out "$out/$name" --against "$against" "${runs[@]}" \
     && echo "$name: $out/$name/results.md"
 }

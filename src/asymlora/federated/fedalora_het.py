@@ -28,9 +28,10 @@ shared.
 
 ``reset_a_each_round=True`` reproduces the reference scripts, which build every client afresh
 each round (same seed): A_i, M_i and B1_i go back to the client's round-0 values.
+The scales s_i are not used by the server: they multiply B_base and B2_i B1_i alike.
+
 Measured at ranks 64, 32, 16, 8 (docs/results.md, three seeds): common - independent +0.0
 [-1.2, 1.2] points, so ``independent`` stays the default here too.
-The scales s_i are not used by the server: they multiply B_base and B2_i B1_i alike.
 """
 
 from __future__ import annotations
