@@ -1,9 +1,21 @@
-"""Progress where people look: bars in eval (per batch), federate rounds (per client) and compare
-(per cell); TensorBoard logs of eval scores and federated rounds; whole rounds on the round axis."""
+"""Progress where people look: bars in train (per step), eval (per batch), federate rounds (per
+client) and compare (per cell), all drawn by asymlora.progress (on a terminal, or as
+ASYMLORA_PROGRESS says); TensorBoard logs of eval scores and federated rounds; whole rounds on the
+round axis."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +87,61 @@ def test_the_round_axis_has_whole_rounds_only() -> None:
     ax = score_figure(evaluated, "round", "round", "fedalora").axes[0]
     ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def train_stderr(tmp_path: Path, progress: str | None, terminal: bool) -> str:
+    """The stderr of ``asymlora train`` (2 steps of tiny-llama) run in a process of its own, with
+    ``ASYMLORA_PROGRESS`` set to ``progress`` (None: unset) and stderr a pipe or a terminal (a pty)."""
+    files = write_choice_tasks(tmp_path / "data", n=2)
+    argv = [sys.executable, "-m", "asymlora.cli", "train", "--tasks", ",".join(files), "--out", str(tmp_path / "run"),
+            "--threads", "1", *TINY]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "ASYMLORA_PROGRESS"} | {"OMP_NUM_THREADS": "1"}
+    if progress is not None:
+        env["ASYMLORA_PROGRESS"] = progress
+    if not terminal:
+        done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stderr.decode()
+    return _terminal_stderr(argv, env)
+
+
+def _terminal_stderr(argv: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 x 100 characters
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the process closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        assert proc.wait(timeout=10) == 0, b"".join(chunks).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def redrawn(text: str) -> list[str]:
+    """The bars drawn over and over: what follows a carriage return that ends no line (a
+    terminal's own line ends are \\r\\n)."""
+    return re.findall(r"\r(?!\n)([^\r\n]*)", text)
+
+
+def test_a_piped_train_draws_no_bars(tmp_path) -> None:
+    err = train_stderr(tmp_path, progress=None, terminal=False)
+    assert "\r" not in err and "train:" not in err
+
+
+@pytest.mark.parametrize("progress, shown", [(None, True), ("0", False)])
+def test_a_terminal_shows_the_train_bar_unless_progress_is_0(tmp_path, progress, shown) -> None:
+    bars = redrawn(train_stderr(tmp_path, progress=progress, terminal=True))
+    assert any(b.startswith("train:") for b in bars) is shown
+    assert bool(bars) is shown  # =0 hides the evaluation bars too

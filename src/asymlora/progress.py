@@ -1,4 +1,5 @@
-"""Progress bars (tqdm, on stderr) for evaluation batches, federated clients and compare cells.
+"""Progress bars (tqdm, on stderr) for training steps, evaluation batches, federated clients and
+compare cells: every bar asymlora draws is made here.
 
 Shown when stderr is a terminal, so that logs and captured output stay clean.
 ``ASYMLORA_PROGRESS=1`` shows them anywhere, drawn at every step (for log files), and

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..adapters.model import AsymLoraModel
 from ..checkpoint_signal import checkpoint_requests
 from ..errors import InputError, TrainingDivergedError
 from ..models import accepts_keyword, base_weight
+from ..progress import progress_bar
 from ..runfolder import counted_cpu, json_line, repair_jsonl
 from .activations import set_activation_checkpointing
 from .batches import (
@@ -314,7 +314,7 @@ def train(
     pad_id, data = pad_id_of(tokenizer), encoded_digest(encoded)
     model.train()
     set_activation_checkpointing(model, cfg.activation_checkpointing)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not proc.main, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=start, desc="train", enabled=proc.main)
     last = {}
     t0, tokens_seen, cpu0 = time.perf_counter(), 0, time.process_time()
     saved = start if checkpoint is not None else None
