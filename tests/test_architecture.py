@@ -23,6 +23,7 @@ LAYERS = {
     "engines": 8,
     "recipes": 9,
     "cli": 10,
+    "__main__": 11,
 }
 
 

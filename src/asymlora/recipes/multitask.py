@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from ..runfolder import RunFolder, cpu_text, folder_lock
 from ..threads import use_threads
 from ..train import TrainConfig, train
 from ..train.loop import resume_point, tensorboard_writer
+from ..train.processes import Process, init_process, rank_zero_first, wait_for_rank_zero
 
 
 @dataclass
@@ -125,26 +127,54 @@ def run(cfg: MultitaskConfig, resume: bool = False, log=print, overwrite: bool =
     """Train, evaluate, save and export; returns results.json's content. The output folder is
     locked while the run writes it; one that holds a run already is continued with ``resume``
     (changing only ``RESUMABLE`` settings), started again with ``overwrite``, else refused.
-    Nothing is written before the tasks, the model and the adapter's size have been checked."""
+    Nothing is written before the tasks, the model and the adapter's size have been checked.
+    Under torchrun, rank 0 does all this; the other ranks wait for it to claim the folder, train
+    beside it, write nothing and return an empty dict."""
+    proc = init_process()
+    if not proc.main:
+        return follow_rank_zero(cfg, proc, resume)
     out = Path(cfg.output_dir)
-    with folder_lock(out, log, wait=False):
-        folder = RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
-        use_threads(cfg.train.threads, log)
-        tasks = select_tasks(cfg.data)
-        check_routing(cfg, len(tasks))
-        examples = training_examples(tasks, cfg.data.split_seed, cfg.data.max_train_per_task)
-        base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-        ranks = {"adapter.r": cfg.adapter.r} | (
-            {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}
+    with ExitStack() as held:
+        with rank_zero_first(proc):
+            held.enter_context(folder_lock(out, log, wait=False))
+            folder = RunFolder.open(
+                cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE
+            )
+            use_threads(cfg.train.threads, log)
+            tasks, examples, model, tokenizer = prepare(cfg)
+            folder.start(resume_point(out, cfg.train, len(tasks)) if resume else 0, log)
+        log(
+            f"run folder: {out}"
+            + (f" (rank 0 of {proc.world_size} processes)" if proc.world_size > 1 else "")
         )
-        check_ranks_fit(base, cfg.adapter, ranks)
-        model = wrap(base.to(resolve_device(cfg.device)), cfg.adapter)
-        folder.start(resume_point(out, cfg.train, len(tasks)) if resume else 0, log)
-        log(f"run folder: {out}")
-        log(f"model: {cfg.model} on {placement(base)}")
+        log(f"model: {cfg.model} on {placement(model)}")
         log(f"tasks: {', '.join(t.name for t in tasks)}")
         log(f"{cfg.adapter.method} on {len(model.adapted)} modules; {model.trainable_parameters()}")
         return train_and_report(cfg, model, tokenizer, tasks, examples, resume, log)
+
+
+def follow_rank_zero(cfg: MultitaskConfig, proc: Process, resume: bool) -> dict[str, Any]:
+    """A torchrun rank other than 0: once rank 0 has claimed the run folder, the same model and
+    data, trained beside rank 0 (``train`` sums the gradients); nothing written, nothing logged."""
+    wait_for_rank_zero(proc)
+    use_threads(cfg.train.threads, log=lambda _: None)
+    _, examples, model, tokenizer = prepare(cfg)
+    train(model, tokenizer, examples, cfg.train, cfg.output_dir, resume=resume)
+    return {}
+
+
+def prepare(cfg: MultitaskConfig):
+    """The tasks, their training examples, the wrapped model (on its device) and the tokenizer,
+    each checked: the routing against the tasks, the adapter's ranks against the model."""
+    tasks = select_tasks(cfg.data)
+    check_routing(cfg, len(tasks))
+    examples = training_examples(tasks, cfg.data.split_seed, cfg.data.max_train_per_task)
+    base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    ranks = {"adapter.r": cfg.adapter.r} | (
+        {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}
+    )
+    check_ranks_fit(base, cfg.adapter, ranks)
+    return tasks, examples, wrap(base.to(resolve_device(cfg.device)), cfg.adapter), tokenizer
 
 
 def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, resume: bool, log) -> dict:

@@ -4,7 +4,6 @@ data-parallel processes under ``torchrun`` (gloo on CPU, nccl on GPU)."""
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from .batches import (
     task_probabilities,
 )
 from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .processes import ALONE, Process, init_process
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -103,28 +103,6 @@ class TrainConfig:
                 f"train.grad_accum={self.grad_accum} must divide train.batch_size={self.batch_size} "
                 "(each step's batch is split into that many equal micro-batches)"
             )
-
-
-@dataclass(frozen=True)
-class Process:
-    """Where this process stands in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_process() -> Process:
-    """Join the torchrun process group if launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Process()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Process(dist.get_rank(), dist.get_world_size())
 
 
 def decay(schedule: str, progress: float) -> float:
@@ -222,7 +200,7 @@ def optimizer_step(
     cfg: TrainConfig,
     step: int,
     pad_id: int,
-    proc: Process = Process(),
+    proc: Process = ALONE,
 ) -> dict:
     """Global batch ``step``: forward, backward (accumulated, summed over processes), clip, AdamW."""
     torch.manual_seed(hash_seed(mixer.seed, proc.rank, step))  # dropout: a function of (seed, rank, step)
