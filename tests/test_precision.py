@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -149,6 +151,66 @@ def test_a_run_logs_where_its_base_model_runs_and_in_which_dtype(command, tmp_pa
             "dtype=bfloat16", "--set", "device=cpu", *small, *extra]  # fmt: skip
     assert main(args) == 0
     assert "model: tiny-llama on cpu, base weights bfloat16" in capsys.readouterr().out
+
+
+def test_eval_and_generate_run_a_run_as_it_trained_unless_told(tmp_path, capsys):
+    from asymlora.cli import main
+    from tiny_models import write_choice_tasks
+
+    tasks = write_choice_tasks(tmp_path / "tasks", n=2, size=10)
+    run = str(tmp_path / "run")
+    assert main(["train", "--model", "tiny-llama", "--tasks", ",".join(tasks), "--out", run, "--set", "dtype=bfloat16",
+                 "--set", "train.steps=1", "--set", "train.batch_size=2", "--set", "eval.limit=2"]) == 0  # fmt: skip
+
+    def evaluated(*flags: str) -> str:
+        out = str(tmp_path / f"eval{len(flags)}")
+        assert main(["eval", "--adapter", run, "--task", tasks[0], "--limit", "2", "--out", out, *flags]) == 0
+        return json.loads((tmp_path / out / "results.json").read_text())["placement"]
+
+    assert evaluated() == "cpu, base weights bfloat16"  # the run's own settings
+    assert evaluated("--dtype", "float32", "--device", "cpu") == "cpu, base weights float32"
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny-llama", "--task", tasks[0], "--limit", "2", "--dtype", "float16",
+                 "--out", str(tmp_path / "base")]) == 0  # fmt: skip
+    assert "model: tiny-llama on cpu, base weights float16" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                run,
+                "--prompt",
+                "t0 q1:",
+                "--max-new-tokens",
+                "2",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
+@pytest.mark.parametrize("command", [["eval", "--model", "tiny-llama", "--task", "x.jsonl", "--device", "cuda"],
+                                     ["generate", "--adapter", "run", "--prompt", "x", "--device", "cuda"],
+                                     ["train", "--model", "tiny-llama", "--tasks", "TASKS", "--set", "device=cuda"]])  # fmt: skip
+def test_cuda_without_a_gpu_is_one_line_naming_the_setting(command, tmp_path, monkeypatch, capsys):
+    from asymlora.cli import main
+    from tiny_models import write_choice_tasks
+
+    monkeypatch.chdir(tmp_path)
+    tasks = ",".join(write_choice_tasks(tmp_path / "tasks", n=2, size=10))
+    assert (
+        main(
+            [tasks if arg == "TASKS" else arg for arg in command] + ["--out", "out"] * (command[0] == "train")
+        )
+        == 2
+    )
+    (line,) = capsys.readouterr().err.splitlines()
+    said = "device='cuda'" if command[0] == "train" else "--device cuda"
+    assert line.startswith(f"asymlora {command[0]}: error: {said}: this torch") and "cannot use a GPU" in line
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from asymlora.data.registry import (
 )
 from asymlora.data.task import Task
 from asymlora.errors import AsymloraError, UsageError, one_line, user_error
+from asymlora.models import DEVICES, DTYPE_CHOICES
 from asymlora.threads import choose_threads, use_threads
 
 # The federated methods (asymlora.federated.registry.METHODS, which imports torch), named here so
@@ -144,6 +145,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--batch-size", type=int, default=8, help="questions (or choices) per forward pass")
     p.add_argument("--max-length", type=int, default=1024, help="prompt tokens kept (from the right)")
+    _add_placement(p, "a run folder's own settings, else auto")
     p.add_argument(
         "--references", type=Path, help="JSON {task: score} or an earlier results.json, for delta-m"
     )
@@ -154,11 +156,22 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_placement(p: argparse.ArgumentParser, default: str) -> None:
+    """--device and --dtype of the base model, as train's ``device`` and ``dtype`` settings."""
+    p.add_argument("--device", choices=list(DEVICES),
+                   help=f"where the model runs: auto (cuda when available) | cpu | cuda (default: {default})")  # fmt: skip
+    p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
+                   help=f"the base weights' dtype; auto: as transformers loads them (default: {default})")  # fmt: skip
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from asymlora.eval.runner import check_eval_options, evaluate_tasks, majority_report
+    from asymlora.models import placement, resolve_device
     from asymlora.recipes.evaluate import check_eval_out, describe_split, load_for_eval, route_tasks
 
     check_eval_options(args.limit, args.batch_size, args.max_length)
+    if args.device:  # cuda without a GPU is refused before any data is fetched
+        resolve_device(args.device, "--device")
     if args.model is None and args.adapter is None:
         raise UsageError("give --model (a base model) or --adapter (an adapter folder or a run folder)")
     name = args.model or args.adapter.name
@@ -169,9 +182,9 @@ def run_eval(args: argparse.Namespace) -> int:
     for task in tasks:  # fetch, validate and split every task's data before loading the model
         task.splits(args.seed)
     use_threads(log=lambda line: print(line, file=sys.stderr))
-    loaded = load_for_eval(args.model, args.adapter)
+    loaded = load_for_eval(args.model, args.adapter, device=args.device, dtype=args.dtype)
     task_ids = route_tasks(loaded, tasks, args.route)
-    print(f"model: {loaded.description}", file=sys.stderr)
+    print(f"model: {loaded.description} on {placement(loaded.model)}", file=sys.stderr)
     print(describe_split(args.split, args.seed, args.limit), file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     per_task = out / "tasks.jsonl"
@@ -191,7 +204,8 @@ def run_eval(args: argparse.Namespace) -> int:
     report.majority = majority_report(tasks, seed=args.seed, limit=args.limit, split=args.split)
     report.info = {"model": args.model, "adapter": str(args.adapter) if args.adapter else None,
                    "base_model": loaded.base, "suite": args.suite, "tasks_requested": args.task,
-                   "split": args.split, "limit": args.limit, "seed": args.seed, "routes": task_ids}  # fmt: skip
+                   "split": args.split, "limit": args.limit, "seed": args.seed, "routes": task_ids,
+                   "placement": placement(loaded.model)}  # fmt: skip
     report.save(out / "results.json")
     (out / "results.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     print(report.to_markdown())
@@ -347,16 +361,15 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="task name or index (adapters routed by task)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most (greedy)")
+    _add_placement(p, "the run's own settings")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from asymlora.recipes.generate import generate
 
-    print(
-        generate(
-            args.adapter, args.prompt, task=args.task, chat=args.chat, max_new_tokens=args.max_new_tokens
-        )
-    )
+    answer = generate(args.adapter, args.prompt, task=args.task, chat=args.chat,
+                      max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)  # fmt: skip
+    print(answer)
     return 0
 
 

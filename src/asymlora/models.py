@@ -79,12 +79,23 @@ def base_dtype(setting: str | torch.dtype | None) -> torch.dtype | None:
     return getattr(torch, setting) if setting in BASE_DTYPES else None
 
 
-def resolve_device(name: str) -> torch.device:
-    """A ``device`` setting (one of DEVICES) as a torch device: ``auto`` is cuda where available."""
+def resolve_device(name: str, what: str = "device") -> torch.device:
+    """A ``device`` setting (one of DEVICES) as a torch device: ``auto`` is cuda where available.
+    A name outside DEVICES, or ``cuda`` where torch sees no GPU, is refused in one line naming
+    ``what`` (the config key, or a flag such as ``--device``)."""
     import torch
 
+    said = f"{what} {name}" if what.startswith("--") else f"{what}={name!r}"
+    if name not in DEVICES:
+        raise InputError(f"{said} must be one of {', '.join(DEVICES)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible to it"
+        raise InputError(
+            f"{said}: this torch {torch.__version__} cannot use a GPU ({build})",
+            hint="choose cpu or auto, or install a CUDA build of torch on a machine with a GPU",
+        )
     return torch.device(name)
 
 

@@ -74,11 +74,13 @@ def _is_adapter_folder(name: str | None) -> bool:
     return name is not None and Path(name).is_dir() and folder_format(name) is not None
 
 
-def load_for_eval(model_name: str | None, adapter: Path | None) -> LoadedModel:
+def load_for_eval(
+    model_name: str | None, adapter: Path | None, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
     """The model to evaluate and its tokenizer, which always comes from the base model (an adapter
-    folder holds none)."""
+    folder holds none). ``device`` and ``dtype`` (None: as train does, a run folder's own settings,
+    else ``auto``) place the base model."""
     from ..adapters import load_adapter
-    from ..models import load_model
     from .multitask import load_run
 
     if _is_adapter_folder(model_name):
@@ -87,23 +89,33 @@ def load_for_eval(model_name: str | None, adapter: Path | None) -> LoadedModel:
             f"tokenizer): pass it as --adapter {model_name}, with --model BASE if it does not record its base"
         )
     if adapter is None:
-        model, tokenizer = load_model(model_name)
+        model, tokenizer = load_placed(model_name, device, dtype)
         return LoadedModel(model, tokenizer, model_name, model_name)
     kind = adapter_kind(adapter)
     if kind == "run":
-        model, tokenizer, cfg, names = load_run(adapter, model=model_name)
+        model, tokenizer, cfg, names = load_run(adapter, model=model_name, device=device, dtype=dtype)
         base = model_name or cfg.model
         return LoadedModel(model, tokenizer, base, f"{cfg.adapter.method} run {adapter} on {base}",
                            cfg.adapter.router, names)  # fmt: skip
     base = model_name or recorded_base(adapter, kind)
     if not base:
         raise ConfigError(f"--adapter {adapter} does not record its base model: give --model BASE")
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_placed(base, device, dtype)
     wrapped = load_adapter(model, adapter).eval()
     cfg = wrapped.adapter_config
     what = "PEFT LoRA" if kind == "peft" else f"{cfg.method} adapter"
     names = _names_from_run(adapter.parent) if cfg.router == "task" else None
     return LoadedModel(wrapped, tokenizer, base, f"{what} {adapter} on {base}", cfg.router, names)
+
+
+def load_placed(name: str, device: str | None, dtype: str | None):
+    """Base model ``name`` and its tokenizer, the model on ``device`` in ``dtype`` (None: ``auto``,
+    as train's defaults are)."""
+    from ..models import load_model, resolve_device
+
+    where = resolve_device(device or "auto", "--device")
+    model, tokenizer = load_model(name, dtype=dtype or "auto")
+    return model.to(where), tokenizer
 
 
 def _names_from_run(folder: Path) -> list[str] | None:

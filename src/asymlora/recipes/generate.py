@@ -40,10 +40,13 @@ def generate(
     task: str | int | None = None,
     chat: bool = False,
     max_new_tokens: int = 64,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> str:
-    """Greedy answer of the run's model to ``prompt`` (wrapped in the chat template with ``chat``)."""
+    """Greedy answer of the run's model to ``prompt`` (wrapped in the chat template with ``chat``);
+    ``device`` and ``dtype`` replace the run's own settings."""
     check_at_least("max_new_tokens", max_new_tokens, 1)
-    model, tokenizer, cfg, names = load_run(run_dir)
+    model, tokenizer, cfg, names = load_run(run_dir, device=device, dtype=dtype)
     task_id = resolve_task(task, names, cfg.adapter.router)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -53,11 +56,12 @@ def generate(
         )
     else:
         text = prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
+    on = next(model.parameters()).device
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(on)
     with torch.no_grad():
         out = model.generate(
             **inputs,
-            task_ids=None if task_id is None else torch.tensor([task_id]),
+            task_ids=None if task_id is None else torch.tensor([task_id], device=on),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id

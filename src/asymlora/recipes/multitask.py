@@ -302,17 +302,22 @@ def run_scores(run_dir: str | Path) -> list[dict[str, Any]]:
     return [{k: t[k] for k in SCORE_KEYS} for t in tasks]
 
 
-def load_run(run_dir: str | Path, model: str | None = None):
+def load_run(
+    run_dir: str | Path, model: str | None = None, device: str | None = None, dtype: str | None = None
+):
     """The trained model of a run folder (base + adapter), its tokenizer, config and task names.
-    ``model`` loads another base (say a local copy of the run's) instead of the one it names."""
+    ``model`` loads another base (say a local copy of the run's) instead of the one it names;
+    ``device`` and ``dtype`` (``--device``, ``--dtype``) replace the run's own settings."""
     run_dir = Path(run_dir)
+    where = resolve_device(device, "--device") if device else None  # checked first
     if not (run_dir / "config.yaml").is_file():
         raise MissingFileError(
             f"{run_dir}: not a run folder (no config.yaml); pass the folder `asymlora train` wrote"
         )
     cfg = load_config(run_dir / "config.yaml")
-    base, tokenizer = load_model(model or cfg.model, dtype=cfg.dtype)
-    model = load_adapter(base.to(resolve_device(cfg.device)), run_dir / "adapter").eval()
+    where = where or resolve_device(cfg.device)
+    base, tokenizer = load_model(model or cfg.model, dtype=dtype or cfg.dtype)
+    model = load_adapter(base.to(where), run_dir / "adapter").eval()
     return model, tokenizer, cfg, run_task_names(run_dir, cfg)
 
 
