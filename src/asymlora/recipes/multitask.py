@@ -165,7 +165,9 @@ def follow_rank_zero(cfg: MultitaskConfig, proc: Process, resume: bool) -> dict[
 
 def prepare(cfg: MultitaskConfig):
     """The tasks, their training examples, the wrapped model (on its device) and the tokenizer,
-    each checked: the routing against the tasks, the adapter's ranks against the model."""
+    each checked: the device first, the routing against the tasks, the adapter's ranks against
+    the model."""
+    where = resolve_device(cfg.device)
     tasks = select_tasks(cfg.data)
     check_routing(cfg, len(tasks))
     examples = training_examples(tasks, cfg.data.split_seed, cfg.data.max_train_per_task)
@@ -174,7 +176,7 @@ def prepare(cfg: MultitaskConfig):
         {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}
     )
     check_ranks_fit(base, cfg.adapter, ranks)
-    return tasks, examples, wrap(base.to(resolve_device(cfg.device)), cfg.adapter), tokenizer
+    return tasks, examples, wrap(base.to(where), cfg.adapter), tokenizer
 
 
 def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, resume: bool, log) -> dict:
