@@ -18,7 +18,8 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 from asymlora.checkpoint_signal import checkpoint_requests_noted
@@ -83,38 +84,77 @@ def add_tasks(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--offline", action="store_true", help="do not download or generate missing data; mark it instead"
     )
+    _add_json(p, "the suites and their tasks ({suite: [{task, kind, train, test, source, status}]}, "
+                 "unavailable: [why])")  # fmt: skip
 
 
 def run_tasks(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: give a split seed >= 0")
     suites = [args.suite] if args.suite else list(SUITES)
+    show = (lambda line: None) if args.json else print
     reasons: list[str] = []  # why tasks are unavailable, each once: the lines refer to them by number
+    listing: dict[str, list[dict]] = {}
     for suite in suites:
         tasks = get_suite(suite)
-        print(f"{suite} ({len(tasks)} tasks)")
-        print(f"  {'task':44} {'kind':16} {'train':>6} {'test':>6}  source")
+        show(f"{suite} ({len(tasks)} tasks)")
+        show(f"  {'task':44} {'kind':16} {'train':>6} {'test':>6}  source")
+        listing[suite] = []
         for task in tasks:
-            print("  " + _task_line(task, seed=args.seed, offline=args.offline, reasons=reasons))
-        print()
+            listing[suite].append(_task_row(task, seed=args.seed, offline=args.offline, reasons=reasons))
+            show("  " + _task_line(listing[suite][-1]))
+        show("")
+    if args.json:
+        print(json.dumps({"suites": listing, "unavailable": reasons}, indent=2))
     for number, reason in enumerate(reasons, 1):
         print(f"asymlora tasks: unavailable ({number}): {reason}", file=sys.stderr)
     return 1 if reasons else 0
 
 
-def _task_line(task: Task, *, seed: int, offline: bool, reasons: list[str]) -> str:
-    head = f"{task.name:44} {task.kind:16}"
+def _task_row(task: Task, *, seed: int, offline: bool, reasons: list[str]) -> dict:
+    """A task's counts, or why there are none: ``status`` is "counted", "not downloaded",
+    "generated on first use" or "unavailable (N)", N numbering ``reasons``."""
+    row = {"task": task.name, "kind": task.kind, "train": None, "test": None, "source": task.source}
     if offline and not is_downloaded(task):
-        return f"{head} {'-':>6} {'-':>6}  {task.source} (not downloaded)"
+        return row | {"status": "not downloaded"}
     try:
         sizes = split_counts(task, seed, compute=not (offline and is_generated(task)))
     except (BigBenchUnavailableError, ImportError) as err:
         if str(err) not in reasons:
             reasons.append(str(err))
-        return f"{head} {'-':>6} {'-':>6}  unavailable ({reasons.index(str(err)) + 1}, below)"
+        return row | {"status": f"unavailable ({reasons.index(str(err)) + 1})"}
     if sizes is None:
-        return f"{head} {'-':>6} {'-':>6}  {task.source} (generated on first use)"
-    return f"{head} {sizes['train']:6d} {sizes['test']:6d}  {task.source}"
+        return row | {"status": "generated on first use"}
+    return row | {"train": sizes["train"], "test": sizes["test"], "status": "counted"}
+
+
+def _task_line(row: dict) -> str:
+    head = f"{row['task']:44} {row['kind']:16}"
+    if row["status"] == "counted":
+        return f"{head} {row['train']:6d} {row['test']:6d}  {row['source']}"
+    if row["status"].startswith("unavailable"):
+        return f"{head} {'-':>6} {'-':>6}  {row['status'][:-1]}, below)"
+    return f"{head} {'-':>6} {'-':>6}  {row['source']} ({row['status']})"
+
+
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print JSON on stdout and nothing else there (what is said on the way goes to stderr): {what}")  # fmt: skip
+
+
+@contextmanager
+def _stdout_to_stderr(on: bool) -> Iterator[None]:
+    """With --json: whatever the command says goes to stderr, so that stdout holds only the JSON
+    printed after the block."""
+    with redirect_stdout(sys.stderr) if on else nullcontext():
+        yield
+
+
+def _print_json(data: object) -> None:
+    """Standard JSON (a non-finite number as null) on stdout."""
+    from asymlora.runfolder import finite
+
+    print(json.dumps(finite(data), indent=2, allow_nan=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +194,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="output folder (default runs/eval/<model>-<suite>): results.json, results.md, tasks.jsonl",
     )
+    _add_json(p, "results.json's content without the per-question predictions, and where it was written")
 
 
 def _add_placement(p: argparse.ArgumentParser, default: str) -> None:
@@ -165,6 +206,14 @@ def _add_placement(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    with _stdout_to_stderr(args.json):
+        report, written = _evaluate(args)
+    if args.json:
+        _print_json(report.to_dict(predictions=False) | {"results_json": str(written)})
+    return 0
+
+
+def _evaluate(args: argparse.Namespace):
     from asymlora.eval.runner import check_eval_options, evaluate_tasks, majority_report
     from asymlora.models import placement, resolve_device
     from asymlora.recipes.evaluate import check_eval_out, describe_split, load_for_eval, route_tasks
@@ -213,7 +262,7 @@ def run_eval(args: argparse.Namespace) -> int:
         f"\nscored {sum(r.n for r in report.results)} questions ({args.split} split) of {len(tasks)} task(s)"
     )
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
-    return 0
+    return report, out / "results.json"
 
 
 def read_references(path: Path) -> dict[str, float]:
@@ -294,13 +343,28 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="delete the run in the output folder and start again"
     )
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the trainable parameter count and a memory estimate of one "
+                        "training step, then exit, writing nothing. The estimate is arithmetic from the model's "
+                        "shapes (no weights are loaded; a Llama-shaped block): the base weights; the adapters' weights, gradients and "
+                        "AdamW's two moments; the activations one micro-batch keeps for the backward pass, at most: "
+                        "every example at train.max_length tokens, the loss's float32 logits at every token. Not counted: "
+                        "the CUDA context, the allocator's slack, the batch and evaluation")  # fmt: skip
+    _add_json(p, "the end-of-run summary (results.json's content without the per-question predictions), "
+                 "or with --dry-run its config, counts and estimate in bytes")  # fmt: skip
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from asymlora.recipes.dryrun import describe, dry_run
     from asymlora.recipes.multitask import run
 
     cfg = _load_multitask_config(args, [(("adapter", "method"), args.method)] if args.method else [])
-    run(cfg, resume=args.resume, overwrite=args.overwrite)
+    with _stdout_to_stderr(args.json):
+        summary = (dry_run if args.dry_run else run)(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.json and summary:  # under torchrun, rank 0's
+        _print_json(summary | {"output_dir": cfg.output_dir})
+    elif args.dry_run:
+        print(describe(summary))
     return 0
 
 

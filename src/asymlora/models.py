@@ -147,6 +147,29 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def model_config(name: str) -> Any:
+    """The transformers config of the model ``load_model(name)`` loads, without its weights (its
+    shapes, for ``train --dry-run``)."""
+    from transformers import AutoConfig
+
+    if name in TINY_MODELS:
+        return tiny_config(name, vocab_size=len(tiny_tokenizer()))
+    return _from_pretrained(AutoConfig, smollm2_folder() if name in PACKAGED_MODELS else name, name)
+
+
+def loaded_dtype(setting: str, config: Any) -> torch.dtype:
+    """The dtype ``load_model`` gives the base weights under ``setting``: the named one, or for
+    ``auto`` the checkpoint's own (its config's ``dtype``) in transformers >= 5, float32 before."""
+    import torch
+    import transformers
+
+    named = base_dtype(setting)
+    if named is not None:
+        return named
+    own = getattr(config, "dtype", None) if int(transformers.__version__.split(".")[0]) >= 5 else None
+    return getattr(torch, own) if isinstance(own, str) else own or torch.float32
+
+
 def base_model_record(name: str | None) -> dict[str, Any]:
     """How an exported adapter names its base: a portable ``base_model_name_or_path`` (a hub id
     where there is one), the asymlora name that loads the exact weights, and their provenance."""

@@ -96,12 +96,18 @@ def load_config(
     return from_dict(MultitaskConfig, apply_overrides(data, overrides or []))
 
 
-def save_config(cfg: MultitaskConfig, path: Path) -> None:
+def config_dict(cfg: MultitaskConfig) -> dict[str, Any]:
+    """The config as a run's config.yaml holds it (the adapter's fields filled in from the model
+    left out)."""
     data = to_dict(cfg)
     data["adapter"] = {
         k: v for k, v in data["adapter"].items() if k not in ("model_type", "base_model_name_or_path")
     }
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return data
+
+
+def save_config(cfg: MultitaskConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
 
 def select_tasks(data: DataConfig) -> list[Task]:
@@ -172,11 +178,14 @@ def prepare(cfg: MultitaskConfig):
     check_routing(cfg, len(tasks))
     examples = training_examples(tasks, cfg.data.split_seed, cfg.data.max_train_per_task)
     base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    ranks = {"adapter.r": cfg.adapter.r} | (
-        {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}
-    )
-    check_ranks_fit(base, cfg.adapter, ranks)
+    check_ranks_fit(base, cfg.adapter, adapter_ranks(cfg))
     return tasks, examples, wrap(base.to(where), cfg.adapter), tokenizer
+
+
+def adapter_ranks(cfg: MultitaskConfig) -> dict[str, int]:
+    """The adapter's ranks, by setting name, that must fit the model's layers."""
+    factored = {"adapter.d_m": cfg.adapter.d_m} if cfg.adapter.method == "factored" else {}
+    return {"adapter.r": cfg.adapter.r} | factored
 
 
 def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, resume: bool, log) -> dict:
