@@ -99,10 +99,76 @@ def test_export_records_a_portable_base_with_provenance_and_a_model_card(tmp_pat
         and "task 'colors' (task id 1)" in card
         and "| colors | acc | 75.00 | 4 |" in card
     )
-    assert "random-init" in card
+    assert "random-init" in card and "\nlicense: other\n" in card  # a tiny model's license: not known
     smollm2 = base_model_record("smollm2-135m")
+    assert smollm2["license"] == "apache-2.0"
     assert smollm2["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "Q4_1" in smollm2["provenance"] and "dequantised" in smollm2["provenance"]
+
+
+def test_an_export_names_a_base_that_loads_from_anywhere_and_a_full_card(
+    tmp_path, task_files, monkeypatch, capsys
+):
+    """A run on a base given as a relative folder ("base") exports its absolute path; the card gives
+    the base, the data, the settings, the scores and a license field (the base's, or --license)."""
+    from transformers import AutoModelForCausalLM
+
+    work = tmp_path / "work"
+    base, tokenizer = load_model("tiny-llama")
+    base.save_pretrained(work / "base")
+    tokenizer.save_pretrained(work / "base")
+    (work / "base" / "README.md").write_text("---\nlicense: mit\n---\n# a base\n")
+    monkeypatch.chdir(work)
+    tiny = [arg if arg != "tiny-llama" else "base" for arg in TINY]
+    assert main(["train", "--tasks", ",".join(task_files), "--out", "run", "--set", "adapter.router=task",
+                 "--set", "adapter.num_experts=2", *tiny]) == 0  # fmt: skip
+    folder = work / "run" / "peft" / "colors"
+    recorded = json.loads((folder / PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"]
+    assert recorded == str((work / "base").resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded base still loads
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recorded), folder)
+    card = (folder / "README.md").read_text()
+    assert "\nlicense: mit\n" in card and f"`base_model_name_or_path`: `{recorded}`" in card
+    assert (
+        "## Training data" in card and "task_names:\n- colors\n- double\n" in card and "split_seed: 0" in card
+    )
+    assert "suite:" not in card  # the tasks were named: the suite setting played no part
+    assert "## Training settings" in card and f"model: {recorded}" in card and "router: task" in card
+    assert "steps: 3" in card and "| colors | acc |" in card
+
+    assert (
+        main(
+            [
+                "export",
+                str(work / "run"),
+                str(tmp_path / "out"),
+                "--task",
+                "double",
+                "--license",
+                "apache-2.0",
+            ]
+        )
+        == 0
+    )
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "\nlicense: apache-2.0\n" in card and "| double |" in card and "## Training settings" in card
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "export",
+                str(work / "run"),
+                str(tmp_path / "out2"),
+                "--task",
+                "double",
+                "--license",
+                "my license",
+            ]
+        )
+        == 2
+    )
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--license 'my license'" in line and not (tmp_path / "out2").exists()
 
 
 @pytest.fixture

@@ -531,12 +531,18 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path, help="the PEFT folder to write")
     p.add_argument("--client", help="federate runs: client index or name")
     p.add_argument("--task", help="train runs routed by task: task name or index")
+    p.add_argument("--license", help="the model card's license field, an identifier such as apache-2.0 or mit "
+                   "(default: the base model's license where asymlora knows it, else other)")  # fmt: skip
 
 
 def run_export(args: argparse.Namespace) -> int:
     from asymlora.adapters import export_peft
     from asymlora.adapters.io import check_export_folder
 
+    if args.license is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", args.license):
+        raise UsageError(
+            f"--license {args.license!r}: give a license identifier such as apache-2.0, mit or other"
+        )
     check_export_folder(args.out)
     federated = (args.run / "rounds.jsonl").exists() or (args.run / "clients.json").exists()
     if federated and args.task is not None:
@@ -551,11 +557,11 @@ def run_export(args: argparse.Namespace) -> int:
         if args.client is None:
             raise UsageError("--client: a federate run holds one model per client; choose one")
         client = int(args.client) if args.client.isdigit() else args.client
-        folder = export_client(args.run, client, args.out)
+        folder = export_client(args.run, client, args.out, license=args.license)
     else:
         from asymlora.adapters.io import peft_export_problem
         from asymlora.recipes.generate import resolve_task
-        from asymlora.recipes.multitask import load_config, load_run, run_scores
+        from asymlora.recipes.multitask import card_context, load_config, load_run, run_scores
 
         if (args.run / "config.yaml").is_file():
             problem = peft_export_problem(load_config(args.run / "config.yaml").adapter)
@@ -565,7 +571,8 @@ def run_export(args: argparse.Namespace) -> int:
         task = resolve_task(args.task, names, cfg.adapter.router)
         name = "all tasks" if task is None else names[task]
         scores = [s for s in run_scores(args.run) if task is None or s["task"] == name]
-        folder = export_peft(model, args.out, task=task, card={"task": name, "scores": scores})
+        card = {"task": name, "scores": scores, "license": args.license, **card_context(cfg, names)}
+        folder = export_peft(model, args.out, task=task, card=card)
     print(f"wrote PEFT LoRA folder {folder} (model card: {folder / 'README.md'})")
     return 0
 

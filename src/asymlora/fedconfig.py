@@ -24,7 +24,7 @@ from .federated import FederatedMethod
 from .federated.comm import WIRE_DTYPES
 from .federated.registry import DEFAULT, METHODS, averaging, get_method, known, options_of, rank_problem
 from .federated.validate import NORMS, UploadLimits
-from .models import DTYPE_CHOICES, check_base_settings
+from .models import DTYPE_CHOICES, check_base_settings, portable_name
 from .train import TrainConfig
 from .train.loop import SCHEDULES, decay
 
@@ -273,6 +273,8 @@ class FederatedConfig:
 
     def __post_init__(self) -> None:
         check_base_settings(self.dtype, self.device)
+        # a local folder by its absolute path, so that the run folder loads from anywhere
+        self.model = portable_name(self.model)
         n = self.clients.count()
         if self.adapter.ranks is not None and len(self.adapter.ranks) != n:
             raise ConfigError(

@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +39,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_LICENSE = "apache-2.0"  # the license field of its model card on the hub
 
 PACKAGED_MODELS = ("smollm2-135m",)
 # The ``dtype`` setting: the base model's weights in this dtype, or ``auto`` (as transformers loads
@@ -130,7 +132,8 @@ def load_model(
     """The model (in eval mode) and tokenizer for ``name``; ``seed`` only affects tiny models.
     ``dtype`` (a torch dtype or a name in DTYPE_CHOICES) is the base weights' dtype; transformers
     >= 4.56 reads a checkpoint straight into it (a 7B model never exists in float32 on the way).
-    The model's ``config.name_or_path`` is ``name`` (what adapters record as their base)."""
+    The model's ``config.name_or_path`` is ``portable_name(name)`` (what adapters record as their
+    base)."""
     from transformers import AutoModelForCausalLM
 
     dtype = base_dtype(dtype)
@@ -141,7 +144,7 @@ def load_model(
         source = smollm2_folder() if name in PACKAGED_MODELS else name
         tokenizer = load_tokenizer(name)
         model = _from_pretrained(AutoModelForCausalLM, source, name, dtype)
-    model.config.name_or_path = name
+    model.config.name_or_path = portable_name(name)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), tokenizer
@@ -170,9 +173,37 @@ def loaded_dtype(setting: str, config: Any) -> torch.dtype:
     return getattr(torch, own) if isinstance(own, str) else own or torch.float32
 
 
+def portable_name(name: str) -> str:
+    """``name`` as an adapter records its base: a local folder as its absolute path (a relative
+    one, such as "base", names nothing from another folder), an asymlora name or a hub id as given."""
+    if name in known_models() or not Path(name).expanduser().exists():
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
+def base_license(name: str | None) -> str | None:
+    """The license of base model ``name`` where it is known here: SmolLM2's, or the ``license:``
+    of a local folder's model card (README.md); None otherwise."""
+    if name in PACKAGED_MODELS:
+        return SMOLLM2_LICENSE
+    card = Path(name) / "README.md" if name and name not in TINY_MODELS else None
+    if card is None or not card.is_file():
+        return None
+    head = card.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
+    found = re.search(r"^license:\s*([A-Za-z0-9.+-]+)\s*$", head, re.M) if head.startswith("---") else None
+    return found.group(1) if found else None
+
+
 def base_model_record(name: str | None) -> dict[str, Any]:
     """How an exported adapter names its base: a portable ``base_model_name_or_path`` (a hub id
-    where there is one), the asymlora name that loads the exact weights, and their provenance."""
+    where there is one, else an absolute path or an asymlora name, never a relative path), the
+    asymlora name that loads the exact weights, their provenance and license (None: unknown)."""
+    name = None if name is None else portable_name(name)
+    return base_source(name) | {"license": base_license(name)}
+
+
+def base_source(name: str | None) -> dict[str, Any]:
+    """``base_model_record`` but the license."""
     if name in PACKAGED_MODELS:
         try:
             version = importlib.metadata.version(SMOLLM2_PACKAGE)

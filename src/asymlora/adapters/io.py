@@ -429,7 +429,8 @@ def export_peft(
     """Write task ``task``'s adapter (B_t A_t) as a PEFT LoRA folder that
     ``peft.PeftModel.from_pretrained(base, folder)`` loads, with a model card (README.md) and
     ``asymlora_export.json``: the method, the task, the base model and where its weights came from,
-    and the scores in ``card`` (``{"task": name, "scores": [{task, metric, score, n}]}``).
+    and what ``card`` gives: ``{"task": name, "scores": [{task, metric, score, n}], "data": {...},
+    "settings": {...}, "license": ID}`` (the license: the base's where known, else "other").
     Raises ValueError where a learned router makes the update token-dependent."""
     from ..models import base_model_record
 
@@ -470,6 +471,7 @@ def export_peft(
         "task_id": task,
         **dict(card or {}),
         **base,
+        "license": (card or {}).get("license") or base["license"],  # the card's, else the base's
         "rank": rank,
     }
     metadata = {"format": "pt", "producer": "asymlora", "asymlora_base": str(base["asymlora_base"])}
@@ -480,21 +482,20 @@ def export_peft(
 
 
 def model_card(info: Mapping[str, Any]) -> str:
-    """A Hugging Face style README.md for an exported LoRA: what it is, its base, its scores, how
-    to load it."""
+    """A Hugging Face style README.md for an exported LoRA: what it is, its base, the data and
+    settings it was trained with, its scores, its license field and how to load it."""
     base, task = info["base_model_name_or_path"], info.get("task")
     routed = f", task {task!r} (task id {info['task_id']})" if info.get("task_id") is not None else ""
     lines = ["---", "library_name: peft"]
     if info.get("base_is_hub_id"):
         lines.append(f"base_model: {base}")
     lines += [
+        f"license: {info.get('license') or 'other'}",
         "tags: [asymlora, lora]",
         "---",
         "",
         f"# {info['method']} adapter exported as a LoRA{routed}",
         "",
-    ]
-    lines += [
         f"Exported by asymlora from a `{info['method']}` adapter"
         + (f" with the `{info['router']}` router" if info.get("router") else "")
         + f"{routed}, as a plain PEFT LoRA of rank {info['rank']}.",
@@ -504,13 +505,13 @@ def model_card(info: Mapping[str, Any]) -> str:
         f"- `base_model_name_or_path`: `{base}`",
         f"- provenance: {info['provenance']}",
         "",
-    ]
-    scores = info.get("scores") or []
-    if scores:
-        lines += ["## Scores", "", "| task | metric | score | questions |", "|---|---|---|---|"]
-        lines += [f"| {s['task']} | {s['metric']} | {s['score']:.2f} | {s['n']} |" for s in scores]
-        lines.append("")
-    lines += [
+        *_card_section("Training data", info.get("data")),
+        *_card_section("Training settings", info.get("settings")),
+        *_card_scores(info.get("scores") or []),
+        "## License",
+        "",
+        _license_text(info.get("license")),
+        "",
         "## Use",
         "",
         "```python",
@@ -524,3 +525,32 @@ def model_card(info: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_section(title: str, content: Mapping[str, Any] | None) -> list[str]:
+    """A section of the card holding ``content`` as YAML (nothing where there is none)."""
+    if not content:
+        return []
+    import yaml
+
+    return [f"## {title}", "", "```yaml", yaml.safe_dump(dict(content), sort_keys=False).rstrip(), "```", ""]
+
+
+def _card_scores(scores: list[Mapping[str, Any]]) -> list[str]:
+    if not scores:
+        return []
+    lines = ["## Scores", "", "| task | metric | score | questions |", "|---|---|---|---|"]
+    lines += [f"| {s['task']} | {s['metric']} | {s['score']:.2f} | {s.get('n', '-')} |" for s in scores]
+    return [*lines, ""]
+
+
+def _license_text(license_id: str | None) -> str:
+    if license_id:
+        return (
+            f"`license: {license_id}` is the base model's license as recorded where the adapter was exported; "
+            "the licenses of the training data may add terms of their own."
+        )
+    return (
+        "`license: other`: the base model's license is not known here. Set this field to what the "
+        "licenses of the base model and of the training data allow (`asymlora export --license ID`)."
+    )

@@ -49,7 +49,7 @@ from ..adapters import (
 )
 from ..adapters.io import atomic_write, write_tensors
 from ..adapters.model import check_ranks_fit
-from ..config import ConfigError, read_json
+from ..config import ConfigError, read_json, to_dict
 from ..data.clients import ClientData, build_clients, clients_digest
 from ..data.task import Task
 from ..engines.local import LocalSimulator, engine_client, find_checkpoint
@@ -380,11 +380,14 @@ def client_names(run_dir: Path) -> list[str]:
     return [c["name"] for c in clients]
 
 
-def export_client(run_dir: str | Path, client: int | str, folder: str | Path) -> Path:
+def export_client(
+    run_dir: str | Path, client: int | str, folder: str | Path, license: str | None = None
+) -> Path:
     """Write one client's final model (base + its adapter) as a PEFT LoRA folder. ``client`` is
     its index or name. Fed-ALoRA-het clients export at rank d_m (A' = M A, B' = B_base + B2 B1);
     a method whose clients are more than a LoRA on W0 folds the rest in (FLoRA: the update merged
-    into the base, see ``FederatedMethod.export_model``)."""
+    into the base, see ``FederatedMethod.export_model``). The model card gives the client's data,
+    the federation's settings, its final score and ``license`` (None: the base's, where known)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     names = client_names(run_dir)
@@ -398,7 +401,28 @@ def export_client(run_dir: str | Path, client: int | str, folder: str | Path) ->
     model = load_adapter(base, run_dir / "adapters" / client)
     method = cfg.federation.make_method()
     model = method.export_model(model, lambda: read_tensors(run_dir / "server.safetensors"))
-    return export_peft(model, folder)
+    return export_peft(
+        model, folder, card=client_card(cfg, read_json(run_dir / "clients.json"), client, license)
+    )
+
+
+def client_card(
+    cfg: FederatedConfig, clients: list[dict], client: str, license: str | None
+) -> dict[str, Any]:
+    """The model card's content for one client's export: its score, data and the settings."""
+    entry = next(c for c in clients if c["name"] == client)
+    score = entry.get("score")
+    return {
+        "task": f"client {client}",
+        "scores": [] if score is None else [{"task": client, "metric": "personalised score", "score": score}],
+        "data": {"client": client, **to_dict(cfg.clients)},
+        "settings": {
+            "model": cfg.model,
+            "dtype": cfg.dtype,
+            **{k: to_dict(getattr(cfg, k)) for k in ("federation", "adapter", "train")},
+        },  # fmt: skip
+        "license": license,
+    }
 
 
 # --- results ------------------------------------------------------------------------------------

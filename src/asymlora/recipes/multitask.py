@@ -37,7 +37,7 @@ from ..errors import InputError, MissingFileError
 from ..eval.config import EvalConfig
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
-from ..models import DTYPE_CHOICES, check_base_settings, load_model, placement, resolve_device
+from ..models import DTYPE_CHOICES, check_base_settings, load_model, placement, portable_name, resolve_device
 from ..runfolder import RunFolder, cpu_text, folder_lock
 from ..threads import use_threads
 from ..train import TrainConfig, train
@@ -82,6 +82,8 @@ class MultitaskConfig:
 
     def __post_init__(self) -> None:
         check_base_settings(self.dtype, self.device)
+        # a local folder by its absolute path, so that the run folder loads from anywhere
+        self.model = portable_name(self.model)
         if self.adapter.model_type is not None:
             raise ConfigError("adapter.model_type is filled in from the model; leave it out")
 
@@ -201,7 +203,7 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
     report = evaluate(model, tokenizer, tasks, cfg, {t.name: i for i, t in enumerate(tasks)}, log)
     report.majority = majority_report(tasks, seed=cfg.data.split_seed, limit=cfg.eval.limit)
     scores = [{"task": r.task, "metric": r.metric, "score": r.score, "n": r.n} for r in report.results]
-    exported = export_per_task(model, tasks, out / "peft", scores)
+    exported = export_per_task(model, tasks, out / "peft", scores, card_context(cfg, [t.name for t in tasks]))
     no_export = peft_export_problem(cfg.adapter)
     report.info.update(
         method=cfg.adapter.method,
@@ -242,19 +244,34 @@ def evaluate(model, tokenizer, tasks: list[Task], cfg: MultitaskConfig, task_ids
     )
 
 
-def export_per_task(model, tasks: list[Task], folder: Path, scores: list[dict] | None = None) -> list[str]:
-    """Each task's LoRA as a PEFT folder with its model card, where the routing makes it a plain
-    LoRA (``peft_export_problem`` says why not otherwise)."""
+def export_per_task(
+    model, tasks: list[Task], folder: Path, scores: list[dict] | None = None, context: dict | None = None
+) -> list[str]:
+    """Each task's LoRA as a PEFT folder with its model card (``context``: ``card_context``), where
+    the routing makes it a plain LoRA (``peft_export_problem`` says why not otherwise)."""
     cfg = model.adapter_config
     if peft_export_problem(cfg):
         return []
     if cfg.method == "lora":
-        export_peft(model, folder / "all-tasks", card={"task": "all tasks", "scores": scores or []})
+        card = {"task": "all tasks", "scores": scores or [], **(context or {})}
+        export_peft(model, folder / "all-tasks", card=card)
         return ["all-tasks"]
     for task_id, task in enumerate(tasks):
         own = [s for s in scores or [] if s["task"] == task.name]
-        export_peft(model, folder / task.name, task=task_id, card={"task": task.name, "scores": own})
+        card = {"task": task.name, "scores": own, **(context or {})}
+        export_peft(model, folder / task.name, task=task_id, card=card)
     return [t.name for t in tasks]
+
+
+def card_context(cfg: MultitaskConfig, task_names: list[str]) -> dict[str, Any]:
+    """What an export's model card says of its training: the data (the tasks in task-id order and
+    the config's data section) and the settings (model, dtype, adapter, train)."""
+    saved = config_dict(cfg)
+    data = {k: v for k, v in saved["data"].items() if k != "suite" or not cfg.data.tasks}  # the one used
+    return {
+        "data": {"task_names": task_names, **data},
+        "settings": {key: saved[key] for key in ("model", "dtype", "adapter", "train")},
+    }
 
 
 def log_scores(out: Path, scores: list[dict], step: int) -> None:
