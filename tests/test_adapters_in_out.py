@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from asymlora import export_peft, load_adapter, save_adapter, wrap
 from asymlora.adapters.io import CONFIG_FILE, PEFT_CONFIG_FILE
 from asymlora.cli import main
+from asymlora.errors import InputError
 from asymlora.models import base_model_record, load_model
 from tiny_models import TARGETS, batch, randomize_adapters, tiny_model
 
@@ -169,6 +170,16 @@ def test_an_export_names_a_base_that_loads_from_anywhere_and_a_full_card(
     )
     (line,) = capsys.readouterr().err.splitlines()
     assert "--license 'my license'" in line and not (tmp_path / "out2").exists()
+
+
+def test_peft_activated_lora_is_refused_naming_the_difference(tmp_path) -> None:
+    """PEFT's aLoRA (alora_invocation_tokens) is a LoRA switched on after invocation tokens: read
+    as a plain LoRA it would act on every token, so it is refused, saying it is not this ALoRA."""
+    folder, _ = peft_folder(tmp_path)
+    config = json.loads((folder / PEFT_CONFIG_FILE).read_text())
+    (folder / PEFT_CONFIG_FILE).write_text(json.dumps({**config, "alora_invocation_tokens": [5, 6]}))
+    with pytest.raises(InputError, match="Activated LoRA .* not asymlora's ALoRA .* plain LoRAs only"):
+        load_adapter(tiny_model("llama"), folder)
 
 
 @pytest.fixture

@@ -239,6 +239,8 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
         "rank_pattern": "per-module ranks (rank_pattern)",
         "alpha_pattern": "per-module alphas (alpha_pattern)",
         "modules_to_save": "fully trained modules (modules_to_save)",
+        "alora_invocation_tokens": "PEFT's Activated LoRA (aLoRA, alora_invocation_tokens: on only after "
+        "its invocation tokens), which is not asymlora's ALoRA (several A's, one shared B), and",
     }
     for key, what in unsupported.items():
         if config.get(key):
