@@ -4,6 +4,7 @@ pipeline on a hand-made model with known answers, eval mode, task ids, the repor
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from asymlora.eval import (
     evaluate_tasks,
     extract_number,
     greedy_generate,
+    mc_metrics,
     mc_picks,
     numbers_equal,
     rouge,
@@ -67,10 +69,14 @@ def test_numbers_equal() -> None:
     assert not numbers_equal("41", "42") and not numbers_equal(None, "42")
 
 
-def test_raw_and_length_normalised_picks_can_disagree() -> None:
-    # choice 0: short and likely per token less; choice 1: long, more total loss, less per byte
-    raw, norm = mc_picks([[-2.0, -3.0], [-1.0, -5.0]], [[1, 10], [5, 5]])
-    assert raw == [0, 0] and norm == [1, 0]
+def test_the_three_picks_follow_lm_evals_definitions() -> None:
+    # acc: the highest total; acc_norm: per character of the stripped choice; acc_bytes: per byte
+    logprobs = [[-2.0, -3.0], [-1.2, -1.5], [-1.0, -1.0]]
+    choices = [["a", " bbbbbbbbbb "], ["éé", "abc"], ["x", "y"]]
+    assert mc_picks(logprobs, choices) == {"acc": [0, 0, 0], "acc_norm": [1, 1, 0], "acc_bytes": [1, 0, 0]}
+    assert mc_metrics(logprobs, choices, [1, 0, 0]) == pytest.approx(
+        {"acc": 200 / 3, "acc_norm": 200 / 3, "acc_bytes": 100.0}
+    )
 
 
 def test_rouge_known_values() -> None:
@@ -113,8 +119,10 @@ def test_report_table_and_json(tmp_path: Path) -> None:
 # --- model calls against transformers -----------------------------------------------------------
 
 
-def manual_logprob(model, tokenizer, prompt: str, cont: str) -> float:
+def manual_logprob(model, tokenizer, prompt: str, cont: str, keep: int | None = None) -> float:
+    """The pair run alone, unpadded; ``keep``: only the prompt's last ``keep`` tokens."""
     ctx = tokenizer(prompt)["input_ids"]
+    ctx = ctx[-keep:] if keep is not None else ctx
     tail = tokenizer(cont, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ctx + tail])).logits[0].log_softmax(-1)
@@ -129,7 +137,7 @@ def test_continuation_logprobs_match_an_unpadded_forward(which: str, request) ->
     with torch.no_grad():
         for batch_size in (1, 3):  # padding and batching change nothing
             got = continuation_logprobs(model, tok, PROMPTS, conts, batch_size=batch_size)
-            assert got == pytest.approx(expected, abs=1e-4)
+            assert got == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
@@ -147,9 +155,44 @@ def test_choices_sharing_a_prompt_score_as_if_run_alone(which: str, request) -> 
     with torch.no_grad():
         for batch_size in (1, 3, 8):
             got = continuation_logprobs(model, tok, prompts, conts, batch_size=batch_size)
-            assert got == pytest.approx(expected, abs=1e-4)
+            assert got == pytest.approx(expected, abs=1e-5)
         uncached = continuation_logprobs(TaskIdWrapper(model), tok, prompts, conts, batch_size=4)
-    assert uncached == pytest.approx(expected, abs=1e-4)
+    assert uncached == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_choice_trees_score_as_each_pair_run_alone(which: str, seed: int, request) -> None:
+    """(Float32 sums of long continuations agree to 1e-6 of their size.) Random questions whose prompts share a long start (run once, from a cache) or nothing, and
+    whose choices share prefixes, are empty, repeat, or are long: every score equals the pair run
+    alone, in any batch size and with the prompt cut to ``max_length``."""
+    model, tok = request.getfixturevalue(which)
+    rng = random.Random(seed)
+    words = ["a", "b", "cat", "dog", "42", "4", "2", " ", "and", "the", "x y"]
+    start = "Answer the question below with one of the choices, as briefly as you can. "
+    prompts, conts = [], []
+    for q in range(7):
+        prompt = (start if q % 3 else "") + " ".join(rng.choices(words, k=rng.randint(1, 12))) + ":"
+        stems = [" " + " ".join(rng.choices(words, k=rng.randint(1, 3))) for _ in range(3)]
+        choices = {stem + rng.choice(["", " more", "s", " and so on"]) for stem in stems for _ in range(3)}
+        for choice in sorted(choices) + ["", sorted(choices)[0]]:
+            prompts.append(prompt)
+            conts.append(choice)
+    expected = [manual_logprob(model, tok, p, c) for p, c in zip(prompts, conts, strict=True)]
+    with torch.no_grad():
+        for batch_size in (1, 2, 7):
+            got = continuation_logprobs(model, tok, prompts, conts, batch_size=batch_size)
+            assert got == pytest.approx(expected, rel=1e-6, abs=1e-5)
+        alone = continuation_logprobs(TaskIdWrapper(model), tok, prompts, conts, batch_size=3)
+        assert alone == pytest.approx(expected, rel=1e-6, abs=1e-5)
+        cut = continuation_logprobs(model, tok, prompts, conts, batch_size=4, max_length=32)
+    longest = {p: max(len(tok(c, add_special_tokens=False)["input_ids"]) for q, c in zip(prompts, conts, strict=True)
+                      if q == p) for p in prompts}  # fmt: skip
+    assert max(longest.values()) < 31 < max(len(tok(p)["input_ids"]) for p in prompts)  # prompts are cut
+    short = [
+        manual_logprob(model, tok, p, c, keep=32 - longest[p]) for p, c in zip(prompts, conts, strict=True)
+    ]
+    assert cut == pytest.approx(short, rel=1e-6, abs=1e-5)
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
@@ -249,7 +292,7 @@ def test_multiple_choice_on_known_answers(scripted) -> None:
     task = Task("mc", "multiple_choice", lambda: records, VERBATIM_TEMPLATE)
     result = evaluate_task(model, tok, task, task.examples(), batch_size=2)
     assert [p["pick"] for p in result.predictions] == [1, 0]
-    assert result.metrics == {"acc": 50.0, "acc_norm": 50.0}
+    assert result.metrics == {"acc": 50.0, "acc_norm": 50.0, "acc_bytes": 50.0}
 
 
 def test_text_rouge_on_known_answers(scripted) -> None:

@@ -16,6 +16,7 @@ Suites:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -124,14 +125,33 @@ def closed_set_records(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _reasoning(dataset: str) -> Task:
-    return Task(
-        dataset,
-        "multiple_choice",
-        lambda: closed_set_records(_generate(dataset, RG_SIZE, RG_DATA_SEED)),
-        PromptTemplate(input_prefix="Question: ", output_prefix="\nAnswer:"),
-        f"reasoning-gym {dataset} ({RG_SIZE} problems, seed {RG_DATA_SEED}; the answer set as choices)",
-    )
+REASONING_TEMPLATE = PromptTemplate(input_prefix="Question: ", output_prefix="\nAnswer:")
+
+
+def reasoning_task(
+    dataset: str, *, size: int = RG_SIZE, seed: int = RG_DATA_SEED, kind: Kind = "multiple_choice"
+) -> Task:
+    """``size`` problems of a reasoning-gym dataset as a task: multiple choice over the closed set of
+    its answers (the reasoning suite), or ``numeric`` / ``text`` with the answer as the target."""
+    if kind == "multiple_choice":
+        load = functools.partial(_closed_set, dataset, size, seed)
+        what = "; the answer set as choices"
+    else:
+        load = functools.partial(_answers, dataset, size, seed)
+        what = ""
+    source = f"reasoning-gym {dataset} ({size} problems, seed {seed}{what})"
+    return Task(dataset, kind, load, REASONING_TEMPLATE, source)
+
+
+def _closed_set(dataset: str, size: int, seed: int) -> list[dict[str, Any]]:
+    return closed_set_records(_generate(dataset, size, seed))
+
+
+def _answers(dataset: str, size: int, seed: int) -> list[dict[str, Any]]:
+    return [
+        target_record(item["question"].strip(), str(item["answer"]).strip())
+        for item in _generate(dataset, size, seed)
+    ]
 
 
 _BIGBENCH_PATHS: list[str] = []
@@ -212,7 +232,7 @@ def _build_tasks() -> dict[str, Task]:
             answer_position="last",
         ),
         *(_ni(sub) for sub in [*_NLP_MULTITASK.values(), *_FED_NLP]),
-        *(_reasoning(name) for name in REASONING),
+        *(reasoning_task(name) for name in REASONING),
     ]
     return {task.name: task for task in tasks}
 

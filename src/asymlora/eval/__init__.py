@@ -2,7 +2,7 @@
 match after greedy generation, ROUGE-1/ROUGE-L for text, and a per-run report."""
 
 from asymlora.eval.config import EvalConfig
-from asymlora.eval.metrics import accuracy, extract_number, mc_picks, numbers_equal, rouge
+from asymlora.eval.metrics import accuracy, extract_number, mc_metrics, mc_picks, numbers_equal, rouge
 from asymlora.eval.report import Report, TaskResult, delta_m, summarize
 from asymlora.eval.runner import eval_mode, evaluate_task, evaluate_tasks, task_ids_kwargs, test_examples
 from asymlora.eval.scoring import ForwardKwargs, continuation_logprobs, greedy_generate
@@ -20,6 +20,7 @@ __all__ = [
     "evaluate_tasks",
     "extract_number",
     "greedy_generate",
+    "mc_metrics",
     "mc_picks",
     "numbers_equal",
     "rouge",

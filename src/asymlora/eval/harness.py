@@ -4,9 +4,9 @@
 JSONL file, and writes an lm-eval YAML task over it. Multiple-choice tasks become
 ``output_type: multiple_choice`` (scored by log-likelihood, ``acc`` equal to asymlora's);
 numeric and text tasks become ``generate_until`` tasks with greedy decoding up to the same stop
-strings, scored by exact match (numeric: of the first number in the output). lm-eval's
-``acc_norm`` divides by the choice's length in characters, asymlora's by the bytes of " " + choice,
-so the two ``acc_norm`` can differ; ``acc`` is the same computation. See docs/lm-eval.md.
+strings, scored by exact match (numeric: of the first number in the output). ``acc``, ``acc_norm``
+and ``acc_bytes`` are the same computations in both tools (``asymlora.eval.metrics.mc_picks``).
+See docs/lm-eval.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from asymlora.data.task import Task
+from asymlora.eval.metrics import MC_METRICS
 
 TASK_PREFIX = "asymlora_"
 NUMBER_PATTERN = r"(-?[0-9][0-9,]*(?:\.[0-9]+)?)"
@@ -60,7 +61,7 @@ def lm_eval_config(task: Task, data_file: Path) -> dict:
             "doc_to_choice": "choices",
             "doc_to_target": "gold",
             "metric_list": [
-                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in MC_METRICS
             ],
         }
     config |= {

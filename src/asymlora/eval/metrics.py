@@ -17,17 +17,34 @@ def pick(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=scores.__getitem__)
 
 
-def mc_picks(
-    logprobs: Sequence[Sequence[float]], lengths: Sequence[Sequence[int]]
-) -> tuple[list[int], list[int]]:
-    """Raw picks (highest total log-likelihood) and length-normalised picks (highest log-likelihood
-    per byte of the choice's text, as lm-evaluation-harness' ``acc_norm``)."""
-    raw = [pick(lp) for lp in logprobs]
-    norm = [
-        pick([x / max(n, 1) for x, n in zip(lp, ns, strict=True)])
-        for lp, ns in zip(logprobs, lengths, strict=True)
-    ]
-    return raw, norm
+MC_METRICS = ("acc", "acc_norm", "acc_bytes")
+"""The multiple-choice metrics, as lm-evaluation-harness defines them: the choice of highest total
+log-likelihood; of highest log-likelihood per character of the choice's text; per UTF-8 byte."""
+
+
+def mc_picks(logprobs: Sequence[Sequence[float]], choices: Sequence[Sequence[str]]) -> dict[str, list[int]]:
+    """The picked choice of each question under each of ``MC_METRICS``, computed as lm-eval's
+    ``process_results`` computes them: the lengths are those of the choice's text without the space
+    that joins it to the prompt (``continuation``), the first choice wins a tie. An empty choice
+    counts as one character (lm-eval cannot score one)."""
+    lengths = {
+        "acc_norm": lambda text: len(text.strip()),
+        "acc_bytes": lambda text: len(text.strip().encode("utf-8")),
+    }
+    picks = {"acc": [pick(lp) for lp in logprobs]}
+    for name, size in lengths.items():
+        picks[name] = [
+            pick([x / max(size(c), 1) for x, c in zip(lp, cs, strict=True)])
+            for lp, cs in zip(logprobs, choices, strict=True)
+        ]
+    return picks
+
+
+def mc_metrics(
+    logprobs: Sequence[Sequence[float]], choices: Sequence[Sequence[str]], answers: Sequence[int]
+) -> dict[str, float]:
+    """Each of ``MC_METRICS`` in [0, 100]."""
+    return {name: 100 * accuracy(p, answers) for name, p in mc_picks(logprobs, choices).items()}
 
 
 def accuracy(picks: Sequence[int], answers: Sequence[int]) -> float:

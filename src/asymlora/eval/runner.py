@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from asymlora.data.task import Task, continuation
 from asymlora.errors import check_at_least
-from asymlora.eval.metrics import accuracy, extract_number, mc_picks, numbers_equal, rouge
+from asymlora.eval.metrics import MC_METRICS, accuracy, extract_number, mc_picks, numbers_equal, rouge
 from asymlora.eval.report import Report, TaskResult, questions_digest
 from asymlora.eval.scoring import ForwardKwargs, continuation_logprobs, greedy_generate
 from asymlora.progress import progress_bar as make_bar
@@ -118,21 +118,20 @@ def _score_choices(
             owners.append(i)
     flat = continuation_logprobs(model, tokenizer, prompts, conts, **options)
     logprobs: list[list[float]] = [[] for _ in examples]
-    lengths: list[list[int]] = [[] for _ in examples]
-    for owner, cont, lp in zip(owners, conts, flat, strict=True):
+    for owner, lp in zip(owners, flat, strict=True):
         logprobs[owner].append(lp)
-        lengths[owner].append(len(cont.encode("utf-8")))
-    raw, norm = mc_picks(logprobs, lengths)
-    return choice_result(task, examples, raw, norm)
+    return choice_result(task, examples, mc_picks(logprobs, examples["choices"]))
 
 
-def choice_result(task: Task, examples: Dataset, raw: list[int], norm: list[int]) -> TaskResult:
-    """A multiple-choice result from the picked choice indices (raw and length-normalised)."""
+def choice_result(task: Task, examples: Dataset, picks: Mapping[str, list[int]]) -> TaskResult:
+    """A multiple-choice result from the choice each metric picked (``mc_picks``)."""
     answers = examples["answer"]
-    metrics = {"acc": 100 * accuracy(raw, answers), "acc_norm": 100 * accuracy(norm, answers)}
+    metrics = {name: 100 * accuracy(p, answers) for name, p in picks.items()}
     predictions = [
-        {"pick": r, "pick_norm": p, "answer": a, "choice": choices[r]}
-        for r, p, a, choices in zip(raw, norm, answers, examples["choices"], strict=True)
+        {"pick": r, "pick_norm": p, "pick_bytes": b, "answer": a, "choice": choices[r]}
+        for r, p, b, a, choices in zip(
+            picks["acc"], picks["acc_norm"], picks["acc_bytes"], answers, examples["choices"], strict=True
+        )  # fmt: skip
     ]
     return TaskResult(task.name, task.kind, "acc", metrics["acc"], len(examples), metrics, predictions,
                       scored_questions(task, examples))  # fmt: skip
@@ -199,7 +198,7 @@ def majority_result(
         for choices in examples["choices"]:
             top = max(texts[c] for c in choices)
             picks.append(rng.choice([i for i, c in enumerate(choices) if texts[c] == top]))
-        return choice_result(task, examples, picks, picks)
+        return choice_result(task, examples, dict.fromkeys(MC_METRICS, picks))
     most_common = Counter(targets[0] for targets in train["targets"]).most_common(1)[0][0]
     outputs = [most_common] * len(examples)
     result = numeric_result if task.kind == "numeric" else text_result

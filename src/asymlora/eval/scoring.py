@@ -10,6 +10,7 @@ off autograd (see ``asymlora.eval.runner.eval_mode``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,123 +77,237 @@ def continuation_logprobs(
     """``log p(continuation | prompt)`` summed over the continuation's tokens, for each pair.
 
     Prompt and continuation are tokenized apart and joined, so every continuation is scored on the
-    same prompt tokens; prompts longer than ``max_length`` lose tokens from the left. Pairs that share
-    a prompt (the choices of one question) share one pass over it: the prompt runs once with the
-    key/value cache on, and each continuation runs on a copy of that cache. Models that return no
-    cache get one left-padded pass per pair instead; both give the same numbers. ``on_batch(n)`` is
-    called after each batch of n pairs."""
+    same prompt tokens; prompts longer than ``max_length`` lose tokens from the left. The pairs that
+    share a prompt (the choices of one question) are one *question*, and one forward scores it: the
+    prompt's tokens, then every distinct prefix of its choices once (a choice's last token is only
+    read, never run), each attending to the prompt and to its own earlier tokens through a tree
+    attention mask. ``batch_size`` questions run together, longest first; the tokens their prompts
+    share at the start run once, and the batch continues from that key/value cache (models that keep
+    no cache run the whole prompt in every row; both give the same numbers). Only the positions that
+    predict a continuation token get logits.
+
+    The tree needs a model that honours a 4D additive attention mask and ``position_ids``: every
+    transformers causal LM does, and so does an adapter wrapper of one (anything with
+    ``generate``). Any other module scores each pair in a row of its own, with a plain 2D mask.
+    ``on_batch(n)`` is called after each batch of n pairs."""
     forward_kwargs = forward_kwargs or _no_kwargs
-    groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(prompt, []).append(i)
-    tails = [continuation_tokens(tokenizer, c)[: max_length - 1] for c in continuations]
-    shared = []
-    for prompt, members in groups.items():
-        room = max_length - max(len(tails[i]) for i in members)
-        shared.append((prompt_tokens(tokenizer, prompt)[-room:], members))
-    shared.sort(key=lambda group: -len(group[0]))
+    questions = _questions(tokenizer, prompts, continuations, max_length)
+    questions.sort(key=lambda q: -q.length)
     results = [0.0] * len(prompts)
-    for batch in _group_batches(shared, batch_size):
-        scores = _score_shared(model, tokenizer, batch, tails, forward_kwargs)
-        if scores is None:  # the model keeps no cache: score each pair on its own
-            scores = _score_joined(model, tokenizer, batch, tails, forward_kwargs)
-        results_for = [i for _, members in batch for i in members]
-        for i, score in zip(results_for, scores, strict=True):
-            results[i] = score
+    support, pad = _CacheSupport(), _pad_id(tokenizer)
+    tree = callable(getattr(model, "generate", None))
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start : start + batch_size]
+        if tree:
+            scored = _score_batch(model, batch, forward_kwargs, support, pad)
+        else:
+            scored = [_score_alone(model, q, forward_kwargs, pad) for q in batch]
+        for question, scores in zip(batch, scored, strict=True):
+            for i, score in zip(question.pairs, scores, strict=True):
+                results[i] = score
         if on_batch is not None:
-            on_batch(len(results_for))
+            on_batch(sum(len(q.pairs) for q in batch))
     return results
 
 
-Group = tuple[list[int], list[int]]
-"""(prompt token ids, indices of the pairs that share that prompt)"""
+@dataclass
+class _Question:
+    """One prompt and the continuations scored after it, as a tree of token positions.
+
+    ``nodes[m] = (token, parent)``: a position that runs ``token`` after ``parent`` (another node, or
+    -1: the prompt's last token). ``reads[k]`` lists, for the k-th continuation, ``(position, token)``:
+    its tokens, each read from the logits at that position."""
+
+    prompt: list[int]
+    pairs: list[int]
+    nodes: list[tuple[int, int]]
+    reads: list[list[tuple[int, int]]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.nodes)
 
 
-def _group_batches(groups: Sequence[Group], size: int) -> Iterator[list[Group]]:
-    """Consecutive groups with at most ``size`` pairs in all (a larger group goes alone)."""
-    batch: list[Group] = []
-    for group in groups:
-        if batch and sum(len(m) for _, m in batch) + len(group[1]) > size:
-            yield batch
-            batch = []
-        batch.append(group)
-    if batch:
-        yield batch
+def _questions(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], continuations: Sequence[str], max_length: int
+) -> list[_Question]:
+    """The pairs grouped by prompt (first-seen order), each prompt tokenized once and cut from the
+    left to leave room for its longest continuation."""
+    members: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        members.setdefault(prompt, []).append(i)
+    tokens: dict[str, list[int]] = {}
+    for text in continuations:
+        if text not in tokens:
+            tokens[text] = continuation_tokens(tokenizer, text)[: max_length - 1]
+    questions = []
+    for prompt, pairs in members.items():
+        tails = [tokens[continuations[i]] for i in pairs]
+        room = max_length - max(len(t) for t in tails)
+        nodes, reads = _choice_tree(tails)
+        questions.append(_Question(prompt_tokens(tokenizer, prompt)[-room:], pairs, nodes, reads))
+    return questions
 
 
-def _sum_logprobs(step_logits: torch.Tensor, targets: list[int]) -> float:
-    """Sum of log-softmax(step_logits)[t, targets[t]]; step_logits is (len(targets), vocab)."""
-    if not targets:
-        return 0.0
-    logp = step_logits.float().log_softmax(-1)
-    return logp.gather(-1, torch.tensor(targets, device=logp.device)[:, None]).sum().item()
+def _choice_tree(tails: Sequence[list[int]]) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]:
+    """The positions that the continuations ``tails`` need after their prompt, shared where they
+    share a prefix: ``(nodes, reads)`` as in ``_Question``."""
+    index: dict[tuple[int, ...], int] = {}
+    nodes: list[tuple[int, int]] = []
+    reads = []
+    for tail in tails:
+        where, row = -1, []
+        for k, token in enumerate(tail):
+            row.append((where, token))
+            if k + 1 < len(tail):
+                key = tuple(tail[: k + 1])
+                if key not in index:
+                    index[key] = len(nodes)
+                    nodes.append((token, where))
+                where = index[key]
+        reads.append(row)
+    return nodes, reads
 
 
-def _score_shared(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    batch: list[Group],
-    tails: list[list[int]],
-    forward_kwargs: ForwardKwargs,
-) -> list[float] | None:
-    """Scores of every pair in ``batch`` (in group order), each prompt run once; ``None`` when the
-    model returns no key/value cache."""
-    device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
-    ids, mask, positions = _left_pad([ctx for ctx, _ in batch], pad, device)
-    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **trim,
-                **forward_kwargs(len(batch)))  # fmt: skip
-    cache = _returned_cache(out)
-    if cache is None or not hasattr(cache[1], "batch_select_indices"):
+SHARED_START_MIN = 4
+"""A batch's prompts run their common first tokens once when there are at least this many."""
+
+
+@dataclass
+class _CacheSupport:
+    """Whether the model returned a key/value cache that can be copied per row (None: not tried)."""
+
+    works: bool | None = None
+
+
+def _shared_start(prompts: Sequence[list[int]]) -> int:
+    """How many first tokens every prompt shares, leaving each at least its last token."""
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    for n in range(shortest - 1):
+        if any(p[n] != first[n] for p in prompts):
+            return n
+    return max(shortest - 1, 0)
+
+
+def _prefix_cache(
+    model: nn.Module, tokens: list[int], rows: int, forward_kwargs: ForwardKwargs, support: _CacheSupport
+) -> tuple[str, Any] | None:
+    """The key/value cache of ``tokens`` (run once), repeated for ``rows`` rows, under the name the
+    forward takes it by; ``None`` (and no further tries) for a model that keeps no such cache."""
+    if support.works is False:
         return None
-    first = out.logits[:, -1]  # (groups, vocab): predicts each continuation's first token
-    owner = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members], device=device)
-    rows = [tails[i] for _, members in batch for i in members]
-    width = max(1, max(len(t) for t in rows))
-    cont = torch.full((len(rows), width), pad, dtype=torch.long)
-    cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, tail in enumerate(rows):
-        cont[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-        cont_mask[row, : len(tail)] = 1
-    cache[1].batch_select_indices(owner)  # one copy of its prompt's cache per pair
-    start = mask.sum(-1)[owner][:, None]  # real prompt tokens before each continuation
-    logits = model(
-        input_ids=cont.to(device),
-        attention_mask=torch.cat([mask[owner], cont_mask.to(device)], dim=1),
-        position_ids=start + torch.arange(width, device=device),
-        use_cache=True,
-        **{cache[0]: cache[1]},
-        **forward_kwargs(len(rows)),
-    ).logits
-    scores = []
-    for row, tail in enumerate(rows):
-        steps = torch.cat([first[owner[row]][None], logits[row, : max(len(tail) - 1, 0)]])
-        scores.append(_sum_logprobs(steps[: len(tail)], tail))
-    return scores
-
-
-def _score_joined(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    batch: list[Group],
-    tails: list[list[int]],
-    forward_kwargs: ForwardKwargs,
-) -> list[float]:
-    """Scores of every pair in ``batch`` (in group order), each prompt + continuation run whole,
-    left-padded so all continuations end at the last position (``logits_to_keep`` trims the rest)."""
     device = next(model.parameters()).device
-    seqs = [(ctx + tails[i], len(tails[i])) for ctx, members in batch for i in members]
-    ids, mask, positions = _left_pad([s for s, _ in seqs], _pad_id(tokenizer), device)
-    keep = max(n for _, n in seqs) + 1
-    extra = {"logits_to_keep": keep} if accepts_keyword(model, "logits_to_keep") else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra,
-                   **forward_kwargs(len(seqs))).logits[:, -keep:]  # fmt: skip
-    # logits at position t predict token t + 1: the last n + 1 positions but one
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **trim, **forward_kwargs(1)
+    )
+    cache = _returned_cache(out)
+    support.works = cache is not None and hasattr(cache[1], "batch_repeat_interleave")
+    if not support.works:
+        return None
+    cache[1].batch_repeat_interleave(rows)
+    return cache
+
+
+def _score_batch(
+    model: nn.Module,
+    batch: Sequence[_Question],
+    forward_kwargs: ForwardKwargs,
+    support: _CacheSupport,
+    pad: int,
+) -> list[list[float]]:
+    """Every continuation's score, question by question, from one forward over the batch."""
+    shared = _shared_start([q.prompt for q in batch])
+    cache = None
+    if shared >= SHARED_START_MIN:
+        cache = _prefix_cache(model, batch[0].prompt[:shared], len(batch), forward_kwargs, support)
+    if cache is None:
+        shared = 0
+    device = next(model.parameters()).device
+    ids, positions, allowed = _tree_rows(batch, shared, pad)
+    keep = max(len(q.nodes) for q in batch) + 1
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    extra: dict[str, Any] = {"use_cache": cache is not None}
+    if accepts_keyword(model, "logits_to_keep"):
+        extra["logits_to_keep"] = keep
+    if cache is not None:
+        extra[cache[0]] = cache[1]
+    logits = model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                   position_ids=positions.to(device), **extra, **forward_kwargs(len(batch))).logits[:, -keep:]  # fmt: skip
+    return _read_scores(logits, batch, keep)
+
+
+def _tree_rows(batch: Sequence[_Question], shared: int, pad: int) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, position_ids, allowed)`` for the batch after its ``shared`` first prompt
+    tokens: each row is left-padded and holds the rest of its prompt, then its choice-tree nodes;
+    ``allowed[b, i, j]`` says whether column i attends to key j (the shared tokens come first)."""
+    width = max(q.length - shared for q in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    allowed = torch.zeros((len(batch), width, shared + width), dtype=torch.bool)
+    allowed[:, :, :shared] = True
+    for b, q in enumerate(batch):
+        rest = q.prompt[shared:]
+        start = width - len(rest) - len(q.nodes)
+        end = start + len(rest)  # the first node's column
+        ids[b, start:end] = torch.tensor(rest, dtype=torch.long)
+        positions[b, start:end] = torch.arange(shared, shared + len(rest))
+        keys = allowed[b, :, shared:]  # a view: key columns of this row's own tokens
+        keys[start:end, start:end] = torch.ones(len(rest), len(rest), dtype=torch.bool).tril()
+        keys[range(start), range(start)] = True  # padding attends to itself (and the shared start)
+        depth: list[int] = []
+        for m, (token, parent) in enumerate(q.nodes):
+            col, above = end + m, end - 1 if parent < 0 else end + parent
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+            ids[b, col] = token
+            positions[b, col] = shared + len(rest) - 1 + depth[m]
+            keys[col] = keys[above]  # the prompt and every node above it
+            keys[col, col] = True
+    return ids, positions, allowed
+
+
+def _score_alone(model: nn.Module, q: _Question, forward_kwargs: ForwardKwargs, pad: int) -> list[float]:
+    """A question's scores with each continuation in a row of its own (prompt + continuation,
+    left-padded, a 2D mask): for modules that may not honour a tree mask."""
+    device = next(model.parameters()).device
+    tails = [[token for _, token in read] for read in q.reads]
+    ids, mask, positions = _left_pad([q.prompt + tail for tail in tails], pad, device)
+    keep = max(len(t) for t in tails) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   **forward_kwargs(len(tails))).logits[:, -keep:]  # fmt: skip
+    logp = logits.float().log_softmax(-1)
+    # the logits at column c predict the token at column c + 1: a tail of n tokens is read from the
+    # n kept columns before the last
     return [
-        _sum_logprobs(logits[row, keep - n - 1 : keep - 1], seq[len(seq) - n :])
-        for row, (seq, n) in enumerate(seqs)
+        float(sum(logp[row, keep - len(tail) - 1 + k, token] for k, token in enumerate(tail)))
+        for row, tail in enumerate(tails)
     ]
+
+
+def _read_scores(logits: torch.Tensor, batch: Sequence[_Question], keep: int) -> list[list[float]]:
+    """Sum each continuation's token log-probabilities from the last ``keep`` positions' logits."""
+    rows, cols, tokens, owners, counts = [], [], [], [], []
+    for b, q in enumerate(batch):
+        last = keep - len(q.nodes) - 1  # the kept column of the prompt's last token
+        for read in q.reads:
+            for where, token in read:
+                rows.append(b)
+                cols.append(last if where < 0 else last + 1 + where)
+                tokens.append(token)
+                owners.append(len(counts))
+            counts.append(len(read))
+    logp = logits.float().log_softmax(-1)[rows, cols, tokens] if rows else logits.new_zeros(0)
+    sums = torch.zeros(len(counts), dtype=torch.float32, device=logits.device)
+    sums.index_add_(0, torch.tensor(owners, dtype=torch.long, device=logits.device), logp.float())
+    flat = sums.tolist()
+    scores, at = [], 0
+    for q in batch:
+        scores.append(flat[at : at + len(q.reads)])
+        at += len(q.reads)
+    return scores
 
 
 def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
