@@ -30,6 +30,7 @@ from asymlora.eval import (
     rouge,
     summarize,
 )
+from asymlora.eval.scoring import _cut
 from asymlora.models import load_model
 
 PROMPTS = ["Q: What is 2 plus 2?\nA:", "Hi", "A much longer prompt, with more tokens in it than the others:"]
@@ -209,19 +210,66 @@ def test_greedy_generate_matches_transformers_generate(which: str, request) -> N
     assert got == expected
 
 
+def generate_alone(model, tok, prompt: str, max_new_tokens: int, stop: tuple[str, ...]) -> str:
+    """``model.generate`` on one unpadded prompt, the text cut as ``greedy_generate`` cuts it."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
+    return _cut(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), stop)[0]
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_continuous_decoding_equals_each_question_alone(which: str, seed: int, request) -> None:
+    """Rows that finish early (a stop string, or an eos the model is made to prefer) are replaced
+    by the next question, prompts share a long start (run once) or not, in any batch size: each
+    text equals ``model.generate`` on that question alone, and the task ids reach every forward."""
+    model, tok = request.getfixturevalue(which)
+    rng = random.Random(seed)
+    words = ["a", "b", "cat", "dog", "42", "x", "and", "the", "\n", "?", "say"]
+    start = "Write the answer on one line, then stop. " if seed == 0 else ""
+    prompts = [start + " ".join(rng.choices(words, k=rng.randint(1, 20))) for _ in range(9)]
+    stop = ("\n", "a") if seed == 0 else ("t",)
+    expected = [generate_alone(model, tok, p, 7, stop) for p in prompts]
+    with torch.no_grad():
+        for batch_size in (1, 2, 4, 9):
+            got = greedy_generate(model, tok, prompts, max_new_tokens=7, stop=stop, batch_size=batch_size)
+            assert got == expected, batch_size
+        wrapper = AdapterLikeWrapper(model)
+        got = greedy_generate(wrapper, tok, prompts, max_new_tokens=7, stop=stop, batch_size=3,
+                              forward_kwargs=lambda n: {"task_ids": torch.full((n,), 5)})  # fmt: skip
+    assert got == expected
+    assert all(ids.tolist() == [5] * batch for _, ids, batch in wrapper.calls)
+    assert len(wrapper.calls) > 9  # the continuous decoder ran, not one generate per batch
+
+
 class TaskIdWrapper(nn.Module):
     """Stands in for an adapter wrapper: takes ``task_ids``, records them, returns no cache."""
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, keep_cache: bool = False) -> None:
         super().__init__()
-        self.base = base
+        self.base, self.keep_cache = base, keep_cache
         self.calls: list[tuple[bool, torch.Tensor | None, int]] = []
 
     def forward(self, input_ids, attention_mask=None, task_ids=None, position_ids=None, **kwargs):
         self.calls.append((self.training, task_ids, input_ids.shape[0]))
+        if self.keep_cache:  # an adapter wrapper's behaviour: everything else goes to the base
+            return self.base(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            )
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False)  # fmt: skip
         return CausalLMOutput(logits=out.logits)
+
+
+class AdapterLikeWrapper(TaskIdWrapper):
+    """Like an adapter wrapper: passes everything on (the cache too) and has a ``generate``."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base, keep_cache=True)
+
+    def generate(self, *args, **kwargs):  # present only to be found; the evaluator never calls it
+        raise AssertionError("generate called")
 
 
 def test_generation_without_a_cache_gives_the_same_text(llama) -> None:

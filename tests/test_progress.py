@@ -51,7 +51,9 @@ def test_eval_shows_a_bar_that_advances_per_batch(capsys) -> None:
     )
     evaluate_task(model, tok, task, task.examples(), batch_size=4)
     err = capsys.readouterr().err
-    assert "eval yesno" in err and "4/12" in err and "12/12" in err  # 6 questions x 2 choices, 4 per batch
+    assert (
+        "eval yesno" in err and "0/12" in err and "8/12" in err
+    )  # 6 questions x 2 choices, 4 questions per batch
 
 
 def test_federate_shows_clients_per_round_and_logs_rounds(tmp_path, capsys) -> None:

@@ -11,7 +11,12 @@ from asymlora.config import ConfigError
 @dataclass
 class EvalConfig:
     limit: int | None = field(default=200, metadata={"help": "test examples per task (None: all)"})
-    batch_size: int = 16
+    batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "questions per forward (multiple choice: each with all its choices) or rows decoded at once"
+        },
+    )
     max_length: int = field(
         default=1024, metadata={"help": "context tokens at evaluation (prompt kept from the right)"}
     )

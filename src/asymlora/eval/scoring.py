@@ -333,10 +333,14 @@ def greedy_generate(
     """Greedy continuations, cut at the first stop string (after any leading whitespace) or the eos
     token.
 
-    Batches are left-padded. A transformers model (anything with ``generate``, adapter wrappers
-    included) runs ``model.generate``, with ``forward_kwargs`` (say ``task_ids``) passed through
-    and a stopping criterion that ends each row at its stop string. Any other module is run step
-    by step on the whole sequence. ``on_batch(n)`` is called after each batch of n prompts."""
+    A transformers model (anything with ``generate``, adapter wrappers included) decodes
+    continuously (``_ContinuousDecoder``): ``batch_size`` rows at a time, a finished row's place
+    taken at once by the next question, the prompts' shared start run once; ``forward_kwargs``
+    (say ``task_ids``) reach every forward. The text equals ``model.generate``'s for each question
+    alone. A model whose cache is not a plain key/value cache (sliding windows, say) runs
+    ``model.generate`` on left-padded batches instead, with a stopping criterion that ends each row
+    at its stop string; any other module is run step by step on the whole sequence.
+    ``on_batch(n)`` is called as n more prompts are answered."""
     forward_kwargs = forward_kwargs or _no_kwargs
     if max_length <= max_new_tokens:
         raise ValueError(
@@ -344,13 +348,20 @@ def greedy_generate(
         )
     encoded = [prompt_tokens(tokenizer, p)[-(max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    if callable(getattr(model, "generate", None)):
+        decoder = _ContinuousDecoder(model, tokenizer, max_new_tokens, stop, forward_kwargs)
+        new = decoder.run(encoded, order, batch_size, on_batch)
+        if new is not None:
+            return [
+                _cut(tokenizer.decode(new[i], skip_special_tokens=True), stop)[0] for i in range(len(prompts))
+            ]
     run = _generate_batch if callable(getattr(model, "generate", None)) else _generate_by_forward
     outputs = [""] * len(prompts)
     device, pad = next(model.parameters()).device, _pad_id(tokenizer)
     for batch in _batches(order, batch_size):
         ids, mask, _ = _left_pad([encoded[i] for i in batch], pad, device)
-        new = run(model, tokenizer, ids, mask, max_new_tokens, stop, forward_kwargs)
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        new_ids = run(model, tokenizer, ids, mask, max_new_tokens, stop, forward_kwargs)
+        texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
         for i, text in zip(batch, texts, strict=True):
             outputs[i] = _cut(text, stop)[0]
         if on_batch is not None:
@@ -436,3 +447,203 @@ def _generate_by_forward(
         if bool(done.all()):
             break
     return seq[:, ids.shape[1] :]
+
+
+@dataclass
+class _Decoding:
+    """A question being answered: its index, the tokens generated so far, the position of the next."""
+
+    index: int
+    tokens: list[int]
+    position: int
+
+
+class _ContinuousDecoder:
+    """Greedy decoding that keeps ``batch_size`` rows busy: a row that ends (eos, a stop string
+    after any leading whitespace, or ``max_new_tokens``) leaves the batch at once and the next
+    question takes its place, so no row waits for the longest answer of its batch.
+
+    Each row keeps its own key/value columns, attention mask and positions, so rows that joined at
+    different steps (left-padded to a common width) and a prompt start shared by every question (run
+    once, then copied into each row) compute what each question would compute alone. Columns that
+    no row attends to any more are dropped."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+                 stop: Sequence[str], forward_kwargs: ForwardKwargs) -> None:  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.stop, self.forward_kwargs = max_new_tokens, stop, forward_kwargs
+        self.device = next(model.parameters()).device
+        self.pad = _pad_id(tokenizer)
+        self.trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+        self.rows: list[_Decoding] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.start: list[tuple[torch.Tensor, torch.Tensor]] = []  # the shared start's cache, one row
+        self.shared = 0
+        self.cache_name = "past_key_values"  # what the forward calls its cache, as it returns it
+
+    def run(self, encoded: Sequence[list[int]], order: Sequence[int], batch_size: int,
+            on_done: Callable[[int], None] | None) -> dict[int, list[int]] | None:  # fmt: skip
+        """The new tokens of every question, by index; ``None`` if the model keeps no plain
+        key/value cache (nothing has been decoded then)."""
+        if not self._run_shared_start([encoded[i] for i in order]):
+            return None
+        pending, done = list(order), {}
+        while pending or self.rows:
+            joining = pending[: batch_size - len(self.rows)]
+            del pending[: len(joining)]
+            finished = self._join(joining, encoded) if joining else []
+            if self.rows:
+                finished += self._step()
+            for row in finished:
+                done[row.index] = row.tokens
+            if on_done is not None and finished:
+                on_done(len(finished))
+        return done
+
+    def _run_shared_start(self, prompts: Sequence[list[int]]) -> bool:
+        """Run the tokens every prompt starts with once (if there are at least
+        ``SHARED_START_MIN``); False if the model keeps no plain key/value cache."""
+        shared = _shared_start(prompts)
+        # too short to be worth sharing: run one token only, to learn whether the cache is plain
+        ids = torch.tensor([prompts[0][: max(shared, 1)]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self.trim,
+                         **self.forward_kwargs(1))  # fmt: skip
+        found = _plain_cache(out)
+        if found is None:
+            return False
+        self.cache_name = found[0]
+        if shared >= SHARED_START_MIN:
+            self.start, self.shared = found[1], shared
+        return True
+
+    def _join(self, joining: Sequence[int], encoded: Sequence[list[int]]) -> list[_Decoding]:
+        """Run the new questions' prompts (after the shared start) together and add them to the
+        batch; return those already finished by their first token."""
+        rests = [encoded[i][self.shared :] for i in joining]
+        ids, mask, positions = _left_pad(rests, self.pad, self.device)
+        count = len(joining)
+        start_mask = torch.ones((count, self.shared), dtype=torch.long, device=self.device)
+        mask = torch.cat([start_mask, mask], dim=1)
+        past = {}
+        if self.start:
+            past = _cache_of([(k.expand(count, -1, -1, -1), v.expand(count, -1, -1, -1)) for k, v in self.start],
+                             self.cache_name)  # fmt: skip
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions + self.shared, use_cache=True,
+                         **past, **self.trim, **self.forward_kwargs(count))  # fmt: skip
+        kv = self._returned_kv(out)
+        rows = [_Decoding(i, [], self.shared + len(r)) for i, r in zip(joining, rests, strict=True)]
+        self._add(rows, kv, mask)
+        return self._advance(out.logits[:, -1], first=len(self.rows) - count)
+
+    def _returned_kv(self, out: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        found = _plain_cache(out)
+        if found is None:
+            raise RuntimeError("the model returned no plain key/value cache where it returned one before")
+        self.cache_name = found[0]
+        return found[1]
+
+    def _add(
+        self, rows: list[_Decoding], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
+    ) -> None:
+        """Append rows (their cache and mask) to the batch, left-padding whichever is narrower."""
+        if not self.rows:
+            self.rows, self.kv, self.mask = rows, kv, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.kv = [
+            (
+                torch.cat([_widen(k0, width), _widen(k1, width)]),
+                torch.cat([_widen(v0, width), _widen(v1, width)]),
+            )
+            for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)
+        ]
+        self.mask = torch.cat([_widen_mask(self.mask, width), _widen_mask(mask, width)])
+        self.rows += rows
+
+    def _step(self) -> list[_Decoding]:
+        """One token for every row; return the rows that finished."""
+        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[row.position] for row in self.rows], dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **_cache_of(self.kv, self.cache_name), **self.trim,
+                         **self.forward_kwargs(len(self.rows)))  # fmt: skip
+        self.kv = self._returned_kv(out)
+        for row in self.rows:
+            row.position += 1
+        return self._advance(out.logits[:, -1], first=0)
+
+    def _advance(self, logits: torch.Tensor, first: int) -> list[_Decoding]:
+        """Append each row's greedy token (rows ``first`` on, one per logits row), then take the
+        finished rows out of the batch and return them."""
+        tokens = logits.float().argmax(-1).tolist()
+        finished = set()
+        for k, token in enumerate(tokens):
+            row = self.rows[first + k]
+            if token == self.tokenizer.eos_token_id:
+                finished.add(first + k)
+                continue
+            row.tokens.append(token)
+            if len(row.tokens) >= self.max_new_tokens or self._stopped(row.tokens):
+                finished.add(first + k)
+        if not finished:
+            return []
+        keep = [r for r in range(len(self.rows)) if r not in finished]
+        out = [self.rows[r] for r in sorted(finished)]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[r] for r in keep]
+        self.kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv]
+        self.mask = self.mask.index_select(0, index)
+        self._drop_unused_columns()
+        return out
+
+    def _stopped(self, tokens: list[int]) -> bool:
+        return bool(self.stop) and _cut(self.tokenizer.decode(tokens, skip_special_tokens=True), self.stop)[1]
+
+    def _drop_unused_columns(self) -> None:
+        if not self.rows:
+            self.kv, self.mask = [], self.mask[:, :0]
+            return
+        used = self.mask.bool().any(0)
+        if bool(used.all()):
+            return
+        columns = used.nonzero().squeeze(1)
+        self.kv = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in self.kv]
+        self.mask = self.mask.index_select(1, columns)
+
+
+def _plain_cache(out: Any) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """The name a forward returned its cache under (and takes it back by), and the (keys, values)
+    of each of its layers, each (batch, heads, length, head size); ``None`` for no cache, or one that
+    is not a plain full-attention cache."""
+    cache = _returned_cache(out)
+    if cache is None or not hasattr(cache[1], "layers"):
+        return None
+    layers = []
+    for entry in cache[1]:
+        if not isinstance(entry, tuple) or len(entry) < 2 or any(e is not None for e in entry[2:]):
+            return None
+        keys, values = entry[:2]
+        if not (isinstance(keys, torch.Tensor) and keys.dim() == 4):
+            return None
+        layers.append((keys, values))
+    return cache[0], layers
+
+
+def _cache_of(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], name: str) -> dict[str, Any]:
+    """``{name: cache}``: a transformers ``DynamicCache`` holding ``kv``, as a forward's argument."""
+    from transformers import DynamicCache
+
+    return {name: DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in kv])}
+
+
+def _widen(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Cache tensor (batch, heads, length, size) left-padded with zeros to ``width`` columns."""
+    missing = width - t.shape[2]
+    return t if missing == 0 else torch.cat([t.new_zeros(*t.shape[:2], missing, t.shape[3]), t], dim=2)
+
+
+def _widen_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
