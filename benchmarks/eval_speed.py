@@ -34,7 +34,8 @@ MC_TASKS = (  # reasoning-gym datasets (1000 problems), scored over their closed
     "letter_counting",  # 13
     "gcd",  # 61
 )
-GEN_TASKS = ("letter_counting", "gcd", "basic_arithmetic")
+GEN_TASKS = ("letter_counting", "gcd", "basic_arithmetic", "gsm_symbolic")
+ALONE = 32  # generation: the first questions also decoded one at a time by model.generate, to compare
 
 
 def rss_mb() -> float:
@@ -53,10 +54,12 @@ def build_mc(dataset: str, questions: int):
 
 
 def build_gen(dataset: str, questions: int):
-    from asymlora.data.registry import reasoning_task
+    """(prompts, task): the first test questions of a reasoning-gym dataset with a numeric answer
+    (gsm_symbolic: the registered task, 160 new tokens at most)."""
+    from asymlora.data.registry import get_task, reasoning_task
     from asymlora.eval import test_examples
 
-    task = reasoning_task(dataset, size=1000, kind="numeric")
+    task = get_task(dataset) if dataset == "gsm_symbolic" else reasoning_task(dataset, kind="numeric")
     examples = test_examples(task, limit=questions)
     return [task.prompt(ex) for ex in examples], task
 
@@ -95,6 +98,8 @@ def worker(args: argparse.Namespace) -> dict:
 
             requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
             flat = [ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+        elif args.tool == "alone":
+            outputs = [generate_alone(model, tok, p, task) for p in prompts[:ALONE]]
         elif args.tool == "asymlora":
             outputs = greedy_generate(model, tok, prompts, max_new_tokens=task.max_new_tokens, stop=task.stop,
                                       batch_size=args.batch_size)  # fmt: skip
@@ -123,6 +128,20 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         result["outputs"] = outputs
     return result
+
+
+def generate_alone(model, tok, prompt: str, task) -> str:
+    """One question alone through ``model.generate`` (greedy, ending at the task's stop strings),
+    cut as asymlora cuts it: the reference the batched decoder must equal token for token."""
+    import torch
+
+    from asymlora.eval.scoring import StopAtAnswerEnd, _cut
+
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=task.max_new_tokens,
+                         do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                         stopping_criteria=[StopAtAnswerEnd(tok, task.stop, ids.shape[1])])  # fmt: skip
+    return _cut(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), task.stop)[0]
 
 
 def lm_eval_metrics(logliks: list[list[float]], choices: list[list[str]], answers: list[int]) -> dict:
@@ -162,9 +181,13 @@ def compare_mc(ours: dict, theirs: dict) -> dict:
             "metrics_equal": got.keys() == expected.keys() and all(abs(got[k] - expected[k]) < 1e-9 for k in got)}  # fmt: skip
 
 
-def compare_gen(ours: dict, theirs: dict) -> dict:
+def compare_gen(ours: dict, theirs: dict, alone: dict) -> dict:
+    """How many texts equal lm-eval's (which does not skip a leading newline before its stop
+    strings), and how many of the first ``ALONE`` equal each question decoded alone."""
     same = sum(a == b for a, b in zip(ours["outputs"], theirs["outputs"], strict=True))
-    return {"same_outputs": same, "of": len(ours["outputs"])}
+    equal = sum(a == b for a, b in zip(ours["outputs"], alone["outputs"], strict=False))
+    return {"same_as_lm_eval": same, "of": len(ours["outputs"]), "same_as_alone": equal,
+            "alone_of": len(alone["outputs"])}  # fmt: skip
 
 
 def measure(args: argparse.Namespace, mode: str, task: str, label: str, index: int) -> dict:
@@ -190,7 +213,7 @@ def measure(args: argparse.Namespace, mode: str, task: str, label: str, index: i
     if mode == "mc":
         row |= {"choices": ours["choices"]} | compare_mc(ours, theirs)
     else:
-        row |= compare_gen(ours, theirs)
+        row |= compare_gen(ours, theirs, run_worker(args, "alone", mode, task))
     row["questions_per_cpu_s"] = {tool: round(ours["questions"] / cpu[tool], 3) for tool in cpu}
     return row
 

@@ -28,6 +28,7 @@ from asymlora.eval import (
     mc_picks,
     numbers_equal,
     rouge,
+    scoring,
     summarize,
 )
 from asymlora.eval.scoring import _cut
@@ -220,10 +221,15 @@ def generate_alone(model, tok, prompt: str, max_new_tokens: int, stop: tuple[str
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_continuous_decoding_equals_each_question_alone(which: str, seed: int, request) -> None:
-    """Rows that finish early (a stop string, or an eos the model is made to prefer) are replaced
-    by the next question, prompts share a long start (run once) or not, in any batch size: each
-    text equals ``model.generate`` on that question alone, and the task ids reach every forward."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_batched_decoding_equals_each_question_alone(
+    which: str, seed: int, packed: bool, request, monkeypatch
+) -> None:
+    """Packed (finished questions replaced at once by the next, a long shared start run once) or
+    in left-padded batches through ``model.generate``; rows that finish early (a stop string, or
+    eos), in any batch size: each text equals ``model.generate`` on that question alone, and the
+    packed decoder passes the task ids to every forward."""
+    monkeypatch.setattr(scoring, "PACKED_ATTENTION_SHARE", float("inf") if packed else 0.0)
     model, tok = request.getfixturevalue(which)
     rng = random.Random(seed)
     words = ["a", "b", "cat", "dog", "42", "x", "and", "the", "\n", "?", "say"]
@@ -235,12 +241,22 @@ def test_continuous_decoding_equals_each_question_alone(which: str, seed: int, r
         for batch_size in (1, 2, 4, 9):
             got = greedy_generate(model, tok, prompts, max_new_tokens=7, stop=stop, batch_size=batch_size)
             assert got == expected, batch_size
+        if not packed:
+            return
         wrapper = AdapterLikeWrapper(model)
         got = greedy_generate(wrapper, tok, prompts, max_new_tokens=7, stop=stop, batch_size=3,
                               forward_kwargs=lambda n: {"task_ids": torch.full((n,), 5)})  # fmt: skip
     assert got == expected
     assert all(ids.tolist() == [5] * batch for _, ids, batch in wrapper.calls)
-    assert len(wrapper.calls) > 9  # the continuous decoder ran, not one generate per batch
+    assert len(wrapper.calls) > 9  # the packed decoder ran, not one generate per batch
+
+
+def test_packing_is_chosen_by_its_attention_cost(llama) -> None:
+    model, _ = llama  # 4 layers of 128: a key costs 1,024 multiply-adds against ~624k per token
+    short, long = [[1] * 10] * 16, [[1] * 200] * 16
+    assert scoring._packing_pays(model, short, 4, 8)
+    assert not scoring._packing_pays(model, long, 16, 160)  # 16 x 360 keys: 5.9M > half of 624k
+    assert not scoring._packing_pays(TaskIdWrapper(model), short, 4, 8)  # no config to reckon with
 
 
 class TaskIdWrapper(nn.Module):
@@ -263,10 +279,12 @@ class TaskIdWrapper(nn.Module):
 
 
 class AdapterLikeWrapper(TaskIdWrapper):
-    """Like an adapter wrapper: passes everything on (the cache too) and has a ``generate``."""
+    """Like an adapter wrapper: passes everything on (the cache too), has a ``generate`` and its
+    base model's ``config``."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base, keep_cache=True)
+        self.config = base.config
 
     def generate(self, *args, **kwargs):  # present only to be found; the evaluator never calls it
         raise AssertionError("generate called")

@@ -334,12 +334,15 @@ def greedy_generate(
     token.
 
     A transformers model (anything with ``generate``, adapter wrappers included) decodes
-    continuously (``_ContinuousDecoder``): ``batch_size`` rows at a time, a finished row's place
-    taken at once by the next question, the prompts' shared start run once; ``forward_kwargs``
-    (say ``task_ids``) reach every forward. The text equals ``model.generate``'s for each question
-    alone. A model whose cache is not a plain key/value cache (sliding windows, say) runs
-    ``model.generate`` on left-padded batches instead, with a stopping criterion that ends each row
-    at its stop string; any other module is run step by step on the whole sequence.
+    continuously, packed into one sequence (``_PackedDecoder``): ``batch_size`` questions at a time,
+    a finished question's place taken at once by the next, the prompts' shared start run once;
+    ``forward_kwargs`` (say ``task_ids``) reach every forward. The text equals ``model.generate``'s
+    for each question alone. Packing makes every token's attention span all the packed questions:
+    where that would cost more than ``PACKED_ATTENTION_SHARE`` of the model's other work (long
+    prompts and answers, large batches: ``_packing_pays``), and for a model whose cache is not a
+    plain key/value cache (sliding windows, say), ``model.generate`` runs on left-padded batches
+    instead, with a stopping criterion that ends each row at its stop string. Any other module is
+    run step by step on the whole sequence.
     ``on_batch(n)`` is called as n more prompts are answered."""
     forward_kwargs = forward_kwargs or _no_kwargs
     if max_length <= max_new_tokens:
@@ -348,8 +351,10 @@ def greedy_generate(
         )
     encoded = [prompt_tokens(tokenizer, p)[-(max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    if callable(getattr(model, "generate", None)):
-        decoder = _ContinuousDecoder(model, tokenizer, max_new_tokens, stop, forward_kwargs)
+    if callable(getattr(model, "generate", None)) and _packing_pays(
+        model, encoded, batch_size, max_new_tokens
+    ):
+        decoder = _PackedDecoder(model, tokenizer, max_new_tokens, stop, forward_kwargs)
         new = decoder.run(encoded, order, batch_size, on_batch)
         if new is not None:
             return [
@@ -367,6 +372,26 @@ def greedy_generate(
         if on_batch is not None:
             on_batch(len(batch))
     return outputs
+
+
+PACKED_ATTENTION_SHARE = 0.5
+"""Packed decoding is used while its attention over the other packed questions costs at most this
+share of the model's per-token work (its parameter count in multiply-adds)."""
+
+
+def _packing_pays(
+    model: nn.Module, encoded: Sequence[list[int]], batch_size: int, max_new_tokens: int
+) -> bool:
+    """Whether packed decoding is expected to be cheaper than left-padded batches: a packed token
+    attends to about ``batch_size`` x (mean prompt + ``max_new_tokens``) keys, each costing two
+    multiply-adds per hidden unit in every layer, against the parameters' one per token."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "base_model", None), "config", None)
+    hidden, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if not (isinstance(hidden, int) and isinstance(layers, int)) or not encoded:
+        return False
+    keys = min(batch_size, len(encoded)) * (sum(map(len, encoded)) / len(encoded) + max_new_tokens)
+    parameters = sum(p.numel() for p in model.parameters())
+    return 2 * layers * hidden * keys <= PACKED_ATTENTION_SHARE * parameters
 
 
 def _returned_cache(out: Any) -> tuple[str, Any] | None:
@@ -458,27 +483,34 @@ class _Decoding:
     position: int
 
 
-class _ContinuousDecoder:
-    """Greedy decoding that keeps ``batch_size`` rows busy: a row that ends (eos, a stop string
-    after any leading whitespace, or ``max_new_tokens``) leaves the batch at once and the next
-    question takes its place, so no row waits for the longest answer of its batch.
+SHARED_OWNER = -1
+"""The owner of the cache columns every question attends to: the prompts' shared start."""
 
-    Each row keeps its own key/value columns, attention mask and positions, so rows that joined at
-    different steps (left-padded to a common width) and a prompt start shared by every question (run
-    once, then copied into each row) compute what each question would compute alone. Columns that
-    no row attends to any more are dropped."""
+JOIN_TOKENS = 512
+"""At most this many prompt tokens join the decoding in one forward (at least one prompt does)."""
+
+
+class _PackedDecoder:
+    """Greedy decoding of many questions packed into one sequence.
+
+    Every forward runs, as one row, the next token of each question being answered and the prompts
+    of the questions that join (up to ``batch_size`` questions at once): a finished question leaves
+    at once and the next takes its place in the same forward, so no question waits for the longest
+    answer of a batch and no token is padding. A tensor of owners says which question each cached
+    key/value column belongs to; the attention mask lets a token see its own question's columns and
+    the prompts' shared start (run once, kept once), and the positions are each question's own. So
+    each question computes what it would compute alone. A finished question's columns are dropped."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
                  stop: Sequence[str], forward_kwargs: ForwardKwargs) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.stop, self.forward_kwargs = max_new_tokens, stop, forward_kwargs
         self.device = next(model.parameters()).device
-        self.pad = _pad_id(tokenizer)
-        self.trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.select = accepts_keyword(model, "logits_to_keep")
         self.rows: list[_Decoding] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-        self.start: list[tuple[torch.Tensor, torch.Tensor]] = []  # the shared start's cache, one row
+        self.owner = torch.zeros(0, dtype=torch.long, device=self.device)
         self.shared = 0
         self.cache_name = "past_key_values"  # what the forward calls its cache, as it returns it
 
@@ -490,11 +522,10 @@ class _ContinuousDecoder:
             return None
         pending, done = list(order), {}
         while pending or self.rows:
-            joining = pending[: batch_size - len(self.rows)]
-            del pending[: len(joining)]
-            finished = self._join(joining, encoded) if joining else []
-            if self.rows:
-                finished += self._step()
+            joining = _take(
+                pending, batch_size - len(self.rows), [len(encoded[i]) - self.shared for i in pending]
+            )
+            finished = self._forward([(i, encoded[i][self.shared :]) for i in joining])
             for row in finished:
                 done[row.index] = row.tokens
             if on_done is not None and finished:
@@ -507,110 +538,101 @@ class _ContinuousDecoder:
         shared = _shared_start(prompts)
         # too short to be worth sharing: run one token only, to learn whether the cache is plain
         ids = torch.tensor([prompts[0][: max(shared, 1)]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self.trim,
+        trim = {"logits_to_keep": 1} if self.select else {}
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **trim,
                          **self.forward_kwargs(1))  # fmt: skip
         found = _plain_cache(out)
         if found is None:
             return False
         self.cache_name = found[0]
         if shared >= SHARED_START_MIN:
-            self.start, self.shared = found[1], shared
+            self.kv, self.shared = found[1], shared
+            self.owner = torch.full((shared,), SHARED_OWNER, dtype=torch.long, device=self.device)
         return True
 
-    def _join(self, joining: Sequence[int], encoded: Sequence[list[int]]) -> list[_Decoding]:
-        """Run the new questions' prompts (after the shared start) together and add them to the
-        batch; return those already finished by their first token."""
-        rests = [encoded[i][self.shared :] for i in joining]
-        ids, mask, positions = _left_pad(rests, self.pad, self.device)
-        count = len(joining)
-        start_mask = torch.ones((count, self.shared), dtype=torch.long, device=self.device)
-        mask = torch.cat([start_mask, mask], dim=1)
-        past = {}
-        if self.start:
-            past = _cache_of([(k.expand(count, -1, -1, -1), v.expand(count, -1, -1, -1)) for k, v in self.start],
-                             self.cache_name)  # fmt: skip
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions + self.shared, use_cache=True,
-                         **past, **self.trim, **self.forward_kwargs(count))  # fmt: skip
-        kv = self._returned_kv(out)
-        rows = [_Decoding(i, [], self.shared + len(r)) for i, r in zip(joining, rests, strict=True)]
-        self._add(rows, kv, mask)
-        return self._advance(out.logits[:, -1], first=len(self.rows) - count)
+    def _forward(self, joining: Sequence[tuple[int, list[int]]]) -> list[_Decoding]:
+        """One forward: the next token of every row and the prompts of the joining questions;
+        return the questions that finished."""
+        tokens, positions, owners, reads = [], [], [], []
+        for row in self.rows:
+            tokens.append(row.tokens[-1])
+            positions.append(row.position)
+            owners.append(row.index)
+            reads.append(len(tokens) - 1)
+        for index, rest in joining:
+            tokens += rest
+            positions += range(self.shared, self.shared + len(rest))
+            owners += [index] * len(rest)
+            reads.append(len(tokens) - 1)
+            self.rows.append(_Decoding(index, [], self.shared + len(rest)))
+        owner = torch.tensor(owners, dtype=torch.long, device=self.device)
+        logits = self._run(tokens, positions, owner, reads)
+        for row in self.rows[: len(self.rows) - len(joining)]:
+            row.position += 1
+        self.owner = torch.cat([self.owner, owner])
+        return self._advance(logits.float().argmax(-1).tolist())
 
-    def _returned_kv(self, out: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _run(
+        self, tokens: list[int], positions: list[int], owner: torch.Tensor, reads: list[int]
+    ) -> torch.Tensor:
+        """The model on the packed tokens after the cached columns: the logits at ``reads``."""
+        seen = (self.owner[None, :] == owner[:, None]) | (self.owner[None, :] == SHARED_OWNER)
+        order = torch.arange(len(tokens), device=self.device)
+        own = (owner[None, :] == owner[:, None]) & (order[None, :] <= order[:, None])
+        allowed = torch.cat([seen, own], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        extra: dict[str, Any] = _cache_of(self.kv, self.cache_name) if self.kv else {}
+        if self.select:
+            extra["logits_to_keep"] = torch.tensor(reads, dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask[None, None],
+                         position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),
+                         use_cache=True, **extra, **self.forward_kwargs(1))  # fmt: skip
         found = _plain_cache(out)
         if found is None:
             raise RuntimeError("the model returned no plain key/value cache where it returned one before")
-        self.cache_name = found[0]
-        return found[1]
+        self.cache_name, self.kv = found
+        return out.logits[0] if self.select else out.logits[0, reads]
 
-    def _add(
-        self, rows: list[_Decoding], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
-    ) -> None:
-        """Append rows (their cache and mask) to the batch, left-padding whichever is narrower."""
-        if not self.rows:
-            self.rows, self.kv, self.mask = rows, kv, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.kv = [
-            (
-                torch.cat([_widen(k0, width), _widen(k1, width)]),
-                torch.cat([_widen(v0, width), _widen(v1, width)]),
-            )
-            for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)
-        ]
-        self.mask = torch.cat([_widen_mask(self.mask, width), _widen_mask(mask, width)])
-        self.rows += rows
+    def _advance(self, tokens: list[int]) -> list[_Decoding]:
+        """Append each row's greedy token; take the finished rows (eos, a stop string, or
+        ``max_new_tokens``) out, with their cache columns, and return them."""
+        finished = []
+        for row, token in zip(self.rows, tokens, strict=True):
+            if token != self.tokenizer.eos_token_id:
+                row.tokens.append(token)
+            if (
+                token == self.tokenizer.eos_token_id
+                or len(row.tokens) >= self.max_new_tokens
+                or self._stopped(row)
+            ):
+                finished.append(row)
+        if finished:
+            gone = torch.tensor([row.index for row in finished], dtype=torch.long, device=self.device)
+            keep = (~torch.isin(self.owner, gone)).nonzero().squeeze(1)
+            self.kv = [(k.index_select(2, keep), v.index_select(2, keep)) for k, v in self.kv]
+            self.owner = self.owner.index_select(0, keep)
+            self.rows = [row for row in self.rows if row not in finished]
+        return finished
 
-    def _step(self) -> list[_Decoding]:
-        """One token for every row; return the rows that finished."""
-        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[row.position] for row in self.rows], dtype=torch.long, device=self.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         **_cache_of(self.kv, self.cache_name), **self.trim,
-                         **self.forward_kwargs(len(self.rows)))  # fmt: skip
-        self.kv = self._returned_kv(out)
-        for row in self.rows:
-            row.position += 1
-        return self._advance(out.logits[:, -1], first=0)
+    def _stopped(self, row: _Decoding) -> bool:
+        return (
+            bool(self.stop)
+            and _cut(self.tokenizer.decode(row.tokens, skip_special_tokens=True), self.stop)[1]
+        )
 
-    def _advance(self, logits: torch.Tensor, first: int) -> list[_Decoding]:
-        """Append each row's greedy token (rows ``first`` on, one per logits row), then take the
-        finished rows out of the batch and return them."""
-        tokens = logits.float().argmax(-1).tolist()
-        finished = set()
-        for k, token in enumerate(tokens):
-            row = self.rows[first + k]
-            if token == self.tokenizer.eos_token_id:
-                finished.add(first + k)
-                continue
-            row.tokens.append(token)
-            if len(row.tokens) >= self.max_new_tokens or self._stopped(row.tokens):
-                finished.add(first + k)
-        if not finished:
-            return []
-        keep = [r for r in range(len(self.rows)) if r not in finished]
-        out = [self.rows[r] for r in sorted(finished)]
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.rows = [self.rows[r] for r in keep]
-        self.kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv]
-        self.mask = self.mask.index_select(0, index)
-        self._drop_unused_columns()
-        return out
 
-    def _stopped(self, tokens: list[int]) -> bool:
-        return bool(self.stop) and _cut(self.tokenizer.decode(tokens, skip_special_tokens=True), self.stop)[1]
-
-    def _drop_unused_columns(self) -> None:
-        if not self.rows:
-            self.kv, self.mask = [], self.mask[:, :0]
-            return
-        used = self.mask.bool().any(0)
-        if bool(used.all()):
-            return
-        columns = used.nonzero().squeeze(1)
-        self.kv = [(k.index_select(2, columns), v.index_select(2, columns)) for k, v in self.kv]
-        self.mask = self.mask.index_select(1, columns)
+def _take(pending: list[int], free: int, lengths: Sequence[int]) -> list[int]:
+    """Remove and return the first pending questions that fit: at most ``free`` of them, with at
+    most ``JOIN_TOKENS`` prompt tokens in all (but at least one question when there is room)."""
+    taken, tokens = 0, 0
+    while taken < min(free, len(pending)) and (taken == 0 or tokens + lengths[taken] <= JOIN_TOKENS):
+        tokens += lengths[taken]
+        taken += 1
+    joining = pending[:taken]
+    del pending[:taken]
+    return joining
 
 
 def _plain_cache(out: Any) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
@@ -636,14 +658,3 @@ def _cache_of(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], name: str) -> dic
     from transformers import DynamicCache
 
     return {name: DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in kv])}
-
-
-def _widen(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Cache tensor (batch, heads, length, size) left-padded with zeros to ``width`` columns."""
-    missing = width - t.shape[2]
-    return t if missing == 0 else torch.cat([t.new_zeros(*t.shape[:2], missing, t.shape[3]), t], dim=2)
-
-
-def _widen_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
