@@ -268,7 +268,7 @@ def list_suites() -> list[str]:
 
 def get_task(name: str) -> Task:
     """A registered task; any BIG-bench task as ``bigbench:<task>[/<subtask>]``; a Hugging Face
-    dataset as ``hf:<name or folder>?<column mapping>`` (see ``asymlora.data.hf``); or a local
+    dataset as ``hf:<name, folder or data file>?<column mapping>`` (see ``asymlora.data.hf``); or a local
     ``.json`` / ``.jsonl`` file given by its path."""
     if name in TASKS:
         return TASKS[name]

@@ -126,6 +126,9 @@ class Task:
     group: Callable[[str], str] | None = field(default=None, repr=False, compare=False)
     """Where several examples share one item (winowhy: one sentence, several reasonings), the item
     of an example's input: a train/test split then keeps each item's examples on one side."""
+    load_test: Callable[[], list[dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
+    """The source's own test split, where it has one (``load`` then returns its train split):
+    ``splits`` keeps the two as given instead of cutting ``test_fraction`` off the pooled examples."""
 
     def examples(self) -> Dataset:
         """All examples, deduplicated by input and choices (so that no prompt is in both splits).
@@ -134,11 +137,15 @@ class Task:
 
     @functools.cached_property
     def _examples(self) -> Dataset:
-        return build_dataset(self.load(), kind=self.kind, where=self.name)
+        test = self.load_test() if self.load_test else []
+        return build_dataset([*self.load(), *test], kind=self.kind, where=self.name)
 
     def splits(self, seed: int = 0) -> DatasetDict:
         """Deterministic, disjoint ``train`` / ``test`` splits; the test split is shuffled, so its
-        first n examples are a random sample."""
+        first n examples are a random sample. A source's own splits (``load_test``) are kept, each
+        shuffled with ``seed``; a train example that is also in its test split is dropped."""
+        if self.load_test is not None:
+            return given_splits(self.load(), self.load_test(), kind=self.kind, where=self.name, seed=seed)
         return split_dataset(
             self.examples(),
             seed=seed,
@@ -176,7 +183,7 @@ def unique_records(
     rows: list[Mapping[str, Any]] = []
     for i, record in enumerate(records):
         check_record(record, kind=kind, where=f"{where}: example {i}")
-        key = (record["input"], tuple(record["choices"]))
+        key = _key(record)
         if key not in seen:
             seen.add(key)
             rows.append(record)
@@ -191,6 +198,40 @@ def build_dataset(records: Sequence[Mapping[str, Any]], *, kind: Kind, where: st
     from datasets import Dataset
 
     return Dataset.from_list([dict(r) for r in rows], features=record_features())
+
+
+def _key(record: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    return record["input"], tuple(record["choices"])
+
+
+def given_splits(
+    train: Sequence[Mapping[str, Any]],
+    test: Sequence[Mapping[str, Any]],
+    *,
+    kind: Kind,
+    where: str,
+    seed: int,
+) -> DatasetDict:
+    """A source's own ``train`` / ``test`` splits, each deduplicated and shuffled with ``seed``; a
+    train example also in the test split is dropped from train, so that no prompt is on both sides."""
+    check_seed(seed)
+    test_rows = unique_records(test, kind=kind, where=f"{where} (test split)")
+    held_out = {_key(r) for r in test_rows}
+    train_rows = [r for r in unique_records(train, kind=kind, where=f"{where} (train split)")
+                  if _key(r) not in held_out]  # fmt: skip
+    if not train_rows:
+        raise DataFormatError(f"{where}: every example of the train split is also in the test split")
+    from datasets import Dataset, DatasetDict
+
+    def dataset(rows: list[Mapping[str, Any]]) -> Dataset:
+        return Dataset.from_list([dict(r) for r in rows], features=record_features()).shuffle(seed=seed)
+
+    return DatasetDict(train=dataset(train_rows), test=dataset(test_rows))
+
+
+def check_seed(seed: int) -> None:
+    if seed < 0:  # numpy's generators, which shuffle, take none
+        raise InputError(f"split seed {seed}: give a seed >= 0")
 
 
 def check_record(record: Mapping[str, Any], *, kind: Kind, where: str) -> None:
@@ -215,8 +256,7 @@ def split_dataset(
     """Shuffle with ``seed`` and cut: ``min(max_test, round(test_fraction * n))`` test examples
     (at least one), the rest train. With ``group`` (input -> item), whole items go to the test side,
     in a seeded order, until it holds at least that many examples; no item is on both sides."""
-    if seed < 0:  # numpy's generators, which shuffle, take none
-        raise InputError(f"split seed {seed}: give a seed >= 0")
+    check_seed(seed)
     n = len(data)
     if n < 2:
         raise DataFormatError(f"cannot split {n} example(s) into train and test; need at least 2")
