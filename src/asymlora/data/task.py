@@ -11,7 +11,7 @@ Every source is converted to the same four columns (``record_features()``):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -167,7 +167,11 @@ class Task:
         split = self.splits(seed)["train"]
         if limit is not None:
             split = split.select(range(min(limit, len(split))))
-        return [Example(self.prompt(ex), continuation(self.target(ex)), task_id) for ex in split]
+        return self.to_examples(split, task_id)
+
+    def to_examples(self, rows: Iterable[Mapping[str, Any]], task_id: int = 0) -> list[Example]:
+        """Records (of this task) as (prompt, continuation) examples of expert ``task_id``."""
+        return [Example(self.prompt(ex), continuation(self.target(ex)), task_id) for ex in rows]
 
 
 def training_examples(tasks: Sequence[Task], seed: int = 0, limit: int | None = None) -> list[list[Example]]:

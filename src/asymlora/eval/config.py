@@ -26,3 +26,31 @@ class EvalConfig:
             raise ConfigError(f"eval.limit={self.limit} must be >= 1")
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class TrainingEvalConfig(EvalConfig):
+    """``train``'s eval section: ``EvalConfig``, and evaluation during training."""
+
+    every: int | None = field(
+        default=None,
+        metadata={
+            "help": "also evaluate (scores and validation loss on the test questions) every N optimizer "
+            "steps (leave out: only at the end)"
+        },
+    )
+    keep_best: bool = field(
+        default=False,
+        metadata={"help": "keep the adapter of the best average score as adapter-best/ (needs eval.every)"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.every is not None and self.every < 1:
+            raise ConfigError(
+                f"eval.every={self.every} must be >= 1 (leave it out to evaluate only at the end)"
+            )
+        if self.keep_best and self.every is None:
+            raise ConfigError(
+                "eval.keep_best=true needs eval.every (the steps at which the adapter is scored)"
+            )

@@ -5,9 +5,12 @@ Everything lands in one run folder::
 
     config.yaml          the resolved configuration (re-run with --config RUN/config.yaml)
     adapter_init/        the adapter before training (for `asymlora analyze change`)
-    metrics.jsonl        loss, learning rate, throughput per step
+    metrics.jsonl        loss, learning rate, throughput per step; with eval.every each evaluation
+                         (the final one too) as {"step", "eval": {...}} (see train_eval.py)
     loss.png             the training loss curve
-    tensorboard/         loss and evaluation scores for TensorBoard (with the tensorboard extra)
+    tensorboard/         loss, evaluations, the config (text) and hyperparameters (HParams) for
+                         TensorBoard (with the tensorboard extra)
+    adapter-best/        with eval.keep_best: the adapter of the best average score, and best.json
     checkpoint/          the latest checkpoint (--resume continues from it)
     adapter/             the trained adapter (asymlora format)
     peft/<task>/         each task's adapter as a PEFT LoRA folder with a model card (README.md),
@@ -34,15 +37,16 @@ from ..config import ConfigError, Override, apply_overrides, from_dict, merge, r
 from ..data.registry import get_suite, get_tasks
 from ..data.task import Task, training_examples
 from ..errors import InputError, MissingFileError
-from ..eval.config import EvalConfig
+from ..eval.config import TrainingEvalConfig
 from ..eval.report import Report
 from ..eval.runner import evaluate_tasks, majority_report
 from ..models import DTYPE_CHOICES, check_base_settings, load_model, placement, portable_name, resolve_device
 from ..runfolder import RunFolder, cpu_text, folder_lock
 from ..threads import use_threads
 from ..train import TrainConfig, train
-from ..train.loop import resume_point, tensorboard_writer
+from ..train.loop import log_evaluation, resume_point, tensorboard_writer
 from ..train.processes import Process, init_process, rank_zero_first, wait_for_rank_zero
+from .train_eval import BEST_FOLDER, TrainingEvaluation, best_so_far, log_config, log_hparams
 
 
 @dataclass
@@ -78,7 +82,7 @@ class MultitaskConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
 
     def __post_init__(self) -> None:
         check_base_settings(self.dtype, self.device)
@@ -86,6 +90,11 @@ class MultitaskConfig:
         self.model = portable_name(self.model)
         if self.adapter.model_type is not None:
             raise ConfigError("adapter.model_type is filled in from the model; leave it out")
+        if self.eval.every is not None and self.eval.every > self.train.steps:
+            raise ConfigError(
+                f"eval.every={self.eval.every} is more than train.steps={self.train.steps}: no evaluation "
+                "would fall during training (leave it out to evaluate only at the end)"
+            )
 
 
 def load_config(
@@ -194,13 +203,20 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
     out = Path(cfg.output_dir)
     if not (out / "adapter_init").exists():
         save_adapter(model, out / "adapter_init")
-    train_cpu = train(model, tokenizer, examples, cfg.train, out, resume=resume)["cpu_seconds"]
+    task_ids = {t.name: i for i, t in enumerate(tasks)}
+    tracked = TrainingEvaluation(
+        model, tokenizer, tasks, cfg.train, cfg.eval, cfg.data.split_seed, out,
+        score=lambda: evaluate(model, tokenizer, tasks, cfg, task_ids, log=lambda _: None),
+    )  # fmt: skip
+    log_start(out, config_dict(cfg), resume_point(out, cfg.train, len(tasks)) if resume else 0)
+    trained = train(model, tokenizer, examples, cfg.train, out, resume, evaluation=tracked.during_training())
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.adapter.method} on {cfg.model}")
     log(f"evaluating on {len(tasks)} test splits (up to {cfg.eval.limit or 'all'} examples each)")
     save_adapter(model, out / "adapter")
 
     eval_start = time.process_time()
-    report = evaluate(model, tokenizer, tasks, cfg, {t.name: i for i, t in enumerate(tasks)}, log)
+    report = evaluate(model, tokenizer, tasks, cfg, task_ids, log)
+    final = tracked.numbers(cfg.train.steps, report)
     report.majority = majority_report(tasks, seed=cfg.data.split_seed, limit=cfg.eval.limit)
     scores = [{"task": r.task, "metric": r.metric, "score": r.score, "n": r.n} for r in report.results]
     exported = export_per_task(model, tasks, out / "peft", scores, card_context(cfg, [t.name for t in tasks]))
@@ -212,11 +228,12 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
         trainable_parameters=model.trainable_parameters().trainable,
         peft_exports=exported,
         no_peft_export=no_export,
-        cpu_seconds={"train": train_cpu, "evaluation": time.process_time() - eval_start},
+        cpu_seconds={"train": trained["cpu_seconds"], "evaluation": time.process_time() - eval_start},
+        **({"best": best_so_far(out)} if cfg.eval.keep_best else {}),
     )
     report.save(out / "results.json")
     (out / "results.md").write_text(f"{report.to_markdown()}\n\n{cpu_text(report.info['cpu_seconds'])}\n")
-    log_scores(out, scores, cfg.train.steps)
+    log_end(cfg, final)
     log(report.to_markdown())
     log(cpu_text(report.info["cpu_seconds"]))
     log(f"results: {out / 'results.json'}")
@@ -225,6 +242,9 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
         if exported
         else f"no PEFT export: {no_export}"
     )
+    if cfg.eval.keep_best:
+        best = report.info["best"]
+        log(f"best adapter: step {best['step']} (average {best['eval']['average']:.2f}): {out / BEST_FOLDER}")
     return report.to_dict(predictions=False)
 
 
@@ -274,16 +294,24 @@ def card_context(cfg: MultitaskConfig, task_names: list[str]) -> dict[str, Any]:
     }
 
 
-def log_scores(out: Path, scores: list[dict], step: int) -> None:
-    """The evaluation scores into the run's TensorBoard log (when tensorboard is installed)."""
+def log_start(out: Path, config: dict[str, Any], step: int) -> None:
+    """The run's config as TensorBoard text (when tensorboard is installed)."""
     writer = tensorboard_writer(out)
-    if writer is None:
-        return
-    for s in scores:
-        writer.add_scalar(f"eval/{s['task']}/{s['metric']}", s["score"], step)
-    if scores:
-        writer.add_scalar("eval/average", sum(s["score"] for s in scores) / len(scores), step)
-    writer.close()
+    if writer is not None:
+        with writer:
+            log_config(writer, config, step)
+
+
+def log_end(cfg: MultitaskConfig, scores: dict[str, float]) -> None:
+    """The final evaluation into TensorBoard, with the run's hyperparameters, and (with
+    ``eval.every``, beside the evaluations during training) into metrics.jsonl."""
+    out = Path(cfg.output_dir)
+    writer = tensorboard_writer(out)
+    log_evaluation(out if cfg.eval.every else None, cfg.train.steps, scores, writer)
+    config = config_dict(cfg)
+    if writer is not None:
+        with writer:
+            log_hparams(writer, config, scores)
 
 
 def plot_loss(metrics: Path, path: Path, title: str = "") -> Path | None:
@@ -291,6 +319,7 @@ def plot_loss(metrics: Path, path: Path, title: str = "") -> Path | None:
     if not metrics.is_file():
         return None
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]  # not the evaluations
     if not rows:
         return None
     import matplotlib

@@ -245,6 +245,56 @@ def local_train(
     return history
 
 
+@torch.no_grad()
+def validation_loss(
+    model: AsymLoraModel, tokenizer, examples: Sequence[Example], cfg: TrainConfig
+) -> tuple[float, int]:
+    """(summed next-token loss, target tokens) of ``examples``, computed as the training loss is
+    (``cfg.max_length``, precision), in micro-batches of the training's size, without gradients."""
+    items = [encode(tokenizer, ex, cfg.max_length) for ex in examples]
+    per, pad_id, device = cfg.batch_size // cfg.grad_accum, pad_id_of(tokenizer), base_weight(model).device
+    total, tokens = 0.0, 0
+    for start in range(0, len(items), per):
+        for group in length_groups(items[start : start + per]):
+            chunk = {k: v.to(device) for k, v in collate(group, pad_id).items()}
+            tokens += int((chunk["labels"][:, 1:] != IGNORE).sum())
+            with autocast_for(cfg, device, model):
+                total += float(token_loss_sum(model, chunk))
+    return total, tokens
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Evaluation during training: ``run(step)`` scores the model (in eval mode) after every
+    ``every``-th step before the last (a recipe scores the last itself) and returns named numbers,
+    which ``log_evaluation`` writes."""
+
+    every: int
+    run: Callable[[int], dict[str, float]]
+
+
+def log_evaluation(run_dir: Path | None, step: int, scores: dict[str, float], writer=None) -> None:
+    """An evaluation's numbers into ``run_dir``'s ``metrics.jsonl`` as ``{"step", "eval": {...}}``
+    (None: not there) and, with a TensorBoard ``writer``, as ``eval/<name>``."""
+    if run_dir is not None:
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json_line({"step": step, "eval": scores}))
+    if writer is not None:
+        for name, value in scores.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+
+
+def _evaluate(evaluation: Evaluation, model: AsymLoraModel, step: int, run_dir: Path, writer, bar) -> None:
+    model.eval()
+    try:
+        scores = evaluation.run(step)
+    finally:
+        model.train()
+    log_evaluation(run_dir, step, scores, writer)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if "/" not in k)
+    bar.write(f"step {step} evaluation: {shown}", file=sys.stderr)
+
+
 def train(
     model: AsymLoraModel,
     tokenizer,
@@ -253,13 +303,16 @@ def train(
     run_dir: str | Path,
     resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
+    evaluation: Evaluation | None = None,
 ) -> dict:
     """Train ``model``'s adapters on the tasks' examples (one list per task id) for ``cfg.steps``.
 
     Writes ``metrics.jsonl`` and ``checkpoint/`` under ``run_dir``. With ``resume`` it continues
     from the checkpoint there and ends with the weights an uninterrupted run would have. Returns the
     last step's metrics and ``cpu_seconds``: this process's CPU time for all the steps, carried
-    across resumes by the checkpoints (None where a checkpoint written before it was counted)."""
+    across resumes by the checkpoints (None where a checkpoint written before it was counted).
+    ``evaluation`` runs on rank 0 only, before the step's checkpoint (a resume from an earlier
+    checkpoint drops its record and evaluates that step again); the other ranks wait for it."""
     proc = init_process()
     run_dir = Path(run_dir)
     encoded = encode_tasks(tokenizer, examples, cfg.max_length)
@@ -284,9 +337,7 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     if proc.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        repair_jsonl(
-            metrics_path, lambda record: isinstance(record.get("step"), int) and record["step"] <= start
-        )
+        repair_jsonl(metrics_path, lambda record: _kept_on_resume(record, start, cfg.steps))
     writer = tensorboard_writer(run_dir) if proc.main else None
 
     pad_id, data = pad_id_of(tokenizer), encoded_digest(encoded)
@@ -321,6 +372,8 @@ def train(
                     if writer is not None:
                         for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                             writer.add_scalar(f"train/{key}", last[key], done)
+                if evaluation is not None and done % evaluation.every == 0 and done < cfg.steps:
+                    _evaluate(evaluation, model, done, run_dir, writer, bar)
                 on_request = asked()
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or on_request:
                     cpu = _cpu_total(cpu_before, cpu0)
@@ -342,6 +395,13 @@ def train(
         dist.barrier()
     model.eval()
     return {**last, "cpu_seconds": _cpu_total(cpu_before, cpu0)}
+
+
+def _kept_on_resume(record: dict, start: int, steps: int) -> bool:
+    """Whether a metrics.jsonl record stays when the run continues from step ``start``: those of
+    the steps done, but not the final evaluation (a recipe's, after the last step), which runs again."""
+    step = record.get("step")
+    return isinstance(step, int) and step <= start and not ("eval" in record and step == steps)
 
 
 def _cpu_total(before: float | None, since: float) -> float | None:
