@@ -208,7 +208,6 @@ def train_and_report(cfg: MultitaskConfig, model, tokenizer, tasks, examples, re
         model, tokenizer, tasks, cfg.train, cfg.eval, cfg.data.split_seed, out,
         score=lambda: evaluate(model, tokenizer, tasks, cfg, task_ids, log=lambda _: None),
     )  # fmt: skip
-    log_start(out, config_dict(cfg), resume_point(out, cfg.train, len(tasks)) if resume else 0)
     trained = train(model, tokenizer, examples, cfg.train, out, resume, evaluation=tracked.during_training())
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.adapter.method} on {cfg.model}")
     log(f"evaluating on {len(tasks)} test splits (up to {cfg.eval.limit or 'all'} examples each)")
@@ -294,23 +293,17 @@ def card_context(cfg: MultitaskConfig, task_names: list[str]) -> dict[str, Any]:
     }
 
 
-def log_start(out: Path, config: dict[str, Any], step: int) -> None:
-    """The run's config as TensorBoard text (when tensorboard is installed)."""
-    writer = tensorboard_writer(out)
-    if writer is not None:
-        with writer:
-            log_config(writer, config, step)
-
-
 def log_end(cfg: MultitaskConfig, scores: dict[str, float]) -> None:
-    """The final evaluation into TensorBoard, with the run's hyperparameters, and (with
-    ``eval.every``, beside the evaluations during training) into metrics.jsonl."""
+    """The final evaluation into TensorBoard, with the run's config (as text) and hyperparameters,
+    and (with ``eval.every``, beside the evaluations during training) into metrics.jsonl. At the
+    end, so that a run refused on its resume writes nothing."""
     out = Path(cfg.output_dir)
     writer = tensorboard_writer(out)
     log_evaluation(out if cfg.eval.every else None, cfg.train.steps, scores, writer)
     config = config_dict(cfg)
     if writer is not None:
         with writer:
+            log_config(writer, config, cfg.train.steps)
             log_hparams(writer, config, scores)
 
 

@@ -107,7 +107,7 @@ def keep_if_best(model, out: Path, step: int, scores: dict[str, float]) -> bool:
 
 
 def log_config(writer, config: dict[str, Any], step: int) -> None:
-    """The run's resolved config as TensorBoard text (``config``, at the step the run starts from)."""
+    """The run's resolved config as TensorBoard text (``config``, at ``step``)."""
     text = yaml.safe_dump(config, sort_keys=False)
     writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), step)  # a code block
 
