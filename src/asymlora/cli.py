@@ -416,24 +416,48 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "generate", "answer a prompt with a trained adapter", [
+    p = _command(sub, "generate", "answer prompts with a base model and an adapter", [
         "asymlora generate --adapter runs/my-run --prompt 'Q: What is 2+2?\\nA:'",
         "asymlora generate --adapter runs/my-run --task social_iqa --chat --prompt 'Why do people queue?'",
+        "asymlora generate --adapter PEFT_FOLDER --model smollm2-135m --prompts in.jsonl --out out.jsonl",
+        "asymlora generate --model smollm2-135m --do-sample --temperature 0.7 --top-p 0.9 --seed 1 --prompt 'Hi'",
     ])  # fmt: skip
-    p.add_argument("--adapter", required=True, type=Path, help="a run folder written by asymlora train")
-    p.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user message)")
+    p.add_argument("--adapter", type=Path,
+                   help="a run folder of asymlora train, an asymlora adapter folder or a PEFT LoRA folder")  # fmt: skip
+    p.add_argument("--model", help="the base model (default: the one the adapter records)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to continue (or, with --chat, the user message)")
+    what.add_argument(
+        "--prompts", type=Path, help='a JSONL file of {"prompt": ...} objects, answered in batches'
+    )
+    p.add_argument("--out", type=Path, help='with --prompts: the JSONL file to write, each input object with '
+                   'its "output" (default: stdout)')  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated at once (left-padded)")
     p.add_argument("--task", help="task name or index (adapters routed by task)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most (greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most")
+    p.add_argument("--do-sample", action="store_true", help="sample tokens instead of greedy decoding")
+    p.add_argument("--temperature", type=float, help="with --do-sample: the softmax temperature (> 0)")
+    p.add_argument(
+        "--top-p", type=float, help="with --do-sample: nucleus sampling's probability mass, (0, 1]"
+    )
+    p.add_argument("--seed", type=int, help="with --do-sample: torch's seed, for a repeatable sample")
     _add_placement(p, "the run's own settings")
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from asymlora.recipes.generate import generate
+    from asymlora.recipes.generate import Sampling, answer_file, generate
 
-    answer = generate(args.adapter, args.prompt, task=args.task, chat=args.chat,
-                      max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)  # fmt: skip
-    print(answer)
+    if args.out is not None and args.prompts is None:
+        raise UsageError("--out writes the answers to --prompts; with --prompt the answer is printed")
+    sampling = Sampling(args.do_sample, args.temperature, args.top_p, args.seed)
+    options = dict(task=args.task, chat=args.chat, max_new_tokens=args.max_new_tokens, device=args.device,
+                   dtype=args.dtype, model=args.model, sampling=sampling, batch_size=args.batch_size)  # fmt: skip
+    if args.prompts is not None:
+        written = answer_file(args.adapter, args.prompts, args.out, **options)
+        print(written, end="")
+        return 0
+    print(generate(args.adapter, [args.prompt], **options)[0])
     return 0
 
 
