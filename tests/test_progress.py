@@ -25,17 +25,10 @@ from asymlora.data import Task, mc_record
 from asymlora.eval import evaluate_task
 from asymlora.models import load_model
 from asymlora.recipes.federated import score_figure
-from tiny_models import write_choice_tasks
+from tiny_models import scalars, write_choice_tasks
 
 TINY = ["--model", "tiny-llama", "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "train.max_length=32",
         "--set", "eval.limit=2", "--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']"]  # fmt: skip
-
-
-def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    events = accumulator.EventAccumulator(str(folder))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(autouse=True)

@@ -22,17 +22,10 @@ from asymlora.models import load_model
 from asymlora.recipes import multitask
 from asymlora.train import TrainConfig
 from asymlora.train.loop import validation_loss
-from tiny_models import cli_process, lines_in, write_choice_tasks
+from tiny_models import cli_process, lines_in, scalars, write_choice_tasks
 
 TINY = ["--model", "tiny-llama", "--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']",
         "--set", "eval.limit=3", "--set", "train.batch_size=4", "--set", "train.max_length=32"]  # fmt: skip
-
-
-def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    events = accumulator.EventAccumulator(str(folder))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def evaluations(run: Path) -> list[dict]:

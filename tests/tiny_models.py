@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import (
     GPT2Config,
@@ -114,3 +115,11 @@ def lines_in(path: Path) -> int:
         return len(path.read_text().splitlines())
     except FileNotFoundError:
         return 0
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar under ``folder``: tag -> [(step, value)] (skips without tensorboard)."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
