@@ -197,18 +197,21 @@ def _prefix_cache(
     forward takes it by; ``None`` (and no further tries) for a model that keeps no such cache."""
     if support.works is False:
         return None
-    device = next(model.parameters()).device
-    ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
-    out = model(
-        input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **trim, **forward_kwargs(1)
-    )
-    cache = _returned_cache(out)
+    cache = _returned_cache(_run_start(model, tokens, forward_kwargs))
     support.works = cache is not None and hasattr(cache[1], "batch_repeat_interleave")
     if not support.works:
         return None
     cache[1].batch_repeat_interleave(rows)
     return cache
+
+
+def _run_start(model: nn.Module, tokens: list[int], forward_kwargs: ForwardKwargs) -> Any:
+    """The model's output on ``tokens`` alone (one row), its cache kept, only the last logits."""
+    ids = torch.tensor([tokens], dtype=torch.long, device=next(model.parameters()).device)
+    trim = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+    return model(
+        input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **trim, **forward_kwargs(1)
+    )
 
 
 def _score_batch(
@@ -228,8 +231,7 @@ def _score_batch(
     device = next(model.parameters()).device
     ids, positions, allowed = _tree_rows(batch, shared, pad)
     keep = max(len(q.nodes) for q in batch) + 1
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    mask = _additive_mask(allowed, _float_dtype(model))
     extra: dict[str, Any] = {"use_cache": cache is not None}
     if accepts_keyword(model, "logits_to_keep"):
         extra["logits_to_keep"] = keep
@@ -238,6 +240,19 @@ def _score_batch(
     logits = model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
                    position_ids=positions.to(device), **extra, **forward_kwargs(len(batch))).logits[:, -keep:]  # fmt: skip
     return _read_scores(logits, batch, keep)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (what its attention adds a mask in)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``allowed``, the dtype's lowest value elsewhere: a custom attention mask as
+    transformers adds it to the attention scores."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def _tree_rows(batch: Sequence[_Question], shared: int, pad: int) -> tuple[torch.Tensor, ...]:
@@ -351,16 +366,15 @@ def greedy_generate(
         )
     encoded = [prompt_tokens(tokenizer, p)[-(max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    if callable(getattr(model, "generate", None)) and _packing_pays(
-        model, encoded, batch_size, max_new_tokens
-    ):
+    transformers_like = callable(getattr(model, "generate", None))
+    if transformers_like and _packing_pays(model, encoded, batch_size, max_new_tokens):
         decoder = _PackedDecoder(model, tokenizer, max_new_tokens, stop, forward_kwargs)
         new = decoder.run(encoded, order, batch_size, on_batch)
         if new is not None:
             return [
                 _cut(tokenizer.decode(new[i], skip_special_tokens=True), stop)[0] for i in range(len(prompts))
             ]
-    run = _generate_batch if callable(getattr(model, "generate", None)) else _generate_by_forward
+    run = _generate_batch if transformers_like else _generate_by_forward
     outputs = [""] * len(prompts)
     device, pad = next(model.parameters()).device, _pad_id(tokenizer)
     for batch in _batches(order, batch_size):
@@ -474,13 +488,18 @@ def _generate_by_forward(
     return seq[:, ids.shape[1] :]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Decoding:
-    """A question being answered: its index, the tokens generated so far, the position of the next."""
+    """A question being answered: its index, its prompt's length, the tokens generated so far."""
 
     index: int
+    prompt_length: int
     tokens: list[int]
-    position: int
+
+    @property
+    def position(self) -> int:
+        """The position of the last generated token, the one the next forward runs."""
+        return self.prompt_length + len(self.tokens) - 1
 
 
 SHARED_OWNER = -1
@@ -506,7 +525,7 @@ class _PackedDecoder:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.stop, self.forward_kwargs = max_new_tokens, stop, forward_kwargs
         self.device = next(model.parameters()).device
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.dtype = _float_dtype(model)
         self.select = accepts_keyword(model, "logits_to_keep")
         self.rows: list[_Decoding] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -522,9 +541,7 @@ class _PackedDecoder:
             return None
         pending, done = list(order), {}
         while pending or self.rows:
-            joining = _take(
-                pending, batch_size - len(self.rows), [len(encoded[i]) - self.shared for i in pending]
-            )
+            joining = _take(pending, batch_size - len(self.rows), lambda i: len(encoded[i]) - self.shared)
             finished = self._forward([(i, encoded[i][self.shared :]) for i in joining])
             for row in finished:
                 done[row.index] = row.tokens
@@ -537,11 +554,7 @@ class _PackedDecoder:
         ``SHARED_START_MIN``); False if the model keeps no plain key/value cache."""
         shared = _shared_start(prompts)
         # too short to be worth sharing: run one token only, to learn whether the cache is plain
-        ids = torch.tensor([prompts[0][: max(shared, 1)]], dtype=torch.long, device=self.device)
-        trim = {"logits_to_keep": 1} if self.select else {}
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **trim,
-                         **self.forward_kwargs(1))  # fmt: skip
-        found = _plain_cache(out)
+        found = _plain_cache(_run_start(self.model, prompts[0][: max(shared, 1)], self.forward_kwargs))
         if found is None:
             return False
         self.cache_name = found[0]
@@ -564,11 +577,9 @@ class _PackedDecoder:
             positions += range(self.shared, self.shared + len(rest))
             owners += [index] * len(rest)
             reads.append(len(tokens) - 1)
-            self.rows.append(_Decoding(index, [], self.shared + len(rest)))
+            self.rows.append(_Decoding(index, self.shared + len(rest), []))
         owner = torch.tensor(owners, dtype=torch.long, device=self.device)
         logits = self._run(tokens, positions, owner, reads)
-        for row in self.rows[: len(self.rows) - len(joining)]:
-            row.position += 1
         self.owner = torch.cat([self.owner, owner])
         return self._advance(logits.float().argmax(-1).tolist())
 
@@ -580,8 +591,7 @@ class _PackedDecoder:
         order = torch.arange(len(tokens), device=self.device)
         own = (owner[None, :] == owner[:, None]) & (order[None, :] <= order[:, None])
         allowed = torch.cat([seen, own], dim=1)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        mask = _additive_mask(allowed, self.dtype)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         extra: dict[str, Any] = _cache_of(self.kv, self.cache_name) if self.kv else {}
         if self.select:
@@ -613,7 +623,7 @@ class _PackedDecoder:
             keep = (~torch.isin(self.owner, gone)).nonzero().squeeze(1)
             self.kv = [(k.index_select(2, keep), v.index_select(2, keep)) for k, v in self.kv]
             self.owner = self.owner.index_select(0, keep)
-            self.rows = [row for row in self.rows if row not in finished]
+            self.rows = [row for row in self.rows if row not in finished]  # by identity (eq=False)
         return finished
 
     def _stopped(self, row: _Decoding) -> bool:
@@ -623,12 +633,13 @@ class _PackedDecoder:
         )
 
 
-def _take(pending: list[int], free: int, lengths: Sequence[int]) -> list[int]:
+def _take(pending: list[int], free: int, length: Callable[[int], int]) -> list[int]:
     """Remove and return the first pending questions that fit: at most ``free`` of them, with at
-    most ``JOIN_TOKENS`` prompt tokens in all (but at least one question when there is room)."""
+    most ``JOIN_TOKENS`` prompt tokens (``length`` of a question) in all, but at least one question
+    when there is room."""
     taken, tokens = 0, 0
-    while taken < min(free, len(pending)) and (taken == 0 or tokens + lengths[taken] <= JOIN_TOKENS):
-        tokens += lengths[taken]
+    while taken < min(free, len(pending)) and (taken == 0 or tokens + length(pending[taken]) <= JOIN_TOKENS):
+        tokens += length(pending[taken])
         taken += 1
     joining = pending[:taken]
     del pending[:taken]
