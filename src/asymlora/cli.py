@@ -78,8 +78,11 @@ def add_tasks(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "tasks", "list the task suites with their example counts", [
         "asymlora tasks --offline            # counts of what is on this machine, nothing downloaded",
         "asymlora tasks --suite commonsense  # one suite (downloads its BIG-bench files once)",
+        "asymlora tasks --rg                 # every reasoning-gym dataset usable as rg:<dataset>",
     ])  # fmt: skip
     p.add_argument("--suite", choices=list(SUITES), help="only this suite")
+    p.add_argument("--rg", action="store_true",
+                   help="list the reasoning-gym datasets (tasks rg:<dataset>?<setting>=...) with their settings")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="split seed (grouped tasks' counts depend on it)")
     p.add_argument(
         "--offline", action="store_true", help="do not download or generate missing data; mark it instead"
@@ -91,6 +94,8 @@ def add_tasks(sub: argparse._SubParsersAction) -> None:
 def run_tasks(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: give a split seed >= 0")
+    if args.rg:
+        return _list_rg(args.json)
     suites = [args.suite] if args.suite else list(SUITES)
     show = (lambda line: None) if args.json else print
     reasons: list[str] = []  # why tasks are unavailable, each once: the lines refer to them by number
@@ -104,11 +109,29 @@ def run_tasks(args: argparse.Namespace) -> int:
             listing[suite].append(_task_row(task, seed=args.seed, offline=args.offline, reasons=reasons))
             show("  " + _task_line(listing[suite][-1]))
         show("")
+    show("any reasoning-gym dataset: rg:<dataset>?size=N&seed=N&<its setting>=<value> "
+         "(asymlora tasks --rg lists them)")
     if args.json:
         print(json.dumps({"suites": listing, "unavailable": reasons}, indent=2))
     for number, reason in enumerate(reasons, 1):
         print(f"asymlora tasks: unavailable ({number}): {reason}", file=sys.stderr)
     return 1 if reasons else 0
+
+
+def _list_rg(as_json: bool) -> int:
+    """Every reasoning-gym dataset with its own settings and their defaults."""
+    from asymlora.data.rg import dataset_names, dataset_settings
+
+    listing = {name: dataset_settings(name) for name in dataset_names()}
+    if as_json:
+        print(json.dumps(listing, indent=2, default=repr))
+        return 0
+    print(f"{len(listing)} reasoning-gym datasets, each a task rg:<dataset>?size=1000&seed=0&<setting>=<value>")
+    print("(multiple choice where its answers are a small closed set, else generated and scored by its "
+          "score_answer; see docs/tasks.md)")  # fmt: skip
+    for name, settings in listing.items():
+        print(f"  {name:32} " + " ".join(f"{k}={v!r}" for k, v in settings.items()))
+    return 0
 
 
 def _task_row(task: Task, *, seed: int, offline: bool, reasons: list[str]) -> dict:

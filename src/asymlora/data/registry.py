@@ -47,6 +47,7 @@ from asymlora.models import cache_dir
 
 BIGBENCH_PREFIX = "bigbench:"
 HF_PREFIX = "hf:"
+RG_PREFIX = "rg:"
 
 GSM_SIZE = 1000
 GSM_DATA_SEED = 0  # which problems are generated; the train/test split has its own seed
@@ -267,7 +268,8 @@ def list_suites() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """A registered task; any BIG-bench task as ``bigbench:<task>[/<subtask>]``; a Hugging Face
+    """A registered task; any BIG-bench task as ``bigbench:<task>[/<subtask>]``; any reasoning-gym
+    dataset as ``rg:<dataset>?<options>`` (see ``asymlora.data.rg``); a Hugging Face
     dataset as ``hf:<name, folder or data file>?<column mapping>`` (see ``asymlora.data.hf``); or a local
     ``.json`` / ``.jsonl`` file given by its path."""
     if name in TASKS:
@@ -278,11 +280,16 @@ def get_task(name: str) -> Task:
         from asymlora.data.hf import hf_task
 
         return hf_task(name)
+    if name.startswith(RG_PREFIX):
+        from asymlora.data.rg import rg_task
+
+        return rg_task(name)
     if name.endswith((".json", ".jsonl")) and Path(name).is_file():
         return file_task(name)
     raise UnknownTaskError(
         f"unknown task {name!r}; available tasks: {', '.join(list_tasks())} "
-        "(or bigbench:<task>, hf:<dataset>?prompt=...&answer=..., or the path of a .json / .jsonl file)"
+        "(or bigbench:<task>, rg:<reasoning-gym dataset>, hf:<dataset>?prompt=...&answer=..., "
+        "or the path of a .json / .jsonl file)"
     )
 
 

@@ -129,6 +129,10 @@ class Task:
     load_test: Callable[[], list[dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
     """The source's own test split, where it has one (``load`` then returns its train split):
     ``splits`` keeps the two as given instead of cutting ``test_fraction`` off the pooled examples."""
+    score_answer: Callable[[str, Mapping[str, Any]], float] | None = field(default=None, repr=False, compare=False)
+    """Where the source scores its own answers (reasoning-gym's ``score_answer``): a generated
+    output and the example it answers -> a score in [0, 1]. Generative tasks without one are scored
+    by exact number match (numeric) or ROUGE (text)."""
 
     def examples(self) -> Dataset:
         """All examples, deduplicated by input and choices (so that no prompt is in both splits).

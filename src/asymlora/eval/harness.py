@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from asymlora.data.task import Task
+from asymlora.errors import UsageError
 from asymlora.eval.metrics import MC_METRICS
 
 TASK_PREFIX = "asymlora_"
@@ -46,6 +47,11 @@ def lm_eval_docs(task: Task, *, split: str = "test", seed: int = 0, limit: int |
 
 def lm_eval_config(task: Task, data_file: Path) -> dict:
     """The lm-eval YAML task (as a dict) over ``data_file``."""
+    if task.score_answer is not None:
+        raise UsageError(
+            f"task {task.name} is scored by its source's own score_answer (reasoning-gym), which an lm-eval "
+            "YAML task cannot call; score it with asymlora eval"
+        )
     config = {
         "task": lm_eval_name(task),
         "dataset_path": "json",
@@ -89,10 +95,11 @@ def write_lm_eval_task(
     of questions. Run it with ``lm_eval --include_path <out> --tasks <name>``."""
     out = Path(out)
     name = lm_eval_name(task)
-    docs = lm_eval_docs(task, split=split, seed=seed, limit=limit)  # before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     data_file = out / f"{name}.jsonl"
+    config = lm_eval_config(task, data_file)  # both before anything is written
+    docs = lm_eval_docs(task, split=split, seed=seed, limit=limit)
+    out.mkdir(parents=True, exist_ok=True)
     data_file.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     yaml_path = out / f"{name}.yaml"
-    yaml_path.write_text(yaml.safe_dump(lm_eval_config(task, data_file), sort_keys=False), encoding="utf-8")
+    yaml_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return yaml_path, len(docs)

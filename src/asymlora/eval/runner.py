@@ -98,7 +98,7 @@ def evaluate_task(
         forward_kwargs = task_ids_kwargs(task_id)
     items = sum(len(c) for c in examples["choices"]) if task.kind == "multiple_choice" else len(examples)
     unit = "choice" if task.kind == "multiple_choice" else "question"
-    scorer = {"multiple_choice": _score_choices, "numeric": _score_numeric, "text": _score_text}[task.kind]
+    scorer = _score_choices if task.kind == "multiple_choice" else _score_generated
     with eval_mode(model), make_bar(total=items, desc=f"eval {task.name}", unit=unit, leave=False,
                                     enabled=progress_bar) as bar:  # fmt: skip
         options = {"batch_size": batch_size, "max_length": max_length, "forward_kwargs": forward_kwargs,
@@ -146,10 +146,30 @@ def _generate(
     )
 
 
-def _score_numeric(
+def _score_generated(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
 ) -> TaskResult:
-    return numeric_result(task, examples, _generate(model, tokenizer, task, examples, options))
+    return generated_result(task, examples, _generate(model, tokenizer, task, examples, options))
+
+
+def generated_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult:
+    """A numeric or text task's result from its outputs: by the task's own scorer where it has one,
+    else by exact number match (numeric) or ROUGE (text)."""
+    if task.score_answer is not None:
+        return scored_result(task, examples, outputs)
+    return (numeric_result if task.kind == "numeric" else text_result)(task, examples, outputs)
+
+
+def scored_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult:
+    """A result from the task's own scorer (``Task.score_answer``), as a percentage per question."""
+    assert task.score_answer is not None
+    predictions = [
+        {"output": out, "targets": ex["targets"], "score": 100 * task.score_answer(out, ex)}
+        for out, ex in zip(outputs, examples, strict=True)
+    ]
+    score = statistics.fmean(p["score"] for p in predictions)
+    return TaskResult(task.name, task.kind, "score", score, len(examples), {"score": score}, predictions,
+                      scored_questions(task, examples))  # fmt: skip
 
 
 def numeric_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult:
@@ -162,12 +182,6 @@ def numeric_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskRes
     score = 100 * statistics.fmean(p["correct"] for p in predictions)
     return TaskResult(task.name, task.kind, "exact_match", score, len(examples), {"exact_match": score},
                       predictions, scored_questions(task, examples))  # fmt: skip
-
-
-def _score_text(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Dataset, options: dict
-) -> TaskResult:
-    return text_result(task, examples, _generate(model, tokenizer, task, examples, options))
 
 
 def text_result(task: Task, examples: Dataset, outputs: list[str]) -> TaskResult:
@@ -200,9 +214,7 @@ def majority_result(
             picks.append(rng.choice([i for i, c in enumerate(choices) if texts[c] == top]))
         return choice_result(task, examples, dict.fromkeys(MC_METRICS, picks))
     most_common = Counter(targets[0] for targets in train["targets"]).most_common(1)[0][0]
-    outputs = [most_common] * len(examples)
-    result = numeric_result if task.kind == "numeric" else text_result
-    return result(task, examples, outputs)
+    return generated_result(task, examples, [most_common] * len(examples))
 
 
 def evaluate_tasks(
