@@ -63,7 +63,8 @@ def test_generated_answers_are_scored_by_the_datasets_own_score_answer() -> None
     majority = majority_result(task, seed=0)
     most = majority.predictions[0]["output"]
     assert [p["score"] for p in majority.predictions] == reference_scores(
-        "gcd", [most] * len(questions), questions, size=60, seed=1)
+        "gcd", [most] * len(questions), questions, size=60, seed=1
+    )
 
 
 def test_partial_credit_comes_from_the_dataset() -> None:
@@ -72,7 +73,8 @@ def test_partial_credit_comes_from_the_dataset() -> None:
     outputs = [t[0][:-1] for t in examples["targets"]]  # one letter short
     result = generated_result(task, examples, outputs)
     assert [p["score"] for p in result.predictions] == reference_scores(
-        "spell_backward", outputs, examples["input"], size=40, seed=0)
+        "spell_backward", outputs, examples["input"], size=40, seed=0
+    )
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -86,7 +88,9 @@ def test_partial_credit_comes_from_the_dataset() -> None:
     ("rg:basic_arithmetic?min_terms=9&max_terms=2", "reasoning-gym refused the settings"),
 ])  # fmt: skip
 def test_bad_names_and_settings_are_refused_with_the_nearest(spec: str, message: str) -> None:
-    with pytest.raises((DataFormatError, UnknownTaskError), match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(
+        (DataFormatError, UnknownTaskError), match=message.replace("(", r"\(").replace("[", r"\[")
+    ):
         get_task(spec)
 
 
@@ -99,14 +103,19 @@ def test_cli_eval_scores_an_rg_task_and_lists_them(tmp_path: Path, capsys) -> No
     task = get_task(spec)
     questions = questions_of(task, seed=0, limit=5)["input"]
     outputs = [p["output"] for p in entry["predictions"]]
-    assert [p["score"] for p in entry["predictions"]] == reference_scores("gcd", outputs, questions, size=40, seed=0)
+    assert [p["score"] for p in entry["predictions"]] == reference_scores(
+        "gcd", outputs, questions, size=40, seed=0
+    )
     capsys.readouterr()
     assert main(["eval", "--model", "tiny-llama", "--task", "rg:gcdd"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nearest: gcd" in err
     assert main(["tasks", "--rg", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert "gcd" in listing and listing["gcd"]["min_value"] == reasoning_gym.create_dataset("gcd").config.min_value
+    assert (
+        "gcd" in listing
+        and listing["gcd"]["min_value"] == reasoning_gym.create_dataset("gcd").config.min_value
+    )
     assert "size" not in listing["gcd"]  # our option, not listed as the dataset's
 
 

@@ -16,6 +16,9 @@
 # per client), e.g. the reasoning suite's 4 clients:
 #   CONFIG=configs/fed-reasoning-smollm2.yaml OUT=experiments/fed-reasoning-smollm2 HET_RANKS=64,32,16,8 \
 #     scripts/experiments/federated_grid.sh w1
+# SETTINGS keeps only the named settings (default: all of them), e.g. the generative federation's
+#   SETTINGS="homogeneous heterogeneous" CONFIG=configs/fed-generative-smollm2.yaml \
+#     OUT=experiments/fed-generative-smollm2 scripts/experiments/federated_grid.sh w1
 # ASYMLORA names the command (default .venv/bin/asymlora), PYTHON the interpreter of the ablation
 # tables (default .venv/bin/python); GRID_ARGS adds arguments to every call
 # (e.g. GRID_ARGS="--set train.precision=fp32" on a GPU: scripts/experiments/device_grid.sh); it is
@@ -33,6 +36,11 @@ config=${CONFIG:-configs/fed-mc-smollm2.yaml}
 het=(--set "adapter.ranks=[${HET_RANKS:-64,64,32,32,16,16,8,8}]")
 common=(--set federation.client_a_init=common)
 reset=(--set federation.reset_a_each_round=true)
+all_settings="homogeneous a-common-keep heterogeneous heterogeneous-common-a a-common-reset a-independent-reset"
+settings=${SETTINGS:-$all_settings}
+for name in $settings; do
+  case " $all_settings " in *" $name "*) ;; *) echo "SETTINGS: unknown setting $name; known: $all_settings" >&2; exit 2 ;; esac
+done
 mkdir -p "$out"
 
 link_base() {  # link_base FOLDER: the base model's row is the same in every folder (same clients
@@ -69,8 +77,7 @@ setting() {  # setting NAME SEEDS [flags]: the cells of one setting (a folder of
 }
 tables() {  # every setting over all seeds: the tables (these calls wait for what others still run)
   local name
-  for name in homogeneous a-common-keep heterogeneous heterogeneous-common-a a-common-reset \
-    a-independent-reset; do
+  for name in $settings; do
     setting "$name" "$(echo $seeds | tr ' ' ',')" "$@"
   done
 }
@@ -109,7 +116,9 @@ tiers=("homogeneous-first a-common-keep" homogeneous "heterogeneous heterogeneou
        "a-common-reset a-independent-reset")
 for tier in "${tiers[@]}"; do
   for seed in $seeds; do
-    for name in $tier; do setting "$name" "$seed" --leave-busy; done
+    for name in $tier; do
+      case " $settings " in *" ${name%-first} "*) setting "$name" "$seed" --leave-busy ;; esac
+    done
   done
 done
 tables

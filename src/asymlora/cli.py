@@ -109,8 +109,7 @@ def run_tasks(args: argparse.Namespace) -> int:
             listing[suite].append(_task_row(task, seed=args.seed, offline=args.offline, reasons=reasons))
             show("  " + _task_line(listing[suite][-1]))
         show("")
-    show("any reasoning-gym dataset: rg:<dataset>?size=N&seed=N&<its setting>=<value> "
-         "(asymlora tasks --rg lists them)")
+    show("any reasoning-gym dataset: rg:<dataset>?size=N&seed=N&<its setting>=<value> (asymlora tasks --rg)")
     if args.json:
         print(json.dumps({"suites": listing, "unavailable": reasons}, indent=2))
     for number, reason in enumerate(reasons, 1):
@@ -126,9 +125,9 @@ def _list_rg(as_json: bool) -> int:
     if as_json:
         print(json.dumps(listing, indent=2, default=repr))
         return 0
-    print(f"{len(listing)} reasoning-gym datasets, each a task rg:<dataset>?size=1000&seed=0&<setting>=<value>")
+    print(f"{len(listing)} reasoning-gym datasets, each a task rg:<dataset>?size=1000&seed=0&<setting>=<v>")
     print("(multiple choice where its answers are a small closed set, else generated and scored by its "
-          "score_answer; see docs/tasks.md)")  # fmt: skip
+          "score_answer; see the README)")  # fmt: skip
     for name, settings in listing.items():
         print(f"  {name:32} " + " ".join(f"{k}={v!r}" for k, v in settings.items()))
     return 0
@@ -198,8 +197,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    "adapter folder or a run folder of asymlora train")  # fmt: skip
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--suite", choices=list(SUITES), help="a named suite")
-    what.add_argument("--task", action="append", help="a task name, bigbench:<task>, hf:<dataset>?<columns>, "
-                      "or a .json/.jsonl file (repeatable); with a task-routed adapter also its route")  # fmt: skip
+    what.add_argument("--task", action="append", help="a task name, bigbench:<task>, rg:<dataset>, "
+                      "hf:<dataset>?<columns>, or a .json/.jsonl file (repeatable); with a task-routed adapter also its route")  # fmt: skip
     p.add_argument("--route", help="task-routed adapters: the adapter task (name or index) for every question "
                    "(default: the task of the same name, as the run that trained the adapter names them)")  # fmt: skip
     p.add_argument("--split", choices=["test", "all"], default="test",
@@ -827,7 +826,8 @@ def add_lm_eval_task(sub: argparse._SubParsersAction) -> None:
         "--include_path lm-tasks --tasks asymlora_mine",
     ])  # fmt: skip
     p.add_argument(
-        "task", help="a task name, bigbench:<task>, hf:<dataset>?<columns>, or a .json/.jsonl file"
+        "task",
+        help="a task name, bigbench:<task>, rg:<dataset>, hf:<dataset>?<columns>, or a .json/.jsonl file",
     )
     p.add_argument("--out", type=Path, required=True, help="folder for <task>.yaml and <task>.jsonl")
     p.add_argument("--split", choices=["test", "all"], default="test",
@@ -844,9 +844,38 @@ def run_lm_eval_task(args: argparse.Namespace) -> int:
     yaml_path, n = write_lm_eval_task(get_task(args.task), args.out, split=args.split, seed=args.seed,
                                       limit=args.limit)  # fmt: skip
     print(f"wrote {yaml_path} ({n} questions, {args.split} split); run it with: "
-          f"lm_eval --model hf --model_args pretrained=BASE[,peft=ADAPTER] --include_path {args.out} "
-          f"--tasks {yaml_path.stem}")  # fmt: skip
+          f"asymlora lm-eval --model_args adapter=RUN_OR_ADAPTER --include_path {args.out} "
+          f"--tasks {yaml_path.stem} (or lm_eval --model hf --model_args pretrained=BASE[,peft=PEFT_FOLDER] ...)")  # fmt: skip
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# asymlora lm-eval
+
+
+def add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "lm-eval", "lm-evaluation-harness's command line (lm_eval) with the asymlora model "
+                 "registered: any asymlora adapter, routed ones included, on any lm-eval task", [
+        "asymlora lm-eval --model_args adapter=runs/my-run --tasks arc_easy --batch_size 8",
+        "asymlora lm-eval --model_args adapter=runs/task-routed,task=social_iqa --tasks social_iqa",
+        "asymlora lm-eval --model_args adapter=runs/my-run,dtype=bfloat16 --device cuda "
+        "--include_path lm-tasks --tasks asymlora_mine --log_samples --output_path out",
+    ])  # fmt: skip
+    p.epilog += (
+        "\n\nEvery argument after 'lm-eval' is lm-eval's own (see lm_eval run --help); --model defaults to "
+        "asymlora and --device to auto.\nThe asymlora model's --model_args: adapter=FOLDER (a run folder, "
+        "an asymlora adapter folder or a PEFT LoRA folder; required), task=NAME_OR_INDEX (the adapter task "
+        "that answers every question; task-routed adapters only, and required there), pretrained=BASE (default: "
+        "the base the adapter records), dtype=auto|bfloat16|float16|float32 (default: a run folder's own), "
+        "and lm-eval's batch_size, max_length, truncation, add_bos_token, ... See docs/lm-eval.md."
+    )
+    p.set_defaults(passes_on=True)  # lm-eval's arguments: args.passed_on
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    from asymlora.recipes.lm_eval_model import run_lm_eval as run
+
+    return run(args.passed_on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +893,7 @@ COMMANDS: dict[
     "comm": (add_comm, run_comm),
     "analyze": (add_analyze, run_analyze),
     "lm-eval-task": (add_lm_eval_task, run_lm_eval_task),
+    "lm-eval": (add_lm_eval, run_lm_eval),
 }
 
 DEBUG_ENV = "ASYMLORA_DEBUG"
@@ -913,7 +943,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. An error the user can fix (``asymlora.errors.user_error``) is printed as
     one line, exit status 2; with --debug or ASYMLORA_DEBUG=1 it keeps its traceback, as every
     other (unexpected) exception does."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, passed_on = parser.parse_known_args(argv)
+    if passed_on and not getattr(args, "passes_on", False):  # only lm-eval takes arguments it does not know
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
+    args.passed_on = passed_on
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         check_finite_flags(args)

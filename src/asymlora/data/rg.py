@@ -141,7 +141,9 @@ def _generated(dataset: str, size: int, seed: int, settings_json: str) -> tuple[
         data = factory.create_dataset(dataset, size=size, seed=seed, **settings)
     except (TypeError, ValueError, AssertionError) as err:
         detail = str(err) or type(err).__name__
-        raise DataFormatError(f"rg:{dataset}: reasoning-gym refused the settings {settings}: {detail}") from None
+        raise DataFormatError(
+            f"rg:{dataset}: reasoning-gym refused the settings {settings}: {detail}"
+        ) from None
     return data, tuple(data)
 
 
@@ -157,7 +159,9 @@ def rg_task(spec: str) -> Task:
         f", {described}" if described else "") + ")"  # fmt: skip
     if kind == "multiple_choice":
         records = closed_set_records(items)
-        return Task(options["name"], kind, lambda: records, REASONING_TEMPLATE, source + "; the answer set as choices")
+        return Task(
+            options["name"], kind, lambda: records, REASONING_TEMPLATE, source + "; the answer set as choices"
+        )
     records = [target_record(item["question"].strip(), a) for item, a in zip(items, answers, strict=True)]
     multiline = any("\n" in a for a in answers)
     return Task(
