@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -27,8 +28,11 @@ from asymlora.adapters.io import CONFIG_FILE, WEIGHTS_FILE
 from asymlora.cli import main
 from asymlora.config import ConfigError, apply_overrides, parse_override
 from asymlora.data.formats import file_task
-from asymlora.data.task import DataFormatError
+from asymlora.data.registry import get_task, get_tasks, unique_names
+from asymlora.data.task import DataFormatError, Task, check_task_name
+from asymlora.errors import InputError
 from asymlora.fedconfig import load_config as fed_load_config
+from asymlora.recipes.evaluate import load_for_eval, route_tasks
 from tiny_models import tiny_model, write_choice_tasks
 
 TINY = ["--model", "tiny-llama", "--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']",
@@ -666,6 +670,63 @@ def test_two_task_files_with_one_name_get_names_of_their_own(tmp_path, capsys):
         "t-0",
         "t-1",
     ]
+    # the other order names them the other way round; each is still scored with its own expert
+    loaded = load_for_eval(None, out)
+    assert route_tasks(loaded, get_tasks(files[::-1]), None) == {"t-0": 1, "t-1": 0}
+    assert route_tasks(loaded, get_tasks(files), None) == {"t-0": 0, "t-1": 1}
+    other = tmp_path / "c" / "t.jsonl"
+    other.parent.mkdir()
+    other.write_text("".join(json.dumps({"prompt": f"c q{j}:", "choices": ["yes", "no"], "answer": 0}) + "\n"
+                             for j in range(8)))  # fmt: skip
+    eval_other = [
+        "eval",
+        "--adapter",
+        str(out),
+        "--task",
+        files[0],
+        "--task",
+        str(other),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    refused(capsys, eval_other, "task t-1: the run's task t-1 posed other questions")
+    assert not (tmp_path / "o").exists()
+    assert main([*eval_other, "--route", "t-0"]) == 0  # one expert for both, as asked
+
+
+@pytest.mark.parametrize("names", [["t", "t", "t-1"], ["t", "t-0", "t"], ["t-1", "t", "t", "t-2", "t"]])
+def test_made_unique_names_never_collide_with_given_ones(names):
+    unique = unique_names(names)
+    assert len(set(unique)) == len(names)
+    kept = [u == n for u, n in zip(unique, names, strict=True) if names.count(n) == 1]
+    assert all(kept)  # a name given once is kept
+
+
+HOSTILE_NAMES = ["..", "../x", "/etc/x", "a/b", "x\x00y", "tab\tname", ".hidden", "-flag", "x" * 101, ""]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("source", ["hf", "rg", "file"])
+def test_a_task_name_is_never_a_path(tmp_path, name, source):
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{j}:", "target": str(j)}) + "\n" for j in range(4)))
+    if source == "file":
+        with pytest.raises(InputError, match="is not allowed; a task name is 1-100 letters"):
+            file_task(data, name=name) if name else Task(name, "numeric", list)
+        return
+    spec = f"hf:{data}?target=target&name=" if source == "hf" else "rg:gcd?size=20&name="
+    with pytest.raises(InputError, match="is not allowed|a task name is"):
+        get_task(spec + quote(name))
+
+
+@pytest.mark.parametrize("stem", ["..", "...", " spaced out ", "tab\there", "-dash", "ü", "x" * 240])
+def test_a_file_stem_becomes_a_safe_name(tmp_path, stem):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    path = folder / f"{stem}.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{j}:", "target": str(j)}) + "\n" for j in range(4)))
+    task = file_task(path)
+    assert task.name == check_task_name(task.name, "test") and "/" not in task.name and ".." not in task.name
 
 
 # --- the error path itself ---------------------------------------------------------------------------------

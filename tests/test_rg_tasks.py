@@ -11,8 +11,9 @@ import pytest
 import reasoning_gym
 
 from asymlora.cli import main
-from asymlora.data import DataFormatError, get_task
+from asymlora.data import get_task
 from asymlora.data.task import UnknownTaskError
+from asymlora.errors import InputError
 from asymlora.eval.runner import generated_result, majority_result
 from asymlora.eval.runner import test_examples as questions_of
 
@@ -88,9 +89,7 @@ def test_partial_credit_comes_from_the_dataset() -> None:
     ("rg:basic_arithmetic?min_terms=9&max_terms=2", "reasoning-gym refused the settings"),
 ])  # fmt: skip
 def test_bad_names_and_settings_are_refused_with_the_nearest(spec: str, message: str) -> None:
-    with pytest.raises(
-        (DataFormatError, UnknownTaskError), match=message.replace("(", r"\(").replace("[", r"\[")
-    ):
+    with pytest.raises((InputError, UnknownTaskError), match=message.replace("(", r"\(").replace("[", r"\[")):
         get_task(spec)
 
 

@@ -28,8 +28,10 @@ from asymlora.data.task import (
     Kind,
     PromptTemplate,
     Task,
+    check_task_name,
     is_number,
     mc_record,
+    name_from,
     target_record,
 )
 from asymlora.errors import InputError
@@ -109,7 +111,7 @@ def file_task(path: str | Path, *, kind: Kind | None = None, name: str | None = 
     kind, records = parse(located, kind)
     template = VERBATIM_TEMPLATE if fmt == "user" else ALPACA_TEMPLATE
     return Task(
-        name=name or path.stem,
+        name=check_task_name(name, f"{fmt} file {path}") if name else name_from(path.stem),
         kind=kind,
         load=lambda: records,
         template=template,

@@ -24,14 +24,13 @@ Examples: ``hf:./my_qa?prompt=question&choices=options&answer=label``, ``hf:sums
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from asymlora.data.formats import parse_user
-from asymlora.data.task import KINDS, VERBATIM_TEMPLATE, DataFormatError, Task
+from asymlora.data.task import KINDS, VERBATIM_TEMPLATE, DataFormatError, Task, check_task_name, name_from
 
 PREFIX = "hf:"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -60,9 +59,10 @@ def hf_task(spec: str) -> Task:
     kind, train, test = _records(source, options, spec)
     path = Path(source)
     stem = path.stem if path.suffix.lower() in FILE_BUILDERS else path.name
-    name = options.get("name") or re.sub(r"[^A-Za-z0-9._-]+", "_", stem or source).strip("_")
+    where = f"hf:{source}"
+    name = check_task_name(options["name"], where) if "name" in options else name_from(stem or source)
     return Task(
-        name=name or "hf_dataset",
+        name=name,
         kind=kind,
         load=lambda: train,
         load_test=None if test is None else lambda: test,

@@ -309,8 +309,22 @@ def get_tasks(names: Sequence[str]) -> list[Task]:
 
 
 def unique_names(names: list[str]) -> list[str]:
-    """Names made unique by a suffix where two share one (two files ``a.jsonl``)."""
-    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+    """Names made unique by a suffix where two share one: the name's position in the list (two
+    files ``a/t.jsonl``, ``b/t.jsonl``: ``t-0``, ``t-1``), or where that is taken by another name
+    or an earlier suffix, the next free number (with a third file ``c/t-1.jsonl``: ``t-0``,
+    ``t-2``, ``t-1``)."""
+    taken = set(names)
+    out = []
+    for i, name in enumerate(names):
+        if names.count(name) == 1:
+            out.append(name)
+            continue
+        k = i
+        while f"{name}-{k}" in taken:
+            k += 1
+        taken.add(f"{name}-{k}")
+        out.append(f"{name}-{k}")
+    return out
 
 
 def is_downloaded(task: Task) -> bool:

@@ -23,13 +23,21 @@ import difflib
 import functools
 import json
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
 from asymlora.data.registry import REASONING_TEMPLATE, closed_set_records
-from asymlora.data.task import KINDS, DataFormatError, Kind, Task, UnknownTaskError, is_number, target_record
+from asymlora.data.task import (
+    KINDS,
+    DataFormatError,
+    Kind,
+    Task,
+    UnknownTaskError,
+    check_task_name,
+    is_number,
+    target_record,
+)
 
 PREFIX = "rg:"
 OWN_OPTIONS = ("size", "seed", "kind", "name", "max_new_tokens")
@@ -37,7 +45,6 @@ MAX_CHOICES = 16
 """At most this many distinct answers: the dataset is scored as multiple choice over them."""
 MAX_SIZE = 100_000
 MAX_NEW_TOKENS = 512
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def _reasoning_gym() -> Any:
@@ -124,11 +131,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         options["max_new_tokens"] = _count(spec, "max_new_tokens", ours["max_new_tokens"], 1, MAX_NEW_TOKENS)
     if options["kind"] is not None and options["kind"] not in KINDS:
         raise DataFormatError(f"{spec!r}: kind must be one of {', '.join(KINDS)}")
-    if not _NAME.fullmatch(options["name"]):
-        raise DataFormatError(
-            f"{spec!r}: name={options['name']!r}; a task name is 1-100 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    check_task_name(options["name"], repr(spec))
     return dataset, options, settings
 
 

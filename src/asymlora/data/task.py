@@ -11,6 +11,7 @@ Every source is converted to the same four columns (``record_features()``):
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,6 +58,29 @@ def is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+MAX_NAME = 100
+_SAFE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
+
+
+def check_task_name(name: str, where: str) -> str:
+    """``name`` if it is safe as a single path component (a task's name names its folders under a
+    run: ``peft/<name>``, ``adapters/<name>``): 1-100 letters, digits, ``.``, ``_`` or ``-``,
+    starting with a letter or digit, so never ``..``, a separator or a control character."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise InputError(
+            f"{where}: task name {name!r} is not allowed; a task name is 1-{MAX_NAME} letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def name_from(text: str) -> str:
+    """A safe task name made from ``text`` (a file's stem, a dataset's name): every run of other
+    characters becomes ``_``, leading punctuation goes, and it is cut to the length limit."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip("._-")[:MAX_NAME].rstrip("._-")
+    return name or "task"
 
 
 def mc_record(input: str, choices: Sequence[str], answer: int) -> dict[str, Any]:
@@ -129,10 +153,15 @@ class Task:
     load_test: Callable[[], list[dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
     """The source's own test split, where it has one (``load`` then returns its train split):
     ``splits`` keeps the two as given instead of cutting ``test_fraction`` off the pooled examples."""
-    score_answer: Callable[[str, Mapping[str, Any]], float] | None = field(default=None, repr=False, compare=False)
+    score_answer: Callable[[str, Mapping[str, Any]], float] | None = field(
+        default=None, repr=False, compare=False
+    )
     """Where the source scores its own answers (reasoning-gym's ``score_answer``): a generated
     output and the example it answers -> a score in [0, 1]. Generative tasks without one are scored
     by exact number match (numeric) or ROUGE (text)."""
+
+    def __post_init__(self) -> None:
+        check_task_name(self.name, self.source or "task")
 
     def examples(self) -> Dataset:
         """All examples, deduplicated by input and choices (so that no prompt is in both splits).

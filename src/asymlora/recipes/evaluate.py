@@ -96,7 +96,7 @@ def load_for_eval(
         model, tokenizer, cfg, names = load_run(adapter, model=model_name, device=device, dtype=dtype)
         base = model_name or cfg.model
         return LoadedModel(model, tokenizer, base, f"{cfg.adapter.method} run {adapter} on {base}",
-                           cfg.adapter.router, names)  # fmt: skip
+                           cfg.adapter.router, names, _tasks_of_run(adapter))  # fmt: skip
     base = model_name or recorded_base(adapter, kind)
     if not base:
         raise ConfigError(f"--adapter {adapter} does not record its base model: give --model BASE")
@@ -104,8 +104,9 @@ def load_for_eval(
     wrapped = load_adapter(model, adapter).eval()
     cfg = wrapped.adapter_config
     what = "PEFT LoRA" if kind == "peft" else f"{cfg.method} adapter"
-    names = _names_from_run(adapter.parent) if cfg.router == "task" else None
-    return LoadedModel(wrapped, tokenizer, base, f"{what} {adapter} on {base}", cfg.router, names)
+    tasks = _tasks_of_run(adapter.parent) if cfg.router == "task" else None
+    names = tasks.names if tasks else None
+    return LoadedModel(wrapped, tokenizer, base, f"{what} {adapter} on {base}", cfg.router, names, tasks)
 
 
 def load_placed(name: str, device: str | None, dtype: str | None):
@@ -118,16 +119,16 @@ def load_placed(name: str, device: str | None, dtype: str | None):
     return model.to(where), tokenizer
 
 
-def _names_from_run(folder: Path) -> list[str] | None:
-    """The task names of the train run an adapter folder lies in (its adapter/, or the checkpoint/
-    of a run still training), or None: not in a run, or its names cannot be read (its task files
+def _tasks_of_run(folder: Path):
+    """The ``RunTasks`` of the train run an adapter folder lies in (its adapter/, or the checkpoint/
+    of a run still training), or None: not in a run, or its tasks cannot be read (its task files
     moved: ``--route`` still works then)."""
-    from .multitask import run_task_names
+    from .multitask import run_tasks
 
     if not (folder / "config.yaml").is_file():
         return None
     try:
-        return run_task_names(folder)
+        return run_tasks(folder)
     except AsymloraError:
         return None
 
@@ -150,6 +151,8 @@ def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> di
         where = "" if loaded.task_names else " (or pass the run folder that trained it: it names its tasks)"
         raise ConfigError(
             f"--route: this adapter routes by task and has no task named {', '.join(unknown)} "
+    if loaded.run_tasks is not None and any(loaded.run_tasks.questions):
+        return {t.name: _expert_by_questions(t, loaded.run_tasks) for t in tasks}
             f"(its tasks: {known}); give --route NAME_OR_INDEX{where}"
         )
     return {t.name: names.index(t.name) for t in tasks}
@@ -161,6 +164,25 @@ def check_eval_out(out: Path) -> None:
     check_is_folder(out)
     held = [name for name in RUN_FILES if name != "results.json" and (out / name).exists()]
     if held:
+def _expert_by_questions(task: Task, run) -> int:
+    """The expert of ``run`` (a ``RunTasks``) whose task posed the same test questions as ``task``
+    (the same first ``limit`` questions of the same split): the task's identity, whatever the
+    order or the names of the arguments. Where two experts' tasks had the same questions, the one
+    of the same name; a task matching none is refused."""
+    from ..eval.runner import scored_questions, test_examples
+
+    digest = scored_questions(task, test_examples(task, seed=run.seed, limit=run.limit))
+    same = [i for i, q in enumerate(run.questions) if q == digest]
+    if len(same) > 1:
+        same = [i for i in same if run.names[i] == task.name] or same[:1]
+    if same:
+        return same[0]
+    why = (f"the run's task {task.name} posed other questions (its data, template or split changed, or "
+           "it is another file of the same name)" if task.name in run.names else
+           f"no task of the run posed its questions (its tasks: {', '.join(run.names)})")  # fmt: skip
+    raise ConfigError(f"task {task.name}: {why}; give --route NAME_OR_INDEX to score it with one expert")
+
+
         raise RunFolderError(
             f"--out {out} holds a run ({', '.join(held)}); its results.json would be overwritten",
             hint=f"give another --out, such as {out / 'eval'}",

@@ -373,7 +373,31 @@ def load_run(
 
 def run_task_names(run_dir: Path, cfg: MultitaskConfig | None = None) -> list[str]:
     """The tasks of a run folder in task-id order: those its results name, else its config's."""
-    scores = run_scores(run_dir)
-    if scores:
-        return [s["task"] for s in scores]
-    return [t.name for t in select_tasks((cfg or load_config(run_dir / "config.yaml")).data)]
+    return run_tasks(run_dir, cfg).names
+
+
+@dataclass(frozen=True)
+class RunTasks:
+    """The tasks a run trained, in task-id order, each with the digest of the test questions its
+    results scored it on (None where the run has no results yet): ``seed`` and ``limit`` chose
+    those questions. A task's name can change with the order of the arguments that name it (two
+    files ``t.jsonl``), its questions cannot, so the digest is what identifies an expert's task."""
+
+    names: list[str]
+    questions: list[str | None]
+    seed: int
+    limit: int | None
+
+
+def run_tasks(run_dir: Path, cfg: MultitaskConfig | None = None) -> RunTasks:
+    """A run folder's ``RunTasks``: from its results where it has them, else from its config."""
+    cfg = cfg or load_config(Path(run_dir) / "config.yaml")
+    path = Path(run_dir) / "results.json"
+    entries = read_json(path).get("tasks", []) if run_scores(run_dir) else []
+    if entries:
+        names = [e["task"] for e in entries]
+        questions = [e.get("questions") if isinstance(e.get("questions"), str) else None for e in entries]
+    else:
+        names = [t.name for t in select_tasks(cfg.data)]
+        questions = [None] * len(names)
+    return RunTasks(names, questions, cfg.data.split_seed, cfg.eval.limit)
