@@ -31,6 +31,7 @@ class LoadedModel:
     description: str
     router: str | None = None  # the adapter's router ("task": questions are routed by task)
     task_names: list[str] | None = None  # the adapter's tasks, in task-id order, where known
+    run_tasks: Any = None  # the RunTasks of the run the adapter comes from, where known
 
 
 def adapter_kind(path: Path) -> str:
@@ -145,25 +146,19 @@ def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> di
     if route is not None:
         task_id = resolve_task(route, names, "task", flag="--route")
         return {t.name: task_id for t in tasks}
+    if loaded.run_tasks is not None and any(loaded.run_tasks.questions):
+        return {t.name: _expert_by_questions(t, loaded.run_tasks) for t in tasks}
     unknown = [t.name for t in tasks if t.name not in names]
     if unknown:
         known = ", ".join(loaded.task_names) if loaded.task_names else f"ids 0..{num_experts - 1}, unnamed"
         where = "" if loaded.task_names else " (or pass the run folder that trained it: it names its tasks)"
         raise ConfigError(
             f"--route: this adapter routes by task and has no task named {', '.join(unknown)} "
-    if loaded.run_tasks is not None and any(loaded.run_tasks.questions):
-        return {t.name: _expert_by_questions(t, loaded.run_tasks) for t in tasks}
             f"(its tasks: {known}); give --route NAME_OR_INDEX{where}"
         )
     return {t.name: names.index(t.name) for t in tasks}
 
 
-def check_eval_out(out: Path) -> None:
-    """Refuse an output folder that is a file (or lies below one), or that holds a run of
-    asymlora train or federate, whose results.json the evaluation would overwrite."""
-    check_is_folder(out)
-    held = [name for name in RUN_FILES if name != "results.json" and (out / name).exists()]
-    if held:
 def _expert_by_questions(task: Task, run) -> int:
     """The expert of ``run`` (a ``RunTasks``) whose task posed the same test questions as ``task``
     (the same first ``limit`` questions of the same split): the task's identity, whatever the
@@ -183,6 +178,12 @@ def _expert_by_questions(task: Task, run) -> int:
     raise ConfigError(f"task {task.name}: {why}; give --route NAME_OR_INDEX to score it with one expert")
 
 
+def check_eval_out(out: Path) -> None:
+    """Refuse an output folder that is a file (or lies below one), or that holds a run of
+    asymlora train or federate, whose results.json the evaluation would overwrite."""
+    check_is_folder(out)
+    held = [name for name in RUN_FILES if name != "results.json" and (out / name).exists()]
+    if held:
         raise RunFolderError(
             f"--out {out} holds a run ({', '.join(held)}); its results.json would be overwritten",
             hint=f"give another --out, such as {out / 'eval'}",
