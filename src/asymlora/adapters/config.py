@@ -16,7 +16,15 @@ from typing import Any
 from ..config import read_json
 from ..errors import InputError, MissingFileError
 
-METHODS = ("lora", "alora", "hydralora", "mola", "factored")
+OWN_METHODS = ("lora", "alora", "hydralora", "mola", "factored")
+# PEFT's own multi-LoRA methods, built and run by PEFT as anchors beside ours (peft_anchors.py)
+PEFT_ANCHORS = ("peft:lily", "peft:poly")
+METHODS = OWN_METHODS + PEFT_ANCHORS
+REFUSED_METHODS = {
+    "peft:xlora": "is not supported: PEFT's X-LoRA mixes LoRA experts trained beforehand (XLoraConfig.adapters) "
+    "instead of training from scratch, and its scaling pass writes into the KV cache the evaluator scores with "
+    "(docs/peft-anchors.md); choose peft:lily or peft:poly",
+}
 SINGLE = ("lora", "factored")  # one adapter, no router
 ROUTERS = ("softmax", "topk", "task")
 INITS = ("independent", "identical")
@@ -30,7 +38,10 @@ class AdapterConfig:
 
     method: str = field(
         default="alora",
-        metadata={"help": "lora | alora (K A's, one B) | hydralora (one A, K B's) | mola (K pairs)"},
+        metadata={
+            "help": "lora | alora (K A's, one B) | hydralora (one A, K B's) | mola (K pairs) | peft:lily | "
+            "peft:poly (PEFT's own, sized to alora's trainable parameters: docs/peft-anchors.md)"
+        },
     )
     r: int = field(default=8, metadata={"help": "rank of each adapter"})
     alpha: float = field(default=16.0, metadata={"help": "scale numerator: the update is (alpha / r) B A x"})
@@ -98,7 +109,9 @@ class AdapterConfig:
             return ValueError(f"adapter config: {key}={getattr(self, key)!r} {why}")
 
         if self.method not in METHODS:
-            raise bad("method", f"is not one of {', '.join(METHODS)}")
+            raise bad("method", REFUSED_METHODS.get(self.method, f"is not one of {', '.join(METHODS)}"))
+        if self.method in PEFT_ANCHORS and self.dtype != "float32":
+            raise bad("dtype", f"must be float32 for {self.method} (PEFT keeps its adapters in float32)")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise bad("r", "must be an integer >= 1")
         if (
@@ -183,6 +196,11 @@ class AdapterConfig:
         if not path.is_file():
             raise MissingFileError(f"{path}: no adapter config here (expected adapter_config.json)")
         return cls.from_dict(read_json(path), source=str(path))
+
+
+def is_anchor(method: str) -> bool:
+    """Whether ``method`` is one of PEFT's own methods, built and run by PEFT (``PEFT_ANCHORS``)."""
+    return method in PEFT_ANCHORS
 
 
 def _is_regex(text: str) -> bool:

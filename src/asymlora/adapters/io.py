@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import read_json
 from ..errors import InputError, MissingFileError
-from .config import AdapterConfig
+from .config import AdapterConfig, is_anchor
 from .layer import MultiLoraLinear
 from .model import AsymLoraModel, _model_type
 
@@ -108,7 +108,10 @@ def _write_folder(
 
 
 def save_adapter(model: AsymLoraModel, folder: str | Path) -> Path:
-    """Save the adapters (not the base model) to ``folder``."""
+    """Save the adapters (not the base model) to ``folder``; one of PEFT's own methods
+    (peft_anchors.py) as PEFT saves it, beside its asymlora config."""
+    if is_anchor(model.adapter_config.method):
+        return model.save(folder)
     return _write_folder(
         folder,
         CONFIG_FILE,
@@ -197,6 +200,10 @@ def load_adapter(model: nn.Module, folder: str | Path, task: int | None = None) 
             f"{config_file}: this adapter was made for a {config.model_type!r} model, but the model given is "
             f"{found!r}; load it onto the base model it was trained on ({config.base_model_name_or_path})"
         )
+    if is_anchor(config.method):
+        from .peft_anchors import load_anchor  # PEFT is an optional dependency
+
+        return load_anchor(model, folder, config)
     tensors = read_tensors(folder / WEIGHTS_FILE)
     check_sizes_match(config, tensors, folder)
     try:
@@ -393,6 +400,11 @@ def check_sizes_match(config: AdapterConfig, tensors: Mapping[str, Tensor], fold
 
 def peft_export_problem(config: AdapterConfig) -> str | None:
     """Why this adapter has no PEFT LoRA export, or None when it has one (per task where routed)."""
+    if is_anchor(config.method):
+        return (
+            f"{config.method} is one of PEFT's own methods, not a LoRA: the run's adapter/ folder is PEFT's "
+            "save_pretrained output already (peft.PeftModel.from_pretrained(base, RUN/adapter) loads it)"
+        )
     if config.method == "factored" or config.num_experts == 1 or config.router == "task":
         return None
     default = " (the default router)" if config.router == "softmax" else ""

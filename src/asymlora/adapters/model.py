@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .config import AdapterConfig
+from .config import AdapterConfig, is_anchor
 from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState
 from .targets import find_target_modules, layer_dims
 
@@ -39,6 +39,15 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def record_base(config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """``config`` with the architecture and name of the base ``model`` filled in where unset."""
+    if config.model_type is None:
+        config.model_type = _model_type(model)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return config
+
+
 class AsymLoraModel(nn.Module):
     """A causal LM with multi-LoRA adapters. Call it like the base model; pass ``task_ids``
     (one per example) when the router is ``task``. Unknown attributes fall through to the base
@@ -53,15 +62,13 @@ class AsymLoraModel(nn.Module):
                 "this model still holds the adapter layers of an earlier wrap; call .unload() on "
                 "that wrapped model first"
             )
-        if config.model_type is None:
-            config.model_type = _model_type(model)
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = (
-                getattr(getattr(model, "config", None), "name_or_path", None) or None
+        if is_anchor(config.method):
+            raise InputError(
+                f"{config.method} is built by PEFT: use asymlora.wrap(model, config, n_tasks=...)"
             )
         self.base_model = model
         self.train(model.training)  # new layers follow the model's mode (no dropout in an eval model)
-        self.adapter_config = config
+        self.adapter_config = record_base(config, model)
         self.routing = RoutingState()
         model.requires_grad_(False)
         self.adapted: dict[str, AdapterLayer] = {}
@@ -232,10 +239,16 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def wrap(model: nn.Module, config: AdapterConfig | None = None, **overrides) -> AsymLoraModel:
-    """Freeze ``model`` and add adapters: ``wrap(model, method="alora", num_experts=3, r=8)``."""
+def wrap(model: nn.Module, config: AdapterConfig | None = None, n_tasks: int | None = None, **overrides):
+    """Freeze ``model`` and add adapters: ``wrap(model, method="alora", num_experts=3, r=8)``. PEFT's
+    own methods (``peft:lily``, ``peft:poly``: peft_anchors.py) are built by PEFT; ``n_tasks``, the
+    number of tasks, sizes Poly's task router."""
     if config is None:
         config = AdapterConfig(**overrides)
     elif overrides:
         config = replace(config, **overrides)
+    if is_anchor(config.method):
+        from .peft_anchors import wrap_anchor  # PEFT is an optional dependency
+
+        return wrap_anchor(model, config, n_tasks)
     return AsymLoraModel(model, config)

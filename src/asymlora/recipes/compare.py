@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from ..adapters import METHODS
+from ..adapters.config import OWN_METHODS, REFUSED_METHODS, is_anchor
 from ..adapters.model import matching_rank, planned_size
+from ..adapters.peft_anchors import anchor_settings
 from ..config import ConfigError, to_dict
 from ..data.task import Task, training_examples
 from ..eval.report import (
@@ -33,7 +35,7 @@ from ..eval.runner import majority_report, scored_questions, test_examples
 from ..eval.stats import Table, interval_text
 from ..models import load_model, resolve_device
 from ..progress import progress_bar
-from ..runfolder import check_same_config, folder_busy, folder_lock, result_cpu
+from ..runfolder import check_same_config, counted_cpu, folder_busy, folder_lock, result_cpu
 from ..train.batches import task_probabilities
 from ..train.checkpoint import checkpoint_progress
 from .multitask import MultitaskConfig, evaluate, run, save_config, select_tasks
@@ -171,13 +173,27 @@ LEFT_TO_OTHERS = (
 )
 
 
-def check_grid(methods: list[str], seeds: list[int], known: Sequence[str], matched: bool = False) -> None:
-    """Refuse an unknown method (``matched``: also ``m@other`` of two known ones) or an empty seed
-    list, naming the flag."""
+def check_grid(
+    methods: list[str],
+    seeds: list[int],
+    known: Sequence[str],
+    matched: Sequence[str] = (),
+    refused: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse an unknown method (also ``m@other``, where both are of ``matched``), a ``refused``
+    one (with its reason) or an empty seed list, naming the flag."""
+    for method in methods:
+        if method in (refused or {}):
+            raise ConfigError(f"--methods: {method} {refused[method]}")
     parts = [p for m in methods for p in (m.split(MATCHED, 1) if matched else [m])]
     unknown = [p for p in parts if p not in known]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    unmatched = [m for m in methods if MATCHED in m and not set(m.split(MATCHED, 1)) <= set(matched)]
+    if unmatched:
+        raise ConfigError(
+            f"--methods: {', '.join(unmatched)}: m@other sizes one of {', '.join(matched)} to another"
+        )
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
 
@@ -215,7 +231,7 @@ def compare(
     ``against``: the methods every other is paired against (default lora). Without ``wait``,
     cells another process is running are left to it, and then no table is made (None).
     ``status``: only say where each cell stands (``grid_status``), running nothing."""
-    check_grid(methods, seeds, METHODS, matched=True)
+    check_grid(methods, seeds, METHODS, matched=OWN_METHODS, refused=REFUSED_METHODS)
     check_single_task_budget(single_task_baseline)
     against = resolve_against(methods, against, "lora")
     out = Path(out)
@@ -255,10 +271,15 @@ def compare(
         MAJORITY_ROW: majority_answers(base, tasks),
     }
     summary = summarize_cells(cells, task_names, references, rows, against)
+    for method, results in cells.items():
+        summary["methods"][method]["train_cpu_seconds_per_step"] = _step_seconds(results, base.train.steps)
     summary.update(seeds=seeds, model=base.model, steps=base.train.steps, batch_size=base.train.batch_size)
     summary["single_task_budget"] = single_task_baseline
     summary["matched_ranks"] = ranks
-    return write_summary(summary, out, to_markdown, log)
+    summary["anchor_settings"] = {
+        m: anchor_settings(cell_folder(out, m, seeds[0]) / "adapter") for m in methods if is_anchor(m)
+    }
+    return write_summary(summary, out, lambda s: to_markdown(s, tail=STEP_TIME), log)
 
 
 def matched_ranks(base: MultitaskConfig, methods: list[str], log=print) -> dict[str, int]:
@@ -464,6 +485,13 @@ def _cpu_minutes(results: list[dict]) -> dict[str, float] | None:
     return mean_sd(totals)
 
 
+def _step_seconds(results: list[dict], steps: int) -> dict[str, float] | None:
+    """The training loop's CPU seconds per optimizer step (its checkpoints and any evaluations
+    during training included), mean and sd over seeds; None unless every seed counted it."""
+    spent = [counted_cpu((r.get("cpu_seconds") or {}).get("train")) for r in results]
+    return None if None in spent else mean_sd([s / steps for s in spent])
+
+
 def _check_same_questions(runs: dict[str, list[dict]], tasks: list[str]) -> None:
     """Every run and seed of a table must have been scored on the same questions of each task."""
     for name in tasks:
@@ -544,7 +572,13 @@ def _parameters(m: dict[str, Any]) -> list[str]:
     return [f"{m['trainable_parameters']:,}" if m["trainable_parameters"] else "-"]
 
 
+def _step_time(m: dict[str, Any]) -> list[str]:
+    v = m.get("train_cpu_seconds_per_step")
+    return [("-" if v is None else f"{v['mean']:.3g}" if v["n"] < 2 else f"{v['mean']:.3g} ± {v['sd']:.2g}")]
+
+
 PARAMETERS: Columns = (["params"], _parameters)
+STEP_TIME: Columns = (["train CPU s/step"], _step_time)
 NO_COLUMNS: Columns = ([], lambda m: [])
 
 
@@ -555,7 +589,13 @@ def parameters_note(summary: dict[str, Any]) -> str:
         f"{spec.split(MATCHED)[1]}'s trainable parameters"
         for spec, rank in (summary.get("matched_ranks") or {}).items()
     ]
-    return "; ".join(matched) + "." if matched else "Trainable parameters are not matched across methods."
+    anchors = [
+        f"{name} is PEFT's own method, run by PEFT with {', '.join(f'{k}={v}' for k, v in settings.items())} "
+        "(r: the smallest with at least alora's trainable parameters; docs/peft-anchors.md)"
+        for name, settings in (summary.get("anchor_settings") or {}).items()
+    ]
+    notes = matched + anchors
+    return "; ".join(notes) + "." if notes else "Trainable parameters are not matched across methods."
 
 
 def to_markdown(

@@ -39,11 +39,12 @@ def dry_run(cfg: MultitaskConfig, resume: bool = False, overwrite: bool = False)
     """The resolved config, the parameter counts and ``memory_estimate``'s bytes of the run
     ``cfg`` describes, checked as ``multitask.run`` checks it; nothing is loaded or written."""
     RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
-    check_routing(cfg, len(select_tasks(cfg.data)))
+    n_tasks = len(select_tasks(cfg.data))
+    check_routing(cfg, n_tasks)
     shapes = model_config(cfg.model)
     base = meta_model(shapes).to(loaded_dtype(cfg.dtype, shapes))
     check_ranks_fit(base, cfg.adapter, adapter_ranks(cfg))
-    model = wrap(base, cfg.adapter)
+    model = wrap(base, cfg.adapter, n_tasks=n_tasks)
     count = model.trainable_parameters()
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     return {

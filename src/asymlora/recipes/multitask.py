@@ -190,7 +190,7 @@ def prepare(cfg: MultitaskConfig):
     examples = training_examples(tasks, cfg.data.split_seed, cfg.data.max_train_per_task)
     base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     check_ranks_fit(base, cfg.adapter, adapter_ranks(cfg))
-    return tasks, examples, wrap(base.to(where), cfg.adapter), tokenizer
+    return tasks, examples, wrap(base.to(where), cfg.adapter, n_tasks=len(tasks)), tokenizer
 
 
 def adapter_ranks(cfg: MultitaskConfig) -> dict[str, int]:
