@@ -11,6 +11,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -748,6 +749,36 @@ def test_debug_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path, m
     monkeypatch.setitem(commands, "train", (commands["train"][0], bug))
     with pytest.raises(KeyError, match="a bug"):
         main(args)
+
+
+# --- values that are not answers, and texts without bounds ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        ({"prompt": "q", "choices": [["a"], "b"], "answer": 0}, 'every choice must be a non-empty string or a finite number, not ["a"]'),
+        ({"prompt": "q", "choices": [None, "b"], "answer": 1}, "every choice must be a non-empty string or a finite number, not null"),
+        ({"prompt": "q", "choices": [True, "b"], "answer": 1}, "not true"),
+        ({"prompt": "q", "choices": ["  ", "b"], "answer": 1}, 'not "  "'),
+        ({"prompt": "q", "target": [None]}, "every target must be a non-empty string or a finite number, not null"),
+        ({"prompt": "q", "target": "   "}, 'every target must be a non-empty string or a finite number, not "   "'),
+        ({"prompt": "q", "target": [{"a": 1}]}, 'not {"a": 1}'),
+        ({"prompt": "q", "target": float("nan")}, "not NaN"),
+        ({"prompt": "x" * 100_001, "target": "1"}, "the input is 100,001 characters long; at most 100,000"),
+        ({"prompt": "q", "target": "y" * 100_001}, "the answer is 100,001 characters long"),
+    ],
+)  # fmt: skip
+def test_values_that_are_not_answers_and_texts_without_bounds(tmp_path, record, says):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [record, *[{"prompt": f"p{i}", "target": "1",
+                    "choices": ["1", "2"], "answer": 0} for i in range(3)]]))  # fmt: skip
+    with pytest.raises(DataFormatError, match=re.escape(says)):
+        file_task(path).examples()
+
+
+@pytest.mark.parametrize(("prompt", "says"), [("", "prompt 1 is empty"), (" \n", "prompt 1 is empty"),
+                                              ("z" * 100_001, "prompt 1: the prompt is 100,001 characters")])  # fmt: skip
+def test_generate_refuses_empty_and_unbounded_prompts_before_loading(capsys, prompt, says):
+    refused(capsys, ["generate", "--model", "no-such-model", "--prompt", prompt], says)
 
 
 # --- fuzzing: the JSONL task reader and the --set parser ----------------------------------------------------

@@ -16,6 +16,7 @@ Both ``.json`` (a list) and ``.jsonl`` (one object per line) files are read.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,13 +137,25 @@ def _require(item: dict[str, Any], key: str, types: type | tuple[type, ...], whe
     return value
 
 
+def _answer_text(value: Any, key: str, where: str) -> str:
+    """A choice or target as text: a string with something in it, or a finite number (``3``,
+    ``2.5``); anything else (a list, an object, null, true, NaN, "  ") is refused, naming it."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    raise DataFormatError(
+        f"{where}: every {key} must be a non-empty string or a finite number, not {json.dumps(value)[:40]}"
+    )
+
+
 def parse_user(located: Sequence[tuple[str, dict]], kind: Kind | None) -> tuple[Kind, list[dict]]:
     multiple_choice = "choices" in located[0][1]
     records = []
     for where, item in located:
         prompt = _require(item, "prompt", str, where)
         if multiple_choice:
-            choices = [str(c) for c in _require(item, "choices", list, where)]
+            choices = [_answer_text(c, "choice", where) for c in _require(item, "choices", list, where)]
             answer = item.get("answer")
             if isinstance(answer, str) and answer in choices:
                 answer = choices.index(answer)
@@ -153,7 +166,9 @@ def parse_user(located: Sequence[tuple[str, dict]], kind: Kind | None) -> tuple[
             records.append(mc_record(prompt, choices, answer))
         else:
             target = _require(item, "target", (str, int, float, list), where)
-            targets = [str(t) for t in target] if isinstance(target, list) else [str(target)]
+            targets = [
+                _answer_text(t, "target", where) for t in (target if isinstance(target, list) else [target])
+            ]
             records.append(target_record(prompt, targets))
     if multiple_choice:
         return "multiple_choice", records

@@ -271,9 +271,24 @@ def check_seed(seed: int) -> None:
         raise InputError(f"split seed {seed}: give a seed >= 0")
 
 
+MAX_TEXT_CHARS = 100_000
+"""The longest input, choice or target taken (characters): far above any model's context, and
+checked before anything is tokenized (a 50 MB line would otherwise abort the tokenizer)."""
+
+
+def check_text_length(text: str, what: str, where: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise DataFormatError(
+            f"{where}: the {what} is {len(text):,} characters long; at most {MAX_TEXT_CHARS:,} are taken"
+        )
+
+
 def check_record(record: Mapping[str, Any], *, kind: Kind, where: str) -> None:
     if not isinstance(record.get("input"), str) or not record["input"].strip():
         raise DataFormatError(f"{where}: empty or missing input")
+    check_text_length(record["input"], "input", where)
+    for text in [*record["choices"], *record["targets"]]:
+        check_text_length(text, "answer" if kind != "multiple_choice" else "choice", where)
     if kind == "multiple_choice":
         n = len(record["choices"])
         if n < 2 or not 0 <= record["answer"] < n:

@@ -13,7 +13,7 @@ import torch
 from ..adapters.io import atomic_write
 from ..config import ConfigError
 from ..data.formats import read_records
-from ..data.task import DataFormatError
+from ..data.task import DataFormatError, check_text_length
 from ..errors import check_at_least
 from ..runfolder import json_line
 
@@ -106,6 +106,10 @@ def generate(
         resolve_device(device, "--device")  # checked first, as train checks its device
     check_at_least("max_new_tokens", max_new_tokens, 1)
     check_at_least("batch_size", batch_size, 1)
+    for i, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            raise DataFormatError(f"prompt {i} is empty; give the text the model should continue")
+        check_text_length(prompt, "prompt", f"prompt {i}")
     if adapter is None and model is None:
         raise ConfigError("give --adapter (a run, adapter or PEFT folder), --model, or both")
     loaded = load_for_eval(model, Path(adapter) if adapter is not None else None, device, dtype)
