@@ -33,6 +33,11 @@ class LoadedModel:
     task_names: list[str] | None = None  # the adapter's tasks, in task-id order, where known
     run_tasks: Any = None  # the RunTasks of the run the adapter comes from, where known
 
+    @property
+    def route_names(self) -> list[str]:
+        """What each adapter task is called: its task name where known, else its index."""
+        return self.task_names or [str(i) for i in range(self.model.adapter_config.num_experts)]
+
 
 def adapter_kind(path: Path) -> str:
     """``run`` (a folder of asymlora train), ``asymlora`` or ``peft``; a one-line error otherwise."""
@@ -142,7 +147,7 @@ def route_tasks(loaded: LoadedModel, tasks: list[Task], route: str | None) -> di
             raise ConfigError(f"--route: {loaded.description} does not route by task; leave --route out")
         return None
     num_experts = loaded.model.adapter_config.num_experts
-    names = loaded.task_names or [str(i) for i in range(num_experts)]
+    names = loaded.route_names
     if route is not None:
         task_id = resolve_task(route, names, "task", flag="--route")
         return {t.name: task_id for t in tasks}
