@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as err:  # an optional extra; the command line says this in one line
+    raise ImportError(f"the asymlora model for lm-eval needs lm-evaluation-harness ({err}): "
+                      "pip install -e '.[lmeval]' (or pip install lm-eval)") from err  # fmt: skip
 
 from ..errors import UsageError
 from ..models import DEVICES, DTYPE_CHOICES
