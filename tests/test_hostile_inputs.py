@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import io
 import json
 import os
 import re
 import resource
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -28,6 +31,7 @@ from asymlora.adapters import read_tensors, save_adapter, wrap
 from asymlora.adapters.io import CONFIG_FILE, WEIGHTS_FILE
 from asymlora.cli import main
 from asymlora.config import ConfigError, apply_overrides, parse_override
+from asymlora.data import bigbench
 from asymlora.data.formats import file_task
 from asymlora.data.registry import get_task, get_tasks, unique_names
 from asymlora.data.task import DataFormatError, Task, check_task_name
@@ -779,6 +783,50 @@ def test_values_that_are_not_answers_and_texts_without_bounds(tmp_path, record, 
                                               ("z" * 100_001, "prompt 1: the prompt is 100,001 characters")])  # fmt: skip
 def test_generate_refuses_empty_and_unbounded_prompts_before_loading(capsys, prompt, says):
     refused(capsys, ["generate", "--model", "no-such-model", "--prompt", prompt], says)
+
+
+# --- archives: members that leave their folder or are too large ---------------------------------------------
+def write_archive(path: Path, members: dict[str, bytes]) -> Path:
+    prefix = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, data in members.items():
+                archive.writestr(prefix + name, data)
+    else:
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(prefix + name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+TASK_JSON = json.dumps(
+    {"examples": [{"input": f"{i}?", "target_scores": {"a": 1, "b": 0}} for i in range(4)]}
+)
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".zip"])
+@pytest.mark.parametrize(
+    ("members", "says"),
+    [
+        ({"t/../task.json": TASK_JSON.encode()}, "member 't/../task.json' would leave its folder"),
+        ({"t/./task.json": TASK_JSON.encode()}, "would leave its folder"),
+        ({"t/task.json": b" " * 5000 + TASK_JSON.encode()}, "a task file may be"),
+    ],
+)  # fmt: skip
+def test_archive_members_that_leave_their_folder_or_are_too_large(
+    tmp_path, monkeypatch, suffix, members, says
+):
+    monkeypatch.setattr(bigbench, "MAX_TASK_FILE_BYTES", 4096)  # the cap, small enough for a test archive
+    source = write_archive(tmp_path / f"bb{suffix}", members)
+    root = tmp_path / "root"
+    with pytest.raises(bigbench.BigBenchUnavailableError, match=re.escape(says)):
+        bigbench.extract_tasks(source, ["t"], root, subtasks=True)
+    assert not root.exists() or not any(root.rglob("*.json"))  # nothing written
+    ok = write_archive(tmp_path / f"ok{suffix}", {"t/task.json": TASK_JSON.encode()})
+    bigbench.extract_tasks(ok, ["t"], root)
+    assert (root / "t" / "task.json").read_text() == TASK_JSON
 
 
 # --- fuzzing: the JSONL task reader and the --set parser ----------------------------------------------------

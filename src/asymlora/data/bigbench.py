@@ -159,18 +159,39 @@ def _task_files(source: Path, paths: Sequence[str]) -> Iterator[tuple[str, Calla
         with tarfile.open(source) as tar:
             for info in tar:
                 _, sep, member = info.name.partition(f"{TASKS_PATH}/")
-                if sep and info.isfile():
+                if sep and info.isfile() and _member_checked(source, member, info.size):
                     yield member, lambda info=info: tar.extractfile(info).read()
     elif zipfile.is_zipfile(source) or source.suffix.lower() == ".zip":  # a cut-off .zip is no zipfile
         with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
                 _, sep, member = info.filename.partition(f"{TASKS_PATH}/")
-                if sep and not info.is_dir():
+                if sep and not info.is_dir() and _member_checked(source, member, info.file_size):
                     yield member, lambda info=info: archive.read(info)
     else:
         raise BigBenchUnavailableError(
             f"{source} is neither a folder nor a .tar.gz or .zip archive of BIG-bench"
         )
+
+
+MAX_TASK_FILE_BYTES = 512 * 2**20
+"""The largest task.json taken from an archive (BIG-bench's largest is far below): its size, as the
+archive declares it, is checked before it is read (and tar and zip read no more than they declare)."""
+
+
+def _member_checked(source: Path, member: str, size: int) -> bool:
+    """True for an archive member that may be read: a relative path that stays in its folder
+    and, if it is a task.json, of a bounded size (both refused in one line otherwise)."""
+    parts = member.replace("\\", "/").split("/")
+    if member.startswith("/") or any(p in ("..", ".") for p in parts):
+        raise BigBenchUnavailableError(
+            f"{source}: member {member!r} would leave its folder; not a BIG-bench archive"
+        )
+    if parts[-1] == "task.json" and size > MAX_TASK_FILE_BYTES:
+        raise BigBenchUnavailableError(
+            f"{source}: {member} is {size / 2**20:,.0f} MiB, more than the {MAX_TASK_FILE_BYTES // 2**20} MiB "
+            "a task file may be; not a BIG-bench archive"
+        )
+    return True
 
 
 def _find_tasks_dir(tree: Path) -> Path:
