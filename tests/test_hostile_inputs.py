@@ -38,6 +38,7 @@ from asymlora.data.task import DataFormatError, Task, check_task_name
 from asymlora.errors import InputError
 from asymlora.fedconfig import load_config as fed_load_config
 from asymlora.recipes.evaluate import load_for_eval, route_tasks
+from asymlora.threads import cores
 from tiny_models import tiny_model, write_choice_tasks
 
 TINY = ["--model", "tiny-llama", "--set", "adapter.r=4", "--set", "adapter.target_modules=['q_proj','v_proj']",
@@ -827,6 +828,23 @@ def test_archive_members_that_leave_their_folder_or_are_too_large(
     ok = write_archive(tmp_path / f"ok{suffix}", {"t/task.json": TASK_JSON.encode()})
     bigbench.extract_tasks(ok, ["t"], root)
     assert (root / "t" / "task.json").read_text() == TASK_JSON
+
+
+# --- threads: bounded by the cores -------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [-1, cores() + 1, 100_000])
+@pytest.mark.parametrize(
+    "command", [["train"], ["eval", "--task", "x.jsonl"], ["federate"], ["generate", "--prompt", "hi"]]
+)
+def test_threads_beyond_the_cores_are_refused(capsys, command, n):
+    refused(capsys, [*command, "--threads", str(n)], f"--threads {n}: give 0 (one per core) up to {cores()}")
+
+
+def test_a_configs_threads_beyond_the_cores_use_the_cores(tmp_path, capsys, tasks):
+    assert main(train_args(tmp_path / "run", tasks, "--set", "train.threads=100000", steps=1)) == 0
+    assert (
+        f"train.threads=100000, but this machine has {cores()} cores: using {cores()}"
+        in capsys.readouterr().out
+    )
 
 
 # --- fuzzing: the JSONL task reader and the --set parser ----------------------------------------------------

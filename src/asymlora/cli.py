@@ -37,7 +37,7 @@ from asymlora.data.registry import (
 from asymlora.data.task import Task
 from asymlora.errors import AsymloraError, UsageError, one_line, user_error
 from asymlora.models import DEVICES, DTYPE_CHOICES
-from asymlora.threads import choose_threads, use_threads
+from asymlora.threads import check_threads, choose_threads, use_threads
 
 # The federated methods (asymlora.federated.registry.METHODS, which imports torch), named here so
 # that building the parser imports nothing heavy; tests/test_cli_help.py keeps the two equal.
@@ -951,8 +951,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         check_finite_flags(args)
-        if args.threads is not None and args.threads < 0:
-            raise UsageError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
+        if args.threads is not None:
+            check_threads(args.threads)
         choose_threads(args.threads)
         with checkpoint_requests_noted(args.command):
             return COMMANDS[args.command][1](args)

@@ -9,7 +9,23 @@ from __future__ import annotations
 
 import os
 
+from .errors import UsageError
+
 _from_command_line: int | None = None
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_threads(n: int, flag: str = "--threads") -> None:
+    """Refuse a thread count below 0 or above the cores (more threads than cores only spin-wait)."""
+    if not 0 <= n <= cores():
+        raise UsageError(f"{flag} {n}: give 0 (one per core) up to {cores()}, the cores of this machine")
 
 
 def choose_threads(n: int | None) -> None:
@@ -29,6 +45,9 @@ def use_threads(configured: int = 0, log=print) -> int:
     import torch
 
     n = _from_command_line if _from_command_line is not None else configured
+    if n > cores():  # a config written on a larger machine (a resumed run, a shared config)
+        log(f"train.threads={n}, but this machine has {cores()} cores: using {cores()}")
+        n = cores()
     if n:
         torch.set_num_threads(n)
     used = torch.get_num_threads()
