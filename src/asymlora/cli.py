@@ -360,7 +360,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "asymlora train --config runs/my-run/config.yaml --resume    # continue after a stop",
     ])  # fmt: skip
     _add_run_config(p)
-    p.add_argument("--method", choices=["lora", "alora", "hydralora", "mola"], help="adapter.method")
+    p.add_argument("--method", choices=["lora", "alora", "hydralora", "mola", "peft:lily", "peft:poly"],
+                   help="adapter.method (peft:lily, peft:poly: PEFT's own methods, docs/peft-anchors.md)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     p.add_argument(
         "--overwrite", action="store_true", help="delete the run in the output folder and start again"
@@ -394,9 +395,17 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "compare", "train and evaluate several methods x seeds under one budget", [
         "asymlora compare --config configs/demo.yaml --methods lora,alora --seeds 0 --out runs/demo",
         "asymlora compare --config configs/commonsense-smollm2.yaml --single-task-baseline --out runs/cs",
+        "asymlora compare --config configs/reasoning-smollm2.yaml --methods lora,alora,peft:lily,peft:poly --out runs/anchors",
     ])  # fmt: skip
     _add_run_config(p, out_default="<the config's output_dir>/compare")
-    p.add_argument("--methods", default="lora,alora,hydralora,mola", help="comma-separated methods")
+    p.add_argument("--methods", default="lora,alora,hydralora,mola",
+                   help="comma-separated methods: lora, alora, hydralora, mola, factored; m@other (m at the smallest "
+                        "rank with at least other's trainable parameters, e.g. lora@alora); peft:lily, peft:poly "
+                        "(PEFT's own Lily and Poly, built and run by PEFT on the same targets, data, budget and "
+                        "evaluation; Lily: stride_A=3 (one A per 3 blocks), num_B=max(2, ceil(blocks/3)), "
+                        "scaling=1.0; Poly: n_skills=adapter.num_experts, n_splits=1, n_tasks=the tasks, routed "
+                        "by task id; each at the smallest r with at least alora's trainable parameters; "
+                        "peft:xlora is refused: docs/peft-anchors.md)")  # fmt: skip
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--single-task-baseline", nargs="?", const="same", metavar="same|share",
                    help="also train one LoRA per task and report delta-m %% against it: for train.steps "
@@ -663,10 +672,12 @@ def run_comm(args: argparse.Namespace) -> int:
 
 
 def add_analyze(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "analyze", "why share B: subspace similarity, change and gradients of A and B", [
+    p = _command(sub, "analyze", "why share B: subspace similarity, change and gradients of A and B; "
+                 "how a run's routers use their experts", [
         "asymlora analyze similarity runs/seed0/adapter runs/seed1/adapter",
         "asymlora analyze change runs/my-run",
         "asymlora analyze gradients --suite commonsense --tasks social_iqa,strategyqa --share both",
+        "asymlora analyze router runs/my-run",
     ])  # fmt: skip
     what = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS", help="one of:")
 
@@ -687,6 +698,14 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
                    "asymlora analyze change runs/my-run --out runs/my-run/analysis")  # fmt: skip
     chg.add_argument("run", type=Path, help="a run folder with adapter_init/ and adapter/")
     chg.add_argument("--out", type=Path, help="folder for change.json and change.png (default: the run)")
+    rtr = analysis("router", "per-module expert usage and gate entropy of a run's learned routers on its "
+                   "training and test prompts, and whether the router has collapsed",
+                   "asymlora analyze router runs/my-run --limit 100")  # fmt: skip
+    rtr.add_argument("run", type=Path, help="a run folder of asymlora train (softmax or topk router)")
+    rtr.add_argument("--limit", type=int, default=64, help="prompts per task and split (train, test)")
+    rtr.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    rtr.add_argument("--max-length", type=int, default=1024, help="prompt tokens kept (from the right)")
+    rtr.add_argument("--out", type=Path, help="folder for router.json (default: the run)")
     grd = analysis("gradients",
                    "per-layer gradient norms of A and B and task-pair conflicts, with A shared and/or B shared",
                    "asymlora analyze gradients --suite commonsense --tasks social_iqa,strategyqa --model smollm2-135m")  # fmt: skip
@@ -718,6 +737,8 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     if args.analysis == "gradients":
         return run_analyze_gradients(args)
+    if args.analysis == "router":
+        return run_analyze_router(args)
     if args.analysis == "similarity":
         out, plot = args.out or args.run_a, analysis.plot_similarity
         check_out_folder(out)
@@ -732,6 +753,23 @@ def run_analyze(args: argparse.Namespace) -> int:
     (out / f"{args.analysis}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / f"{args.analysis}.png")
     print(f"wrote {out / (args.analysis + '.json')} and {out / (args.analysis + '.png')}")
+    return 0
+
+
+def run_analyze_router(args: argparse.Namespace) -> int:
+    from asymlora.analysis.router import format_router_report
+    from asymlora.recipes.router_report import analyze_router
+    from asymlora.runfolder import check_is_folder
+
+    for flag in ("limit", "batch_size", "max_length"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    out = args.out or args.run
+    check_is_folder(out)
+    report = analyze_router(args.run, out, limit=args.limit, batch_size=args.batch_size, max_length=args.max_length)
+    print(f"router of {args.run}: {report['method']}, {report['num_experts']} experts, {report['router']} router")
+    print("\n".join(format_router_report(report)))
+    print(f"wrote {out / 'router.json'}")
     return 0
 
 
