@@ -847,6 +847,21 @@ def test_a_configs_threads_beyond_the_cores_use_the_cores(tmp_path, capsys, task
     )
 
 
+# --- work that grows with the input: linear, not quadratic -------------------------------------------------
+def test_comm_is_linear_in_the_number_of_clients(capsys):
+    def cpu_seconds(n: int) -> float:
+        ranks = ",".join(str(r) for r in [8, 16, 32, 64] * (n // 4))
+        start = time.process_time()
+        assert main(["comm", "--model", "llama-2-7b", "--ranks", ranks, "--methods", "all", "--json"]) == 0
+        table = json.loads(capsys.readouterr().out)
+        assert len(table["methods"]["zeropad"]["params_up"]) == n
+        return time.process_time() - start
+
+    cpu_seconds(400)  # the model's shapes are read once per process
+    small, large = cpu_seconds(2_000), cpu_seconds(20_000)
+    assert large < 20 * small + 1.0  # quadratic work took 100 x (20,000 clients: killed after 120 s)
+
+
 # --- fuzzing: the JSONL task reader and the --set parser ----------------------------------------------------
 LINE = st.one_of(
     st.text(max_size=30),

@@ -94,12 +94,15 @@ def per_client(
     ranks: Sequence[int],
     d_m: int = 16,
 ) -> list[tuple[int, int]]:
-    """(params up, params down) for each client in one round, all clients taking part."""
-    out = []
-    for rank in ranks:
+    """(params up, params down) for each client in one round, all clients taking part. Counted once
+    per distinct rank (clients of one rank send and receive the same), so the work grows with the
+    number of clients only through the list it returns."""
+    ranks = list(ranks)
+    by_rank = {}
+    for rank in dict.fromkeys(ranks):
         pairs = [method.comm_per_module(d_in, d_out, rank, ranks, d_m) for d_in, d_out in dims.values()]
-        out.append((sum(u for u, _ in pairs), sum(d for _, d in pairs)))
-    return out
+        by_rank[rank] = (sum(u for u, _ in pairs), sum(d for _, d in pairs))
+    return [by_rank[rank] for rank in ranks]
 
 
 def comm_table(
