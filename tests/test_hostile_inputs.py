@@ -847,6 +847,24 @@ def test_a_configs_threads_beyond_the_cores_use_the_cores(tmp_path, capsys, task
     )
 
 
+# --- only real statistics: seeds -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("seeds", "says"),
+    [("0,0", "--seeds: 0 is given twice"), ("1,2,1", "--seeds: 1 is given twice"),
+     ("-1", "--seeds: -1 is out of range; give seeds from 0 to 4294967295"), (str(2**32), "is out of range")],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["compare", "federate"])
+def test_seeds_given_twice_or_out_of_range_are_refused_before_any_cell(
+    tmp_path, capsys, tasks, command, seeds, says
+):
+    methods = "lora" if command == "compare" else "fedit"
+    argv = [command, "--tasks" if command == "compare" else "--set", ",".join(tasks) if command == "compare"
+            else f"clients.tasks={json.dumps(tasks)}", "--methods", methods, "--seeds", seeds, *TINY,
+            "--out", str(tmp_path / "grid")]  # fmt: skip
+    refused(capsys, argv, says)
+    assert not (tmp_path / "grid").exists()
+
+
 # --- work that grows with the input: linear, not quadratic -------------------------------------------------
 def test_comm_is_linear_in_the_number_of_clients(capsys):
     def cpu_seconds(n: int) -> float:

@@ -429,7 +429,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from asymlora.recipes.compare import compare
 
     cfg = _load_multitask_config(args)
-    seeds = _ints(args.seeds, "--seeds")
+    seeds = _seeds(args.seeds)
     methods = _names(args.methods, "--methods")
     out = args.out or Path(cfg.output_dir) / "compare"  # beside, not over, what train writes there
     against = _names(args.against, "--against") if args.against else None
@@ -552,7 +552,7 @@ def run_federate(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
     methods = methods or [cfg.federation.method]
-    seeds = _ints(args.seeds, "--seeds") if args.seeds else [cfg.seed]
+    seeds = _seeds(args.seeds) if args.seeds else [cfg.seed]
     against = _names(args.against, "--against") if args.against else None
     fed_compare(cfg, methods, seeds, args.out, against, wait=not args.leave_busy, status=args.status)
     return 0
@@ -567,6 +567,22 @@ def _ints(text: str, flag: str) -> list[int]:
     if not values:
         raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}")
     return values
+
+
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds in [0, 2**32)
+
+
+def _seeds(text: str) -> list[int]:
+    """``--seeds``: distinct integers in [0, 2**32), checked before any cell runs (a seed given
+    twice would count one run as two in the tables)."""
+    seeds = _ints(text, "--seeds")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise UsageError(f"--seeds: {bad[0]} is out of range; give seeds from 0 to {MAX_SEED}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise UsageError(f"--seeds: {twice[0]} is given twice; give each seed once")
+    return seeds
 
 
 def _names(text: str, flag: str) -> list[str]:
