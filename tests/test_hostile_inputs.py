@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from asymlora.adapters import read_tensors, save_adapter, wrap
 from asymlora.adapters.io import CONFIG_FILE, WEIGHTS_FILE
 from asymlora.cli import main
-from asymlora.config import ConfigError, apply_overrides, parse_override
+from asymlora.config import ConfigError, apply_overrides, parse_override, read_file
 from asymlora.data import bigbench
 from asymlora.data.formats import file_task
 from asymlora.data.registry import get_task, get_tasks, unique_names
@@ -845,6 +845,34 @@ def test_a_configs_threads_beyond_the_cores_use_the_cores(tmp_path, capsys, task
         f"train.threads=100000, but this machine has {cores()} cores: using {cores()}"
         in capsys.readouterr().out
     )
+
+
+# --- a key given twice in a config ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        ("c.yaml", "train:\n  lr: 0.1\n  lr: 100.0\n", "line 2: key 'lr' is given twice in one mapping"),
+        ("c.yaml", "model: tiny-llama\nmodel: smollm2-135m\n", "key 'model' is given twice"),
+        ("c.json", '{"train": {"steps": 1, "steps": 100000}}', "key 'steps' is given twice in one object"),
+        ("c.json", '{"model": "a", "model": "b"}', "key 'model' is given twice"),
+        ("c.toml", "[train]\nlr = 0.1\nlr = 100.0\n", "is not valid"),
+    ],
+)  # fmt: skip
+def test_a_key_given_twice_in_a_config_is_refused(tmp_path, capsys, tasks, name, text, says):
+    config = tmp_path / name
+    config.write_text(text)
+    refused(
+        capsys,
+        ["train", "--config", str(config), "--tasks", ",".join(tasks), "--out", str(tmp_path / "r")],
+        says,
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_yaml_anchors_and_merge_keys_are_not_duplicates(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("base: &b {lr: 0.1, steps: 2}\ntrain:\n  <<: *b\n  steps: 3\nother: *b\n")
+    assert read_file(config)["train"] == {"lr": 0.1, "steps": 3}
 
 
 # --- only real statistics: seeds -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,7 +137,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         else:
             data = _load_yaml(text)
     except ConfigError as err:
@@ -163,11 +163,32 @@ def read_json(path: str | Path) -> Any:
     naming it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise MissingFileError(f"{path}: file not found") from None
+    except ConfigError as err:
+        raise InputError(f"{path}: {err}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise InputError(f"{path}: not valid JSON ({str(err)[:200]})") from None
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (the parser would keep the last
+    one silently)."""
+    twice = first_repeated(key for key, _ in pairs)
+    if twice is not None:
+        raise ConfigError(f"key {twice!r} is given twice in one object; keep one")
+    return dict(pairs)
+
+
+def first_repeated(items: Iterable[Any]) -> Any:
+    """The first item that comes again in ``items``, or None."""
+    seen: set[Any] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def _load_yaml(text: str) -> Any:
@@ -178,6 +199,7 @@ def _load_yaml(text: str) -> Any:
         def compose_document(self):
             node = super().compose_document()
             expanded_size(node)
+            check_unique_yaml_keys(node)
             return node
 
     loader = BoundedLoader(text)
@@ -185,6 +207,27 @@ def _load_yaml(text: str) -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def check_unique_yaml_keys(root: Any) -> None:
+    """Refuse a YAML mapping that gives one key twice (PyYAML keeps the last one silently). Each
+    node is visited once (aliases share nodes; ``expanded_size`` has refused cycles)."""
+    import yaml
+
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = (k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value != "<<")
+            twice = first_repeated(keys)
+            if twice is not None:
+                line = node.start_mark.line + 1
+                raise ConfigError(f"line {line}: key {twice!r} is given twice in one mapping; keep one")
+        stack.extend(_children(node))
 
 
 def expanded_size(root: Any) -> int:
