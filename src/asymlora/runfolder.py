@@ -21,9 +21,10 @@ import shutil
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,21 @@ def config_changes(cfg: Any, save_config: Callable[[Any, Path], None]) -> dict[s
         ) from None
     have = have if isinstance(have, dict) else {"": have}
     have.pop("output_dir", None), want.pop("output_dir", None)
-    return config_differences(have, want)
+    changes = config_differences(have, want)
+    return {k: pair for k, pair in changes.items() if not _added_at_default(type(cfg), k, have, pair[1])}
+
+
+def _added_at_default(cls: type, key: str, saved: dict, value: Any) -> bool:
+    """Whether ``key`` is a setting added since the run was saved (absent from its config.yaml)
+    that keeps its default here: the run was made with the behaviour that default stands for."""
+    *parents, name = key.split(".")
+    for part in parents:
+        saved = saved.get(part) if isinstance(saved, dict) else None
+        cls = typing.get_type_hints(cls).get(part) if is_dataclass(cls) else None
+    if not isinstance(saved, dict) or name in saved or not is_dataclass(cls):
+        return False
+    spec = {f.name: f for f in fields(cls)}.get(name)
+    return spec is not None and spec.default is not MISSING and spec.default == value
 
 
 def _listed(changes: dict[str, tuple[Any, Any]], n: int = 6) -> str:
