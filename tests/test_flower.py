@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import pytest
 import torch
 
 from flower_poison import app_folder, poison_plan  # noqa: E402
+from flower_processes import ROOT, as_flag, flower_env, start, stop
 from tiny_models import write_choice_tasks
 
 try:
@@ -41,7 +40,6 @@ from asymlora.engines.flower import ROUNDS_FILE, SERVER_FILE, federated_config  
 from asymlora.models import load_model  # noqa: E402
 from asymlora.recipes import federated as fed  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "flower_local.sh"
 ROUNDS, NODES, HONEST = 2, 4, 3
 LIMIT_S = 900  # the whole federation; on a loaded 2-core machine it has taken 7 minutes
@@ -115,44 +113,15 @@ def run_config(method: str, tasks: list[str], out: Path, ranks: str = "") -> dic
     }
 
 
-def as_flag(config: dict[str, object]) -> str:
-    def value(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        return str(v) if isinstance(v, int | float) else json.dumps(str(v))
-
-    return " ".join(f"{k}={value(v)}" for k, v in config.items())
-
-
 def start_flower(configs: list[dict[str, object]], logs: Path) -> subprocess.Popen:
     """The script, in its own process group, running every config at once on NODES nodes."""
     logs.mkdir(parents=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env |= {"FLOWER_LOGS": str(logs), "PYTHON": sys.executable, "FLOWER_PRELOAD": "tiny-llama"}
+    env = flower_env(FLOWER_LOGS=str(logs), PYTHON=sys.executable, FLOWER_PRELOAD="tiny-llama")
     env["FLOWER_APP"] = str(app_folder(logs.parent / "app", ROOT / "pyproject.toml"))  # bad clients
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
     args: list[str] = [str(SCRIPT), str(NODES)]
     for k, config in enumerate(configs):
         args += ([":::"] if k else []) + ["--run-config", as_flag(config)]
-    with (logs / "flower.out").open("w") as sink:
-        return subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Kill the script's whole process group (SuperLink, SuperNodes, SuperExec, tasks)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            os.killpg(proc.pid, 0)  # anything left in the group?
-            time.sleep(1.0)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
+    return start(args, logs / "flower.out", env)
 
 
 def simulate(config: dict[str, object]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -263,7 +232,11 @@ def test_flower_matches_simulator_on_the_honest_clients(federation: dict, method
     assert len(lines) == ROUNDS
     for line, record in zip(lines, run["records"], strict=True):
         assert line["participants"] == record["participants"] == [f"task{i}" for i in range(HONEST)]
-        assert line.keys() == record.keys()  # one record, written by engines.round for both engines
+        # one record, written by engines.round for both engines; under central DP with the
+        # run's (ε, δ) (z = 0 here: no finite ε, written as null)
+        dp = {"epsilon", "delta"} if "federation.central_dp" in RUNS[method][2] else set()
+        assert line.keys() - dp == record.keys() and dp <= line.keys()
+        assert not dp or (line["epsilon"] is None and line["delta"] == 1e-5)
         for key in ("comm", "bytes_up", "bytes_down", "cumulative_bytes"):
             assert line[key] == record[key], key
 

@@ -24,6 +24,7 @@ from flwr.common.constant import ErrorCode  # noqa: E402
 
 from asymlora.adapters import read_tensors  # noqa: E402
 from asymlora.engines import flower as app  # noqa: E402
+from asymlora.engines.flower.server_app import local_dp_line  # noqa: E402
 from test_flower_protocol import Grid, run_config, task_identity  # noqa: E402, F401
 
 SETTING = "clipping_norm=1.0,sensitivity=1.0,epsilon=2.0,delta=1e-5"
@@ -220,7 +221,9 @@ class RecordingGrid(Grid):
         return replies
 
 
-def test_a_fedalora_run_under_local_dp_averages_the_noised_uploads(tmp_path: Path) -> None:
+def test_a_fedalora_run_under_local_dp_averages_the_noised_uploads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """3 nodes, 2 rounds; node 2's round-1 upload is NaN (rejected), so its round-2 message
     carries no download (Flower's mod alone would refuse it): the reference is then its state's
     B, unchanged since setup. Every accepted upload is reference + clipped update + noise, and
@@ -267,6 +270,8 @@ def test_a_fedalora_run_under_local_dp_averages_the_noised_uploads(tmp_path: Pat
     assert sorted(server) == sorted(grid.received[3][nodes[0]])
     for k, v in grid.received[3][nodes[0]].items():
         torch.testing.assert_close(server[k], v, atol=0, rtol=0)
+    said = local_dp_line({"dp-clip": 0.5, "dp-std": std, "dp-delta": 1e-5})  # each node states its ε
+    assert caplog.text.count(f"uploads under local DP: {said}") == 3
     lines = (tmp_path / "out" / app.ROUNDS_FILE).read_text().splitlines()
     assert (
         '"rejected": {"task2": "' in lines[0] and '"rejected": {}' in lines[1] and '"dropped": {}' in lines[1]
@@ -283,3 +288,18 @@ def test_a_bad_setting_on_one_node_stops_the_run_at_the_init_naming_it(tmp_path:
         app.server_main(grid, context)
     assert "node config local-dp=" in str(err.value) and "missing sensitivity" in str(err.value)
     assert [kind for _, kind, _ in grid.sent] == ["query.init"] * 3
+
+
+def test_each_upload_under_local_dp_states_its_epsilon() -> None:
+    """docs/flower.md's example, clipping_norm=1, sensitivity=2, epsilon=0.5, delta=1e-5: Flower's
+    mod adds noise of std 19.38, the Gaussian mechanism of noise multiplier 19.38 / (2 x 1) (the
+    clipped update moves by at most 2 x the clip). Its ε by the RDP accountant (0.388) lies between
+    the exact ε of that mechanism (0.353, Balle & Wang 2018, Theorem 8) and the 0.5 of the classic
+    calibration the mod applies."""
+    from test_flower_central_dp import gaussian_dp_epsilon
+
+    std = 2 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
+    line = local_dp_line({"dp-clip": 1.0, "dp-std": std, "dp-delta": 1e-5})
+    epsilon = float(line.split("(ε, δ) = (")[1].split(",")[0])
+    assert gaussian_dp_epsilon(std / 2, 1e-5) < epsilon < 0.5
+    assert epsilon == pytest.approx(0.3883, abs=1e-4) and "1e-05) per round it uploads in" in line

@@ -106,6 +106,10 @@ class FederationConfig:
         default=1.0, metadata={"help": "central DP: noise std = multiplier * clipping norm / clients"}
     )
     dp_clipping_norm: float = field(default=1.0, metadata={"help": "central DP: L2 bound of each update"})
+    dp_delta: float = field(
+        default=1e-5,
+        metadata={"help": "central DP: the δ at which the run's ε is reported, in (0, 1); below 1 / clients"},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -151,6 +155,8 @@ class FederationConfig:
             raise ConfigError(f"federation: {err}") from None
 
     def _check_central_dp(self) -> None:
+        if not (math.isfinite(self.dp_delta) and 0 < self.dp_delta < 1):
+            raise ConfigError(f"federation.dp_delta={self.dp_delta} must be a number in (0, 1), e.g. 1e-5")
         if self.central_dp not in CENTRAL_DP:
             raise ConfigError(
                 f"federation.central_dp={self.central_dp!r} must be one of {', '.join(CENTRAL_DP)}"

@@ -10,6 +10,7 @@ One file per job:
     strategy.py    the round as a flwr ``Strategy`` (configure_train / aggregate_train)
     server_app.py  the ServerApp: init, ``strategy.start(...)``, finish
     dp.py          local DP (Flower's LocalDpMod) and central DP (Flower's fixed-clipping wrappers)
+    accounting.py  the (ε, δ) of both, by Flower's RDP accountant (dp-accounting)
 
 The app is declared in pyproject.toml (``[tool.flwr.app]``): ``serverapp =
 "asymlora.engines.flower:server_app"``, ``clientapp = "asymlora.engines.flower:client_app"``.

@@ -239,7 +239,8 @@ def client_init(msg: Message, context: Context) -> Message:
     meta = {"index": node.index, "name": node.client.name, "rank": node.client.rank}
     meta |= {"examples": node.client.n_examples, "scale": node.client.scale}
     if node.local_dp is not None:
-        meta |= {"dp-clip": node.local_dp.clipping_norm, "dp-std": noise_std(node.local_dp)}
+        dp = node.local_dp
+        meta |= {"dp-clip": dp.clipping_norm, "dp-std": noise_std(dp), "dp-delta": dp.delta}
     content = {
         "meta": ConfigRecord(meta),
         TENSORS: packed({k: v for k, v in state.items() if part(k) in parts}),

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.common import log as flwr_log
@@ -35,7 +36,8 @@ from ...fedconfig import FederatedConfig, save_config
 from ...federated.common import Tensors
 from ...federated.validate import Spec, UploadLimits, check_upload
 from ...runfolder import RunFolder, folder_lock
-from ..round import Member, Server
+from ..round import Member, Server, participants
+from .accounting import CentralPrivacy, gaussian_epsilon, local_multiplier
 from .config import AppSettings, federated_config
 from .dp import with_central_dp, wrapper_reads_arrays
 from .protocol import FINISH, INIT, TENSORS, from_record, message, sort_replies
@@ -105,10 +107,7 @@ def join(
         )
         inits[i] = from_record(reply.content[TENSORS])
         if "dp-clip" in meta:
-            info(
-                f"init: client {members[i].label} uploads under local DP: update clipped to "
-                f"{float(meta['dp-clip']):g}, noise std {float(meta['dp-std']):.4g} per value"
-            )
+            info(f"init: client {members[i].label} uploads under local DP: {local_dp_line(meta)}")
         if members[i].rank != ranks[i]:
             raise RuntimeError(
                 f"node {nodes[k]} (client {i}) declares rank {members[i].rank}, the config says {ranks[i]}"
@@ -128,6 +127,17 @@ def join(
     return [members[i] for i in range(n)], [node_of[i] for i in range(n)], [inits[i] for i in range(n)]
 
 
+def local_dp_line(meta: Mapping[str, Any]) -> str:
+    """What a node under local DP said of its mod at the init, and the (ε, δ) of each of its
+    uploads by the RDP accountant (the Gaussian mechanism, q = 1; see ``accounting``)."""
+    clip, std, delta = float(meta["dp-clip"]), float(meta["dp-std"]), float(meta["dp-delta"])
+    epsilon = gaussian_epsilon(local_multiplier(std, clip), delta)
+    return (
+        f"update clipped to {clip:g}, noise std {std:.4g} per value: (ε, δ) = ({epsilon:.4g}, {delta:g}) "
+        "per round it uploads in (Gaussian mechanism, sensitivity 2 x the clip, RDP accountant)"
+    )
+
+
 def check_init(init: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> str | None:
     """Why a client's initial tensors cannot fix its layout, or None: the same names as client
     0's, float and finite (shapes may differ with the rank)."""
@@ -136,6 +146,16 @@ def check_init(init: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> str |
     return check_upload(
         init, {k: Spec(tuple(v.shape), first[k].dtype) for k, v in init.items()}, UploadLimits()
     )
+
+
+def central_privacy(cfg: FederatedConfig, n: int) -> CentralPrivacy | None:
+    """The run's central-DP account (None without central DP): ``n`` clients, as many sampled
+    per round as ``engines.round.participants`` draws."""
+    if not wrapper_reads_arrays(cfg.federation):
+        return None
+    fed = cfg.federation
+    sampled = len(participants(n, fed.fraction, cfg.seed, 1))
+    return CentralPrivacy(fed.dp_noise_multiplier, n, sampled, fed.dp_delta)
 
 
 def finish(grid: Grid, core: FederatedStrategy, rounds: int, timeout: float) -> None:
@@ -171,6 +191,7 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
     ``server.safetensors`` and ``rounds.jsonl`` after every round."""
     method = cfg.federation.make_method()
     n = cfg.clients.count()  # the ranks were checked with the config (FederatedConfig)
+    privacy = central_privacy(cfg, n)  # before any work: it needs dp-accounting
 
     started = time.monotonic()
     members, nodes, inits = join(grid, wait_for_nodes(grid, n, settings.timeout_s), cfg, settings.timeout_s)
@@ -186,7 +207,7 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
         wire=cfg.federation.wire(),
     )
     setups, wrapped = server.setup(inits), wrapper_reads_arrays(cfg.federation)
-    core = FederatedStrategy(server, nodes, setups, folder.path, settings.timeout_s, wrapped)
+    core = FederatedStrategy(server, nodes, setups, folder.path, settings.timeout_s, wrapped, privacy)
     info(f"init: {n} clients joined in {time.monotonic() - started:.1f} s")
     strategy = with_central_dp(core, cfg.federation, len(server.participants(1)))
     if strategy is not core:  # validation before any wrapper sees the replies
@@ -195,5 +216,7 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
     rounds = cfg.federation.rounds
     result = strategy.start(grid, core.initial_arrays(), num_rounds=rounds, timeout=settings.timeout_s)
     core.take(result.arrays, rounds)
+    if privacy is not None:
+        info(privacy.summary())
     if settings.save_adapters:
         finish(grid, core, rounds, settings.timeout_s)

@@ -32,6 +32,7 @@ from ...adapters.io import atomic_write, write_tensors
 from ...federated.common import BASE_DELTA, Tensors, select
 from ...runfolder import write_jsonl
 from ..round import RoundLog, Server, from_wire, to_wire
+from .accounting import CentralPrivacy
 from .protocol import (
     DOWNLOAD,
     ROUNDS_FILE,
@@ -54,7 +55,8 @@ class FederatedStrategy(Strategy):
     folder (``server.safetensors`` and ``rounds.jsonl``, written after every round), ``timeout``
     the seconds the loop waits for replies, ``wrapped`` whether a Flower wrapper sits around
     it (one reads and may change the loop's arrays and the replies: then the arrays are Flower's
-    own, one per tensor, and what the wrapper hands on is read back)."""
+    own, one per tensor, and what the wrapper hands on is read back), ``privacy`` the central-DP
+    account whose (ε, δ) after each round goes into that round's line of ``rounds.jsonl``."""
 
     def __init__(
         self,
@@ -64,9 +66,10 @@ class FederatedStrategy(Strategy):
         out: Path,
         timeout: float,
         wrapped: bool = False,
+        privacy: CentralPrivacy | None = None,
     ):
         self.server, self.method, self.nodes, self.setups = server, server.method, nodes, setups
-        self.out, self.timeout, self.wrapped = out, timeout, wrapped
+        self.out, self.timeout, self.wrapped, self.privacy = out, timeout, wrapped, privacy
         self.averaging = self.method.not_an_average is None
         # what each client is due next: setup's parts, then the download of its last round
         self.pending: dict[int, Pending] = {i: (SETUP, s, 0) for i, s in enumerate(setups)}
@@ -122,7 +125,10 @@ class FederatedStrategy(Strategy):
             for i in set(range(len(self.nodes))) - set(log.participants):
                 merged = self.method.apply_download(self.setups[i], download, self.setups[i])
                 self.merges[i][server_round] = select(merged, {BASE_DELTA})
-        self.records.append(self.server.record(log, self.records))
+        record = self.server.record(log, self.records)
+        if self.privacy is not None:  # the wrapper noises what this returns: one more release
+            record |= self.privacy.spend(len(log.participants))
+        self.records.append(record)
         self.write()
         record = self.records[-1]
         print(
