@@ -92,7 +92,7 @@ def _get_peft_model(model: nn.Module, config: AdapterConfig, rank: int, n_tasks:
         from peft import get_peft_model
     except ImportError:
         raise ImportError(
-            f"{config.method} runs through PEFT: pip install -e '.[peft]' (peft >= 0.22)"
+            f"{config.method} runs through PEFT: pip install -e '.[peft]' (tested with peft 0.22.0)"
         ) from None
     targets = list(find_target_modules(model, config.target_modules, config.layers))
     peft_config = ANCHORS[config.method].make(config, rank, n_tasks, targets)
