@@ -96,9 +96,10 @@ def test_a_step_over_length_groups_has_the_gradient_of_the_whole_batch():
     reference = right_padded_loss(model, items, tok.pad_token_id)
     n_tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in items)
     expected = grads(model, reference / n_tokens)
-    mean_loss = _accumulate(
+    mean_loss, balance = _accumulate(
         model, items, TrainConfig(batch_size=4), Process(), tok.pad_token_id, torch.device("cpu")
     )
+    assert balance is None  # no balance loss
     assert abs(mean_loss - reference.item() / n_tokens) < 1e-9
     got = [p.grad for p in model.parameters() if p.requires_grad]
     for g_ours, g_ref in zip(got, expected, strict=True):

@@ -27,6 +27,7 @@ REFUSED_METHODS = {
 }
 SINGLE = ("lora", "factored")  # one adapter, no router
 ROUTERS = ("softmax", "topk", "task")
+LEARNED_ROUTERS = ("softmax", "topk")  # a router with weights of its own (K, d_in), trained with the adapter
 INITS = ("independent", "identical")
 PARAM_DTYPES = ("float32", "base")
 FORMAT_VERSION = 1
@@ -76,6 +77,13 @@ class AdapterConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of every random draw of the adapter"})
+    balance_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the load-balancing loss, KL(mean gate weight per expert || uniform) averaged "
+            "over the adapted modules, added to the training loss (0: off; learned routers only: docs/router.md)"
+        },
+    )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "recorded for reloading; not used to build"}
     )
@@ -93,6 +101,11 @@ class AdapterConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+    @property
+    def learned_router(self) -> bool:
+        """Whether each adapted module has a router of its own (softmax or topk) over K >= 2 experts."""
+        return self.method in OWN_METHODS and self.num_experts > 1 and self.router in LEARNED_ROUTERS
 
     @property
     def k_a(self) -> int:
@@ -153,6 +166,15 @@ class AdapterConfig:
             raise bad("dtype", f"must be one of {', '.join(PARAM_DTYPES)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "must be an integer")
+        if (
+            not isinstance(self.balance_loss, int | float)
+            or isinstance(self.balance_loss, bool)
+            or not 0 <= self.balance_loss < math.inf
+        ):
+            raise bad("balance_loss", "must be a finite number >= 0 (0: off)")
+        if self.balance_loss and not self.learned_router:
+            raise bad("balance_loss", "balances a learned router's experts: it needs router softmax or topk "
+                      "with num_experts >= 2 (set it to 0)")  # fmt: skip
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

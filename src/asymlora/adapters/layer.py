@@ -22,14 +22,17 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .config import AdapterConfig
+from .gates import GateBatch
 from .targets import is_conv1d, layer_dims, weight_layout
 
 
 class RoutingState:
-    """Shared by every adapted layer of a model: the task id of each example of the current batch."""
+    """Shared by every adapted layer of a model: the task id of each example of the current batch,
+    and where learned routers record their gates (``AsymLoraModel.recording_gates``)."""
 
     def __init__(self) -> None:
         self.task_ids: Tensor | None = None
+        self.gates: GateBatch | None = None
 
 
 def module_generator(seed: int, module_name: str) -> torch.Generator:
@@ -117,6 +120,7 @@ class MultiLoraLinear(AdapterLayer):
         self, base_layer: nn.Module, config: AdapterConfig, module_name: str, routing: RoutingState
     ) -> None:
         super().__init__(base_layer, config, routing)
+        self.module_name = module_name
         self.k_a, self.k_b = config.k_a, config.k_b
         self.num_experts = config.num_experts
         self.router_kind = config.router if config.num_experts > 1 else None
@@ -132,17 +136,16 @@ class MultiLoraLinear(AdapterLayer):
         self.lora_B = nn.Parameter(
             torch.zeros(self.d_out, self.k_b * self.r, **self.factory)
         )  # (d_out, K_b*r)
-        learned = self.router_kind in ("softmax", "topk")
         self.router = (
             nn.Parameter(kaiming_uniform((self.num_experts, self.d_in), gen).to(**self.factory))
-            if learned
+            if config.learned_router
             else None
         )  # (K, d_in)
 
     @staticmethod
     def planned_parameters(config: AdapterConfig, d_in: int, d_out: int) -> int:
         """lora_A (K_a r, d_in), lora_B (d_out, K_b r) and a learned router (K, d_in)."""
-        learned = config.num_experts > 1 and config.router in ("softmax", "topk")
+        learned = config.learned_router
         return config.r * (config.k_a * d_in + config.k_b * d_out) + learned * config.num_experts * d_in
 
     # --- routing ------------------------------------------------------------------------------
@@ -152,9 +155,13 @@ class MultiLoraLinear(AdapterLayer):
             return self._task_gates(x)
         logits = linear(x, self.router)  # (..., K)
         if self.router_kind == "softmax":
-            return logits.softmax(-1)
-        top, idx = logits.topk(self.top_k, dim=-1)
-        return torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+            g = logits.softmax(-1)
+        else:
+            top, idx = logits.topk(self.top_k, dim=-1)
+            g = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+        if self.routing.gates is not None:
+            self.routing.gates.add(self.module_name, g)
+        return g
 
     def _task_gates(self, x: Tensor) -> Tensor:
         ids = self.routing.task_ids

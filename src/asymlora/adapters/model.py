@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .config import AdapterConfig, is_anchor
+from .gates import GateBatch, GateStats
 from .layer import AdapterLayer, FactoredLoraLinear, MultiLoraLinear, RoutingState
 from .targets import find_target_modules, layer_dims
 
@@ -96,6 +97,25 @@ class AsymLoraModel(nn.Module):
             yield
         finally:
             self.routing.task_ids = previous
+
+    @contextmanager
+    def recording_gates(self, mask: Tensor | None = None, keep_graph: bool = False) -> Iterator[GateBatch]:
+        """Within the block, every learned router adds its gates (over the tokens ``mask``
+        (batch, seq) marks real) to the ``GateBatch`` this yields; ``keep_graph``: also their
+        differentiable usage, for the balance loss."""
+        previous, self.routing.gates = self.routing.gates, GateBatch(mask, keep_graph)
+        try:
+            yield self.routing.gates
+        finally:
+            self.routing.gates = previous
+
+    def gate_stats(self) -> GateStats | None:
+        """An empty ``GateStats`` of the modules with a learned router, None where there is none."""
+        config = self.adapter_config
+        if not config.learned_router:
+            return None
+        modules = list(self.adapted)
+        return GateStats(modules, config.num_experts, self.adapted[modules[0]].router.device)
 
     def forward(self, *args, task_ids: Tensor | int | list[int] | None = None, **kwargs):
         with self.route(task_ids if task_ids is not None else self.routing.task_ids):

@@ -5,7 +5,8 @@ Everything lands in one run folder::
 
     config.yaml          the resolved configuration (re-run with --config RUN/config.yaml)
     adapter_init/        the adapter before training (for `asymlora analyze change`)
-    metrics.jsonl        loss, learning rate, throughput per step; with eval.every each evaluation
+    metrics.jsonl        loss, learning rate, throughput per step (learned routers: each module's gate
+                         usage and entropy, docs/router.md); with eval.every each evaluation
                          (the final one too) as {"step", "eval": {...}} (see train_eval.py)
     loss.png             the training loss curve
     tensorboard/         loss, evaluations, the config (text) and hyperparameters (HParams) for

@@ -7,12 +7,14 @@ compute. The base stays frozen and only the adapters train, so the input embeddi
 made to require gradients (as PEFT does): every checkpointed block then has an input that needs a
 gradient, whichever checkpoint implementation transformers uses. Task-routed adapters read the
 batch's task ids during the forward pass; the recompute runs later, in the backward pass, so each
-checkpoint replays the task ids its forward saw.
+checkpoint replays the task ids its forward saw, and the gate record of learned routers (the
+balance loss's), so that the recompute saves the tensors the forward saved.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
@@ -44,12 +46,24 @@ def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
 
 def _routing_replay(model: nn.Module):
     """torch.utils.checkpoint's ``context_fn``: nothing around the forward pass; around the
-    recompute, the task ids that were routing the forward pass."""
+    recompute, the task ids that were routing the forward pass and, where the forward pass
+    recorded the learned routers' gates, a record like its own (dropped: the forward pass counted
+    them), so that the recompute keeps the same tensors for the balance loss's backward."""
 
     def contexts():
-        return nullcontext(), model.route(model.routing.task_ids)
+        return nullcontext(), _replay(model, model.routing.task_ids, model.routing.gates)
 
     return contexts
+
+
+@contextmanager
+def _replay(model: nn.Module, task_ids, gates) -> Iterator[None]:
+    with model.route(task_ids):
+        if gates is None:
+            yield
+        else:
+            with model.recording_gates(gates.mask, gates.keep_graph):
+                yield
 
 
 def is_checkpointing(model: nn.Module) -> bool:

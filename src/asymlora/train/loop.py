@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..adapters.gates import GateStats, balance_loss
 from ..adapters.model import AsymLoraModel
 from ..checkpoint_signal import checkpoint_requests
 from ..errors import InputError, TrainingDivergedError
@@ -201,12 +202,14 @@ def optimizer_step(
     step: int,
     pad_id: int,
     proc: Process = ALONE,
+    gates: GateStats | None = None,
 ) -> dict:
-    """Global batch ``step``: forward, backward (accumulated, summed over processes), clip, AdamW."""
+    """Global batch ``step``: forward, backward (accumulated, summed over processes), clip, AdamW.
+    ``gates``: where the learned routers' gates over the step's tokens (all processes') are added."""
     torch.manual_seed(hash_seed(mixer.seed, proc.rank, step))  # dropout: a function of (seed, rank, step)
     picks = shard(mixer.batch(step, cfg.batch_size), proc.rank, proc.world_size)
     items = [encoded[task][index] for task, index in picks]
-    loss = _accumulate(model, items, cfg, proc, pad_id, params[0].device)
+    loss, balance = _accumulate(model, items, cfg, proc, pad_id, params[0].device, gates)
     n_tokens = sum(len(e.input_ids) for e in items) * proc.world_size  # processed (not padded) tokens
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(cfg, step)
@@ -222,6 +225,7 @@ def optimizer_step(
     return {
         "step": step + 1,
         "loss": loss,
+        **({} if balance is None else {"balance_kl": balance}),
         "lr": optimizer.param_groups[0]["lr"],
         "grad_norm": grad_norm,
         "tokens": n_tokens,
@@ -325,6 +329,7 @@ def train(
         )
 
     start, cpu_before = 0, 0.0
+    gates = gate_stats(model)  # the learned routers' gates since the last metrics record
     checkpoint = find_checkpoint(run_dir / "checkpoint") if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
@@ -332,6 +337,7 @@ def train(
             state, cfg, len(encoded), checkpoint, encoded_digest(encoded), mixer
         )
         cpu_before = counted_cpu(state.get("cpu_seconds"))
+        restore_gates(gates, state, checkpoint)
     elif resume and proc.main:
         print(f"no checkpoint in {run_dir}: starting from step 0")
     metrics_path = run_dir / "metrics.jsonl"
@@ -352,7 +358,9 @@ def train(
     with bar, writer or nullcontext(), checkpoint_requests() as asked:
         for step in range(start, cfg.steps):
             try:
-                last = optimizer_step(model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc)
+                last = optimizer_step(
+                    model, optimizer, params, encoded, mixer, cfg, step, pad_id, proc, gates
+                )
             except TrainingDivergedError as err:
                 kept = (
                     f"{run_dir / 'checkpoint'} keeps step {saved}"
@@ -367,22 +375,16 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    with metrics_path.open("a") as f:
-                        f.write(json_line(last))
-                    if writer is not None:
-                        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                            writer.add_scalar(f"train/{key}", last[key], done)
+                    log_step(metrics_path, writer, last, gates)
                 if evaluation is not None and done % evaluation.every == 0 and done < cfg.steps:
                     _evaluate(evaluation, model, done, run_dir, writer, bar)
                 on_request = asked()
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or on_request:
                     cpu = _cpu_total(cpu_before, cpu0)
-                    save_checkpoint(
-                        run_dir / "checkpoint",
-                        model,
-                        optimizer,
-                        {"step": done, "mixer_counts": mixer.counts, "cpu_seconds": cpu, "data": data},
-                    )
+                    scalars = {"step": done, "mixer_counts": mixer.counts, "cpu_seconds": cpu, "data": data}
+                    if gates is not None:  # the totals of a logging interval not yet written
+                        scalars["router_totals"] = gates.state()
+                    save_checkpoint(run_dir / "checkpoint", model, optimizer, scalars)
                     saved = done
                     if on_request:
                         bar.write(
@@ -395,6 +397,43 @@ def train(
         dist.barrier()
     model.eval()
     return {**last, "cpu_seconds": _cpu_total(cpu_before, cpu0)}
+
+
+def gate_stats(model) -> GateStats | None:
+    """Where a model's learned routers add up their gates (None: it has none)."""
+    return model.gate_stats() if isinstance(model, AsymLoraModel) else None
+
+
+def restore_gates(gates: GateStats | None, state: dict, checkpoint: Path) -> None:
+    """The router totals of the logging interval a checkpoint was written in (a checkpoint without
+    them, written before they were kept, starts the interval at zero)."""
+    if gates is None or "router_totals" not in state:
+        return
+    try:
+        gates.load(state["router_totals"])
+    except ValueError as err:
+        raise InputError(f"{checkpoint}: not a checkpoint of this run ({err})") from None
+
+
+def log_step(metrics_path: Path, writer, record: dict, gates: GateStats | None) -> None:
+    """A step's numbers into metrics.jsonl and TensorBoard (``train/<name>``), with, for learned
+    routers, each module's gate usage and entropy since the last record (``router``:
+    ``router/usage/<module>/expert_<k>``, ``router/entropy/<module>``), whose totals then restart."""
+    scalars = {k: v for k, v in record.items() if k != "step"}
+    if gates is not None:
+        record = {**record, "router": gates.summary()}
+        gates.reset()
+    with metrics_path.open("a") as f:
+        f.write(json_line(record))
+    if writer is None:
+        return
+    step = record["step"]
+    for key, value in scalars.items():
+        writer.add_scalar(f"train/{key}", value, step)
+    for module, seen in record.get("router", {}).items():
+        for k, share in enumerate(seen["usage"]):
+            writer.add_scalar(f"router/usage/{module}/expert_{k}", share, step)
+        writer.add_scalar(f"router/entropy/{module}", seen["entropy"], step)
 
 
 def _kept_on_resume(record: dict, start: int, steps: int) -> bool:
@@ -417,32 +456,66 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _accumulate(model, items: list[Encoded], cfg: TrainConfig, proc: Process, pad_id: int, device) -> float:
+def _accumulate(
+    model,
+    items: list[Encoded],
+    cfg: TrainConfig,
+    proc: Process,
+    pad_id: int,
+    device,
+    gates: GateStats | None = None,
+) -> tuple[float, float | None]:
     """Forward and backward over the micro-batches, each run as groups of similar length; the
     gradient is that of the mean token loss over the whole global batch, whatever the split into
-    processes, micro-batches and groups."""
+    processes, micro-batches and groups. Returns that loss and, with ``adapter.balance_loss`` > 0,
+    the balance KL: each group's (over its real tokens), weighted by its share of the target
+    tokens as its language-model loss is; the gradient is that of loss + balance_loss * KL."""
     per = len(items) // cfg.grad_accum
     chunks = [
         collate(group, pad_id)
         for i in range(cfg.grad_accum)
         for group in length_groups(items[i * per : (i + 1) * per])
     ]
-    local_tokens = sum(int((c["labels"][:, 1:] != IGNORE).sum()) for c in chunks)
-    total_tokens = int(all_sum(torch.tensor(float(local_tokens)), proc).item())
-    loss_sum = 0.0
-    for chunk in chunks:
+    targets = [int((c["labels"][:, 1:] != IGNORE).sum()) for c in chunks]
+    total_tokens = int(all_sum(torch.tensor(float(sum(targets))), proc).item())
+    coef = model.adapter_config.balance_loss
+    step_gates = gates.empty() if gates is not None else None
+    loss_sum, kl_sum = 0.0, 0.0
+    for chunk, tokens in zip(chunks, targets, strict=True):
         chunk = {k: v.to(device) for k, v in chunk.items()}
-        with autocast_for(cfg, device, model):
+        with autocast_for(cfg, device, model), _gate_record(model, chunk, step_gates, coef) as seen:
             loss = token_loss_sum(model, chunk)
-        (loss / max(total_tokens, 1)).backward()
+        objective = loss
+        if coef:
+            kl = balance_loss(seen.usage)
+            objective = loss + coef * tokens * kl
+            kl_sum += float(kl.detach()) * tokens
+        (objective / max(total_tokens, 1)).backward()
         loss_sum += float(loss.detach())
+        if step_gates is not None:
+            step_gates.add(seen)
     if proc.world_size > 1:
         for p in model.parameters():
             if p.requires_grad and p.grad is not None:
                 all_sum(p.grad, proc)
-    return float(all_sum(torch.tensor(loss_sum, dtype=torch.float64), proc)) / max(
-        total_tokens, 1
-    )  # mean token loss
+    if gates is not None:
+        gates.totals += all_sum(step_gates.totals, proc)
+    return _per_token(loss_sum, total_tokens, proc), (
+        _per_token(kl_sum, total_tokens, proc) if coef else None
+    )
+
+
+def _per_token(local_sum: float, total_tokens: int, proc: Process) -> float:
+    """A sum over this process's tokens, summed over the processes, per target token."""
+    return float(all_sum(torch.tensor(local_sum, dtype=torch.float64), proc)) / max(total_tokens, 1)
+
+
+def _gate_record(model, chunk: dict[str, torch.Tensor], gates: GateStats | None, coef: float):
+    """The learned routers' gates of this micro-batch's real tokens, recorded where they are
+    logged (``gates``) or balanced (``coef`` > 0); else nothing is recorded."""
+    if gates is None and not coef:
+        return nullcontext()
+    return model.recording_gates(chunk["attention_mask"], keep_graph=bool(coef))
 
 
 def resume_point(run_dir: str | Path, cfg: TrainConfig, n_tasks: int) -> int:
