@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -38,19 +40,33 @@ def alora(balance_loss: float = 0.0, dtype=torch.float32):
     return model
 
 
-def reference_gates(model, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Each module's softmax(x W^T) for every token of ``sequences``, each run alone (no padding),
-    from the inputs x its layer receives and its router's weights W, in float64."""
+@contextmanager
+def module_inputs(model) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Within the block, the input x (batch, seq, d_in) of every call of each adapted module."""
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in model.adapted}
-    hooks = [layer.register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(args[0][0]))
+    hooks = [layer.register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(args[0]))
              for name, layer in model.adapted.items()]  # fmt: skip
-    for ids in sequences:
-        model(input_ids=torch.tensor([ids]))
-    for hook in hooks:
-        hook.remove()
+    try:
+        yield inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def run_alone(model, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Each module's inputs (tokens, d_in) over ``sequences``, each run alone (no padding)."""
+    with module_inputs(model) as inputs:
+        for ids in sequences:
+            model(input_ids=torch.tensor([ids]))
+    return {name: torch.cat([x[0] for x in xs]) for name, xs in inputs.items()}
+
+
+def reference_gates(model, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Each module's softmax(x W^T) for every token of ``sequences``, from the inputs x its layer
+    receives and its router's weights W, in float64."""
     return {
-        name: (torch.cat(xs).double() @ model.adapted[name].router.double().T).softmax(-1)
-        for name, xs in inputs.items()
+        name: (x.double() @ model.adapted[name].router.double().T).softmax(-1)
+        for name, x in run_alone(model, sequences).items()
     }
 
 
@@ -99,16 +115,13 @@ def test_the_balance_loss_value_and_gradient_equal_a_hand_written_reference() ->
     assert values[0][0] == values[1][0] and values[1][1] is None  # the language-model loss is the same
 
     model = alora(0.0, torch.float64)  # the reference: sum_k u_k log(K u_k) of each module, averaged
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [layer.register_forward_pre_hook(lambda _, args, name=name: inputs.__setitem__(name, args[0]))
-             for name, layer in model.adapted.items()]  # fmt: skip
-    model(
-        **{k: v for k, v in collate(items, 0).items() if k in ("input_ids", "attention_mask", "position_ids")}
-    )
-    for hook in hooks:
-        hook.remove()
+    batch = {
+        k: v for k, v in collate(items, 0).items() if k in ("input_ids", "attention_mask", "position_ids")
+    }
+    with module_inputs(model) as inputs:
+        model(**batch)
     kls = []
-    for name, x in inputs.items():
+    for name, (x,) in inputs.items():
         u = (x.flatten(0, 1) @ model.adapted[name].router.T).softmax(-1).mean(0)
         kls.append(sum(u[k] * torch.log(3 * u[k]) for k in range(3)))
     reference = torch.stack(kls).mean()
@@ -157,16 +170,9 @@ def collapse_routers(model, prompts: list[str], tok) -> None:
     """Each router's first row along the mean input its module sees on ``prompts`` (scaled so that
     the mean input gets logit 20), the other rows zero: expert 0 takes nearly every token whose input
     leans that way."""
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in model.adapted}
-    hooks = [layer.register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(args[0][0]))
-             for name, layer in model.adapted.items()]  # fmt: skip
     with torch.no_grad():
-        for prompt in prompts:
-            model(input_ids=torch.tensor([tok(prompt)["input_ids"]]))
-        for hook in hooks:
-            hook.remove()
-        for name, xs in inputs.items():
-            mean = torch.cat(xs).mean(0)
+        for name, x in run_alone(model, [tok(p)["input_ids"] for p in prompts]).items():
+            mean = x.mean(0)
             router = model.adapted[name].router
             router.zero_()
             router[0] = 20 * mean / mean.dot(mean)
