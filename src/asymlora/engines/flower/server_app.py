@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from ...errors import AsymloraError, one_line
-from ...fedconfig import FederatedConfig, save_config
+from ...fedconfig import FederatedConfig, FederationConfig, save_config
 from ...federated.common import Tensors
 from ...federated.validate import Spec, UploadLimits, check_upload
 from ...runfolder import RunFolder, folder_lock
@@ -148,14 +148,11 @@ def check_init(init: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> str |
     )
 
 
-def central_privacy(cfg: FederatedConfig, n: int) -> CentralPrivacy | None:
-    """The run's central-DP account (None without central DP): ``n`` clients, as many sampled
-    per round as ``engines.round.participants`` draws."""
-    if not wrapper_reads_arrays(cfg.federation):
+def central_privacy(federation: FederationConfig, n: int, per_round: int) -> CentralPrivacy | None:
+    """The run's central-DP account (None without central DP): ``per_round`` of ``n`` clients."""
+    if not wrapper_reads_arrays(federation):
         return None
-    fed = cfg.federation
-    sampled = len(participants(n, fed.fraction, cfg.seed, 1))
-    return CentralPrivacy(fed.dp_noise_multiplier, n, sampled, fed.dp_delta)
+    return CentralPrivacy(federation.dp_noise_multiplier, n, per_round, federation.dp_delta)
 
 
 def finish(grid: Grid, core: FederatedStrategy, rounds: int, timeout: float) -> None:
@@ -191,7 +188,8 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
     ``server.safetensors`` and ``rounds.jsonl`` after every round."""
     method = cfg.federation.make_method()
     n = cfg.clients.count()  # the ranks were checked with the config (FederatedConfig)
-    privacy = central_privacy(cfg, n)  # before any work: it needs dp-accounting
+    per_round = len(participants(n, cfg.federation.fraction, cfg.seed, 1))  # as many every round
+    privacy = central_privacy(cfg.federation, n, per_round)  # before any work: needs dp-accounting
 
     started = time.monotonic()
     members, nodes, inits = join(grid, wait_for_nodes(grid, n, settings.timeout_s), cfg, settings.timeout_s)
@@ -209,7 +207,7 @@ def serve(grid: Grid, cfg: FederatedConfig, settings: AppSettings, folder: RunFo
     setups, wrapped = server.setup(inits), wrapper_reads_arrays(cfg.federation)
     core = FederatedStrategy(server, nodes, setups, folder.path, settings.timeout_s, wrapped, privacy)
     info(f"init: {n} clients joined in {time.monotonic() - started:.1f} s")
-    strategy = with_central_dp(core, cfg.federation, len(server.participants(1)))
+    strategy = with_central_dp(core, cfg.federation, per_round)
     if strategy is not core:  # validation before any wrapper sees the replies
         strategy = ScreenUploads(strategy, core)
     folder.start(0, info)
