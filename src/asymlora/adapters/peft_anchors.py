@@ -149,8 +149,8 @@ class PeftAnchorModel(nn.Module):
             return {}
         if task_ids is None:
             raise InputError(
-                f"{self.adapter_config.method} routes by task: pass task_ids, one per example (in asymlora's "
-                "commands: evaluate it by task, as train and compare do)"
+                f"{self.adapter_config.method} routes by task: pass task_ids, one per example (asymlora eval "
+                "--adapter and generate pass none to it; train and compare score it task by task)"
             )
         return {"task_ids": torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)}
 
