@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,6 +27,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.locks import held_by_another_process
 
 from asymlora.adapters import read_tensors, save_adapter, wrap
 from asymlora.adapters.io import CONFIG_FILE, WEIGHTS_FILE
@@ -417,6 +419,65 @@ def test_export_writes_only_into_a_new_folder_or_an_earlier_export(tmp_path, cap
     assert main(["export", str(routed), str(tmp_path / "peft"), "--task", "0"]) == 0
     assert main(["export", str(routed), str(tmp_path / "peft"), "--task", "1"]) == 0
     assert json.loads((tmp_path / "peft" / "asymlora_export.json").read_text())["task_id"] == 1
+
+
+def test_a_folder_belongs_to_one_command(tmp_path, capsys, routed, fed_run, tasks):
+    """Each command refuses an --out that holds another command's folder, touching nothing: a grid
+    over a run (whose results.json it would replace), an evaluation over a run or a grid, an export
+    over an adapter folder it did not write; an evaluation over an earlier one needs --overwrite."""
+    peft = tmp_path / "not-exported"
+    shutil.copytree(routed / "peft" / next(p.name for p in (routed / "peft").iterdir()), peft)
+    (peft / "asymlora_export.json").unlink()  # a PEFT adapter of the user's, not an export of asymlora
+    fed = copy_of(fed_run, tmp_path / "fed")
+    grid = tmp_path / "grid"
+    assert main(["compare", "--tasks", ",".join(tasks), "--methods", "lora", "--seeds", "0", *TINY,
+                 "--set", "train.steps=1", "--out", str(grid)]) == 0  # fmt: skip
+    evaluation = tmp_path / "evaluation"
+    evaluate = ["eval", "--model", "tiny-llama", "--task", tasks[0], "--limit", "2"]
+    assert main([*evaluate, "--out", str(evaluation)]) == 0
+    cases = [
+        (["compare", "--tasks", ",".join(tasks), "--methods", "lora", *TINY, "--out", str(routed)], routed,
+         "holds a training run (asymlora train), which asymlora compare would overwrite"),
+        (["federate", "--tasks", ",".join(tasks), "--methods", "fedit", *TINY, "--out", str(fed)], fed,
+         "holds a federation (asymlora federate), which asymlora federate --methods would overwrite"),
+        ([*evaluate, "--out", str(routed)], routed, "holds a training run"),
+        ([*evaluate, "--out", str(grid)], grid, "holds a grid of runs"),
+        ([*evaluate, "--out", str(evaluation)], evaluation, "holds an earlier evaluation (hint: give --overwrite"),
+        (["export", str(routed), str(peft), "--task", "0"], peft, "not an asymlora export"),
+        (["compare", "--tasks", ",".join(tasks), "--methods", "lora", *TINY, "--out", str(evaluation)],
+         evaluation, "holds an evaluation (asymlora eval)"),
+    ]  # fmt: skip
+    for argv, folder, says in cases:
+        refused(capsys, argv, says, folder)
+    assert main([*evaluate, "--out", str(evaluation), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("command", [["eval", "--model", "tiny-llama", "--task", "x.jsonl"], ["train"], ["federate"],
+                                     ["compare"], ["export", "run"], ["lm-eval-task", "x.jsonl"]])  # fmt: skip
+def test_an_empty_out_is_refused(capsys, command):
+    argv = [*command, ""] if command[0] == "export" else [*command, "--out", " "]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and "give a folder or file, not an empty string" in capsys.readouterr().err
+
+
+def test_two_evaluations_never_write_one_folder(tmp_path, capsys, tasks):
+    out = tmp_path / "e"
+    with held_by_another_process(out):
+        refused(
+            capsys,
+            ["eval", "--model", "tiny-llama", "--task", tasks[0], "--out", str(out)],
+            "in use by another",
+        )
+    assert not out.exists()
+
+
+def test_the_default_eval_folder_never_replaces_a_result(tmp_path, monkeypatch, tasks):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["eval", "--model", "tiny-llama", "--task", tasks[0], "--limit", "1"]) == 0
+    made = sorted(p.name for p in (tmp_path / "runs" / "eval").iterdir() if not p.name.startswith("."))
+    assert len(made) == 2 and made[1] == made[0] + "-2"
 
 
 @pytest.mark.parametrize("damage", ["results not json", "results without scores", "clients not json",

@@ -213,9 +213,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--out",
-        type=Path,
-        help="output folder (default runs/eval/<model>-<suite>): results.json, results.md, tasks.jsonl",
+        type=out_path,
+        help="output folder (default runs/eval/<model>-<suite>, or -2, -3, ... where that holds a result): "
+        "results.json, results.md, tasks.jsonl",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier evaluation that --out holds")
     _add_json(p, "results.json's content without the per-question predictions, and where it was written")
 
 
@@ -236,9 +238,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace):
-    from asymlora.eval.runner import check_eval_options, evaluate_tasks, majority_report
-    from asymlora.models import placement, resolve_device
-    from asymlora.recipes.evaluate import check_eval_out, describe_split, load_for_eval, route_tasks
+    from asymlora.eval.runner import check_eval_options
+    from asymlora.models import resolve_device
+    from asymlora.recipes.evaluate import check_eval_out, default_eval_out
+    from asymlora.runfolder import folder_lock
 
     check_eval_options(args.limit, args.batch_size, args.max_length)
     if args.device:  # cuda without a GPU is refused before any data is fetched
@@ -246,8 +249,18 @@ def _evaluate(args: argparse.Namespace):
     if args.model is None and args.adapter is None:
         raise UsageError("give --model (a base model) or --adapter (an adapter folder or a run folder)")
     name = args.model or args.adapter.name
-    out = args.out or Path("runs") / "eval" / _slug(f"{name}-{args.suite or '+'.join(args.task)}")
-    check_eval_out(out)
+    out = args.out or default_eval_out(_slug(f"{name}-{args.suite or '+'.join(args.task)}"))
+    check_eval_out(out, overwrite=args.overwrite)
+    with folder_lock(out, wait=False):  # two evaluations never write one folder
+        check_eval_out(out, overwrite=args.overwrite)  # again, now that no other process may write it
+        return _evaluate_into(args, out)
+
+
+def _evaluate_into(args: argparse.Namespace, out: Path):
+    from asymlora.eval.runner import evaluate_tasks, majority_report
+    from asymlora.models import placement
+    from asymlora.recipes.evaluate import describe_split, load_for_eval, route_tasks
+
     tasks = get_suite(args.suite) if args.suite else get_tasks(args.task)
     references = read_references(args.references) if args.references else None
     for task in tasks:  # fetch, validate and split every task's data before loading the model
@@ -306,6 +319,14 @@ def read_references(path: Path) -> dict[str, float]:
     raise UsageError(f"{path}: expected {{task: score}} (finite scores) or a results.json of asymlora eval")
 
 
+def out_path(text: str) -> Path:
+    """An output path from the command line: an empty one (which would write into the current
+    folder) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a folder or file, not an empty string")
+    return Path(text)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")[:100]
 
@@ -328,7 +349,7 @@ def _add_run_config(p: argparse.ArgumentParser, out_default: str = "the config's
         "--tasks", help="comma-separated task names, bigbench:<task>, hf:<dataset>?... or .jsonl files"
     )
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps, default 100)")
-    p.add_argument("--out", type=Path, help=f"output folder (default: {out_default})")
+    p.add_argument("--out", type=out_path, help=f"output folder (default: {out_default})")
 
 
 def _shortcuts(args: argparse.Namespace, data: str) -> list[Override]:
@@ -427,11 +448,13 @@ def _add_grid_flags(p: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from asymlora.recipes.compare import compare
+    from asymlora.runfolder import check_out
 
     cfg = _load_multitask_config(args)
     seeds = _seeds(args.seeds)
     methods = _names(args.methods, "--methods")
     out = args.out or Path(cfg.output_dir) / "compare"  # beside, not over, what train writes there
+    check_out(out, "grid", "asymlora compare")
     against = _names(args.against, "--against") if args.against else None
     compare(
         cfg,
@@ -461,7 +484,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     what.add_argument(
         "--prompts", type=Path, help='a JSONL file of {"prompt": ...} objects, answered in batches'
     )
-    p.add_argument("--out", type=Path, help='with --prompts: the JSONL file to write, each input object with '
+    p.add_argument("--out", type=out_path, help='with --prompts: the JSONL file to write, each input object with '
                    'its "output" (default: stdout)')  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated at once (left-padded)")
     p.add_argument("--task", help="task name or index (adapters routed by task)")
@@ -514,7 +537,7 @@ def add_federate(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--tasks", help="comma-separated task names or .jsonl files (one client each)")
     p.add_argument("--ranks", help="one rank per client, e.g. 64,64,32,32,16,16,8,8")
     p.add_argument("--rounds", type=int, help="federation.rounds")
-    p.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
+    p.add_argument("--out", type=out_path, help="output folder (default: the config's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     p.add_argument(
         "--overwrite", action="store_true", help="delete the run in the output folder and start again"
@@ -551,6 +574,9 @@ def run_federate(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise UsageError("--methods/--seeds compare several runs: give --out for their folder")
+    from asymlora.runfolder import check_out
+
+    check_out(args.out, "grid", "asymlora federate --methods")
     methods = methods or [cfg.federation.method]
     seeds = _seeds(args.seeds) if args.seeds else [cfg.seed]
     against = _names(args.against, "--against") if args.against else None
@@ -599,7 +625,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "asymlora export runs/fed runs/client3-peft --client 3              # a federate run's client",
     ])  # fmt: skip
     p.add_argument("run", type=Path, help="a run folder of asymlora federate or asymlora train")
-    p.add_argument("out", type=Path, help="the PEFT folder to write")
+    p.add_argument("out", type=out_path, help="the PEFT folder to write")
     p.add_argument("--client", help="federate runs: client index or name")
     p.add_argument("--task", help="train runs routed by task: task name or index")
     p.add_argument("--license", help="the model card's license field, an identifier such as apache-2.0 or mit "
@@ -708,12 +734,12 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--i", type=int, help="top-i singular vectors of the first (default r)")
     sim.add_argument("--j", type=int, help="top-j singular vectors of the second (default r)")
     sim.add_argument(
-        "--out", type=Path, help="folder for similarity.json and similarity.png (default: run_a)"
+        "--out", type=out_path, help="folder for similarity.json and similarity.png (default: run_a)"
     )
     chg = analysis("change", "magnitude and direction change of A and B during training",
                    "asymlora analyze change runs/my-run --out runs/my-run/analysis")  # fmt: skip
     chg.add_argument("run", type=Path, help="a run folder with adapter_init/ and adapter/")
-    chg.add_argument("--out", type=Path, help="folder for change.json and change.png (default: the run)")
+    chg.add_argument("--out", type=out_path, help="folder for change.json and change.png (default: the run)")
     rtr = analysis("router", "per-module expert usage and gate entropy of a run's learned routers on its "
                    "training and test prompts, and whether the router has collapsed",
                    "asymlora analyze router runs/my-run --limit 100")  # fmt: skip
@@ -721,7 +747,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     rtr.add_argument("--limit", type=int, default=64, help="prompts per task and split (train, test)")
     rtr.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     rtr.add_argument("--max-length", type=int, default=1024, help="prompt tokens kept (from the right)")
-    rtr.add_argument("--out", type=Path, help="folder for router.json (default: the run)")
+    rtr.add_argument("--out", type=out_path, help="folder for router.json (default: the run)")
     grd = analysis("gradients",
                    "per-layer gradient norms of A and B and task-pair conflicts, with A shared and/or B shared",
                    "asymlora analyze gradients --suite commonsense --tasks social_iqa,strategyqa --model smollm2-135m")  # fmt: skip
@@ -744,7 +770,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     grd.add_argument("--targets", default="q_proj,o_proj", help="comma-separated target module names")
     grd.add_argument("--seed", type=int, default=0, help="adapter initialisation and batch order")
     grd.add_argument(
-        "--out", type=Path, help="folder for gradients.json and gradients.png (default runs/analyze/...)"
+        "--out", type=out_path, help="folder for gradients.json and gradients.png (default runs/analyze/...)"
     )
 
 
@@ -883,7 +909,7 @@ def add_lm_eval_task(sub: argparse._SubParsersAction) -> None:
         "task",
         help="a task name, bigbench:<task>, rg:<dataset>, hf:<dataset>?<columns>, or a .json/.jsonl file",
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for <task>.yaml and <task>.jsonl")
+    p.add_argument("--out", type=out_path, required=True, help="folder for <task>.yaml and <task>.jsonl")
     p.add_argument("--split", choices=["test", "all"], default="test",
                    help="the questions written: the task's test split, as asymlora eval scores it, or all")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="split seed")

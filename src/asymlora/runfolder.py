@@ -187,6 +187,68 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_FILES)
 
 
+FOLDER_KINDS = {
+    "federation": "a federation (asymlora federate)",
+    "run": "a training run (asymlora train)",
+    "grid": "a grid of runs (asymlora compare, or federate --methods)",
+    "evaluation": "an evaluation (asymlora eval)",
+    "export": "an exported adapter (asymlora export)",
+    "other": "files that asymlora did not write",
+}
+
+
+def folder_kind(path: Path) -> str | None:
+    """What an existing folder holds, one of ``FOLDER_KINDS``, from the files each command leaves
+    (None: missing or empty). A grid is known by its cells (``<method>/seed-<n>/``) or its table."""
+    path = Path(path)
+    if not path.is_dir() or not any(not p.name.startswith(".") for p in path.iterdir()):
+        return None  # missing, empty, or only the lock files of folders in it
+    if (path / "rounds.jsonl").exists() or (path / "clients.json").exists():
+        return "federation"
+    if any((path / name).exists() for name in RUN_FILES if name != "results.json"):
+        return "run"
+    if (path / "tasks.jsonl").exists():
+        return "evaluation"
+    if (path / "adapter_config.json").exists() or (path / "asymlora_config.json").exists():
+        return "export"
+    if any(path.glob("*/seed-*")) or any(path.glob("*/.seed-*.lock")):  # a cell, or a cell's lock
+        return "grid"
+    results = _json_keys(path / "results.json")
+    if {"methods", "seeds"} <= results:
+        return "grid"
+    if "tasks_requested" in results:
+        return "evaluation"
+    return "other"
+
+
+def _json_keys(path: Path) -> set[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def check_out(out: Path, kind: str, command: str, *, overwrite: bool | None = None) -> None:
+    """Refuse an output folder that holds another kind of thing than ``command`` writes (``kind``),
+    which it would replace in part; with ``overwrite`` False (a command that has the flag), also
+    one that holds a result of its own kind. Checked before anything is written."""
+    check_is_folder(Path(out))
+    held = folder_kind(out)
+    if held is None:
+        return
+    if held != kind:
+        raise RunFolderError(
+            f"--out {out} holds {FOLDER_KINDS[held]}, which {command} would overwrite",
+            hint="choose another output folder",
+        )
+    if overwrite is False:
+        raise RunFolderError(
+            f"--out {out} holds an earlier {kind}",
+            hint="give --overwrite to replace it, or another output folder",
+        )
+
+
 @dataclass
 class RunFolder:
     """A run folder checked for use (``open``), written from ``start`` on."""

@@ -429,6 +429,8 @@ def check_export_folder(folder: str | Path) -> None:
         )
     names = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
     other = sorted(names - set(EXPORT_FILES)) or (sorted(names) if names == {CARD_FILE} else [])
+    if names and not other and EXPORT_INFO_FILE not in names:  # an adapter asymlora did not export here
+        other = sorted(names)
     if other:
         raise InputError(
             f"{folder} holds files that are not an asymlora export ({', '.join(other[:5])}); nothing in it "

@@ -18,8 +18,8 @@ from ..adapters.io import (
 )
 from ..config import ConfigError, read_json
 from ..data.task import Task
-from ..errors import AsymloraError, MissingFileError, RunFolderError
-from ..runfolder import RUN_FILES, check_is_folder
+from ..errors import AsymloraError, MissingFileError
+from ..runfolder import check_out, folder_busy, folder_kind
 from .generate import resolve_task
 
 
@@ -183,16 +183,21 @@ def _expert_by_questions(task: Task, run) -> int:
     raise ConfigError(f"task {task.name}: {why}; give --route NAME_OR_INDEX to score it with one expert")
 
 
-def check_eval_out(out: Path) -> None:
-    """Refuse an output folder that is a file (or lies below one), or that holds a run of
-    asymlora train or federate, whose results.json the evaluation would overwrite."""
-    check_is_folder(out)
-    held = [name for name in RUN_FILES if name != "results.json" and (out / name).exists()]
-    if held:
-        raise RunFolderError(
-            f"--out {out} holds a run ({', '.join(held)}); its results.json would be overwritten",
-            hint=f"give another --out, such as {out / 'eval'}",
-        )
+def check_eval_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output folder that is a file (or lies below one), or that holds anything but an
+    evaluation (a run, a grid, an export: its results.json would be overwritten), or without
+    ``overwrite`` an earlier evaluation."""
+    check_out(out, "evaluation", "asymlora eval", overwrite=overwrite)
+
+
+def default_eval_out(name: str) -> Path:
+    """``runs/eval/<name>``, or where that holds something already, the first of ``<name>-2``,
+    ``<name>-3``, ... that does not: a default folder never replaces an earlier result."""
+    base = Path("runs") / "eval" / name
+    out, n = base, 2
+    while folder_kind(out) is not None or folder_busy(out):
+        out, n = base.with_name(f"{name}-{n}"), n + 1
+    return out
 
 
 def describe_split(split: str, seed: int, limit: int | None) -> str:
