@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The multiple-choice federation's grid (issue 17, configs/fed-mc-smollm2.yaml), one worker, in the
 # order that answers the main questions first, each tier seed by seed:
-#   1. fedit and fedalora (independent A's, the default) and fedalora with one common A
+#   1. fedit, fedalora (independent A's, the default) and fedsa (A shared), and fedalora with one common A
 #      (federation.client_a_init=common): the paper's claim and the initialisation question;
 #   2. the other homogeneous methods (r = 8 everywhere);
 #   3. heterogeneous ranks 64,64,32,32,16,16,8,8 (the paper's) for zeropad, flora, flexlora and
@@ -67,7 +67,7 @@ setting() {  # setting NAME SEEDS [flags]: the cells of one setting (a folder of
   shift 2
   case $name in
     homogeneous) cell homogeneous "$homogeneous" "$seeds" "$@" ;;
-    homogeneous-first) cell homogeneous fedit,fedalora "$seeds" "$@" ;;  # the main question first
+    homogeneous-first) cell homogeneous fedit,fedalora,fedsa "$seeds" "$@" ;;  # the main questions first: B or A shared
     a-common-keep) cell a-common-keep fedalora "$seeds" "${common[@]}" "$@" ;;
     heterogeneous) cell heterogeneous zeropad,flora,flexlora,fedalora-het "$seeds" "${het[@]}" "$@" ;;
     heterogeneous-common-a) cell heterogeneous-common-a fedalora-het "$seeds" "${het[@]}" "${common[@]}" "$@" ;;
