@@ -27,6 +27,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from tests.locks import held_by_another_process
 
 from asymlora.adapters import read_tensors, save_adapter, wrap
@@ -199,7 +200,8 @@ def test_exporting_a_learned_router_adapter(tmp_path, capsys, run):
     refused(capsys, ["export", str(run), str(tmp_path / "peft")], "learned softmax router", tmp_path / "peft")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "mis-shaped", "not json", "alpha NaN", "huge rank"])
+@pytest.mark.parametrize("damage", ["truncated", "mis-shaped", "not json", "alpha NaN", "huge rank", "alpha 1e300",
+                                    "NaN weights", "infinite weights"])  # fmt: skip
 def test_a_damaged_adapter_in_a_run_folder(tmp_path, capsys, run, damage):
     copy = copy_of(run, tmp_path / "run")
     weights, config = copy / "adapter" / WEIGHTS_FILE, copy / "adapter" / CONFIG_FILE
@@ -214,10 +216,19 @@ def test_a_damaged_adapter_in_a_run_folder(tmp_path, capsys, run, damage):
         config.write_bytes(b"\xff\xfe{")
     elif damage == "alpha NaN":
         config.write_text(json.dumps({**data, "alpha": float("nan")}))
+    elif damage == "alpha 1e300":
+        config.write_text(json.dumps({**data, "alpha": 1e300}))
+    elif damage.endswith("weights"):
+        tensors = read_tensors(weights)
+        first = sorted(tensors)[0]
+        tensors[first][0, 0] = float("nan") if damage == "NaN weights" else float("inf")
+        save_file(tensors, str(weights))
     else:
         config.write_text(json.dumps({**data, "r": 10**9}))
     says = {"truncated": "truncated or corrupted", "mis-shaped": "does not match", "not json": "not valid JSON",
-            "alpha NaN": "alpha=nan must be a finite number", "huge rank": "does not match"}[damage]  # fmt: skip
+            "alpha NaN": "alpha=nan must be a finite number", "huge rank": "does not match",
+            "alpha 1e300": "gives the scale alpha / r = 2.5e+299; at most 1000 is taken",
+            "NaN weights": "holds NaN or infinite values", "infinite weights": "holds NaN or infinite values"}[damage]  # fmt: skip
     refused(capsys, ["generate", "--adapter", str(copy), "--prompt", "hi"], says, copy)
 
 
@@ -406,6 +417,21 @@ def test_flags_of_eval_lm_eval_task_tasks_export_and_comm(
     one.write_text(json.dumps({"prompt": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
     subs = {"routed": routed, "fed": fed_run, "task": tasks[0], "one": one, "out": tmp_path / "out"}
     refused(capsys, [a.format(**subs) for a in argv], says, tmp_path)
+
+
+@pytest.mark.parametrize(("damage", "says"), [("alpha", "lora_alpha=1e+300 at r=4 gives the scale 2.5e+299"),
+                                              ("nan", "holds NaN or infinite values")])  # fmt: skip
+def test_a_damaged_peft_adapter_is_refused_at_load(tmp_path, capsys, routed, tasks, damage, says):
+    peft = tmp_path / "peft"
+    assert main(["export", str(routed), str(peft), "--task", "0"]) == 0
+    if damage == "alpha":
+        config = json.loads((peft / "adapter_config.json").read_text())
+        (peft / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e300}))
+    else:
+        tensors = read_tensors(peft / WEIGHTS_FILE)
+        tensors[sorted(tensors)[0]][0, 0] = float("nan")
+        save_file(tensors, str(peft / WEIGHTS_FILE))
+    refused(capsys, ["eval", "--adapter", str(peft), "--model", "tiny-llama", "--task", tasks[0]], says)
 
 
 def test_export_writes_only_into_a_new_folder_or_an_earlier_export(tmp_path, capsys, routed):

@@ -33,6 +33,11 @@ PARAM_DTYPES = ("float32", "base")
 FORMAT_VERSION = 1
 
 
+MAX_SCALE = 1000.0
+"""The largest scale (alpha / r, or alpha / sqrt(r) for rsLoRA) an adapter may have: LoRA uses
+0.5-16; past this an adapter is damaged or made up, and its scores would mean nothing."""
+
+
 @dataclass
 class AdapterConfig:
     """Every field has a default; ``validate()`` is called on construction and on load."""
@@ -133,6 +138,11 @@ class AdapterConfig:
             or not 0 < self.alpha < math.inf
         ):
             raise bad("alpha", "must be a finite number > 0")
+        if self.alpha / self.r > MAX_SCALE:
+            raise bad(
+                "alpha",
+                f"gives the scale alpha / r = {self.alpha / self.r:.3g}; at most {MAX_SCALE:g} is taken",
+            )
         if not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
         if self.method not in SINGLE:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import read_json
 from ..errors import InputError, MissingFileError
-from .config import AdapterConfig, is_anchor
+from .config import MAX_SCALE, AdapterConfig, is_anchor
 from .layer import MultiLoraLinear
 from .model import AsymLoraModel, _model_type
 
@@ -144,11 +144,15 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise MissingFileError(f"{path}: file not found")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise InputError(
             f"{path}: not a readable safetensors file (truncated or corrupted?): {err}"
         ) from None
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise InputError(f"{path}: {bad} holds NaN or infinite values; a damaged file, not weights to use")
+    return tensors
 
 
 def folder_format(folder: str | Path) -> str | None:
@@ -283,6 +287,10 @@ def read_peft_lora(folder: str | Path) -> PeftLora:
                 f"not rank r={r} from {config_file.name}"
             )
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    if not scale <= MAX_SCALE:  # NaN too
+        raise InputError(
+            f"{config_file}: lora_alpha={alpha!r} at r={r} gives the scale {scale:.3g}; at most {MAX_SCALE:g} is taken"
+        )
     return PeftLora(
         {m: (p["A"], p["B"]) for m, p in sorted(pairs.items())},
         r,
