@@ -171,6 +171,8 @@ def test_yaml_aliases_cycles_and_empty_files_give_one_line(tmp_path, capsys, tex
         ("adapter.r=100", "adapter.r=100: above 64"),  # tiny-llama's v_proj is 128 -> 64
         ("adapter.r=99999999999999999999999", "out of range"),
         ("train.seed=-99999999999999999999999", "out of range"),
+        ("train.batch_size=100000000", "one training step needs about"),
+        ("train.max_length=1000000000", "lower train.batch_size or train.max_length"),
     ],
 )
 def test_sizes_that_would_allocate_too_much_are_refused_before_allocating(
@@ -179,6 +181,21 @@ def test_sizes_that_would_allocate_too_much_are_refused_before_allocating(
     start = time.monotonic()
     refused(capsys, train_args(tmp_path / "run", tasks, "--set", setting), says, tmp_path / "run")
     assert not (tmp_path / "run").exists() and time.monotonic() - start < 60
+
+
+def test_a_model_folder_of_a_huge_model_is_refused_before_its_weights_are_read(tmp_path, capsys, tasks):
+    """A config.json of a 1.3-trillion-parameter Llama, with no weights beside it: the memory check
+    reads only the config, so the refusal comes before transformers looks for the weights."""
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32768,
+              "intermediate_size": 131072, "num_hidden_layers": 96, "num_attention_heads": 256,
+              "num_key_value_heads": 8, "vocab_size": 32000, "torch_dtype": "bfloat16"}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    argv = train_args(
+        tmp_path / "run", tasks, "--model", str(folder), "--set", "adapter.target_modules=['q_proj']"
+    )
+    refused(capsys, argv, "one training step needs about", tmp_path / "run")
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -17,6 +18,7 @@ import yaml
 from ..adapters import wrap
 from ..adapters.model import ParameterCount, check_ranks_fit
 from ..adapters.targets import layer_dims
+from ..errors import InputError
 from ..federated.comm import meta_model
 from ..models import base_weight, loaded_dtype, model_config
 from ..runfolder import RunFolder
@@ -41,10 +43,7 @@ def dry_run(cfg: MultitaskConfig, resume: bool = False, overwrite: bool = False)
     RunFolder.open(cfg, save_config, resume=resume, overwrite=overwrite, may_change=RESUMABLE)
     n_tasks = len(select_tasks(cfg.data))
     check_routing(cfg, n_tasks)
-    shapes = model_config(cfg.model)
-    base = meta_model(shapes).to(loaded_dtype(cfg.dtype, shapes))
-    check_ranks_fit(base, cfg.adapter, adapter_ranks(cfg))
-    model = wrap(base, cfg.adapter, n_tasks=n_tasks)
+    shapes, model = meta_wrapped(cfg, n_tasks)
     count = model.trainable_parameters()
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     return {
@@ -56,6 +55,55 @@ def dry_run(cfg: MultitaskConfig, resume: bool = False, overwrite: bool = False)
         "memory_bytes": memory_estimate(model, shapes, cfg.train, processes),
         "not_counted": NOT_COUNTED,
     }
+
+
+def meta_wrapped(cfg: MultitaskConfig, n_tasks: int):
+    """The model's config and the run's wrapped model on the meta device (shapes, no memory),
+    its ranks checked against its layers."""
+    shapes = model_config(cfg.model)
+    base = meta_model(shapes).to(loaded_dtype(cfg.dtype, shapes))
+    check_ranks_fit(base, cfg.adapter, adapter_ranks(cfg))
+    return shapes, wrap(base, cfg.adapter, n_tasks=n_tasks)
+
+
+def check_memory(cfg: MultitaskConfig, n_tasks: int, device: Any) -> None:
+    """Refuse a run whose training step needs more memory than ``device`` has free, by
+    ``memory_estimate`` from the model's shapes, before any weight is loaded or allocated (a model
+    folder's config.json of a huge model, a batch of a million examples)."""
+    shapes, model = meta_wrapped(cfg, n_tasks)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    need = memory_estimate(model, shapes, cfg.train, processes)
+    free = free_memory(device)
+    if free is not None and need["total"] > free:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.1f}" for k, v in need.items() if k != "total")
+        raise InputError(
+            f"one training step needs about {need['total'] / GIB:.1f} GiB ({parts}; train --dry-run shows them), "
+            f"more than the {free / GIB:.1f} GiB free on {device}: lower train.batch_size or train.max_length, "
+            "raise train.grad_accum, or set train.activation_checkpointing"
+        )
+
+
+def free_memory(device: Any) -> int | None:
+    """Bytes free for a run on ``device``: the memory the system can give (MemAvailable) on the
+    CPU, the free memory of a CUDA device; None where unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+    except OSError:
+        meminfo = []
+    for line in meminfo:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def memory_estimate(model, shapes: Any, train: TrainConfig, processes: int = 1) -> dict[str, int]:

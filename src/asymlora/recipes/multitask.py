@@ -189,6 +189,9 @@ def prepare(cfg: MultitaskConfig):
     tasks = select_tasks(cfg.data)
     check_routing(cfg, len(tasks))
     examples = training_examples(tasks, cfg.data.split_seed, cfg.data.max_train_per_task)
+    from .dryrun import check_memory
+
+    check_memory(cfg, len(tasks), where)
     base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     check_ranks_fit(base, cfg.adapter, adapter_ranks(cfg))
     return tasks, examples, wrap(base.to(where), cfg.adapter, n_tasks=len(tasks)), tokenizer
