@@ -1012,6 +1012,45 @@ def test_comm_is_linear_in_the_number_of_clients(capsys):
     assert large < 20 * small + 1.0  # quadratic work took 100 x (20,000 clients: killed after 120 s)
 
 
+# --- the tracebacks of round 3, each a case of its own ------------------------------------------------------
+@pytest.mark.parametrize("name", ["loop.jsonl", "loop", "gone.jsonl", "x" * 5000 + ".jsonl"])
+def test_task_files_that_cannot_be_read_are_one_line(tmp_path, capsys, name):
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop2.jsonl")
+    (tmp_path / "loop2.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    says = "no such file" if name.endswith(".jsonl") else "unknown task"
+    refused(capsys, train_args(tmp_path / "run", [str(tmp_path / name)]), says, tmp_path / "run")
+
+
+def test_a_one_client_fed_alora_saves_its_client_and_no_combined_adapter(tmp_path, tasks):
+    out = tmp_path / "fed"
+    assert main(fed_args(out, tasks[:1])) == 0
+    assert (out / "adapters" / "task0").is_dir() and not (out / "alora").exists()
+
+
+def test_a_5000_digit_answer_trains_and_scores(tmp_path):
+    data = tmp_path / "big.jsonl"
+    rows = [{"prompt": f"q{i}:", "target": "9" * 5000 if i == 0 else str(i)} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(train_args(tmp_path / "run", [str(data)], steps=1)) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "tiny-llama",
+                "--task",
+                str(data),
+                "--split",
+                "all",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
+
+
 # --- fuzzing: the JSONL task reader and the --set parser ----------------------------------------------------
 LINE = st.one_of(
     st.text(max_size=30),

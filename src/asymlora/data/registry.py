@@ -284,7 +284,11 @@ def get_task(name: str) -> Task:
         from asymlora.data.rg import rg_task
 
         return rg_task(name)
-    if name.endswith((".json", ".jsonl")) and Path(name).is_file():
+    if name.endswith((".json", ".jsonl")):
+        if not _is_file(name):
+            raise UnknownTaskError(
+                f"task file {name}: no such file (or not one that can be read: a broken link?)"
+            )
         return file_task(name)
     raise UnknownTaskError(
         f"unknown task {name!r}; available tasks: {', '.join(list_tasks())} "
@@ -299,13 +303,29 @@ def get_tasks(names: Sequence[str]) -> list[Task]:
     key in results, routing and exports. An empty list, and a task given twice, are refused."""
     if not names:
         raise UsageError("no task given: name at least one task or .json/.jsonl file")
-    seen = [name if name in TASKS else str(Path(name).resolve()) for name in names]
+    seen = [name if name in TASKS else _file_key(name) for name in names]
     twice = [name for name, key in zip(names, seen, strict=True) if seen.count(key) > 1]
     if twice:
         raise UsageError(f"task {twice[0]} is given twice; give each task once")
     tasks = [get_task(name) for name in names]
     unique = unique_names([t.name for t in tasks])
     return [t if t.name == u else replace(t, name=u) for t, u in zip(tasks, unique, strict=True)]
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except OSError:  # a symlink loop, a name too long for the file system
+        return False
+
+
+def _file_key(name: str) -> str:
+    """What makes two names of one file the same (the resolved path), or the name itself where
+    it cannot be resolved (a symlink loop: refused as a task later, in one line)."""
+    try:
+        return str(Path(name).resolve())
+    except (OSError, RuntimeError):
+        return name
 
 
 def unique_names(names: list[str]) -> list[str]:

@@ -70,11 +70,13 @@ class FedALoRA(AverageUploads):
 
     def combined_adapter(
         self, config: AdapterConfig, states: Sequence[Mapping[str, Tensor]], server: Mapping[str, Tensor]
-    ) -> tuple[AdapterConfig, Tensors]:
+    ) -> tuple[AdapterConfig, Tensors] | None:
         """The federation as one ALoRA adapter: lora_A (N*r, d_in) stacks the clients' A's, lora_B
         is the server's shared B, and task routing sends task i to client i's A. (With fraction
         < 1 a client that sat out the last round still holds the previous B; the combined adapter
-        uses the newest.)"""
+        uses the newest.) One client: None, its own adapter is the whole federation."""
+        if len(states) < 2:
+            return None
         combined = replace(
             config, method="alora", router="task", num_experts=len(states), init_a="independent"
         )
