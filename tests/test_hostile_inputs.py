@@ -582,6 +582,11 @@ def test_more_dirichlet_clients_than_examples(tmp_path, capsys, tasks):
         ("adapter.alpha=-inf", "adapter.alpha: -inf is not a finite number"),
         ("train.max_grad_norm=-1.0", "train.max_grad_norm=-1.0 must be >= 0"),
         ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be >= 0"),
+        ("train.weight_decay=1e30", "train.weight_decay=1e+30 must be at most 10 with lr x weight_decay < 1"),
+        ("train.weight_decay=5000.0", "must be at most 10"),
+        ("train.max_grad_norm=1e30", "train.max_grad_norm=1e+30 must be at most 1e+06"),
+        ("train.mixing_temperature=1e300", "must be in (0, 1e+06]"),
+        ("adapter.alpha=1e300", "gives the scale alpha / r"),
         ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
     ],
 )

@@ -41,6 +41,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_check
 from .processes import ALONE, Process, init_process
 
 SCHEDULES = ("constant", "linear", "cosine")
+MAX_SETTING = 1e6  # the largest max_grad_norm and mixing_temperature: past it, "off" or "uniform"
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -51,18 +52,24 @@ class TrainConfig:
     grad_accum: int = field(
         default=1, metadata={"help": "micro-batches per step (divides batch_size and the per-process batch)"}
     )
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate, in (0, 1]"})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "AdamW's decoupled weight decay, in [0, 10], with lr x weight_decay < 1"},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up (>= 0)"})
     schedule: str = field(
         default="linear", metadata={"help": "constant | linear | cosine decay after warm-up"}
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the gradient norm (0: off), at most 1e6"}
+    )
     max_length: int = field(
         default=256, metadata={"help": "tokens per example (prompt is cut from the left)"}
     )
     mixing_temperature: float = field(
-        default=1.0, metadata={"help": "task sampling p ~ n^(1/T): 1 proportional, large -> uniform"}
+        default=1.0,
+        metadata={"help": "task sampling p ~ n^(1/T), T in (0, 1e6]: 1 proportional, large -> uniform"},
     )
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     log_every: int = 1
@@ -97,8 +104,20 @@ class TrainConfig:
             raise InputError(f"train.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise InputError(f"train.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
-        if self.mixing_temperature <= 0:
-            raise InputError(f"train.mixing_temperature={self.mixing_temperature} must be > 0")
+        if not 0 < self.mixing_temperature <= MAX_SETTING:
+            raise InputError(
+                f"train.mixing_temperature={self.mixing_temperature} must be in (0, {MAX_SETTING:g}]"
+            )
+        if self.max_grad_norm > MAX_SETTING:
+            raise InputError(
+                f"train.max_grad_norm={self.max_grad_norm} must be at most {MAX_SETTING:g} (0: off)"
+            )
+        if self.weight_decay > 10 or self.lr * self.weight_decay >= 1:
+            raise InputError(
+                f"train.weight_decay={self.weight_decay} must be at most 10 with lr x weight_decay < 1 "
+                f"(AdamW multiplies every weight by 1 - lr x weight_decay = {1 - self.lr * self.weight_decay:.3g} "
+                "each step)"
+            )
         if self.batch_size % self.grad_accum:
             raise InputError(
                 f"train.grad_accum={self.grad_accum} must divide train.batch_size={self.batch_size} "
