@@ -183,6 +183,12 @@ def test_sizes_that_would_allocate_too_much_are_refused_before_allocating(
     assert not (tmp_path / "run").exists() and time.monotonic() - start < 60
 
 
+@pytest.mark.parametrize("setting", ["train.batch_size=100000000", "train.max_length=1000000000"])
+def test_a_federation_whose_step_cannot_fit_is_refused_before_loading(tmp_path, capsys, tasks, setting):
+    refused(capsys, fed_args(tmp_path / "fed", tasks, "--set", setting), "one training step needs about")
+    assert not (tmp_path / "fed").exists()
+
+
 def test_a_model_folder_of_a_huge_model_is_refused_before_its_weights_are_read(tmp_path, capsys, tasks):
     """A config.json of a 1.3-trillion-parameter Llama, with no weights beside it: the memory check
     reads only the config, so the refusal comes before transformers looks for the weights."""

@@ -71,8 +71,13 @@ def check_memory(cfg: MultitaskConfig, n_tasks: int, device: Any) -> None:
     ``memory_estimate`` from the model's shapes, before any weight is loaded or allocated (a model
     folder's config.json of a huge model, a batch of a million examples)."""
     shapes, model = meta_wrapped(cfg, n_tasks)
+    check_step_memory(model, shapes, cfg.train, device)
+
+
+def check_step_memory(model, shapes: Any, train: TrainConfig, device: Any) -> None:
+    """``check_memory`` for a wrapped model on the meta device (a federation's largest client)."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    need = memory_estimate(model, shapes, cfg.train, processes)
+    need = memory_estimate(model, shapes, train, processes)
     free = free_memory(device)
     if free is not None and need["total"] > free:
         parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.1f}" for k, v in need.items() if k != "total")

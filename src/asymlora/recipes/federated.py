@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -46,6 +46,7 @@ from ..adapters import (
     load_adapter,
     read_tensors,
     save_adapter,
+    wrap,
 )
 from ..adapters.io import atomic_write, write_tensors
 from ..adapters.model import check_ranks_fit
@@ -206,8 +207,8 @@ def run(
         )
         use_threads(cfg.train.threads, log)
         clients = build_clients(cfg.clients)
+        check_fits(cfg, len(clients), log)
         base, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-        check_ranks(cfg, base, len(clients), log)
         base.to(resolve_device(cfg.device))
         sim = make_simulator(cfg, clients, base, tokenizer)
         records = restore_rounds(sim, cfg, resume, log, clients_digest(clients))
@@ -216,6 +217,21 @@ def run(
         log(f"model: {cfg.model} on {placement(base)}")
         log(f"{cfg.federation.method}: {len(clients)} clients: {', '.join(c.name for c in clients)}")
         return federate(cfg, sim, clients, tokenizer, records, log, on_client)
+
+
+def check_fits(cfg: FederatedConfig, n_clients: int, log: Callable[[str], None]) -> None:
+    """Before any weight is read: every client's rank within the model's layers (``check_ranks``)
+    and the training step of the largest client within the memory free on the device, both from
+    the model's config on the meta device."""
+    from ..federated.comm import meta_model
+    from ..models import loaded_dtype, model_config
+    from .dryrun import check_step_memory
+
+    shapes = model_config(cfg.model)
+    base = meta_model(shapes).to(loaded_dtype(cfg.dtype, shapes))
+    check_ranks(cfg, base, n_clients, log)
+    largest = replace(cfg.adapter.template(), r=max(cfg.adapter.ranks_for(n_clients)))
+    check_step_memory(wrap(base, largest), shapes, cfg.train, resolve_device(cfg.device))
 
 
 def check_ranks(cfg: FederatedConfig, base, n_clients: int, log: Callable[[str], None]) -> None:
