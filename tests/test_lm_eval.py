@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from asymlora import export_peft, load_adapter, save_adapter, wrap
 from asymlora.cli import main
@@ -33,6 +34,18 @@ from lm_eval_helpers import (
 from tiny_models import randomize_adapters
 
 pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread in this process, as in lm-eval's own process (OMP_NUM_THREADS=1), whatever
+    an earlier test's --threads left: with more, float32 sums taken in another order move the
+    log-likelihoods by up to ~3e-5 (docs/lm-eval.md)."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr("asymlora.threads._from_command_line", 1)  # what asymlora's commands apply
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_lm_eval_scores_an_exported_adapter_as_asymlora_does(tmp_path: Path, capsys) -> None:
