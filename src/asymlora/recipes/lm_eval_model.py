@@ -2,7 +2,7 @@
 train``, an asymlora adapter folder or a PEFT LoRA folder), routed ones included, scored by
 lm-eval on any of its tasks. See docs/lm-eval.md.
 
-lm-eval (0.4.x) finds a model name only in its own registry: the models it ships and the classes
+lm-eval 0.4.x finds a model name only in its own registry: the models it ships and the classes
 that code imported into the same process registers with ``register_model``. It reads no entry
 points, and ``--include_path`` adds tasks, not models. Importing this module registers
 ``asymlora``; ``asymlora lm-eval ARGS`` is lm-eval's own command line (``lm_eval ARGS``) run after
