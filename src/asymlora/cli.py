@@ -378,6 +378,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "train", "train one adapter (lora, alora, hydralora, mola) on several tasks", [
         "asymlora train --config configs/demo.yaml --method alora --out runs/my-run",
         "asymlora train --model tiny-llama --tasks a.jsonl,b.jsonl --steps 20 --set adapter.router=task",
+        "asymlora train --config configs/demo.yaml --set adapter.balance_loss=0.01   # balance the softmax "
+        "router's experts (docs/router.md)",
         "asymlora train --config runs/my-run/config.yaml --resume    # continue after a stop",
     ])  # fmt: skip
     _add_run_config(p)
