@@ -410,7 +410,7 @@ def test_eval_and_analyze_make_no_output_folder_before_every_check(tmp_path, cap
     for argv, says in cases:
         refused(capsys, argv, says, tmp_path)
     refused(capsys, ["eval", "--adapter", str(run), "--task", tasks[0], "--out", str(run)],
-            "holds a run (config.yaml, checkpoint", run)  # fmt: skip
+            "holds a training run (asymlora train), which asymlora eval would overwrite", run)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -649,8 +649,16 @@ def test_bad_reference_scores_for_delta_m(tmp_path, capsys, tasks, content):
 
 def test_a_diverging_training_stops_at_the_first_non_finite_loss(tmp_path, capsys, tasks):
     out = tmp_path / "run"
-    args = train_args(out, tasks, "--set", "adapter.alpha=1e20", "--set", "train.save_every=1", steps=5)
-    line = refused(capsys, args, "(not finite); the step was not applied")  # the gradient overflows
+    diverging = [
+        "--set",
+        "dtype=float16",
+        "--set",
+        "adapter.alpha=4000",
+        "--set",
+        "train.lr=1.0",
+    ]  # scale 1000
+    args = train_args(out, tasks, *diverging, "--set", "train.save_every=1", steps=5)
+    line = refused(capsys, args, "(not finite); the step was not applied")  # float16 overflows
     step = int(line.split("error: step ")[1].split(":")[0])
     assert step >= 2 and f"keeps step {step - 1}" in line and "hint: lower train.lr or adapter.alpha" in line
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())

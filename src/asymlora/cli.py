@@ -241,7 +241,6 @@ def _evaluate(args: argparse.Namespace):
     from asymlora.eval.runner import check_eval_options
     from asymlora.models import resolve_device
     from asymlora.recipes.evaluate import check_eval_out, default_eval_out
-    from asymlora.runfolder import folder_lock
 
     check_eval_options(args.limit, args.batch_size, args.max_length)
     if args.device:  # cuda without a GPU is refused before any data is fetched
@@ -251,15 +250,13 @@ def _evaluate(args: argparse.Namespace):
     name = args.model or args.adapter.name
     out = args.out or default_eval_out(_slug(f"{name}-{args.suite or '+'.join(args.task)}"))
     check_eval_out(out, overwrite=args.overwrite)
-    with folder_lock(out, wait=False):  # two evaluations never write one folder
-        check_eval_out(out, overwrite=args.overwrite)  # again, now that no other process may write it
-        return _evaluate_into(args, out)
+    return _evaluate_into(args, out)
 
 
 def _evaluate_into(args: argparse.Namespace, out: Path):
-    from asymlora.eval.runner import evaluate_tasks, majority_report
     from asymlora.models import placement
-    from asymlora.recipes.evaluate import describe_split, load_for_eval, route_tasks
+    from asymlora.recipes.evaluate import check_eval_out, describe_split, load_for_eval, route_tasks
+    from asymlora.runfolder import folder_lock
 
     tasks = get_suite(args.suite) if args.suite else get_tasks(args.task)
     references = read_references(args.references) if args.references else None
@@ -270,6 +267,15 @@ def _evaluate_into(args: argparse.Namespace, out: Path):
     task_ids = route_tasks(loaded, tasks, args.route)
     print(f"model: {loaded.description} on {placement(loaded.model)}", file=sys.stderr)
     print(describe_split(args.split, args.seed, args.limit), file=sys.stderr)
+    with folder_lock(out, wait=False):  # after every check; two evaluations never share a folder
+        check_eval_out(out, overwrite=args.overwrite)  # again, now that no other process may write it
+        return _write_evaluation(args, out, loaded, tasks, task_ids, references)
+
+
+def _write_evaluation(args: argparse.Namespace, out: Path, loaded, tasks, task_ids, references):
+    from asymlora.eval.runner import evaluate_tasks, majority_report
+    from asymlora.models import placement
+
     out.mkdir(parents=True, exist_ok=True)
     per_task = out / "tasks.jsonl"
     per_task.write_text("", encoding="utf-8")
@@ -810,8 +816,12 @@ def run_analyze_router(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     out = args.out or args.run
     check_is_folder(out)
-    report = analyze_router(args.run, out, limit=args.limit, batch_size=args.batch_size, max_length=args.max_length)
-    print(f"router of {args.run}: {report['method']}, {report['num_experts']} experts, {report['router']} router")
+    report = analyze_router(
+        args.run, out, limit=args.limit, batch_size=args.batch_size, max_length=args.max_length
+    )
+    print(
+        f"router of {args.run}: {report['method']}, {report['num_experts']} experts, {report['router']} router"
+    )
     print("\n".join(format_router_report(report)))
     print(f"wrote {out / 'router.json'}")
     return 0
