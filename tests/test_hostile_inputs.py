@@ -1052,22 +1052,8 @@ def test_a_5000_digit_answer_trains_and_scores(tmp_path):
     rows = [{"prompt": f"q{i}:", "target": "9" * 5000 if i == 0 else str(i)} for i in range(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(train_args(tmp_path / "run", [str(data)], steps=1)) == 0
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                "tiny-llama",
-                "--task",
-                str(data),
-                "--split",
-                "all",
-                "--out",
-                str(tmp_path / "e"),
-            ]
-        )
-        == 0
-    )
+    scored = ["eval", "--model", "tiny-llama", "--task", str(data), "--split", "all"]
+    assert main([*scored, "--out", str(tmp_path / "e")]) == 0
 
 
 # --- fuzzing: the JSONL task reader and the --set parser ----------------------------------------------------
