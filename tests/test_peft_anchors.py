@@ -81,11 +81,11 @@ def test_compare_runs_lily_and_poly_beside_alora_with_peft_counts(tmp_path, task
     table = (out / "results.md").read_text()
     assert "| peft:lily | " in table and "| peft:poly | " in table and "train CPU s/step" in table
     base, _ = load_model("tiny-llama")
-    cell_cfg = load_config(out / "peft:poly" / "seed-0" / "config.yaml").adapter
+    cell_cfg = load_config(out / "peft-poly" / "seed-0" / "config.yaml").adapter
     alora = planned_size(base, replace(cell_cfg, method="alora"))
     assert summary["methods"]["alora"]["trainable_parameters"] == alora
     for method in methods[1:]:
-        cell = out / method / "seed-0"
+        cell = out / method.replace(":", "-") / "seed-0"
         peft = PeftModel.from_pretrained(load_model("tiny-llama")[0], cell / "adapter", is_trainable=True)
         count = peft.get_nb_trainable_parameters()[0]
         assert summary["methods"][method]["trainable_parameters"] == count >= alora
@@ -102,7 +102,7 @@ def test_compare_runs_lily_and_poly_beside_alora_with_peft_counts(tmp_path, task
     poly = summary["anchor_settings"]["peft:poly"]
     assert poly["n_tasks"] == 2 and poly["n_skills"] == cell_cfg.num_experts
     capsys.readouterr()
-    assert main(["export", str(out / "peft:lily" / "seed-0"), str(tmp_path / "export")]) == 2
+    assert main(["export", str(out / "peft-lily" / "seed-0"), str(tmp_path / "export")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "save_pretrained output already" in err
 
@@ -228,7 +228,7 @@ def test_a_stopped_anchor_cell_resumes_to_the_result_of_one_that_never_stopped(t
     compare(cfg, [method], [0], tmp_path / "straight", **quiet)
     stopped = tmp_path / "stopped"
     done, lock = threading.Event(), threading.Lock()
-    watcher = interrupt_when(stopped / method / "seed-0" / "metrics.jsonl", 2, done, lock)
+    watcher = interrupt_when(stopped / method.replace(":", "-") / "seed-0" / "metrics.jsonl", 2, done, lock)
     with pytest.raises(KeyboardInterrupt):
         try:
             compare(cfg, [method], [0], stopped, **quiet)
@@ -236,17 +236,17 @@ def test_a_stopped_anchor_cell_resumes_to_the_result_of_one_that_never_stopped(t
             with lock:
                 done.set()
     watcher.join()
-    cell = stopped / method / "seed-0"
+    cell = stopped / method.replace(":", "-") / "seed-0"
     state = json.loads((cell / "checkpoint" / "trainer_state.json").read_text())
     assert not (cell / "results.json").exists() and state["step"] < 8, "it ran to the end: nothing was tested"
     compare(cfg, [method], [0], stopped, **quiet)
     got, want = (
-        json.loads((o / method / "seed-0" / "results.json").read_text())
+        json.loads((o / method.replace(":", "-") / "seed-0" / "results.json").read_text())
         for o in (stopped, tmp_path / "straight")
     )
     assert [t["predictions"] for t in got["tasks"]] == [t["predictions"] for t in want["tasks"]]
     resumed, straight = (
-        read_tensors(o / method / "seed-0" / "adapter" / WEIGHTS_FILE)
+        read_tensors(o / method.replace(":", "-") / "seed-0" / "adapter" / WEIGHTS_FILE)
         for o in (stopped, tmp_path / "straight")
     )
     assert resumed.keys() == straight.keys()

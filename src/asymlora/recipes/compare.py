@@ -113,8 +113,9 @@ def run_grid(
 
 
 def cell_folder(out: Path, name: str, seed: int) -> Path:
-    """Where a grid in ``out`` keeps its (``name``, ``seed``) cell."""
-    return out / name / f"seed-{seed}"
+    """Where a grid in ``out`` keeps its (``name``, ``seed``) cell: ``<name>/seed-<seed>``, a
+    method's ``:`` written ``-`` (``peft-lily``), since Windows allows no colon in a path."""
+    return out / name.replace(":", "-") / f"seed-{seed}"
 
 
 def status_cells(
