@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 from asymlora.checkpoint_signal import checkpoint_requests_noted
-from asymlora.config import Override
+from asymlora.config import Override, first_repeated
 from asymlora.data.bigbench import BigBenchUnavailableError
 from asymlora.data.registry import (
     SUITES,
@@ -613,9 +613,9 @@ def _seeds(text: str) -> list[int]:
     bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
     if bad:
         raise UsageError(f"--seeds: {bad[0]} is out of range; give seeds from 0 to {MAX_SEED}")
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
-    if twice:
-        raise UsageError(f"--seeds: {twice[0]} is given twice; give each seed once")
+    twice = first_repeated(seeds)
+    if twice is not None:
+        raise UsageError(f"--seeds: {twice} is given twice; give each seed once")
     return seeds
 
 
@@ -643,13 +643,14 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from asymlora.adapters import export_peft
     from asymlora.adapters.io import check_export_folder
+    from asymlora.runfolder import is_federation
 
     if args.license is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", args.license):
         raise UsageError(
             f"--license {args.license!r}: give a license identifier such as apache-2.0, mit or other"
         )
     check_export_folder(args.out)
-    federated = (args.run / "rounds.jsonl").exists() or (args.run / "clients.json").exists()
+    federated = is_federation(args.run)
     if federated and args.task is not None:
         raise UsageError(
             f"--task: {args.run} is a federate run (one model per client); give --client instead"

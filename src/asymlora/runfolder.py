@@ -197,13 +197,18 @@ FOLDER_KINDS = {
 }
 
 
+def is_federation(path: Path) -> bool:
+    """Whether ``path`` holds a run of asymlora federate (one adapter per client)."""
+    return (path / "rounds.jsonl").exists() or (path / "clients.json").exists()
+
+
 def folder_kind(path: Path) -> str | None:
     """What an existing folder holds, one of ``FOLDER_KINDS``, from the files each command leaves
     (None: missing or empty). A grid is known by its cells (``<method>/seed-<n>/``) or its table."""
     path = Path(path)
     if not path.is_dir() or not any(not p.name.startswith(".") for p in path.iterdir()):
         return None  # missing, empty, or only the lock files of folders in it
-    if (path / "rounds.jsonl").exists() or (path / "clients.json").exists():
+    if is_federation(path):
         return "federation"
     if any((path / name).exists() for name in RUN_FILES if name != "results.json"):
         return "run"

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
+from asymlora.config import first_repeated
 from asymlora.data.registry import REASONING_TEMPLATE, closed_set_records
 from asymlora.data.task import (
     KINDS,
@@ -51,7 +52,7 @@ def _reasoning_gym() -> Any:
     try:
         import reasoning_gym.factory
     except ImportError:
-        raise ImportError("rg: tasks need reasoning-gym: pip install reasoning-gym") from None
+        raise ImportError("reasoning-gym tasks need reasoning-gym: pip install reasoning-gym") from None
     return reasoning_gym.factory
 
 
@@ -106,10 +107,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise DataFormatError(f"{spec!r}: options go as ?key=value&key=value") from None
-    keys = [k for k, _ in pairs]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        raise DataFormatError(f"{spec!r}: option {twice[0]} is given twice; give it once")
+    twice = first_repeated(k for k, _ in pairs)
+    if twice is not None:
+        raise DataFormatError(f"{spec!r}: option {twice} is given twice; give it once")
     ours = {k: v for k, v in pairs if k in OWN_OPTIONS}
     settings = {k: _value(v) for k, v in pairs if k not in OWN_OPTIONS}
     known = list(dataset_settings(dataset))
@@ -136,8 +136,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=32)
-def _generated(dataset: str, size: int, seed: int, settings_json: str) -> tuple[Any, tuple[dict, ...]]:
-    """The dataset object and its ``size`` problems (cached: a spec is often built several times)."""
+def generated(dataset: str, size: int, seed: int, settings_json: str = "{}") -> tuple[Any, tuple[dict, ...]]:
+    """The dataset object and its ``size`` problems, a pure function of the settings and ``seed``
+    (cached: a task is often built several times)."""
     factory = _reasoning_gym()
     settings = json.loads(settings_json)
     try:
@@ -154,7 +155,7 @@ def rg_task(spec: str) -> Task:
     """The task an ``rg:`` spec names. Its problems are generated here, since how it is scored
     (multiple choice or generated and scored by the dataset) depends on its answers."""
     dataset, options, settings = parse_spec(spec)
-    data, items = _generated(dataset, options["size"], options["seed"], json.dumps(settings, sort_keys=True))
+    data, items = generated(dataset, options["size"], options["seed"], json.dumps(settings, sort_keys=True))
     answers = [str(item["answer"]).strip() for item in items]
     kind: Kind = options["kind"] or _kind_of(answers)
     described = ", ".join(f"{k}={v}" for k, v in settings.items())

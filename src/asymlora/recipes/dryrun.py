@@ -57,11 +57,17 @@ def dry_run(cfg: MultitaskConfig, resume: bool = False, overwrite: bool = False)
     }
 
 
+def meta_base(model: str, dtype: str):
+    """The config of base model ``model`` and the model on the meta device in the dtype it would
+    be loaded in (its shapes, no memory, no weights read)."""
+    shapes = model_config(model)
+    return shapes, meta_model(shapes).to(loaded_dtype(dtype, shapes))
+
+
 def meta_wrapped(cfg: MultitaskConfig, n_tasks: int):
     """The model's config and the run's wrapped model on the meta device (shapes, no memory),
     its ranks checked against its layers."""
-    shapes = model_config(cfg.model)
-    base = meta_model(shapes).to(loaded_dtype(cfg.dtype, shapes))
+    shapes, base = meta_base(cfg.model, cfg.dtype)
     check_ranks_fit(base, cfg.adapter, adapter_ranks(cfg))
     return shapes, wrap(base, cfg.adapter, n_tasks=n_tasks)
 

@@ -19,7 +19,7 @@ from ..adapters.io import (
 from ..config import ConfigError, read_json
 from ..data.task import Task
 from ..errors import AsymloraError, MissingFileError
-from ..runfolder import check_out, folder_busy, folder_kind
+from ..runfolder import check_out, folder_busy, folder_kind, is_federation
 from .generate import resolve_task
 
 
@@ -43,7 +43,7 @@ def adapter_kind(path: Path) -> str:
     """``run`` (a folder of asymlora train), ``asymlora`` or ``peft``; a one-line error otherwise."""
     if not path.is_dir():
         raise MissingFileError(f"--adapter {path}: no such folder")
-    if (path / "rounds.jsonl").exists() or (path / "clients.json").exists():
+    if is_federation(path):
         raise ConfigError(
             f"--adapter {path}: a federate run holds one adapter per client; pass {path}/adapters/<client>"
         )

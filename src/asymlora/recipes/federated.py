@@ -223,12 +223,9 @@ def check_fits(cfg: FederatedConfig, n_clients: int, log: Callable[[str], None])
     """Before any weight is read: every client's rank within the model's layers (``check_ranks``)
     and the training step of the largest client within the memory free on the device, both from
     the model's config on the meta device."""
-    from ..federated.comm import meta_model
-    from ..models import loaded_dtype, model_config
-    from .dryrun import check_step_memory
+    from .dryrun import check_step_memory, meta_base
 
-    shapes = model_config(cfg.model)
-    base = meta_model(shapes).to(loaded_dtype(cfg.dtype, shapes))
+    shapes, base = meta_base(cfg.model, cfg.dtype)
     check_ranks(cfg, base, n_clients, log)
     largest = replace(cfg.adapter.template(), r=max(cfg.adapter.ranks_for(n_clients)))
     check_step_memory(wrap(base, largest), shapes, cfg.train, resolve_device(cfg.device))
